@@ -1,0 +1,1 @@
+"""Operating tokenmeter: settings, the local dev stack, topics and the `tokenmeter` command line."""

@@ -1,0 +1,71 @@
+"""All runtime settings, read from the environment with the prefix ``TOKENMETER_``.
+
+``tokenmeter dev env`` prints the three connection settings for the local stack; every other
+command reads them from here, so one ``eval "$(tokenmeter dev env)"`` points everything at it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENMETER_", extra="ignore")
+
+    # Local dev stack (tokenmeter dev up): where its state lives and which loopback ports it uses.
+    home: Path = Field(default=Path(".tokenmeter"), description="state of the local stack (data, logs, pids)")
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    postgres_port: int = 15432
+    redis_port: int = 16379
+    kafka_heap: str = "768m"
+    jar_cache: Path = Field(default=Path.home() / ".cache" / "tokenmeter" / "jars")
+    maven_repo_url: str = "https://repo.maven.apache.org/maven2"
+
+    # Connections. Empty means "the local dev stack on the ports above".
+    kafka_bootstrap: str = ""
+    database_url: str = ""
+    redis_url: str = ""
+
+    # Topics (DESIGN.md §2).
+    topic_raw: str = "usage.raw"
+    topic_priced: str = "usage.priced"
+    topic_dlq: str = "usage.dlq"
+    topic_alerts_budget: str = "alerts.budget"
+    topic_alerts_anomaly: str = "alerts.anomaly"
+    topic_rollups: str = "metering.rollups"
+    topic_budgets: str = "config.budgets"
+    topic_price_overrides: str = "config.price-overrides"
+    topic_partitions: int = Field(default=4, ge=1)
+    topic_replication: int = Field(default=1, ge=1)
+
+    # Producer library.
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _fill_local_defaults(self) -> Settings:
+        self.home = self.home.expanduser().absolute()
+        if not self.kafka_bootstrap:
+            self.kafka_bootstrap = f"127.0.0.1:{self.kafka_port}"
+        if not self.database_url:
+            self.database_url = f"postgresql://postgres@127.0.0.1:{self.postgres_port}/tokenmeter"
+        if not self.redis_url:
+            self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.spool_dir is None:
+            self.spool_dir = self.home / "spool"
+        return self
+
+    @property
+    def spool_path(self) -> Path:
+        assert self.spool_dir is not None  # filled by the validator
+        return self.spool_dir
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,97 @@
+"""The pipeline's topics (DESIGN.md §2), created idempotently from settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
+
+from deploy.settings import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    parts, repl = settings.topic_partitions, settings.topic_replication
+    data = {"cleanup.policy": "delete"}
+    # Config topics are compacted: the latest budget / override per key is the state, kept forever.
+    compacted = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+    return [
+        TopicSpec(settings.topic_raw, parts, repl, data),
+        TopicSpec(settings.topic_priced, parts, repl, data),
+        TopicSpec(settings.topic_dlq, parts, repl, data),
+        TopicSpec(settings.topic_alerts_budget, parts, repl, data),
+        TopicSpec(settings.topic_alerts_anomaly, parts, repl, data),
+        TopicSpec(settings.topic_rollups, parts, repl, data),
+        TopicSpec(settings.topic_budgets, 1, repl, compacted),
+        TopicSpec(settings.topic_price_overrides, 1, repl, compacted),
+    ]
+
+
+@dataclass(frozen=True)
+class TopicChange:
+    topic: str
+    action: str  # "created", "partitions raised", "config updated", "unchanged"
+    detail: str = ""
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    existing = admin.list_topics(timeout=timeout).topics
+    specs = topic_specs(settings)
+    changes: list[TopicChange] = []
+
+    to_create = [s for s in specs if s.name not in existing]
+    if to_create:
+        futures = admin.create_topics(
+            [NewTopic(s.name, s.partitions, s.replication, config=s.config) for s in to_create],
+            request_timeout=timeout,
+        )
+        for spec in to_create:
+            try:
+                futures[spec.name].result()
+                changes.append(TopicChange(spec.name, "created", f"{spec.partitions} partitions"))
+            except Exception as exc:  # another process may have created it meanwhile
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
+                changes.append(TopicChange(spec.name, "unchanged", "created concurrently"))
+
+    for spec in specs:
+        if spec.name not in existing:
+            continue
+        detail = []
+        have = len(existing[spec.name].partitions)
+        if have < spec.partitions:
+            admin.create_partitions([NewPartitions(spec.name, spec.partitions)])[spec.name].result()
+            changes.append(TopicChange(spec.name, "partitions raised", f"{have} -> {spec.partitions}"))
+            detail.append("partitions")
+        resource = ConfigResource(ConfigResource.Type.TOPIC, spec.name)
+        current = admin.describe_configs([resource])[resource].result()
+        stale = {k: v for k, v in spec.config.items() if k not in current or current[k].value != v}
+        if stale:
+            update = ConfigResource(
+                ConfigResource.Type.TOPIC,
+                spec.name,
+                incremental_configs=[
+                    ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in stale.items()
+                ],
+            )
+            admin.incremental_alter_configs([update])[update].result()
+            changes.append(TopicChange(spec.name, "config updated", ", ".join(f"{k}={v}" for k, v in stale.items())))
+            detail.append("config")
+        if not detail:
+            changes.append(TopicChange(spec.name, "unchanged", f"{have} partitions"))
+    return changes
