@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import sys
 import time
+from typing import TextIO
 
 import click
+from rich.console import Console
 
 from deploy.settings import Settings, get_settings
 from deploy.stack import LocalStack, StackError
+
+_stderr = Console(stderr=True)
 
 
 def _settings() -> Settings:
@@ -115,6 +121,52 @@ def db_migrate() -> None:
     except (psycopg.Error, MigrationError) as exc:
         _fail(f"migration failed: {exc}")
     click.echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+
+
+# ---------------------------------------------------------------- producing events
+@cli.command("produce")
+@click.argument("source", type=click.File("r", encoding="utf-8", errors="replace"))
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def produce(source: TextIO, quiet: bool) -> None:
+    """Publish JSON-lines usage events from SOURCE (a file or - for stdin) to the raw topic.
+
+    Each line is validated like a library call; rejected lines are reported with their line number and
+    reason, and the exit status is 1 if any line was rejected.
+    """
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from producers.jsonlines import produce_lines
+    from producers.producer import UsageProducer
+
+    settings = _settings()
+    total = None
+    if source is not sys.stdin and hasattr(source, "name"):
+        with contextlib.suppress(OSError):
+            total = os.path.getsize(source.name)
+    columns = (TextColumn("producing"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[lines]} lines"))
+    with (
+        Progress(*columns, TimeRemainingColumn(), disable=quiet or not sys.stderr.isatty(), console=_stderr) as bar,
+        UsageProducer(settings) as producer,
+    ):
+        task = bar.add_task("produce", total=total, lines=0)
+
+        def advance(number: int, size: int) -> None:
+            bar.update(task, advance=size, lines=number)
+
+        report = produce_lines(source, producer, advance)
+        stats = producer.close()
+    for number, reason in report.rejected[:1000]:
+        click.echo(f"line {number}: {reason}", err=True)
+    if len(report.rejected) > 1000:
+        click.echo(f"... and {len(report.rejected) - 1000} more rejected lines", err=True)
+    click.echo(
+        f"accepted {report.accepted}, rejected {len(report.rejected)}; delivered {stats.delivered} to "
+        f"{settings.topic_raw}"
+        + (f", spooled {stats.spooled} (Kafka unreachable)" if stats.spooled else "")
+        + (f", replayed {stats.replayed} from the spool" if stats.replayed else "")
+    )
+    if report.rejected or stats.dropped:
+        sys.exit(1)
 
 
 def main() -> None:

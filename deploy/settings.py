@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     # Producer library.
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    spool_replay_timeout_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _fill_local_defaults(self) -> Settings:

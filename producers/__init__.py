@@ -1,0 +1,1 @@
+"""The client library services use: record usage events (UsageProducer) and ask for quota."""

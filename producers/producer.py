@@ -1,0 +1,242 @@
+"""UsageProducer: record one usage event per model call without blocking the caller or losing it.
+
+``record()`` validates the event on the caller's thread (bad input raises ``InvalidEvent`` naming the
+field) and appends it to an in-memory queue; a background thread encodes it as Avro and hands it to
+confluent-kafka (idempotent, ``acks=all``, lz4, batched, keyed by tenant). Whatever Kafka does not
+acknowledge — delivery timeouts while the broker is unreachable, a full local queue, events still
+queued at ``close()`` or interpreter exit — goes to the durable local spool (``producers/spool.py``),
+which the next UsageProducer on the machine delivers first. Redelivery can repeat an event that
+Kafka had in fact received; the pipeline de-duplicates by ``event_id``, so nothing is counted twice.
+
+Not covered: a process killed with SIGKILL loses what it had not yet handed to Kafka or the spool
+(at most the last few milliseconds of events at normal load).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from time import sleep as yield_gil
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from deploy.settings import Settings, get_settings
+from producers.context import apply_attribution
+from producers.spool import Spool, SpooledMessage, SpoolFullError
+from schemas.events import InvalidEvent, UsageEvent, validate_event
+
+log = logging.getLogger("tokenmeter.producer")
+
+__all__ = ["InvalidEvent", "ProducerStats", "SpoolFullError", "UsageProducer"]
+
+
+@dataclass(frozen=True)
+class ProducerStats:
+    recorded: int
+    delivered: int
+    delivery_failures: int
+    spooled: int
+    replayed: int
+    dropped: int
+    pending: int
+
+
+class UsageProducer:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        topic: str | None = None,
+        message_timeout_s: float = 30.0,
+        replay_spool: bool = True,
+        kafka_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.topic = topic or self.settings.topic_raw
+        self.spool = Spool(self.settings.spool_path, self.settings.spool_max_bytes)
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.settings.kafka_bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 10,
+            "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 500_000,
+            "message.timeout.ms": int(message_timeout_s * 1000),
+            "error_cb": self._on_error,
+            "logger": logging.getLogger("tokenmeter.kafka"),
+        }
+        config.update(kafka_config or {})
+        self._producer = Producer(config)
+        self._queue: collections.deque[UsageEvent] = collections.deque()
+        self._to_spool: list[SpooledMessage] = []
+        self._counts = collections.Counter[str]()
+        self._brokers_down = False
+        self._closing = threading.Event()
+        self._closed = False
+        self._replay_pending = replay_spool
+        self._thread = threading.Thread(target=self._run, name="tokenmeter-producer", daemon=True)
+        self._thread.start()
+        # Interpreter exit with undelivered events: spool them rather than lose them.
+        self_ref = weakref.ref(self)
+        self._atexit = lambda: (p := self_ref()) is not None and p.close(timeout=5.0)
+        atexit.register(self._atexit)
+
+    # ---------------------------------------------------------------- caller side
+    def record(self, event: UsageEvent | Mapping[str, Any]) -> UsageEvent:
+        """Validate and enqueue one usage event; never blocks on Kafka. Returns the validated event.
+
+        Missing ``event_id`` (a random UUID) and ``timestamp`` (now, UTC) are filled in, as are
+        attribution fields set with ``usage_context``.
+        """
+        if self._closed:
+            raise RuntimeError("UsageProducer is closed")
+        if not isinstance(event, UsageEvent):
+            if not isinstance(event, Mapping):
+                raise InvalidEvent(f"event must be a mapping or UsageEvent, got {type(event).__name__}")
+            data = apply_attribution(dict(event))
+            if "event_id" not in data:
+                data["event_id"] = os.urandom(16).hex()
+            if "timestamp" not in data:
+                data["timestamp"] = datetime.now(UTC)
+            event = validate_event(data)
+        self._queue.append(event)
+        self._counts["recorded"] += 1
+        return event
+
+    def flush(self, timeout: float = 10.0) -> int:
+        """Wait until queued events are acknowledged; return how many are still pending."""
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return len(self._queue) + self._producer.flush(max(0.0, deadline - time.monotonic()))
+
+    def close(self, timeout: float = 10.0) -> ProducerStats:
+        """Deliver what is queued within ``timeout``; spool the rest. Idempotent."""
+        if self._closed:
+            return self.stats
+        self._closed = True
+        atexit.unregister(self._atexit)
+        self._closing.set()
+        self._thread.join()
+        # While brokers are unreachable, waiting the full timeout only delays the spool.
+        wait = min(timeout, 1.0) if self._brokers_down else timeout
+        remaining = self._producer.flush(wait)
+        if remaining:
+            self._producer.purge(in_queue=True, in_flight=True)
+            self._producer.flush(0)
+        self._write_spool()
+        self.spool.close()
+        return self.stats
+
+    def __enter__(self) -> UsageProducer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> ProducerStats:
+        c = self._counts
+        return ProducerStats(
+            recorded=c["recorded"],
+            delivered=c["delivered"],
+            delivery_failures=c["delivery_failures"],
+            spooled=c["spooled"],
+            replayed=c["replayed"],
+            dropped=c["dropped"],
+            pending=len(self._queue) + len(self._producer),
+        )
+
+    # ---------------------------------------------------------------- background thread
+    def _run(self) -> None:
+        last_replay_try = 0.0
+        while True:
+            if self._replay_pending and not self._brokers_down and time.monotonic() - last_replay_try > 5.0:
+                last_replay_try = time.monotonic()
+                self._replay_pending = not self._replay_spool()
+            sent = self._drain_queue()
+            self._producer.poll(0 if sent else 0.005)
+            self._write_spool()
+            if self._closing.is_set() and not self._queue:
+                return
+
+    def _drain_queue(self) -> int:
+        sent = 0
+        queue, produce = self._queue, self._producer.produce
+        while queue and sent < 5000:
+            event = queue.popleft()
+            key, value = event.tenant_id.encode(), event.to_avro()
+            try:
+                produce(self.topic, value=value, key=key, on_delivery=self._on_delivery)
+            except BufferError:
+                self._to_spool.append(SpooledMessage(key, value))
+            sent += 1
+            # Hand the GIL back after each event, so a caller in record() waits for one encode at most
+            # instead of a whole interpreter switch interval.
+            yield_gil(0)
+        return sent
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self._counts["delivered"] += 1
+            self._brokers_down = False
+            return
+        self._counts["delivery_failures"] += 1
+        self._to_spool.append(SpooledMessage(msg.key() or b"", msg.value() or b""))
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self._brokers_down = True
+            # Our own spool can be redelivered once brokers are back.
+            self._replay_pending = True
+        log.warning("kafka: %s", err)
+
+    def _write_spool(self) -> None:
+        if not self._to_spool:
+            return
+        batch, self._to_spool = self._to_spool, []
+        try:
+            self.spool.append(batch)
+            self._counts["spooled"] += len(batch)
+        except SpoolFullError:
+            self._counts["dropped"] += len(batch)
+            log.error("spool full: %d usage events dropped", len(batch))
+
+    def _replay_spool(self) -> bool:
+        """Deliver spool files left by earlier producers (and our own, rotated). True when all done."""
+        if self._counts["spooled"]:
+            self.spool.close()  # rotate: our own spooled events become claimable too
+        done = True
+        with self.spool.claim_orphans() as claimed:
+            for path, messages in claimed:
+                outcome = collections.Counter[str]()
+
+                def count(err: KafkaError | None, _msg: Message, outcome: collections.Counter[str] = outcome) -> None:
+                    outcome["ok" if err is None else "failed"] += 1
+
+                for message in messages:
+                    while True:
+                        try:
+                            self._producer.produce(self.topic, value=message.value, key=message.key, on_delivery=count)
+                            break
+                        except BufferError:
+                            self._producer.poll(0.05)
+                self._producer.flush(self.settings.spool_replay_timeout_s)
+                if outcome["ok"] == len(messages):
+                    path.unlink(missing_ok=True)
+                    self._counts["replayed"] += len(messages)
+                    log.info("delivered %d spooled events from %s", len(messages), path.name)
+                else:
+                    done = False  # keep the file; a later attempt redelivers it (dedup absorbs repeats)
+                    break
+        return done

@@ -1,0 +1,1 @@
+"""Event contracts: Avro schemas (one file per version), the pydantic models and the wire codec."""

@@ -1,0 +1,1 @@
+"""The Faust stream app: decode, validate, de-duplicate, price and aggregate usage events."""

@@ -1,0 +1,48 @@
+"""Shared helpers for integration tests against the real local stack."""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from deploy.settings import Settings
+
+
+def create_topic(settings: Settings, name: str, partitions: int = 2) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin.create_topics([NewTopic(name, partitions, 1)])[name].result(timeout=30)
+
+
+def read_all(settings: Settings, topic: str, expect: int | None = None, timeout: float = 30.0) -> list[bytes]:
+    """Every committed message of a topic from the beginning (stops at `expect` or when caught up)."""
+    consumer = Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": f"reader-{time.monotonic_ns()}",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+    })  # fmt: skip
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+        consumer.assign(parts)
+        values: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        positions = dict.fromkeys(ends, 0)
+        while time.monotonic() < deadline:
+            if expect is None and all(positions[p] >= ends[p] for p in ends):
+                break
+            if expect is not None and len(values) >= expect:
+                break
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error():
+                raise KafkaException(msg.error())
+            positions[msg.partition()] = msg.offset() + 1
+            values.append(msg.value())
+        return values
+    finally:
+        consumer.close()
