@@ -169,5 +169,36 @@ def produce(source: TextIO, quiet: bool) -> None:
         sys.exit(1)
 
 
+# ---------------------------------------------------------------- benchmarks
+@cli.command("bench")
+@click.option("--events", default=20000, show_default=True, help="record() calls per measured rate.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line of figures last.")
+def bench(events: int, as_json: bool) -> None:
+    """Measure the library against the running stack (DESIGN.md §7).
+
+    So far: what UsageProducer.record() adds to the caller, at steady rates and back to back.
+    """
+    import json
+    from dataclasses import asdict
+
+    from producers.bench import record_latency
+
+    settings = _settings()
+    figures = {}
+    for rate in (1000, 5000, None):
+        label = f"{rate}/s" if rate else "back-to-back"
+        click.echo(f"record() latency at {label}...", err=True)
+        result = record_latency(settings, events, rate)
+        figures[label] = asdict(result)
+        click.echo(f"  p50 {result.p50_us:.1f} us  p99 {result.p99_us:.1f} us  max {result.max_us:.0f} us", err=True)
+    summary = {
+        "record_p50_us": figures["5000/s"]["p50_us"],
+        "record_p99_us": figures["5000/s"]["p99_us"],
+        "record_latency": figures,
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+
+
 def main() -> None:
     cli()
