@@ -169,6 +169,59 @@ def produce(source: TextIO, quiet: bool) -> None:
         sys.exit(1)
 
 
+# ---------------------------------------------------------------- invoices
+@cli.command("invoice")
+@click.option("--tenant", required=True, help="Tenant id to bill.")
+@click.option("--period", required=True, help="Billing month, YYYY-MM (UTC).")
+@click.option("--format", "fmt", type=click.Choice(["json", "csv", "table"]), default="table", show_default=True)
+def invoice_cmd(tenant: str, period: str, fmt: str) -> None:
+    """A tenant's pass-through invoice for one month, from the Postgres metering tables."""
+    import csv
+    import json
+    import re
+
+    import psycopg
+    from rich.table import Table
+
+    from sinks.postgres import invoice
+
+    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", period):
+        _fail(f"--period must be YYYY-MM, got {period!r}")
+    try:
+        with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+            bill = invoice(conn, tenant, period)
+    except psycopg.Error as exc:
+        _fail(f"cannot read the metering database: {exc}".strip())
+    lines = [
+        {"provider_model": line.provider_model, "calls": line.calls, "input_tokens": line.input_tokens,
+         "output_tokens": line.output_tokens, "cache_read_tokens": line.cache_read_tokens,
+         "cache_write_tokens": line.cache_write_tokens, "amount": str(line.amount)}
+        for line in bill.lines
+    ]  # fmt: skip
+    if fmt == "json":
+        click.echo(json.dumps({
+            "tenant_id": bill.tenant_id, "period": bill.period, "currency": bill.currency, "lines": lines,
+            "total": str(bill.total), "calls": bill.calls, "unpriced_calls": bill.unpriced_calls,
+        }, indent=2))  # fmt: skip
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(lines[0]) if lines else ["provider_model", "amount"])
+        writer.writeheader()
+        writer.writerows(lines)
+        writer.writerow({"provider_model": "TOTAL", "amount": str(bill.total)})
+    else:
+        table = Table(title=f"Invoice {bill.tenant_id} {bill.period} ({bill.currency})")
+        for column in ("provider/model", "calls", "input tok", "output tok", "cache read", "cache write", "amount"):
+            table.add_column(column, justify="left" if column == "provider/model" else "right")
+        for line in bill.lines:
+            counts = [line.calls, line.input_tokens, line.output_tokens]
+            counts += [line.cache_read_tokens, line.cache_write_tokens]
+            table.add_row(line.provider_model, *(f"{n:,}" for n in counts), f"{line.amount:.6f}")
+        table.add_row("TOTAL", f"{bill.calls:,}", "", "", "", "", f"{bill.total:.6f}", style="bold")
+        Console().print(table)
+        if bill.unpriced_calls:
+            click.secho(f"{bill.unpriced_calls} unpriced calls (unknown models) are not in the total", fg="yellow")
+
+
 # ---------------------------------------------------------------- benchmarks
 @cli.command("bench")
 @click.option("--events", default=20000, show_default=True, help="record() calls per measured rate.")

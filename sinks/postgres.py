@@ -1,0 +1,142 @@
+"""The Postgres sink: ledger rows and rollups, written in batches, idempotently.
+
+One transaction per batch: COPY the batch into a temporary staging table, insert into the ledger
+with ``ON CONFLICT (event_id) DO NOTHING``, and advance the rollups from exactly the rows that insert
+returned. A replayed batch (a worker killed before it committed its Kafka offsets) inserts nothing
+and so changes nothing: each distinct event_id is counted once, whatever Kafka redelivers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+import psycopg
+
+from schemas.events import UsageEvent
+from streams.pricing import PriceResult
+
+
+@dataclass(frozen=True)
+class PricedEvent:
+    event: UsageEvent
+    price: PriceResult
+
+
+_COLUMNS = (
+    "event_id", "ts", "tenant_id", "provider", "model", "user_id", "feature", "environment", "trace_id",
+    "session_id", "team_id", "request_id", "input_tokens", "output_tokens", "cache_read_tokens",
+    "cache_write_tokens", "reasoning_tokens", "latency_ms", "status", "estimated", "tags", "price_status",
+    "input_cost", "output_cost", "total_cost", "price_source",
+)  # fmt: skip
+_COLUMN_LIST = ", ".join(_COLUMNS)
+
+_ADVANCE_ROLLUPS = f"""
+WITH new AS (
+    INSERT INTO tokenmeter.ledger ({_COLUMN_LIST})
+    SELECT DISTINCT ON (event_id) {_COLUMN_LIST} FROM ledger_staging
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING *
+), rolled AS (
+INSERT INTO tokenmeter.rollups AS r
+SELECT new.tenant_id, g.granularity,
+       date_trunc(g.granularity, new.ts, 'UTC') AS window_start,
+       d.dimension, d.value,
+       count(*), count(*) FILTER (WHERE new.price_status = 'unpriced'),
+       sum(new.input_tokens), sum(new.output_tokens), sum(new.cache_read_tokens), sum(new.cache_write_tokens),
+       sum(new.input_cost), sum(new.output_cost), sum(new.total_cost)
+FROM new
+CROSS JOIN (VALUES ('hour'), ('day'), ('month')) AS g(granularity)
+CROSS JOIN LATERAL (VALUES
+    ('tenant', ''),
+    ('feature', coalesce(new.feature, '')),
+    ('model', new.provider || '/' || new.model),
+    ('user', coalesce(new.user_id, '')),
+    ('environment', coalesce(new.environment, ''))
+) AS d(dimension, value)
+GROUP BY 1, 2, 3, 4, 5
+ON CONFLICT (tenant_id, granularity, window_start, dimension, dimension_value) DO UPDATE SET
+    calls = r.calls + excluded.calls,
+    unpriced_calls = r.unpriced_calls + excluded.unpriced_calls,
+    input_tokens = r.input_tokens + excluded.input_tokens,
+    output_tokens = r.output_tokens + excluded.output_tokens,
+    cache_read_tokens = r.cache_read_tokens + excluded.cache_read_tokens,
+    cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
+    input_cost = r.input_cost + excluded.input_cost,
+    output_cost = r.output_cost + excluded.output_cost,
+    cost = r.cost + excluded.cost
+RETURNING 1
+)
+SELECT count(*) FROM new
+"""
+
+
+def _row(item: PricedEvent) -> tuple[object, ...]:
+    e, p = item.event, item.price
+    return (
+        e.event_id, e.timestamp, e.tenant_id, e.provider, e.model, e.user_id, e.feature, e.environment, e.trace_id,
+        e.session_id, e.team_id, e.request_id, e.input_tokens, e.output_tokens, e.cache_read_tokens,
+        e.cache_write_tokens, e.reasoning_tokens, e.latency_ms, e.status, e.estimated, json.dumps(e.tags),
+        p.status, p.input_cost, p.output_cost, p.total_cost, p.source,
+    )  # fmt: skip
+
+
+def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> int:
+    """Write a batch in one transaction; return how many ledger rows were new (duplicates skipped)."""
+    if not batch:
+        return 0
+    with conn.transaction():
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS ledger_staging"
+            " (LIKE tokenmeter.ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        with conn.cursor().copy(f"COPY ledger_staging ({_COLUMN_LIST}) FROM STDIN") as copy:
+            for item in batch:
+                copy.write_row(_row(item))
+        inserted = conn.execute(_ADVANCE_ROLLUPS).fetchone()
+    return int(inserted[0]) if inserted else 0
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    provider_model: str
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    amount: Decimal
+
+
+@dataclass(frozen=True)
+class Invoice:
+    tenant_id: str
+    period: str
+    currency: str
+    lines: list[InvoiceLine]
+    total: Decimal
+    calls: int
+    unpriced_calls: int
+
+
+def invoice(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice:
+    """Pass-through invoice for a tenant and a UTC calendar month ``YYYY-MM`` from the month rollups."""
+    rows = conn.execute(
+        "SELECT dimension_value, calls, unpriced_calls, input_tokens, output_tokens, cache_read_tokens,"
+        " cache_write_tokens, cost FROM tokenmeter.rollups"
+        " WHERE tenant_id = %s AND granularity = 'month' AND dimension = 'model'"
+        " AND window_start = (%s || '-01')::timestamp AT TIME ZONE 'UTC' ORDER BY cost DESC, dimension_value",
+        (tenant_id, period),
+    ).fetchall()
+    lines = [InvoiceLine(r[0], r[1], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+    return Invoice(
+        tenant_id=tenant_id,
+        period=period,
+        currency="USD",
+        lines=lines,
+        total=sum((line.amount for line in lines), Decimal(0)),
+        calls=sum(r[1] for r in rows),
+        unpriced_calls=sum(r[2] for r in rows),
+    )

@@ -1,0 +1,97 @@
+"""The Postgres sink against the real database: duplicates and replays never count twice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import genai_prices
+import psycopg
+import pytest
+
+from deploy.settings import Settings
+from deploy.stack import LocalStack
+from schemas.events import validate_event
+from sinks.postgres import PricedEvent, invoice, write_batch
+from streams.pricing import PriceBook, usage_of
+
+
+@pytest.fixture
+def conn(stack: LocalStack, settings: Settings) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(settings.database_url) as connection:
+        yield connection
+
+
+def workload(tenant: str, count: int) -> list[PricedEvent]:
+    book = PriceBook()
+    models = [("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"), ("openai", "o3"), ("acme-ai", "mystery-1")]
+    items = []
+    start = datetime(2025, 6, 30, 20, tzinfo=UTC)  # crosses the June/July month boundary
+    for i in range(count):
+        provider, model = models[i % len(models)]
+        event = validate_event({
+            "event_id": f"{tenant}-{i}", "timestamp": start + timedelta(minutes=7 * i), "tenant_id": tenant,
+            "provider": provider, "model": model, "input_tokens": 1000 + i, "cache_read_tokens": i % 500,
+            "output_tokens": 50 + i, "feature": f"f{i % 3}", "user_id": f"u{i % 5}",
+        })  # fmt: skip
+        items.append(PricedEvent(event, book.price(event)))
+    return items
+
+
+def expected_total(items: list[PricedEvent], month: int) -> Decimal:
+    total = Decimal(0)
+    for item in {i.event.event_id: i for i in items}.values():
+        e = item.event
+        if e.timestamp.month != month or e.provider == "acme-ai":
+            continue
+        total += genai_prices.calc_price(
+            usage_of(e), e.model, provider_id=e.provider, genai_request_timestamp=e.timestamp
+        ).total_price
+    return total
+
+
+def test_replayed_and_duplicate_batches_count_once(conn: psycopg.Connection, unique: str) -> None:
+    tenant = f"t-{unique}"
+    items = workload(tenant, 120)
+    assert write_batch(conn, items[:70]) == 70
+    # a replay of the first batch plus its continuation, with in-batch duplicates
+    assert write_batch(conn, items[40:] + items[100:110]) == 50
+    assert write_batch(conn, items) == 0
+    for month, period in ((6, "2025-06"), (7, "2025-07")):
+        bill = invoice(conn, tenant, period)
+        assert bill.total == expected_total(items, month)
+        assert bill.calls == sum(1 for i in items if i.event.timestamp.month == month)
+        assert bill.unpriced_calls == sum(
+            1 for i in items if i.event.timestamp.month == month and i.price.status == "unpriced"
+        )
+        assert bill.unpriced_calls > 0
+    # every breakdown adds up to the same total
+    for dimension in ("tenant", "feature", "model", "user", "environment"):
+        (total,) = conn.execute(
+            "SELECT sum(cost) FROM tokenmeter.rollups WHERE tenant_id = %s AND granularity = 'day' AND dimension = %s",
+            (tenant, dimension),
+        ).fetchone() or (None,)
+        assert total == expected_total(items, 6) + expected_total(items, 7)
+
+
+def test_invoice_command_json(conn: psycopg.Connection, settings: Settings, unique: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    tenant = f"cli-{unique}"
+    items = workload(tenant, 16)
+    write_batch(conn, items)
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", "2025-06", "--format", "json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    bill = json.loads(done.stdout)
+    assert set(bill) >= {"tenant_id", "period", "currency", "lines", "total", "calls", "unpriced_calls"}
+    assert Decimal(bill["total"]) == expected_total(items, 6)
+    assert bill["calls"] == sum(1 for i in items if i.event.timestamp.month == 6)
+    bad = subprocess.run([sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", "June"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode != 0 and "YYYY-MM" in bad.stderr
