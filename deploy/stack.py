@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import os
 import pwd
 import re
@@ -101,6 +102,7 @@ class LocalStack:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.home = settings.home
+        self._postgres_dir: Path | None = None
 
     # ------------------------------------------------------------------ paths
     @property
@@ -109,7 +111,24 @@ class LocalStack:
 
     @property
     def postgres_dir(self) -> Path:
-        return self.home / "postgres"
+        if self._postgres_dir is None:
+            self._postgres_dir = self.home / "postgres"
+            if os.geteuid() == 0 and self._pg_user_exists():
+                # The server runs as another user, who must be able to reach its data folder. When the
+                # state folder sits under a private one (e.g. /root), keep the data in /var/lib instead.
+                probe = subprocess.run(["test", "-x", str(self.home)], user=POSTGRES_SYSTEM_USER, capture_output=True)
+                if probe.returncode != 0:
+                    digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
+                    self._postgres_dir = Path("/var/lib/tokenmeter") / f"postgres-{digest}"
+        return self._postgres_dir
+
+    @staticmethod
+    def _pg_user_exists() -> bool:
+        try:
+            pwd.getpwnam(POSTGRES_SYSTEM_USER)
+        except KeyError:
+            return False
+        return True
 
     @property
     def redis_dir(self) -> Path:
@@ -127,9 +146,11 @@ class LocalStack:
         self.stop_kafka(progress)
         self.stop_postgres(progress)
         self.stop_redis(progress)
-        if purge and self.home.exists():
-            shutil.rmtree(self.home)
-            progress(f"removed {self.home}")
+        if purge:
+            for folder in {self.home, self.postgres_dir}:
+                if folder.exists():
+                    shutil.rmtree(folder)
+                    progress(f"removed {folder}")
 
     def status(self) -> list[ServiceStatus]:
         return [self.kafka_status(), self.postgres_status(), self.redis_status()]
@@ -356,6 +377,7 @@ class LocalStack:
 
     def start_postgres(self, progress: Progress = print) -> None:
         s = self.settings
+        self._pg_user()  # under root, creates the server's user before its data folder is chosen
         data = self.postgres_dir / "data"
         log = self.postgres_dir / "postgres.log"
         if self.postgres_status().running:
@@ -368,6 +390,7 @@ class LocalStack:
             user = self._pg_user()
             bin_dir = self._pg_bin()
             self.postgres_dir.mkdir(parents=True, exist_ok=True)
+            self.postgres_dir.parent.chmod(self.postgres_dir.parent.stat().st_mode | 0o011)
             if user:
                 info = pwd.getpwnam(user)
                 for path in [self.postgres_dir, *self.postgres_dir.rglob("*")]:
