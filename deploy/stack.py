@@ -116,7 +116,10 @@ class LocalStack:
             if os.geteuid() == 0 and self._pg_user_exists():
                 # The server runs as another user, who must be able to reach its data folder. When the
                 # state folder sits under a private one (e.g. /root), keep the data in /var/lib instead.
-                probe = subprocess.run(["test", "-x", str(self.home)], user=POSTGRES_SYSTEM_USER, capture_output=True)
+                reachable = self.home  # folders created below it later get mode 755, so test what exists
+                while not reachable.exists():
+                    reachable = reachable.parent
+                probe = subprocess.run(["test", "-x", str(reachable)], user=POSTGRES_SYSTEM_USER, capture_output=True)
                 if probe.returncode != 0:
                     digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
                     self._postgres_dir = Path("/var/lib/tokenmeter") / f"postgres-{digest}"
