@@ -58,3 +58,14 @@ def test_topic_plan_matches_the_design() -> None:
     assert specs["usage.raw"].partitions == 6
     assert specs["config.budgets"].config["cleanup.policy"] == "compact"
     assert specs["usage.dlq"].config["cleanup.policy"] == "delete"
+
+
+def test_missing_java_is_a_clear_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import shutil
+
+    from deploy.stack import LocalStack, StackError
+
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    with pytest.raises(StackError, match="Java 17\\+ is needed") as info:
+        LocalStack(Settings(home=tmp_path))._java()
+    assert "\n" not in str(info.value)
