@@ -95,7 +95,7 @@ class UsageProducer:
     def record(self, event: UsageEvent | Mapping[str, Any]) -> UsageEvent:
         """Validate and enqueue one usage event; never blocks on Kafka. Returns the validated event.
 
-        Missing ``event_id`` (a random UUID) and ``timestamp`` (now, UTC) are filled in, as are
+        Missing ``event_id`` (128 random bits, hex) and ``timestamp`` (now, UTC) are filled in, as are
         attribution fields set with ``usage_context``.
         """
         if self._closed:

@@ -120,7 +120,8 @@ class PriceBook:
     def __init__(self, overrides: list[PriceOverride] | None = None) -> None:
         self._snapshot = get_snapshot()
         self._models: dict[tuple[str, str], _Resolved | str] = {}
-        self._fast: dict[int, _FastPrice | None] = {}
+        # Keyed by id() but holding the price object too, so an id can never be reused by another object.
+        self._fast: dict[int, tuple[ModelPrice, _FastPrice | None]] = {}
         self._overrides: dict[tuple[str, str, str], list[PriceOverride]] = {}
         for override in overrides or []:
             self.set_override(override)
@@ -162,22 +163,23 @@ class PriceBook:
 
     def _fast_rates(self, price: ModelPrice) -> _FastPrice | None:
         key = id(price)
-        if key not in self._fast:
-            values = {k: v for k, v in vars(price).items() if v is not None and not k.startswith("_")}
-            # Rates for units a text-only event never carries (searches, audio, image, video, 1-hour cache
-            # writes) do not change its cost; any other token rate needs genai-prices' own calculation.
-            token_rates = {k for k in values if k.endswith("_mtok") and not _NOT_CARRIED.search(k)}
-            simple = token_rates <= _FAST_KEYS and all(
-                isinstance(values[k], Decimal | TieredPrices) for k in token_rates
-            )
-            if simple and "input_mtok" in values and "output_mtok" in values:
-                self._fast[key] = _FastPrice(
-                    values["input_mtok"], values["output_mtok"], values.get("cache_read_mtok"),
-                    values.get("cache_write_mtok"),
-                )  # fmt: skip
-            else:
-                self._fast[key] = None
-        return self._fast[key]
+        cached = self._fast.get(key)
+        if cached is not None and cached[0] is price:
+            return cached[1]
+        values = {k: v for k, v in vars(price).items() if v is not None and not k.startswith("_")}
+        # Rates for units a text-only event never carries (searches, audio, image, video, 1-hour cache
+        # writes) do not change its cost; any other token rate needs genai-prices' own calculation.
+        token_rates = {k for k in values if k.endswith("_mtok") and not _NOT_CARRIED.search(k)}
+        simple = token_rates <= _FAST_KEYS and all(isinstance(values[k], Decimal | TieredPrices) for k in token_rates)
+        if simple and "input_mtok" in values and "output_mtok" in values:
+            fast: _FastPrice | None = _FastPrice(
+                values["input_mtok"], values["output_mtok"], values.get("cache_read_mtok"),
+                values.get("cache_write_mtok"),
+            )  # fmt: skip
+        else:
+            fast = None
+        self._fast[key] = (price, fast)
+        return fast
 
     def price(self, event: UsageEvent) -> PriceResult:
         override = self._override_for(event)
