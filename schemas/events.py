@@ -6,7 +6,6 @@ bounded, tags are bounded in count and size, and token counts are non-negative.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -160,5 +159,74 @@ def decode_usage(data: bytes) -> UsageEvent:
     return parse_json_event(data)
 
 
-def dumps_event(event: UsageEvent) -> str:
-    return json.dumps(event.model_dump(mode="json"), separators=(",", ":"))
+# ---------------------------------------------------------------- hot-path check for library callers
+_REQUIRED = ("event_id", "tenant_id", "provider", "model", "input_tokens", "output_tokens")
+_STRING_LIMITS = {
+    **dict.fromkeys(
+        ("event_id", "tenant_id", "user_id", "trace_id", "request_id", "session_id", "team_id"), MAX_ID_LEN
+    ),
+    **dict.fromkeys(("provider", "model", "feature", "environment", "status"), MAX_LABEL_LEN),
+}
+_INT_LIMITS = {
+    **dict.fromkeys(
+        ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
+         "input_audio_tokens", "output_audio_tokens", "input_image_tokens"),
+        MAX_TOKENS,
+    ),
+    "latency_ms": 86_400_000,
+}  # fmt: skip
+_NOT_NULL = frozenset(("timestamp", "cache_read_tokens", "cache_write_tokens", "estimated", "tags", *_REQUIRED))
+
+
+def surely_valid(data: dict[str, Any]) -> bool:
+    """True only if ``UsageEvent`` would accept ``data`` unchanged, given a timestamp (an aware
+    datetime, or none: the caller fills in now); False means "ask pydantic", which gives the reason.
+
+    About ten times cheaper than the model, so ``UsageProducer.record()`` stays a few microseconds on
+    the caller's thread. It is conservative: anything unusual (strings for timestamps, subclasses,
+    bools for ints) goes the slow way.
+    """
+    for name in _REQUIRED:
+        if name not in data:
+            return False
+    for name, value in data.items():
+        if value is None:
+            if name in _NOT_NULL:
+                return False
+            continue
+        kind = type(value)
+        if kind is str:
+            limit = _STRING_LIMITS.get(name)
+            if limit is None or not 0 < len(value) <= limit:
+                return False
+        elif kind is int:
+            limit = _INT_LIMITS.get(name)
+            if limit is None or not 0 <= value <= limit:
+                return False
+        elif kind is bool:
+            if name != "estimated":
+                return False
+        elif kind is datetime:
+            if name != "timestamp" or value.utcoffset() is None:
+                return False
+        elif kind is dict:
+            if name != "tags" or not _tags_fit(value):
+                return False
+        else:
+            return False
+    get = data.get
+    if (get("cache_read_tokens") or 0) + (get("cache_write_tokens") or 0) > data["input_tokens"]:
+        return False
+    reasoning = get("reasoning_tokens")
+    return reasoning is None or reasoning <= data["output_tokens"]
+
+
+def _tags_fit(tags: dict[Any, Any]) -> bool:
+    if len(tags) > MAX_TAGS:
+        return False
+    for key, value in tags.items():
+        if type(key) is not str or type(value) is not str:
+            return False
+        if not 0 < len(key) <= MAX_TAG_KEY_LEN or len(value) > MAX_TAG_VALUE_LEN:
+            return False
+    return True

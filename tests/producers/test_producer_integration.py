@@ -32,10 +32,11 @@ def test_recorded_events_reach_the_raw_topic(stack: LocalStack, settings: Settin
             producer.record({"provider": "openai", "model": "gpt-4o", "input_tokens": -5, "output_tokens": 1})
     assert producer.stats.delivered == 50 and producer.stats.spooled == 0
     got = sorted((decode_usage(v) for v in read_all(settings, topic, expect=50)), key=lambda e: e.input_tokens)
-    assert got == sent
+    assert [e.event_id for e in got] == sent
+    assert [e.input_tokens for e in got] == list(range(50))
     assert {e.tenant_id for e in got} == {"acme"} and {e.feature for e in got} == {"search"}
     with pytest.raises(RuntimeError, match="closed"):
-        producer.record(sent[0])
+        producer.record({"provider": "openai", "model": "gpt-4o", "input_tokens": 1, "output_tokens": 1})
 
 
 RECORD_AND_EXIT = textwrap.dedent(

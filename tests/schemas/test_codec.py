@@ -120,3 +120,18 @@ def test_truncated_and_padded_records_are_rejected() -> None:
         codec.decode("rollup", data + b"\x00")
     with pytest.raises(codec.SchemaDecodeError, match="expected 'usage_event'"):
         codec.decode("usage_event", data)
+
+
+@given(strategy_for(codec.latest("usage_event").parsed))
+def test_fast_usage_writer_writes_the_same_bytes_as_fastavro(record: dict[str, Any]) -> None:
+    write = codec.record_writer("usage_event")
+    assert write(record) == codec.encode("usage_event", record)
+    optional_left_out = {k: v for k, v in record.items() if v is not None and k not in ("tags", "estimated")}
+    assert write(optional_left_out) == codec.encode("usage_event", optional_left_out)
+
+
+def test_fast_writer_refuses_what_it_cannot_write() -> None:
+    with pytest.raises(ValueError, match="'event_id' is required"):
+        codec.record_writer("usage_event")({})
+    with pytest.raises(NotImplementedError, match="no fast writer"):
+        codec.record_writer("priced_event")

@@ -6,8 +6,17 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from schemas.events import InvalidEvent, UsageEvent, decode_usage, parse_json_event, validate_event
+from schemas.events import (
+    InvalidEvent,
+    UsageEvent,
+    decode_usage,
+    parse_json_event,
+    surely_valid,
+    validate_event,
+)
 
 
 def event(**overrides: Any) -> dict[str, Any]:
@@ -92,3 +101,35 @@ def test_other_offsets_compare_equal_after_normalising() -> None:
     b = validate_event(event(timestamp=datetime(2025, 1, 1, 0, tzinfo=UTC)))
     assert a.timestamp == b.timestamp
     assert isinstance(a, UsageEvent)
+
+
+# ---------------------------------------------------------------- the library's fast check
+_AWARE = st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-7))]))
+_ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**13), st.text(max_size=210), _AWARE, st.datetimes(),
+    st.dictionaries(st.text(max_size=70), st.text(max_size=260), max_size=34),
+    st.floats(allow_nan=False), st.lists(st.integers(), max_size=2),
+)  # fmt: skip
+_FIELDS = [*UsageEvent.model_fields, "unknown_field"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(_FIELDS), _ANY_VALUE), st.booleans())
+def test_surely_valid_accepts_only_what_the_model_accepts(mutations: dict[str, Any], plausible: bool) -> None:
+    data = {**event(timestamp=datetime(2025, 7, 1, tzinfo=UTC)), **mutations} if plausible else mutations
+    if surely_valid(data):
+        validate_event({"timestamp": datetime.now(UTC), **data})  # must not raise (the producer fills in now)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"user_id": "u-1", "feature": "search", "tags": {"team": "ml"}, "latency_ms": 812, "estimated": True},
+     {"reasoning_tokens": 100, "session_id": "s-1", "environment": "prod"}],
+)  # fmt: skip
+def test_everyday_library_events_take_the_fast_path(overrides: dict[str, Any]) -> None:
+    data = {**event(timestamp=datetime(2025, 7, 1, tzinfo=UTC)), **overrides}
+    assert surely_valid(data)
+    without_timestamp = {k: v for k, v in data.items() if k != "timestamp"}
+    assert surely_valid(without_timestamp)  # the producer fills in now
+    assert not surely_valid({**data, "input_tokens": -1})
+    assert not surely_valid({**data, "timestamp": "2025-07-01T00:00:00Z"})  # strings go through pydantic
