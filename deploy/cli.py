@@ -11,6 +11,7 @@ from typing import TextIO
 
 import click
 from rich.console import Console
+from rich.table import Table
 
 from deploy.settings import Settings, get_settings
 from deploy.stack import LocalStack, StackError
@@ -170,6 +171,87 @@ def produce(source: TextIO, quiet: bool) -> None:
 
 
 # ---------------------------------------------------------------- invoices
+@cli.command("worker")
+@click.option("--loglevel", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning"]))
+def worker(loglevel: str) -> None:
+    """Run the stream worker in the foreground: usage.raw → validate, de-duplicate, price → sinks.
+
+    Safe to kill at any time (even with SIGKILL): a restarted worker replays what was not committed
+    and the sinks absorb the replay. Run several to share the partitions of usage.raw.
+    """
+    from streams.app import run_worker
+
+    run_worker(_settings(), loglevel=loglevel)
+
+
+@cli.command("lag")
+@click.option("--wait", is_flag=True, help="Exit 0 once everything produced before this call reached the sinks.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait with --wait before exit 1.")
+def lag_cmd(wait: bool, timeout: float) -> None:
+    """How far the worker is behind usage.raw, per partition (committed offsets only move after the
+    batch is in Postgres and Redis)."""
+    from streams.lag import measure_lag, wait_for_sinks
+    from streams.meter import meter_group
+
+    settings = _settings()
+    try:
+        if wait:
+            last: list[int] = []
+
+            def report(behind: int) -> None:
+                if not last or last[-1] != behind:
+                    click.echo(f"{behind:,} events not yet in the sinks", err=True)
+                last.append(behind)
+
+            if not wait_for_sinks(settings, timeout, on_progress=report):
+                _fail(f"still behind after {timeout:.0f}s; is `tokenmeter worker` running?")
+            click.echo("caught up: everything produced before the call is in Postgres and Redis")
+            return
+        lags = measure_lag(settings)
+    except RuntimeError as exc:
+        _fail(str(exc))
+    table = Table(title=f"worker (consumer group {meter_group(settings)}) on {settings.topic_raw}")
+    for column in ("partition", "committed", "end", "lag"):
+        table.add_column(column, justify="right")
+    for p in lags:
+        table.add_row(str(p.partition), "-" if p.committed < 0 else f"{p.committed:,}", f"{p.end:,}", f"{p.lag:,}")
+    table.add_row("total", "", "", f"{sum(p.lag for p in lags):,}", style="bold")
+    Console().print(table)
+
+
+@cli.group()
+def quota() -> None:
+    """Ask whether a tenant / feature / user may make another model call."""
+
+
+@quota.command("check")
+@click.option("--tenant", required=True)
+@click.option("--feature", default=None)
+@click.option("--user", default=None)
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table", show_default=True)
+def quota_check(tenant: str, feature: str | None, user: str | None, fmt: str) -> None:
+    """One Redis round trip: spend of the scope, the budget that applies, allowed or not."""
+    import json
+
+    import redis
+
+    from producers.quota import QuotaClient
+
+    try:
+        decision = QuotaClient(_settings()).check(tenant, feature=feature, user_id=user)
+    except redis.RedisError as exc:
+        _fail(f"cannot reach Redis at {_settings().redis_url}: {exc} (is `tokenmeter dev up` running?)")
+    if fmt == "json":
+        click.echo(json.dumps(decision.as_json()))
+        return
+    verdict = click.style("allowed", fg="green") if decision.allowed else click.style("blocked", fg="red")
+    click.echo(f"{verdict}: {decision.reason}")
+    click.echo(
+        f"scope {decision.scope}, {decision.period}: spent ${decision.spent}"
+        + ("" if decision.limit is None else f" of ${decision.limit} (remaining ${decision.remaining})")
+    )
+
+
 @cli.command("invoice")
 @click.option("--tenant", required=True, help="Tenant id to bill.")
 @click.option("--period", required=True, help="Billing month, YYYY-MM (UTC).")
@@ -181,7 +263,6 @@ def invoice_cmd(tenant: str, period: str, fmt: str) -> None:
     import re
 
     import psycopg
-    from rich.table import Table
 
     from sinks.postgres import invoice
 

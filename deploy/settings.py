@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(default=4, ge=1)
     topic_replication: int = Field(default=1, ge=1)
 
+    # Worker: the Faust app id (also names its table changelog topics); stage 1's consumer group is
+    # "<worker_id>-meter". Workers sharing an id share the work.
+    worker_id: str = "tokenmeter"
+    worker_batch_size: int = Field(default=5000, ge=1, description="most raw messages per stage-1 batch")
+
     # Producer library.
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from importlib import resources
 from typing import Any
 
@@ -98,7 +99,16 @@ def decode(name: str, data: bytes) -> dict[str, Any]:
     return record
 
 
-# ---------------------------------------------------------------- a faster writer for flat records
+# ---------------------------------------------------------------- a faster writer for the hot topics
+# fastavro interprets the schema for every record it writes (~14 µs for a usage event, ~25 µs for a
+# priced event). The hot records use a handful of types, so we build a writer once per schema out of
+# small closures: about half the time, the same bytes (property-tested). Reading stays with fastavro:
+# a pure-Python reader was no faster.
+Writer = Callable[[bytearray, Any], None]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def _zigzag(out: bytearray, n: int) -> None:
     n = (n << 1) ^ (n >> 63)
     while n > 0x7F:
@@ -111,6 +121,11 @@ def _write_string(out: bytearray, value: str) -> None:
     data = value.encode()
     _zigzag(out, len(data))
     out += data
+
+
+def _write_bytes(out: bytearray, value: bytes) -> None:
+    _zigzag(out, len(value))
+    out += value
 
 
 def _write_timestamp_micros(out: bytearray, value: Any) -> None:
@@ -132,46 +147,38 @@ def _write_string_map(out: bytearray, value: dict[str, str]) -> None:
     out.append(0)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
+def _decimal_writer(scale: int) -> Writer:
+    def write(out: bytearray, value: Decimal) -> None:
+        sign, digits, exponent = value.as_tuple()
+        if not isinstance(exponent, int) or -exponent > scale:
+            raise ValueError(f"{value} has more than {scale} decimal places")
+        # Integer arithmetic: exact at any size (Decimal operations round to 28 digits).
+        unscaled = int("".join(map(str, digits)) or "0") * 10 ** (scale + exponent)
+        if sign:
+            unscaled = -unscaled
+        data = unscaled.to_bytes((unscaled.bit_length() + 8) // 8 or 1, "big", signed=True)
+        _write_bytes(out, data)
+
+    return write
 
 
-def _field_writer(field_type: Any) -> Callable[[bytearray, Any], None]:
-    if field_type == "string":
-        return _write_string
-    if field_type == "long":
-        return _zigzag
-    if field_type == "boolean":
-        return _write_boolean
-    if isinstance(field_type, dict):
-        if field_type.get("logicalType") == "timestamp-micros":
-            return _write_timestamp_micros
-        if field_type.get("type") == "map" and field_type.get("values") == "string":
-            return _write_string_map
-    raise NotImplementedError(f"no fast writer for {field_type!r}")
+def _enum_writer(symbols: list[str]) -> Writer:
+    index = {symbol: i for i, symbol in enumerate(symbols)}
+    return lambda out, value: _zigzag(out, index[value])
 
 
-def record_writer(name: str) -> Callable[[dict[str, Any]], bytes]:
-    """A writer for the newest version of a flat record schema, 2-3x faster than fastavro.
-
-    Covers what the usage event uses (string, long, boolean, timestamp-micros, string maps and
-    ``["null", X]`` unions); the bytes are identical to ``encode(name, record)``. Fields missing
-    from the record take their schema default.
-    """
-    schema = latest(name)
-    plan: list[tuple[str, Any, bool, Callable[[bytearray, Any], None]]] = []
-    for field in schema.parsed["fields"]:
+def _record_writer_of(fields: list[dict[str, Any]], where: str) -> Writer:
+    plan: list[tuple[str, Any, bool, Writer]] = []
+    for field in fields:
         field_type = field["type"]
         nullable = isinstance(field_type, list)
         if nullable:
             if len(field_type) != 2 or field_type[0] != "null":
                 raise NotImplementedError(f"no fast writer for union {field_type!r}")
             field_type = field_type[1]
-        plan.append((field["name"], field.get("default", _REQUIRED), nullable, _field_writer(field_type)))
-    header = MAGIC + schema.fingerprint
+        plan.append((field["name"], field.get("default", _REQUIRED), nullable, _writer_for(field_type, where)))
 
-    def write(record: dict[str, Any]) -> bytes:
-        out = bytearray(header)
+    def write(out: bytearray, record: dict[str, Any]) -> None:
         get = record.get
         for field_name, default, nullable, writer in plan:
             value = get(field_name, default)
@@ -181,8 +188,45 @@ def record_writer(name: str) -> Callable[[dict[str, Any]], bytes]:
                     continue
                 out.append(2)  # zigzag(1): the second branch of ["null", X]
             elif value is _REQUIRED:
-                raise ValueError(f"{name}: field {field_name!r} is required")
+                raise ValueError(f"{where}: field {field_name!r} is required")
             writer(out, value)
+
+    return write
+
+
+def _writer_for(field_type: Any, where: str) -> Writer:
+    simple: dict[str, Writer] = {"string": _write_string, "long": _zigzag, "int": _zigzag,
+                                 "boolean": _write_boolean, "bytes": _write_bytes}  # fmt: skip
+    if isinstance(field_type, str) and field_type in simple:
+        return simple[field_type]
+    if isinstance(field_type, dict):
+        logical, kind = field_type.get("logicalType"), field_type.get("type")
+        if logical == "timestamp-micros":
+            return _write_timestamp_micros
+        if logical == "decimal" and kind == "bytes":
+            return _decimal_writer(field_type.get("scale", 0))
+        if kind == "map" and field_type.get("values") == "string":
+            return _write_string_map
+        if kind == "enum":
+            return _enum_writer(field_type["symbols"])
+        if kind == "record":
+            return _record_writer_of(field_type["fields"], where)
+    raise NotImplementedError(f"no fast writer for {field_type!r}")
+
+
+def record_writer(name: str) -> Callable[[dict[str, Any]], bytes]:
+    """A writer for the newest version of schema ``name``; same bytes as ``encode(name, record)``.
+
+    Covers string, long, int, boolean, bytes, timestamp-micros, decimal, enums, string maps, nested
+    records and ``["null", X]`` unions. Fields missing from the record take their schema default.
+    """
+    schema = latest(name)
+    write_record = _record_writer_of(schema.parsed["fields"], name)
+    header = MAGIC + schema.fingerprint
+
+    def write(record: dict[str, Any]) -> bytes:
+        out = bytearray(header)
+        write_record(out, record)
         return bytes(out)
 
     return write

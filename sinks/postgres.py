@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 import psycopg
@@ -33,6 +34,51 @@ _COLUMNS = (
 )  # fmt: skip
 _COLUMN_LIST = ", ".join(_COLUMNS)
 
+GRANULARITIES = ("minute", "hour", "day", "week", "month")
+DIMENSIONS = ("tenant", "feature", "model", "user", "environment")
+# Dimension values: '' for the tenant itself and for events without that attribute.
+_WINDOWS_AND_DIMENSIONS = """
+CROSS JOIN (VALUES ('minute'), ('hour'), ('day'), ('week'), ('month')) AS g(granularity)
+CROSS JOIN LATERAL (VALUES
+    ('tenant', ''),
+    ('feature', coalesce({src}.feature, '')),
+    ('model', {src}.provider || '/' || {src}.model),
+    ('user', coalesce({src}.user_id, '')),
+    ('environment', coalesce({src}.environment, ''))
+) AS d(dimension, value)
+"""
+_ROLLUP_COLUMNS = (
+    "r.tenant_id, r.granularity, r.window_start, r.dimension, r.dimension_value, r.calls, r.unpriced_calls,"
+    " r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens, r.input_cost, r.output_cost, r.cost"
+)
+
+
+@dataclass(frozen=True)
+class Rollup:
+    """Absolute totals of one window of one scope (``tokenmeter.rollups`` row)."""
+
+    tenant_id: str
+    granularity: str
+    window_start: datetime
+    dimension: str
+    dimension_value: str
+    calls: int
+    unpriced_calls: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    input_cost: Decimal
+    output_cost: Decimal
+    cost: Decimal
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    inserted: int  # ledger rows that were new; the rest were duplicates
+    rollups: list[Rollup]  # every window the batch touched, with its totals after the batch
+
+
 _ADVANCE_ROLLUPS = f"""
 WITH new AS (
     INSERT INTO tokenmeter.ledger ({_COLUMN_LIST})
@@ -48,14 +94,7 @@ SELECT new.tenant_id, g.granularity,
        sum(new.input_tokens), sum(new.output_tokens), sum(new.cache_read_tokens), sum(new.cache_write_tokens),
        sum(new.input_cost), sum(new.output_cost), sum(new.total_cost)
 FROM new
-CROSS JOIN (VALUES ('hour'), ('day'), ('month')) AS g(granularity)
-CROSS JOIN LATERAL (VALUES
-    ('tenant', ''),
-    ('feature', coalesce(new.feature, '')),
-    ('model', new.provider || '/' || new.model),
-    ('user', coalesce(new.user_id, '')),
-    ('environment', coalesce(new.environment, ''))
-) AS d(dimension, value)
+{_WINDOWS_AND_DIMENSIONS.format(src="new")}
 GROUP BY 1, 2, 3, 4, 5
 ON CONFLICT (tenant_id, granularity, window_start, dimension, dimension_value) DO UPDATE SET
     calls = r.calls + excluded.calls,
@@ -72,6 +111,19 @@ RETURNING 1
 SELECT count(*) FROM new
 """
 
+# Every rollup the batch's events belong to (duplicates included), read back after the update: the
+# absolute values the Redis sink and the worker's tables mirror. Reading them even when nothing was
+# new repairs a mirror left stale by a worker killed between the Postgres commit and its own write.
+_TOUCHED_ROLLUPS = f"""
+SELECT {_ROLLUP_COLUMNS} FROM tokenmeter.rollups AS r
+JOIN (SELECT DISTINCT staging.tenant_id, g.granularity,
+             date_trunc(g.granularity, staging.ts, 'UTC') AS window_start, d.dimension, d.value
+      FROM ledger_staging AS staging
+      {_WINDOWS_AND_DIMENSIONS.format(src="staging")}) AS k
+  ON (r.tenant_id, r.granularity, r.window_start, r.dimension, r.dimension_value)
+   = (k.tenant_id, k.granularity, k.window_start, k.dimension, k.value)
+"""
+
 
 def _row(item: PricedEvent) -> tuple[object, ...]:
     e, p = item.event, item.price
@@ -83,10 +135,10 @@ def _row(item: PricedEvent) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> int:
-    """Write a batch in one transaction; return how many ledger rows were new (duplicates skipped)."""
+def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> BatchResult:
+    """Write a batch in one transaction; return the new-row count and the touched rollups' totals."""
     if not batch:
-        return 0
+        return BatchResult(0, [])
     with conn.transaction():
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS ledger_staging"
@@ -96,7 +148,8 @@ def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> int:
             for item in batch:
                 copy.write_row(_row(item))
         inserted = conn.execute(_ADVANCE_ROLLUPS).fetchone()
-    return int(inserted[0]) if inserted else 0
+        rollups = [Rollup(*row) for row in conn.execute(_TOUCHED_ROLLUPS)]
+    return BatchResult(int(inserted[0]) if inserted else 0, rollups)
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,10 @@ def expected_total(items: list[PricedEvent], month: int) -> Decimal:
 def test_replayed_and_duplicate_batches_count_once(conn: psycopg.Connection, unique: str) -> None:
     tenant = f"t-{unique}"
     items = workload(tenant, 120)
-    assert write_batch(conn, items[:70]) == 70
+    assert write_batch(conn, items[:70]).inserted == 70
     # a replay of the first batch plus its continuation, with in-batch duplicates
-    assert write_batch(conn, items[40:] + items[100:110]) == 50
-    assert write_batch(conn, items) == 0
+    assert write_batch(conn, items[40:] + items[100:110]).inserted == 50
+    assert write_batch(conn, items).inserted == 0
     for month, period in ((6, "2025-06"), (7, "2025-07")):
         bill = invoice(conn, tenant, period)
         assert bill.total == expected_total(items, month)
@@ -73,6 +73,26 @@ def test_replayed_and_duplicate_batches_count_once(conn: psycopg.Connection, uni
             (tenant, dimension),
         ).fetchone() or (None,)
         assert total == expected_total(items, 6) + expected_total(items, 7)
+
+
+def test_batches_return_absolute_totals_of_every_window_they_touch(conn: psycopg.Connection, unique: str) -> None:
+    tenant = f"abs-{unique}"
+    items = workload(tenant, 40)
+    first = write_batch(conn, items[:30])
+    replay = write_batch(conn, items[:30])  # nothing new, yet the same windows come back, unchanged
+    assert replay.inserted == 0
+    key = lambda r: (r.granularity, r.window_start, r.dimension, r.dimension_value)  # noqa: E731
+    assert sorted(first.rollups, key=key) == sorted(replay.rollups, key=key)
+    assert {r.granularity for r in first.rollups} == {"minute", "hour", "day", "week", "month"}
+    months = {r.window_start: r for r in first.rollups if r.granularity == "month" and r.dimension == "tenant"}
+    assert sum(r.calls for r in months.values()) == 30
+    later = write_batch(conn, items[25:40])  # five repeats, ten new
+    assert later.inserted == 10
+    july = next(
+        r for r in later.rollups if r.granularity == "month" and r.dimension == "tenant" and r.window_start.month == 7
+    )
+    assert july.calls == sum(1 for i in items if i.event.timestamp.month == 7)
+    assert july.cost == expected_total(items, 7)
 
 
 def test_invoice_command_json(conn: psycopg.Connection, settings: Settings, unique: str) -> None:

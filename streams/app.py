@@ -1,0 +1,182 @@
+"""The worker (``tokenmeter worker``): one Faust app running both stages of the pipeline.
+
+Stage 1, ``streams/meter.py``: usage.raw in batches → validate, de-duplicate, price → Postgres
+(ledger + rollups), Redis (spend per scope), usage.priced, usage.dlq and metering.rollups (absolute
+window totals). It runs in a thread of this process, driven by a Faust task.
+
+Stage 2, the Faust agent below: metering.rollups → the windowed ``rollups`` table (minute, hour,
+day, ISO week and month windows per tenant and per tenant × feature / model / user / environment),
+which expires old windows, and the alerts that follow from it (an unknown model → ``alerts.anomaly``,
+once per tenant, model and month thanks to the ``alerted`` table).
+
+Exactly once, end to end: stage 1 commits a batch's offsets only after Postgres, Redis and Kafka
+hold its results. Postgres de-duplicates by ``event_id`` (the ledger's primary key, forever), and
+every other output carries absolute values read back from Postgres in the same transaction, so a
+replay after a crash rewrites the same numbers instead of adding them again. Stage 2's table holds
+those absolute values too, so it cannot double count either. We do not use Faust's
+``processing_guarantee="exactly_once"``: it would not cover Postgres or Redis, and its open issues
+(robinhood/faust#340 lost table counts after kill -9, faust-streaming#517 duplicates despite it,
+#440 crash on start) are about exactly the failures this design must survive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import faust
+
+from deploy.settings import Settings, get_settings
+from schemas import codec
+from sinks.postgres import Rollup
+from streams.meter import SESSION_TIMEOUT_S, Meter, rollup_from_record
+from streams.overrides import OverrideFollower
+from streams.pricing import PriceBook
+
+log = logging.getLogger("tokenmeter.worker")
+
+# How long the worker's table keeps a window after it ends (Postgres keeps everything).
+TABLE_RETENTION = {
+    "minute": timedelta(hours=2),
+    "hour": timedelta(days=8),
+    "day": timedelta(days=35),
+    "week": timedelta(days=35),
+    "month": timedelta(days=400),
+}
+_WINDOW_LENGTH = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1),
+                  "week": timedelta(days=7), "month": timedelta(days=31)}  # fmt: skip
+_SEP = "\x1f"  # cannot occur in ids (control characters are not sent by services; if one is, keys stay distinct)
+
+
+def table_key(r: Rollup) -> str:
+    return _SEP.join((r.tenant_id, r.granularity, r.window_start.isoformat(), r.dimension, r.dimension_value))
+
+
+def table_value(r: Rollup) -> dict[str, Any]:
+    return {
+        "calls": r.calls, "unpriced_calls": r.unpriced_calls, "input_tokens": r.input_tokens,
+        "output_tokens": r.output_tokens, "cache_read_tokens": r.cache_read_tokens,
+        "cache_write_tokens": r.cache_write_tokens, "cost": str(r.cost),
+    }  # fmt: skip
+
+
+def expired(key: str, now: datetime) -> bool:
+    _tenant, granularity, start, *_ = key.split(_SEP)
+    ends = datetime.fromisoformat(start) + _WINDOW_LENGTH[granularity]
+    return ends + TABLE_RETENTION[granularity] < now
+
+
+def unpriced_model_alerts(rollups: Iterable[Rollup], now: datetime) -> list[dict[str, Any]]:
+    """An alert per (tenant, unknown model, month) seen with unpriced calls; the id is deterministic."""
+    alerts = []
+    for r in rollups:
+        if r.granularity != "month" or r.dimension != "model" or r.unpriced_calls == 0:
+            continue
+        period = r.window_start.strftime("%Y-%m")
+        alerts.append({
+            "alert_id": f"anomaly.unpriced_model:{r.tenant_id}:{r.dimension_value}:{period}",
+            "kind": "anomaly.unpriced_model", "tenant_id": r.tenant_id, "scope": {"model": r.dimension_value},
+            "period": period, "threshold_percent": None, "current": Decimal(0), "baseline": None, "limit": None,
+            "message": f"{r.dimension_value} has no price: its calls are counted as unpriced, not billed",
+            "details": {"unpriced_calls": str(r.unpriced_calls)}, "created_at": now,
+        })  # fmt: skip
+    return alerts
+
+
+def make_app(settings: Settings | None = None) -> faust.App:
+    settings = settings or get_settings()
+    app = faust.App(
+        settings.worker_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        processing_guarantee="at_least_once",
+        broker_commit_interval=1.0,
+        # A SIGKILLed worker holds its partitions until its session times out: keep that short.
+        broker_session_timeout=SESSION_TIMEOUT_S,
+        broker_heartbeat_interval=2.0,
+        web_enabled=False,
+        producer_compression_type="lz4",
+        consumer_auto_offset_reset="earliest",
+    )
+    rollups_topic = app.topic(settings.topic_rollups, key_serializer="raw", value_serializer="raw")
+    anomaly_topic = app.topic(settings.topic_alerts_anomaly, key_serializer="raw", value_serializer="raw")
+    # Keys spread by hash (use_partitioner): a batch mixes tenants, and each key is written once per batch.
+    rollups = app.Table("rollups", default=dict, partitions=settings.topic_partitions, use_partitioner=True)
+    alerted = app.Table("alerted", default=bool, partitions=settings.topic_partitions, use_partitioner=True)
+
+    book = PriceBook()
+    overrides = OverrideFollower(settings, book)
+    meter_holder: dict[str, Meter] = {}
+    app.tokenmeter_meter = meter_holder  # type: ignore[attr-defined]
+
+    def run_meter(stop: threading.Event) -> None:
+        overrides.catch_up(5.0)  # price nothing before the overrides are in
+        meter = Meter(settings, book)
+        meter_holder["meter"] = meter
+        try:
+            while not stop.is_set():
+                try:
+                    meter.run_once(0.2)
+                except Exception:
+                    if stop.is_set():
+                        break
+                    log.exception("batch failed; it will be retried")
+                    stop.wait(1.0)
+        finally:
+            meter.close()
+
+    stop_meter = threading.Event()
+
+    @app.task
+    async def stage_one() -> None:
+        try:
+            await asyncio.to_thread(run_meter, stop_meter)
+        finally:  # cancelled when the worker stops: let the thread finish its batch and close
+            stop_meter.set()
+
+    @app.timer(interval=5.0)
+    async def follow_overrides() -> None:
+        await asyncio.to_thread(overrides.catch_up, 0.2)
+
+    @app.timer(interval=60.0)
+    async def expire_windows() -> None:
+        now = datetime.now(UTC)
+        for key in [k for k in list(rollups.keys()) if expired(k, now)]:
+            del rollups[key]
+
+    @app.agent(rollups_topic)
+    async def windows(stream: faust.StreamT[bytes]) -> None:
+        async for batch in stream.take(2000, within=0.1):
+            latest: dict[str, Rollup] = {}
+            for value in batch:
+                try:
+                    r = rollup_from_record(codec.decode("rollup", value))
+                except codec.SchemaDecodeError as exc:
+                    log.error("skipping an undecodable rollup record: %s", exc)
+                    continue
+                latest[table_key(r)] = r  # absolute values: the last one of a key is its newest
+            for key, r in latest.items():
+                rollups[key] = table_value(r)
+            now = datetime.now(UTC)
+            for alert in unpriced_model_alerts(latest.values(), now):
+                if alerted[alert["alert_id"]]:
+                    continue
+                await anomaly_topic.send(key=alert["tenant_id"].encode(), value=codec.encode("alert", alert))
+                alerted[alert["alert_id"]] = True
+
+    return app
+
+
+def run_worker(settings: Settings | None = None, loglevel: str = "warning") -> None:
+    app = make_app(settings)
+    # Faust warns on every changelog burst ("producer buffer full"); it is flow control, not a fault.
+    logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,90 @@
+"""How far behind the worker is: committed offsets of its consumer group against the topic ends.
+
+The worker commits a batch's offsets only after Postgres and Redis hold it, so "committed offset ≥
+end offset at the time of the call" means everything produced before the call has reached the sinks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from deploy.settings import Settings
+from streams.meter import meter_group
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    committed: int  # -1: nothing committed yet
+    start: int  # the oldest offset still in the topic
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - max(self.committed, self.start)
+
+
+def _consumer(settings: Settings, group: str) -> Consumer:
+    return Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+
+
+def _committed(consumer: Consumer, partitions: list[TopicPartition], attempts: int = 50) -> list[TopicPartition]:
+    """Committed offsets, retrying while the group coordinator moves or loads (right after start-up)."""
+    for attempt in range(attempts):
+        try:
+            return list(consumer.committed(partitions, timeout=10))
+        except KafkaException as exc:
+            if attempt == attempts - 1 or (not exc.args[0].retriable() and exc.args[0].code() not in _TRANSIENT):
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
+_TRANSIENT = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE)
+
+
+def measure_lag(settings: Settings, topic: str | None = None, group: str | None = None) -> list[PartitionLag]:
+    topic = topic or settings.topic_raw
+    group = group or meter_group(settings)
+    consumer = _consumer(settings, group)
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise RuntimeError(f"topic {topic} does not exist; run `tokenmeter topics ensure`")
+        partitions = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
+        committed = _committed(consumer, partitions)
+        result = []
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+            offset = tp.offset if tp.offset >= 0 else -1
+            result.append(PartitionLag(topic, tp.partition, offset, low, high))
+        return result
+    finally:
+        consumer.close()
+
+
+def wait_for_sinks(
+    settings: Settings,
+    timeout: float,
+    topic: str | None = None,
+    group: str | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> bool:
+    """Wait until everything produced before the call is committed by the worker; False on timeout."""
+    targets = {p.partition: p.end for p in measure_lag(settings, topic, group)}
+    deadline = time.monotonic() + timeout
+    while True:
+        current = measure_lag(settings, topic, group)
+        behind = sum(max(0, targets[p.partition] - max(p.committed, p.start)) for p in current)
+        if on_progress is not None:
+            on_progress(behind)
+        if behind == 0:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)

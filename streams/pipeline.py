@@ -1,0 +1,118 @@
+"""The pipeline's stages as plain functions over one batch of raw Kafka messages.
+
+    raw bytes --decode_batch--> UsageEvent | Rejected --Deduplicator.fresh--> distinct events
+              --price_batch--> PricedEvent --(sinks.postgres.write_batch, sinks.redis.write_spend)
+
+The worker (``streams/meter.py``) only moves batches between Kafka and these functions, so each
+stage is unit-tested without a broker. Nothing here raises on bad input: whatever cannot be used
+becomes a ``Rejected`` with its reason and the original bytes, bound for ``usage.dlq``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas.events import InvalidEvent, UsageEvent, decode_usage
+from sinks.postgres import PricedEvent
+from streams.pricing import PriceBook
+
+MAX_RAW_BYTES = 64 * 1024  # a usage event is well under 2 KiB; anything far larger is not one
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    message: RawMessage
+    reason: str
+    stage: str
+
+
+def decode_one(message: RawMessage) -> UsageEvent | Rejected:
+    value = message.value
+    if value is None:
+        return Rejected(message, "empty message (null value)", "decode")
+    if len(value) > MAX_RAW_BYTES:
+        return Rejected(message, f"message of {len(value)} bytes exceeds {MAX_RAW_BYTES}", "decode")
+    try:
+        return decode_usage(value)
+    except InvalidEvent as exc:
+        return Rejected(message, exc.reason, "validate")
+    except Exception as exc:  # the worker never crashes on input, whatever a decoder does
+        return Rejected(message, f"undecodable: {exc!r}"[:1000], "decode")
+
+
+def decode_batch(messages: Iterable[RawMessage]) -> tuple[list[UsageEvent], list[Rejected]]:
+    events: list[UsageEvent] = []
+    rejected: list[Rejected] = []
+    for message in messages:
+        outcome = decode_one(message)
+        (rejected if isinstance(outcome, Rejected) else events).append(outcome)  # type: ignore[arg-type]
+    return events, rejected
+
+
+class Deduplicator:
+    """Drops events whose ``event_id`` was already seen by this worker, within a bounded horizon.
+
+    The horizon is the last ``capacity`` distinct ids (default 1,000,000: about 10 minutes at 1,500
+    events/s, ~100 MB). It only saves work: the ledger's primary key in Postgres is the dedup of
+    record (forever), so an id that fell out of this window is still counted once.
+    """
+
+    def __init__(self, capacity: int = 1_000_000) -> None:
+        self.capacity = capacity
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.dropped = 0
+
+    def fresh(self, events: Sequence[UsageEvent]) -> list[UsageEvent]:
+        """The events not seen before (first of each id in the batch); does not mark them seen."""
+        out: list[UsageEvent] = []
+        batch_ids: set[str] = set()
+        for event in events:
+            if event.event_id in self._seen or event.event_id in batch_ids:
+                self.dropped += 1
+                continue
+            batch_ids.add(event.event_id)
+            out.append(event)
+        return out
+
+    def mark_seen(self, events: Iterable[UsageEvent]) -> None:
+        """Call once the events are committed to the sinks."""
+        seen = self._seen
+        for event in events:
+            seen[event.event_id] = None
+        while len(seen) > self.capacity:
+            seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+def price_batch(book: PriceBook, events: Iterable[UsageEvent]) -> list[PricedEvent]:
+    return [PricedEvent(event, book.price(event)) for event in events]
+
+
+# ---------------------------------------------------------------- records for the output topics
+def dead_letter_record(rejected: Rejected, now: datetime | None = None) -> dict[str, Any]:
+    m = rejected.message
+    return {
+        "reason": rejected.reason,
+        "stage": rejected.stage,
+        "source_topic": m.topic,
+        "source_partition": m.partition,
+        "source_offset": m.offset,
+        "original_key": m.key,
+        "original_value": m.value,
+        "rejected_at": now or datetime.now(UTC),
+    }

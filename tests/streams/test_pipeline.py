@@ -1,0 +1,104 @@
+"""The pipeline's pure stages, without a broker."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from schemas import codec
+from schemas.events import UsageEvent, validate_event
+from sinks.postgres import Rollup
+from streams.app import expired, table_key, unpriced_model_alerts
+from streams.meter import money, priced_record, rollup_from_record, rollup_record
+from streams.pipeline import Deduplicator, RawMessage, dead_letter_record, decode_batch, price_batch
+from streams.pricing import PriceBook
+
+
+def usage(**overrides: object) -> dict[str, object]:
+    return {"event_id": "e-1", "timestamp": "2025-07-01T10:00:00Z", "tenant_id": "acme", "provider": "openai",
+            "model": "gpt-4o", "input_tokens": 100, "output_tokens": 10, **overrides}  # fmt: skip
+
+
+def raw(value: bytes | None, offset: int = 0) -> RawMessage:
+    return RawMessage("usage.raw", 0, offset, b"k", value)
+
+
+def test_decode_batch_separates_good_events_from_rejects_with_reasons() -> None:
+    good_json = json.dumps(usage()).encode()
+    good_avro = validate_event(usage(event_id="e-2")).to_avro()
+    messages = [
+        raw(good_json, 0), raw(good_avro, 1), raw(b"not json", 2), raw(None, 3), raw(b"\x00\xff\xfe", 4),
+        raw(json.dumps(usage(input_tokens=-1)).encode(), 5), raw(json.dumps(usage(tenant_id="")).encode(), 6),
+        raw(json.dumps(usage(tenant_id="x" * 5000)).encode(), 7), raw(json.dumps(usage(output_tokens="9")).encode(), 8),
+        raw(codec.MAGIC + b"\x01" * 8 + b"junk", 9), raw(b"{" + b" " * 70_000 + b"}", 10),
+    ]  # fmt: skip
+    events, rejected = decode_batch(messages)
+    assert [e.event_id for e in events] == ["e-1", "e-2"]
+    reasons = {r.message.offset: r.reason for r in rejected}
+    assert set(reasons) == set(range(2, 11))
+    assert "neither Avro" in reasons[2] and "null value" in reasons[3] and "neither Avro" in reasons[4]
+    assert "input_tokens" in reasons[5] and "tenant_id" in reasons[6] and "tenant_id" in reasons[7]
+    assert "output_tokens" in reasons[8] and "fingerprint" in reasons[9] and "exceeds" in reasons[10]
+    letter = dead_letter_record(rejected[0], datetime(2025, 1, 1, tzinfo=UTC))
+    assert letter["original_value"] == b"not json" and letter["source_offset"] == 2
+    assert codec.decode("dead_letter", codec.encode("dead_letter", letter))["reason"] == rejected[0].reason
+
+
+def test_deduplicator_drops_repeats_in_a_batch_and_after_commit_within_its_horizon() -> None:
+    events = [validate_event(usage(event_id=f"e-{i % 3}")) for i in range(5)]
+    dedup = Deduplicator(capacity=2)
+    fresh = dedup.fresh(events)
+    assert [e.event_id for e in fresh] == ["e-0", "e-1", "e-2"]
+    assert dedup.fresh(events) == fresh  # nothing is marked before the sinks commit
+    dedup.mark_seen(fresh)
+    assert len(dedup) == 2  # bounded: the oldest id fell out (Postgres still de-duplicates it)
+    assert [e.event_id for e in dedup.fresh(events)] == ["e-0"]
+
+
+def test_priced_records_round_like_postgres_and_encode() -> None:
+    event = validate_event(usage())
+    (item,) = price_batch(PriceBook(), [event])
+    record = priced_record(item)
+    assert record["total_cost"] == Decimal("0.00035")  # 100 x $2.50/M + 10 x $10/M
+    assert (
+        codec.decode("priced_event", codec.record_writer("priced_event")(record))["total_cost"] == record["total_cost"]
+    )
+    assert money(Decimal("0.0000000000005")) == Decimal("0.000000000001")  # half away from zero, as numeric
+    assert money(Decimal("-0.0000000000005")) == Decimal("-0.000000000001")
+
+
+def rollup(
+    granularity: str, start: datetime, dimension: str = "model", value: str = "x/y", unpriced: int = 0
+) -> Rollup:
+    return Rollup("acme", granularity, start, dimension, value, 3, unpriced, 30, 3, 0, 0, Decimal(0), Decimal(0),
+                  Decimal("1.5"))  # fmt: skip
+
+
+def test_rollup_records_round_trip_and_table_windows_expire() -> None:
+    r = rollup("minute", datetime(2025, 7, 1, 10, 5, tzinfo=UTC))
+    back = rollup_from_record(codec.decode("rollup", codec.encode("rollup", rollup_record(r))))
+    assert (back.tenant_id, back.granularity, back.window_start, back.cost) == (
+        "acme",
+        "minute",
+        r.window_start,
+        r.cost,
+    )
+    key = table_key(r)
+    assert not expired(key, r.window_start + timedelta(minutes=30))
+    assert expired(key, r.window_start + timedelta(hours=3))
+    month = table_key(rollup("month", datetime(2025, 7, 1, tzinfo=UTC)))
+    assert not expired(month, datetime(2025, 12, 1, tzinfo=UTC)) and expired(month, datetime(2026, 10, 1, tzinfo=UTC))
+
+
+def test_unpriced_models_alert_once_per_month_scope() -> None:
+    start = datetime(2025, 7, 1, tzinfo=UTC)
+    rollups = [rollup("month", start, unpriced=2), rollup("day", start, unpriced=2), rollup("month", start),
+               rollup("month", start, "feature", "f", unpriced=2)]  # fmt: skip
+    alerts = unpriced_model_alerts(rollups, start)
+    assert [a["alert_id"] for a in alerts] == ["anomaly.unpriced_model:acme:x/y:2025-07"]
+    assert codec.decode("alert", codec.encode("alert", alerts[0]))["kind"] == "anomaly.unpriced_model"
+
+
+def test_usage_event_is_frozen() -> None:
+    assert UsageEvent.model_config.get("frozen") is True

@@ -1,0 +1,87 @@
+"""Running real workers in tests: their own topics and group per test, as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.settings import Settings
+from deploy.topics import ensure_topics
+from streams.lag import measure_lag
+
+TOPIC_FIELDS = ("topic_raw", "topic_priced", "topic_dlq", "topic_alerts_budget", "topic_alerts_anomaly",
+                "topic_rollups", "topic_budgets", "topic_price_overrides")  # fmt: skip
+
+
+def isolated(settings: Settings, unique: str, **extra: object) -> Settings:
+    """Settings with this test's own topics and worker id; the topics are created."""
+    update: dict[str, object] = {name: f"t{unique}.{getattr(settings, name)}" for name in TOPIC_FIELDS}
+    update.update(worker_id=f"w{unique}", **extra)
+    own = settings.model_copy(update=update)
+    ensure_topics(own)
+    return own
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in (*TOPIC_FIELDS, "worker_id", "worker_batch_size"):
+        env[f"TOKENMETER_{name.upper()}"] = str(getattr(settings, name))
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    settings: Settings
+    log_dir: Path
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.starts += 1
+        log = self.log_dir / f"worker-{self.starts}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "deploy", "worker", "--loglevel", "info"], env=env_for(self.settings),
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def output(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.logs)
+
+
+def committed_total(settings: Settings) -> int:
+    return sum(max(0, p.committed) for p in measure_lag(settings))
+
+
+def wait_for_commits(settings: Settings, at_least: int, timeout: float, worker: WorkerProcess) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = committed_total(settings)
+        if done >= at_least:
+            return done
+        assert worker.alive(), worker.output()
+        time.sleep(0.05)
+    raise AssertionError(f"worker committed fewer than {at_least} messages in {timeout}s:\n{worker.output()}")
