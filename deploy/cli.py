@@ -305,22 +305,28 @@ def invoice_cmd(tenant: str, period: str, fmt: str) -> None:
 
 # ---------------------------------------------------------------- benchmarks
 @cli.command("bench")
-@click.option("--events", default=20000, show_default=True, help="record() calls per measured rate.")
+@click.option("--events", default=100_000, show_default=True, help="Usage events in the pipeline workload.")
+@click.option("--record-calls", default=20_000, show_default=True, help="record() calls per latency mode.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line of figures last.")
-def bench(events: int, as_json: bool) -> None:
-    """Measure the library against the running stack (DESIGN.md §7).
+def bench(events: int, record_calls: int, as_json: bool) -> None:
+    """Measure the targets of DESIGN.md §7 against the running stack, in one run.
 
-    So far: what UsageProducer.record() adds to the caller, back to back and at steady rates.
+    The library's record() latency (busy callers, back to back, idle callers), then an isolated
+    pipeline (own topics and worker, your data untouched): end-to-end events/s, produce-to-quota
+    latency under background traffic, the bare consume+decode ceiling and naive per-call INSERTs.
     """
     import json
+    import tempfile
     from dataclasses import asdict
+    from pathlib import Path
 
     from producers.bench import record_latency
+    from streams.bench import run_pipeline_bench
 
     settings = _settings()
     figures = {}
     for rate, idle in ((None, False), (5000, False), (1000, False), (5000, True)):
-        result = record_latency(settings, events, rate, idle=idle)
+        result = record_latency(settings, record_calls, rate, idle=idle)
         figures[result.mode] = asdict(result)
         click.echo(
             f"record() {result.mode:>15}: p50 {result.p50_us:5.1f} us  p99 {result.p99_us:5.1f} us  "
@@ -328,13 +334,19 @@ def bench(events: int, as_json: bool) -> None:
             err=True,
         )
     busy = [f for f in figures.values() if not f["mode"].startswith("idle")]
+    with tempfile.TemporaryDirectory(prefix="tokenmeter-bench-") as work_dir:
+        pipeline = run_pipeline_bench(settings, events, Path(work_dir), say=lambda m: click.echo(m, err=True))
     summary = {
+        **asdict(pipeline),
         # The headline is the worst caller that is running (see record_latency on idle callers).
         "record_p50_us": max(f["p50_us"] for f in busy),
         "record_p99_us": max(f["p99_us"] for f in busy),
         "record_p99_us_idle_caller": figures["idle 5000/s"]["p99_us"],
         "record_latency": figures,
     }
+    for key in ("pipeline_events_per_s", "bare_consume_events_per_s", "naive_postgres_events_per_s",
+                "p99_event_to_quota_ms", "quota_check_p99_us"):  # fmt: skip
+        click.echo(f"{key:>28}: {summary[key]:,}", err=True)
     if as_json:
         click.echo(json.dumps(summary))
 

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
 from importlib import resources
 from typing import Any
 
@@ -110,6 +110,9 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 def _zigzag(out: bytearray, n: int) -> None:
+    if 0 <= n < 64:  # most counts, lengths and flags: one byte
+        out.append(n << 1)
+        return
     n = (n << 1) ^ (n >> 63)
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -147,15 +150,15 @@ def _write_string_map(out: bytearray, value: dict[str, str]) -> None:
     out.append(0)
 
 
+_EXACT = Context(prec=100, Emax=MAX_EMAX, Emin=MIN_EMIN)  # wide enough that scaling never rounds
+
+
 def _decimal_writer(scale: int) -> Writer:
     def write(out: bytearray, value: Decimal) -> None:
-        sign, digits, exponent = value.as_tuple()
+        exponent = value.as_tuple().exponent
         if not isinstance(exponent, int) or -exponent > scale:
             raise ValueError(f"{value} has more than {scale} decimal places")
-        # Integer arithmetic: exact at any size (Decimal operations round to 28 digits).
-        unscaled = int("".join(map(str, digits)) or "0") * 10 ** (scale + exponent)
-        if sign:
-            unscaled = -unscaled
+        unscaled = int(value.scaleb(scale, _EXACT))
         data = unscaled.to_bytes((unscaled.bit_length() + 8) // 8 or 1, "big", signed=True)
         _write_bytes(out, data)
 

@@ -70,12 +70,25 @@ def spend_writes(rollups: Iterable[Rollup], now: datetime) -> dict[str, tuple[st
     return writes
 
 
+# One command for a whole batch: redis-py spends ~60 µs of Python per pipelined SET, but little per
+# argument of a single command.
+_SET_ALL = """
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, ARGV[2 * i - 1], 'EX', ARGV[2 * i])
+end
+return #KEYS
+"""
+_CHUNK = 5000
+
+
 def write_spend(client: redis.Redis, rollups: Iterable[Rollup], now: datetime | None = None) -> int:
-    """Mirror the rollups' absolute spend into Redis in one pipelined round trip; return keys written."""
-    writes = spend_writes(rollups, now or datetime.now(UTC))
-    if writes:
-        pipe = client.pipeline(transaction=False)
-        for key, (value, ttl) in writes.items():
-            pipe.set(key, value, ex=ttl)
-        pipe.execute()
+    """Mirror the rollups' absolute spend into Redis (SET with expiry, one script call per 5,000 keys)."""
+    writes = list(spend_writes(rollups, now or datetime.now(UTC)).items())
+    set_all = client.register_script(_SET_ALL)
+    for first in range(0, len(writes), _CHUNK):
+        chunk = writes[first : first + _CHUNK]
+        args: list[str | int] = []
+        for _key, (value, ttl) in chunk:
+            args += (value, ttl)
+        set_all(keys=[key for key, _ in chunk], args=args)
     return len(writes)

@@ -4,8 +4,9 @@ Stage 1, ``streams/meter.py``: usage.raw in batches → validate, de-duplicate, 
 (ledger + rollups), Redis (spend per scope), usage.priced, usage.dlq and metering.rollups (absolute
 window totals). It runs in a thread of this process, driven by a Faust task.
 
-Stage 2, the Faust agent below: metering.rollups → the windowed ``rollups`` table (minute, hour,
-day, ISO week and month windows per tenant and per tenant × feature / model / user / environment),
+Stage 2, the Faust agent below: metering.rollups → the windowed ``rollups`` table (hour, day, ISO
+week and month windows per tenant and per tenant × feature / model / user / environment, and minute
+windows per tenant, feature and model; ``streams.meter.streamed``),
 which expires old windows, and the alerts that follow from it (an unknown model → ``alerts.anomaly``,
 once per tenant, model and month thanks to the ``alerted`` table).
 
@@ -34,7 +35,7 @@ import faust
 from deploy.settings import Settings, get_settings
 from schemas import codec
 from sinks.postgres import Rollup
-from streams.meter import SESSION_TIMEOUT_S, Meter, rollup_from_record
+from streams.meter import BATCH_WAIT_S, SESSION_TIMEOUT_S, Meter, rollup_from_record
 from streams.overrides import OverrideFollower
 from streams.pricing import PriceBook
 
@@ -123,7 +124,7 @@ def make_app(settings: Settings | None = None) -> faust.App:
         try:
             while not stop.is_set():
                 try:
-                    meter.run_once(0.2)
+                    meter.run_once(BATCH_WAIT_S)
                 except Exception:
                     if stop.is_set():
                         break

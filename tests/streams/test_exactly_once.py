@@ -15,12 +15,12 @@ from pathlib import Path
 
 import genai_prices
 
+from deploy.isolation import WorkerProcess, committed_total, env_for, isolated, wait_for_commits
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import validate_event
 from streams.meter import money
 from streams.pricing import usage_of
-from tests.streams.worker import WorkerProcess, committed_total, env_for, isolated, wait_for_commits
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5"), ("openai", "o3"),
           ("google", "gemini-2.5-flash"), ("acme-ai", "mystery-1")]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Running real workers in tests: their own topics and group per test, as subprocesses."""
+"""Isolated pipelines on a shared stack: own topics, worker id and consumer groups, the worker as a
+subprocess. Used by the tests and by ``tokenmeter bench``, so neither touches the user's data."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ TOPIC_FIELDS = ("topic_raw", "topic_priced", "topic_dlq", "topic_alerts_budget",
 
 
 def isolated(settings: Settings, unique: str, **extra: object) -> Settings:
-    """Settings with this test's own topics and worker id; the topics are created."""
+    """Settings with their own topics (``t<unique>.usage.raw`` …) and worker id; the topics are created."""
     update: dict[str, object] = {name: f"t{unique}.{getattr(settings, name)}" for name in TOPIC_FIELDS}
     update.update(worker_id=f"w{unique}", **extra)
     own = settings.model_copy(update=update)
@@ -42,13 +43,13 @@ class WorkerProcess:
     starts: int = 0
     logs: list[Path] = field(default_factory=list)
 
-    def start(self) -> None:
+    def start(self, loglevel: str = "info") -> None:
         self.starts += 1
         log = self.log_dir / f"worker-{self.starts}.log"
         self.logs.append(log)
         with log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "deploy", "worker", "--loglevel", "info"], env=env_for(self.settings),
+                [sys.executable, "-m", "deploy", "worker", "--loglevel", loglevel], env=env_for(self.settings),
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -77,11 +78,13 @@ def committed_total(settings: Settings) -> int:
 
 
 def wait_for_commits(settings: Settings, at_least: int, timeout: float, worker: WorkerProcess) -> int:
+    """Wait until the worker has committed ``at_least`` raw messages; return how many it has."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done = committed_total(settings)
         if done >= at_least:
             return done
-        assert worker.alive(), worker.output()
+        if not worker.alive():
+            raise RuntimeError(f"the worker exited:\n{worker.output()}")
         time.sleep(0.05)
-    raise AssertionError(f"worker committed fewer than {at_least} messages in {timeout}s:\n{worker.output()}")
+    raise TimeoutError(f"worker committed fewer than {at_least} messages in {timeout}s:\n{worker.output()}")

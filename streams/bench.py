@@ -1,0 +1,233 @@
+"""Pipeline figures for ``tokenmeter bench`` (DESIGN.md §7), measured in one run on an isolated
+pipeline (own topics, worker and groups) of the running stack.
+
+- ``bare_consume_events_per_s``: confluent-kafka consume + fastavro decode of the workload, nothing
+  else: the ceiling for any Python consumer here.
+- ``naive_postgres_events_per_s``: one ``INSERT`` per event in its own transaction, the approach in
+  the guides.
+- ``pipeline_events_per_s``: the worker (``tokenmeter worker``, a subprocess) takes the workload from
+  usage.raw through validation, de-duplication, pricing, Postgres, Redis and the output topics;
+  events / (last commit - first produce).
+- ``p99_event_to_quota_ms``: while background traffic flows, single probe events are recorded
+  through ``UsageProducer`` and the time until ``QuotaClient.check`` shows their spend is taken.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from deploy.isolation import WorkerProcess, committed_total, isolated, wait_for_commits
+from deploy.settings import Settings
+from producers.producer import UsageProducer
+from producers.quota import QuotaClient
+from schemas import codec
+
+MODELS = [("openai", "gpt-4o", 30), ("openai", "gpt-4o-mini", 30), ("anthropic", "claude-sonnet-4-5", 15),
+          ("google", "gemini-2.5-flash", 15), ("openai", "o3", 5), ("anthropic", "claude-haiku-4-5", 5)]  # fmt: skip
+
+
+def workload(count: int, seed: int = 1, tenants: int = 20, start: datetime | None = None) -> list[dict[str, Any]]:
+    """Realistic usage: a few big tenants, features, hundreds of users, cache reads, some duplicates."""
+    rng = random.Random(seed)
+    start = start or datetime.now(UTC)
+    weights = [m[2] for m in MODELS]
+    events = []
+    for i in range(count):
+        provider, model, _ = rng.choices(MODELS, weights)[0]
+        input_tokens = int(rng.lognormvariate(7.5, 1.0)) + 1
+        event = {
+            "event_id": uuid.UUID(int=rng.getrandbits(128)).hex,
+            "timestamp": start + timedelta(milliseconds=i),
+            "tenant_id": f"tenant-{min(int(rng.paretovariate(1.2)), tenants)}",
+            "provider": provider, "model": model, "input_tokens": input_tokens,
+            "cache_read_tokens": rng.randint(0, input_tokens // 2) if rng.random() < 0.4 else 0,
+            "output_tokens": int(rng.lognormvariate(5.5, 0.8)) + 1,
+            "feature": rng.choice(["search", "chat", "summarize", "agent", "classify"]),
+            "user_id": f"user-{rng.randint(1, 500)}", "environment": "prod" if rng.random() < 0.9 else "staging",
+        }  # fmt: skip
+        events.append(event)
+        if rng.random() < 0.01:
+            events.append(dict(event))  # a producer retry
+    return events
+
+
+def produce_all(settings: Settings, payloads: list[tuple[bytes, bytes]]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20, "compression.type": "lz4",
+                         "enable.idempotence": True, "batch.num.messages": 10000})  # fmt: skip
+    for key, value in payloads:
+        while True:
+            try:
+                producer.produce(settings.topic_raw, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(60)
+
+
+def encode(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
+    return [(e["tenant_id"].encode(), codec.encode("usage_event", e)) for e in events]
+
+
+def bare_consume(settings: Settings, expected: int) -> float:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"bench-bare-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False})  # fmt: skip
+    topic = settings.topic_raw
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    seen = 0
+    started = time.perf_counter()
+    while seen < expected:
+        for message in consumer.consume(5000, 1.0):
+            if message.error() is None:
+                codec.decode("usage_event", message.value() or b"")
+                seen += 1
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return seen / elapsed
+
+
+def naive_postgres(settings: Settings, events: list[dict[str, Any]]) -> float:
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE naive (LIKE tokenmeter.ledger INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
+                     " INCLUDING INDEXES)")  # fmt: skip
+        started = time.perf_counter()
+        for e in events:
+            conn.execute(
+                "INSERT INTO naive (event_id, ts, tenant_id, provider, model, user_id, feature, input_tokens,"
+                " output_tokens, cache_read_tokens, cache_write_tokens, price_status, input_cost, output_cost,"
+                " total_cost, price_source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, 'priced', 0, 0, 0, '')"
+                " ON CONFLICT DO NOTHING",
+                (e["event_id"], e["timestamp"], e["tenant_id"], e["provider"], e["model"], e["user_id"],
+                 e["feature"], e["input_tokens"], e["output_tokens"], e["cache_read_tokens"]),
+            )  # fmt: skip
+        return len(events) / (time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class PipelineFigures:
+    events: int
+    pipeline_events_per_s: float
+    bare_consume_events_per_s: float
+    naive_postgres_events_per_s: float
+    p50_event_to_quota_ms: float
+    p99_event_to_quota_ms: float
+    quota_probes: int
+    quota_check_p50_us: float
+    quota_check_p99_us: float
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def quota_latency(
+    settings: Settings, probes: int, background_per_s: int, spool: Path
+) -> tuple[list[float], list[float]]:
+    """Probe events recorded one at a time under background traffic; ms until quota check shows them."""
+    stop = threading.Event()
+
+    def background() -> None:
+        with UsageProducer(settings.model_copy(update={"spool_dir": spool / "bg"})) as producer:
+            for event in itertools.cycle(workload(5000, seed=3)):
+                if stop.is_set():
+                    return
+                # new id and time each round: the library fills them in
+                producer.record({k: v for k, v in event.items() if k not in ("event_id", "timestamp")})
+                time.sleep(1 / background_per_s)
+
+    thread = threading.Thread(target=background, daemon=True)
+    thread.start()
+    client = QuotaClient(settings)
+    to_visible: list[float] = []
+    check_us: list[float] = []
+    tenant = f"probe-{uuid.uuid4().hex[:8]}"
+    try:
+        with UsageProducer(settings.model_copy(update={"spool_dir": spool / "probe"})) as producer:
+            expected = Decimal(0)
+            for i in range(probes):
+                started = time.perf_counter()
+                producer.record({"tenant_id": tenant, "provider": "openai", "model": "gpt-4o", "input_tokens": 1000,
+                                 "output_tokens": 100, "user_id": f"probe-{i}"})  # fmt: skip
+                expected += Decimal("0.0035")
+                while True:
+                    if client.check(tenant).spent >= expected:
+                        break
+                    if time.perf_counter() - started > 30:
+                        raise TimeoutError("a probe's spend did not reach Redis within 30 s")
+                    time.sleep(0.002)
+                to_visible.append((time.perf_counter() - started) * 1000)
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    for i in range(2000):  # the check alone, from a quiet process: what a service pays per call
+        started = time.perf_counter()
+        client.check(tenant, feature="search", user_id=f"probe-{i % probes}")
+        check_us.append((time.perf_counter() - started) * 1e6)
+    return to_visible, check_us
+
+
+def run_pipeline_bench(
+    settings: Settings, events: int, work_dir: Path, say: Callable[[str], None] = lambda _m: None
+) -> PipelineFigures:
+    own = isolated(settings, f"bench{uuid.uuid4().hex[:6]}")
+    data = workload(events)
+    payloads = encode(data)
+    say(f"workload: {len(payloads):,} events (1% producer retries), {len({e['tenant_id'] for e in data})} tenants")
+
+    worker = WorkerProcess(own, work_dir)
+    worker.start(loglevel="warning")
+    try:
+        warmup = encode(workload(200, seed=2))
+        produce_all(own, warmup)
+        wait_for_commits(own, len(warmup), timeout=120, worker=worker)  # joined, warm, idle
+        say("worker ready; producing the workload")
+        started = time.perf_counter()
+        produce_all(own, payloads)
+        produced_in = time.perf_counter() - started
+        total = len(warmup) + len(payloads)
+        last_report = 0.0
+        while committed_total(own) < total:
+            if not worker.alive():
+                raise RuntimeError(f"the worker exited:\n{worker.output()}")
+            if time.perf_counter() - last_report > 2:
+                last_report = time.perf_counter()
+                say(f"  {committed_total(own) - len(warmup):,} / {len(payloads):,} through the pipeline")
+            time.sleep(0.02)
+        pipeline = len(payloads) / (time.perf_counter() - started)
+        say(f"pipeline: {pipeline:,.0f} events/s (producing took {produced_in:.1f}s)")
+
+        say("quota visibility under background traffic (1,000 events/s)")
+        to_visible, check_us = quota_latency(own, probes=100, background_per_s=1000, spool=work_dir)
+    finally:
+        worker.stop()
+
+    say("bare consume + decode loop")
+    bare = bare_consume(own, total)
+    say("naive per-call Postgres INSERT")
+    naive = naive_postgres(own, data[: min(len(data), 5000)])
+    return PipelineFigures(
+        events=len(payloads),
+        pipeline_events_per_s=round(pipeline, 1),
+        bare_consume_events_per_s=round(bare, 1),
+        naive_postgres_events_per_s=round(naive, 1),
+        p50_event_to_quota_ms=round(_percentile(to_visible, 0.5), 1),
+        p99_event_to_quota_ms=round(_percentile(to_visible, 0.99), 1),
+        quota_probes=len(to_visible),
+        quota_check_p50_us=round(_percentile(check_us, 0.5), 1),
+        quota_check_p99_us=round(_percentile(check_us, 0.99), 1),
+    )

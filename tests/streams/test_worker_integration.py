@@ -1,0 +1,152 @@
+"""The worker against the real stack: dead letters, unknown models, effective-dated prices, price
+overrides and how fast spend reaches the quota check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+from confluent_kafka import Producer
+
+from deploy.isolation import WorkerProcess, env_for, isolated
+from deploy.settings import Settings
+from deploy.stack import LocalStack
+from producers.producer import UsageProducer
+from producers.quota import QuotaClient
+from schemas import codec
+from sinks.postgres import invoice
+from streams.lag import wait_for_sinks
+from streams.overrides import override_message
+from streams.pricing import PriceOverride, TokenRates
+from tests.helpers import read_all
+
+
+@pytest.fixture(scope="module")
+def running(stack: LocalStack, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    own = isolated(settings, uuid.uuid4().hex[:10])
+    worker = WorkerProcess(own, tmp_path_factory.mktemp("worker"))
+    worker.start()
+    yield own
+    alive = worker.alive()
+    worker.stop()
+    assert alive, "the worker died during the tests:\n" + worker.output()
+
+
+def send_raw(settings: Settings, payloads: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for payload in payloads:
+        producer.produce(settings.topic_raw, key=b"raw", value=payload)
+    assert producer.flush(30) == 0
+
+
+def usage(tenant: str, **fields: object) -> dict[str, object]:
+    return {"event_id": uuid.uuid4().hex, "tenant_id": tenant, "provider": "openai", "model": "gpt-4o",
+            "timestamp": datetime.now(UTC).isoformat(), "input_tokens": 1000, "output_tokens": 100,
+            **fields}  # fmt: skip
+
+
+def record(settings: Settings, events: list[dict[str, object]], tmp_path: Path) -> None:
+    with UsageProducer(settings.model_copy(update={"spool_dir": tmp_path})) as producer:
+        for event in events:
+            producer.record(event)
+    assert wait_for_sinks(settings, timeout=60)
+
+
+def test_malformed_payloads_become_dead_letters_and_the_worker_goes_on(running: Settings, tmp_path: Path) -> None:
+    valid = usage("dlq-tenant")
+    payloads = {
+        b"not json at all": "neither Avro",
+        b'{"event_id": 5}': "event_id",
+        json.dumps(usage("dlq-tenant", input_tokens=-3)).encode(): "input_tokens",
+        json.dumps(usage("")).encode(): "tenant_id",
+        json.dumps(usage("x" * 5000)).encode(): "tenant_id",
+        json.dumps(usage("dlq-tenant", output_tokens="many")).encode(): "output_tokens",
+        bytes(range(256)): "neither Avro",
+        codec.MAGIC + b"\x00" * 8 + b"\x01\x02": "fingerprint",
+        b'{"event_id": "a", "tenant_id": "t"': "malformed JSON",
+    }
+    send_raw(running, [*payloads, json.dumps(valid).encode()])
+    assert wait_for_sinks(running, timeout=60)
+    letters = [codec.decode("dead_letter", v) for v in read_all(running, running.topic_dlq, expect=len(payloads))]
+    by_value = {letter["original_value"]: letter for letter in letters}
+    assert set(by_value) == set(payloads)
+    for payload, reason in payloads.items():
+        letter = by_value[payload]
+        assert reason in letter["reason"], letter
+        assert letter["source_topic"] == running.topic_raw and letter["source_offset"] >= 0
+    with psycopg.connect(running.database_url) as conn:
+        assert invoice(conn, "dlq-tenant", datetime.now(UTC).strftime("%Y-%m")).calls == 1
+
+
+def test_unknown_model_is_unpriced_counted_and_alerted_once(running: Settings, tmp_path: Path) -> None:
+    tenant = f"unknown-{uuid.uuid4().hex[:6]}"
+    record(running, [usage(tenant, provider="acme-ai", model="mystery-9") for _ in range(3)] + [usage(tenant)],
+           tmp_path)  # fmt: skip
+    with psycopg.connect(running.database_url) as conn:
+        bill = invoice(conn, tenant, datetime.now(UTC).strftime("%Y-%m"))
+    assert (bill.calls, bill.unpriced_calls) == (4, 3)
+    assert bill.total == Decimal("0.0035")  # only the gpt-4o call: 1000 x $2.50/M + 100 x $10/M
+    deadline = time.monotonic() + 30
+    mine: list[dict[str, object]] = []
+    while not mine and time.monotonic() < deadline:
+        alerts = [codec.decode("alert", v) for v in read_all(running, running.topic_alerts_anomaly, timeout=5)]
+        mine = [a for a in alerts if a["tenant_id"] == tenant]
+    assert len(mine) == 1, mine
+    assert mine[0]["kind"] == "anomaly.unpriced_model" and mine[0]["scope"] == {"model": "acme-ai/mystery-9"}
+
+
+def test_o3_is_priced_at_the_price_of_its_own_date(running: Settings, tmp_path: Path) -> None:
+    tenant = f"o3-{uuid.uuid4().hex[:6]}"
+    may = usage(tenant, model="o3", timestamp="2025-05-15T12:00:00Z", input_tokens=1_000_000, output_tokens=1_000_000)
+    july = {**may, "event_id": uuid.uuid4().hex, "timestamp": "2025-07-15T12:00:00Z"}
+    record(running, [may, july], tmp_path)
+    with psycopg.connect(running.database_url) as conn:
+        costs = dict(conn.execute("SELECT to_char(ts, 'YYYY-MM'), total_cost FROM tokenmeter.ledger"
+                                  " WHERE tenant_id = %s", (tenant,)).fetchall())  # fmt: skip
+    assert costs == {"2025-05": Decimal("50"), "2025-07": Decimal("10")}  # $10+$40 per M before June 2025, $2+$8 after
+
+
+def test_tenant_price_override_from_the_config_topic(running: Settings, tmp_path: Path) -> None:
+    tenant = f"override-{uuid.uuid4().hex[:6]}"
+    override = PriceOverride(tenant, "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=UTC),
+                             TokenRates(Decimal("1"), Decimal("2")), f"card-{tenant}")  # fmt: skip
+    key, value = override_message(override)
+    producer = Producer({"bootstrap.servers": running.kafka_bootstrap})
+    producer.produce(running.topic_price_overrides, key=key, value=value)
+    assert producer.flush(10) == 0
+    time.sleep(6)  # the worker follows the config topic every 5 s
+    record(running, [usage(tenant, input_tokens=1_000_000, output_tokens=1_000_000)], tmp_path)
+    with psycopg.connect(running.database_url) as conn:
+        ((cost, source),) = conn.execute("SELECT total_cost, price_source FROM tokenmeter.ledger WHERE tenant_id = %s",
+                                         (tenant,)).fetchall()  # fmt: skip
+    assert cost == Decimal("3") and source == f"override:card-{tenant}"
+
+
+def test_quota_check_sees_new_spend_within_a_second(running: Settings, tmp_path: Path) -> None:
+    tenant = f"quota-{uuid.uuid4().hex[:6]}"
+    client = QuotaClient(running)
+    assert client.check(tenant, feature="search").spent == 0
+    latencies = []
+    with UsageProducer(running.model_copy(update={"spool_dir": tmp_path})) as producer:
+        for i in range(1, 6):
+            started = time.monotonic()
+            producer.record(usage(tenant, feature="search"))
+            while client.check(tenant, feature="search").spent != Decimal("0.0035") * i:
+                assert time.monotonic() - started < 5, "spend did not reach Redis"
+                time.sleep(0.005)
+            latencies.append(time.monotonic() - started)
+    assert max(latencies) < 1.0, latencies
+    shown = subprocess.run([sys.executable, "-m", "deploy", "quota", "check", "--tenant", tenant, "--format", "json"],
+                           env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"allowed": True, "spent": "0.017500000000", "limit": None, "remaining": None,
+                                        "reason": "no budget applies", "scope": tenant, "period": "month"}  # fmt: skip
