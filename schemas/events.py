@@ -175,6 +175,7 @@ _INT_LIMITS = {
     ),
     "latency_ms": 86_400_000,
 }  # fmt: skip
+_OPTIONAL = frozenset(UsageEvent.model_fields) - frozenset(_REQUIRED)
 _NOT_NULL = frozenset(("timestamp", "cache_read_tokens", "cache_write_tokens", "estimated", "tags", *_REQUIRED))
 
 
@@ -191,7 +192,7 @@ def surely_valid(data: dict[str, Any]) -> bool:
             return False
     for name, value in data.items():
         if value is None:
-            if name in _NOT_NULL:
+            if name in _NOT_NULL or name not in _OPTIONAL:
                 return False
             continue
         kind = type(value)
