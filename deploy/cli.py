@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import click
 from rich.console import Console
@@ -250,6 +250,141 @@ def quota_check(tenant: str, feature: str | None, user: str | None, fmt: str) ->
         f"scope {decision.scope}, {decision.period}: spent ${decision.spent}"
         + ("" if decision.limit is None else f" of ${decision.limit} (remaining ${decision.remaining})")
     )
+
+
+@cli.group()
+def budget() -> None:
+    """Budgets per tenant, feature, user or environment (stored on the config.budgets topic)."""
+
+
+def _budget_scope(feature: str | None, user: str | None, environment: str | None) -> tuple[str, str]:
+    given = [(d, v) for d, v in (("feature", feature), ("user", user), ("environment", environment)) if v]
+    if len(given) > 1:
+        _fail("give at most one of --feature, --user, --environment")
+    return given[0] if given else ("tenant", "")
+
+
+def _send_config(topic: str, key: str, value: bytes | None) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": _settings().kafka_bootstrap, "enable.idempotence": True})
+    producer.produce(topic, key=key.encode(), value=value)
+    if producer.flush(15) != 0:
+        _fail(f"could not write to {topic} at {_settings().kafka_bootstrap} (is the stack up?)")
+
+
+@budget.command("set")
+@click.option("--tenant", required=True)
+@click.option("--feature", default=None, help="Budget a feature of the tenant.")
+@click.option("--user", default=None, help="Budget a user of the tenant.")
+@click.option("--environment", default=None, help="Budget an environment (prod, staging…) of the tenant.")
+@click.option("--limit", "limit_usd", required=True, help="USD per period, e.g. 10 or 2500.50.")
+@click.option("--period", type=click.Choice(["day", "week", "month"]), default="month", show_default=True)
+@click.option("--hard", is_flag=True, help="Block calls (quota check says not allowed) once the limit is spent.")
+@click.option("--thresholds", default="50,80,100", show_default=True, help="Alert at these percentages.")
+def budget_set(tenant: str, feature: str | None, user: str | None, environment: str | None, limit_usd: str,
+               period: str, hard: bool, thresholds: str) -> None:  # fmt: skip
+    """Set (or replace) the budget of a scope; workers apply it within a second."""
+    from decimal import Decimal, InvalidOperation
+
+    from streams.budgets import Budget
+
+    dimension, value = _budget_scope(feature, user, environment)
+    try:
+        limit = Decimal(limit_usd)
+        levels = tuple(sorted(int(t) for t in thresholds.split(",")))
+        new = Budget(tenant, dimension, value, period, limit, hard, levels)
+    except (InvalidOperation, ValueError) as exc:
+        _fail(f"invalid budget: {exc}")
+    _send_config(_settings().topic_budgets, new.key, new.to_json())
+    kind = "hard" if hard else "soft"
+    click.echo(f"{kind} {period} budget of ${limit} for {new.scope_label}; alerts at {', '.join(map(str, levels))}%")
+
+
+@budget.command("delete")
+@click.option("--tenant", required=True)
+@click.option("--feature", default=None)
+@click.option("--user", default=None)
+@click.option("--environment", default=None)
+def budget_delete(tenant: str, feature: str | None, user: str | None, environment: str | None) -> None:
+    """Remove the budget of a scope."""
+    from streams.budgets import budget_id
+
+    dimension, value = _budget_scope(feature, user, environment)
+    _send_config(_settings().topic_budgets, budget_id(tenant, dimension, value), None)
+    click.echo("deleted")
+
+
+def _current_budgets() -> list[Any]:
+    from streams.budgets import Budget, parse_budget
+    from streams.config_topic import ConfigFollower
+
+    found: dict[str, Budget] = {}
+
+    def apply(key: str, value: bytes | None) -> None:
+        if value is None:
+            found.pop(key, None)
+        else:
+            found[key] = parse_budget(value)
+
+    follower = ConfigFollower(_settings().kafka_bootstrap, _settings().topic_budgets, apply)
+    follower.catch_up(3.0)
+    follower.close()
+    return sorted(found.values(), key=lambda b: (b.tenant_id, b.dimension, b.value))
+
+
+@budget.command("list")
+@click.option("--tenant", default=None)
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table", show_default=True)
+def budget_list(tenant: str | None, fmt: str) -> None:
+    """The budgets in force."""
+    import json
+
+    budgets = [b for b in _current_budgets() if tenant is None or b.tenant_id == tenant]
+    if fmt == "json":
+        click.echo(json.dumps([json.loads(b.to_json()) for b in budgets]))
+        return
+    table = Table(title="budgets")
+    for column in ("scope", "period", "limit (USD)", "hard", "thresholds"):
+        table.add_column(column)
+    for b in budgets:
+        table.add_row(
+            b.scope_label, b.period, f"{b.limit}", "yes" if b.hard else "no", ",".join(map(str, b.thresholds))
+        )
+    Console().print(table)
+
+
+@cli.group()
+def alerts() -> None:
+    """Alerts the worker fired (budget thresholds, anomalies)."""
+
+
+@alerts.command("list")
+@click.option("--tenant", default=None)
+@click.option("--limit", "max_rows", default=200, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table", show_default=True)
+def alerts_list(tenant: str | None, max_rows: int, fmt: str) -> None:
+    """Stored alerts, oldest first."""
+    import json
+
+    import psycopg
+
+    from sinks.alerts import list_alerts
+
+    try:
+        with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+            rows = list_alerts(conn, tenant, max_rows)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach Postgres: {exc}")
+    if fmt == "json":
+        click.echo(json.dumps(rows))
+        return
+    table = Table(title="alerts")
+    for column in ("when", "kind", "tenant", "message"):
+        table.add_column(column, overflow="fold")
+    for a in rows:
+        table.add_row(a["created_at"][:19], a["kind"], a["tenant_id"], a["message"])
+    Console().print(table)
 
 
 @cli.command("invoice")

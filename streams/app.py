@@ -23,20 +23,28 @@ those absolute values too, so it cannot double count either. We do not use Faust
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import faust
+import psycopg
+import redis
 
 from deploy.settings import Settings, get_settings
+from producers.quota import budget_key
 from schemas import codec
+from sinks.alerts import store_alerts, top_contributors
 from sinks.postgres import Rollup
+from streams.budgets import Budget, budget_alerts, parse_budget
+from streams.config_topic import ConfigFollower
 from streams.meter import BATCH_WAIT_S, SESSION_TIMEOUT_S, Meter, rollup_from_record
-from streams.overrides import OverrideFollower
+from streams.overrides import override_follower
 from streams.pricing import PriceBook
 
 log = logging.getLogger("tokenmeter.worker")
@@ -89,6 +97,50 @@ def unpriced_model_alerts(rollups: Iterable[Rollup], now: datetime) -> list[dict
     return alerts
 
 
+class AlertSink:
+    """Stores alerts in Postgres (with the top contributors for budget alerts); retried until it can."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._conn: psycopg.Connection | None = None
+
+    def store(self, alerts: list[dict[str, Any]]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = psycopg.connect(self.settings.database_url, autocommit=True, connect_timeout=5)
+                for alert in alerts:
+                    if alert["kind"].startswith("budget"):
+                        granularity, start = alert["period"].split(":", 1)
+                        window = datetime.fromisoformat(start).replace(tzinfo=UTC)
+                        alert["details"].update(top_contributors(self._conn, alert["tenant_id"], granularity, window))
+                store_alerts(self._conn, alerts)
+                return
+            except psycopg.OperationalError as exc:
+                log.warning("cannot store alerts (%s); retrying in %.1fs", exc, delay)
+                self._conn = None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFollower:
+    """Keeps ``budgets`` and the Redis budget keys (read by QuotaClient) equal to config.budgets."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+
+    def apply(key: str, value: bytes | None) -> None:
+        tenant_id, dimension, scope_value = json.loads(key)
+        if value is None:
+            budgets.pop(key, None)
+            client.delete(budget_key(tenant_id, dimension, scope_value))
+            return
+        budget = parse_budget(value)
+        budgets[budget.key] = budget
+        client.set(budget_key(tenant_id, dimension, scope_value), budget.redis_json())
+
+    return ConfigFollower(settings.kafka_bootstrap, settings.topic_budgets, apply)
+
+
 def make_app(settings: Settings | None = None) -> faust.App:
     settings = settings or get_settings()
     app = faust.App(
@@ -108,17 +160,22 @@ def make_app(settings: Settings | None = None) -> faust.App:
     )
     rollups_topic = app.topic(settings.topic_rollups, key_serializer="raw", value_serializer="raw")
     anomaly_topic = app.topic(settings.topic_alerts_anomaly, key_serializer="raw", value_serializer="raw")
+    budget_topic = app.topic(settings.topic_alerts_budget, key_serializer="raw", value_serializer="raw")
     # Keys spread by hash (use_partitioner): a batch mixes tenants, and each key is written once per batch.
     rollups = app.Table("rollups", default=dict, partitions=settings.topic_partitions, use_partitioner=True)
     alerted = app.Table("alerted", default=bool, partitions=settings.topic_partitions, use_partitioner=True)
 
     book = PriceBook()
-    overrides = OverrideFollower(settings, book)
+    overrides = override_follower(settings, book)
+    budgets: dict[str, Budget] = {}
+    budget_config = budget_follower(settings, budgets)
+    alert_sink = AlertSink(settings)
     meter_holder: dict[str, Meter] = {}
     app.tokenmeter_meter = meter_holder  # type: ignore[attr-defined]
 
     def run_meter(stop: threading.Event) -> None:
         overrides.catch_up(5.0)  # price nothing before the overrides are in
+        budget_config.catch_up(5.0)
         meter = Meter(settings, book)
         meter_holder["meter"] = meter
         try:
@@ -146,6 +203,10 @@ def make_app(settings: Settings | None = None) -> faust.App:
     async def follow_overrides() -> None:
         await asyncio.to_thread(overrides.catch_up, 0.2)
 
+    @app.timer(interval=1.0)
+    async def follow_budgets() -> None:
+        await asyncio.to_thread(budget_config.catch_up, 0.1)
+
     @app.timer(interval=60.0)
     async def expire_windows() -> None:
         now = datetime.now(UTC)
@@ -166,11 +227,17 @@ def make_app(settings: Settings | None = None) -> faust.App:
             for key, r in latest.items():
                 rollups[key] = table_value(r)
             now = datetime.now(UTC)
-            for alert in unpriced_model_alerts(latest.values(), now):
-                if alerted[alert["alert_id"]]:
-                    continue
-                await anomaly_topic.send(key=alert["tenant_id"].encode(), value=codec.encode("alert", alert))
+            fired = unpriced_model_alerts(latest.values(), now) + budget_alerts(budgets, latest.values(), now)
+            fresh = [alert for alert in fired if not alerted[alert["alert_id"]]]
+            if not fresh:
+                continue
+            # Stored first: Postgres keeps each alert_id once, whatever a crash makes us repeat.
+            await asyncio.to_thread(alert_sink.store, fresh)
+            for alert in fresh:
+                topic = budget_topic if alert["kind"].startswith("budget") else anomaly_topic
+                await topic.send(key=alert["tenant_id"].encode(), value=codec.encode("alert", alert))
                 alerted[alert["alert_id"]] = True
+                log.warning("alert %s: %s", alert["kind"], alert["message"])
 
     return app
 

@@ -2,25 +2,20 @@
 
 Each message: key = override id, value = JSON ``{"tenant_id", "provider", "model", "effective_from",
 "input_mtok", "output_mtok", "cache_read_mtok"?, "cache_write_mtok"?}`` (USD per million tokens as
-decimal strings); a null value (tombstone) removes the override. Every worker reads the whole topic
-(no consumer group), so all of them price alike, and compaction keeps it small.
+decimal strings); a null value (tombstone) removes the override. Every worker follows the whole topic
+(``streams/config_topic.py``), so all of them price alike.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import threading
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
 from deploy.settings import Settings
+from streams.config_topic import ConfigFollower
 from streams.pricing import PriceBook, PriceOverride, TokenRates
-
-log = logging.getLogger("tokenmeter.overrides")
 
 
 def parse_override(override_id: str, value: bytes) -> PriceOverride:
@@ -58,57 +53,13 @@ def override_message(override: PriceOverride) -> tuple[bytes, bytes]:
     return override.override_id.encode(), json.dumps(body).encode()
 
 
-class OverrideFollower:
-    """Applies the topic's overrides to a PriceBook; ``catch_up`` reads what is new."""
+def override_follower(settings: Settings, book: PriceBook) -> ConfigFollower:
+    """Keeps ``book``'s overrides equal to the topic's."""
 
-    def __init__(self, settings: Settings, book: PriceBook) -> None:
-        self.settings = settings
-        self.book = book
-        self._consumer: Consumer | None = None
-        self._lock = threading.Lock()  # a confluent-kafka consumer is not for concurrent use
-        self.applied = 0
+    def apply(key: str, value: bytes | None) -> None:
+        if value is None:
+            book.remove_override(key)
+        else:
+            book.set_override(parse_override(key, value))
 
-    def _open(self) -> Consumer:
-        if self._consumer is None:
-            consumer = Consumer({
-                "bootstrap.servers": self.settings.kafka_bootstrap, "group.id": "tokenmeter-overrides-unused",
-                "enable.auto.commit": False, "auto.offset.reset": "earliest",
-            })  # fmt: skip
-            topic = self.settings.topic_price_overrides
-            metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
-            self._consumer = consumer
-        return self._consumer
-
-    def catch_up(self, timeout: float) -> int:
-        """Apply the messages available now (waiting at most ``timeout`` for the first); return how many."""
-        with self._lock:
-            return self._catch_up(timeout)
-
-    def _catch_up(self, timeout: float) -> int:
-        try:
-            consumer = self._open()
-        except Exception as exc:  # the topic may not exist yet; pricing goes on with base prices
-            log.warning("price overrides unavailable: %s", exc)
-            return 0
-        applied = 0
-        wait = timeout
-        while True:
-            messages = consumer.consume(1000, wait)
-            if not messages:
-                return applied
-            wait = 0.05
-            for message in messages:
-                if message.error():
-                    continue
-                key = (message.key() or b"").decode(errors="replace")
-                value = message.value()
-                try:
-                    if value is None:
-                        self.book.remove_override(key)
-                    else:
-                        self.book.set_override(parse_override(key, value))
-                    applied += 1
-                    self.applied += 1
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.error("ignoring price override %r: %s", key, exc)
+    return ConfigFollower(settings.kafka_bootstrap, settings.topic_price_overrides, apply)

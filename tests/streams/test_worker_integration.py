@@ -150,3 +150,49 @@ def test_quota_check_sees_new_spend_within_a_second(running: Settings, tmp_path:
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout) == {"allowed": True, "spent": "0.017500000000", "limit": None, "remaining": None,
                                         "reason": "no budget applies", "scope": tenant, "period": "month"}  # fmt: skip
+
+
+def test_hard_budget_alerts_once_per_threshold_and_blocks_within_a_second(running: Settings, tmp_path: Path) -> None:
+    tenant = f"budget-{uuid.uuid4().hex[:6]}"
+    cli = [sys.executable, "-m", "deploy"]
+    done = subprocess.run([*cli, "budget", "set", "--tenant", tenant, "--limit", "10", "--period", "month", "--hard"],
+                          env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    client = QuotaClient(running)
+    deadline = time.monotonic() + 10
+    while client.check(tenant).limit is None:  # the worker applies budgets within a second or two
+        assert time.monotonic() < deadline, "the budget never reached Redis"
+        time.sleep(0.1)
+    # $2.50 per million gpt-4o input tokens: 25%, 62.5%, 92.5%, then 102.5% of $10
+    steps = [(1_000_000, True), (1_500_000, True), (1_200_000, True), (400_000, False)]
+    with UsageProducer(running.model_copy(update={"spool_dir": tmp_path})) as producer:
+        for tokens, allowed_after in steps:
+            started = time.monotonic()
+            producer.record(usage(tenant, input_tokens=tokens, output_tokens=0))
+            expected = client.check(tenant).spent + Decimal(tokens) * Decimal("2.5") / 1_000_000
+            while client.check(tenant).spent != expected:
+                assert time.monotonic() - started < 1.0, "spend was not visible within a second"
+                time.sleep(0.005)
+            decision = client.check(tenant)
+            assert decision.allowed is allowed_after, decision
+    assert decision.reason.startswith("hard month budget") and decision.remaining == Decimal("-0.25")
+    deadline = time.monotonic() + 20
+    while True:
+        listed = subprocess.run([*cli, "alerts", "list", "--tenant", tenant, "--format", "json"],
+                                env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        budget_alerts = [a for a in json.loads(listed.stdout) if a["kind"].startswith("budget")]
+        if len(budget_alerts) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert sorted(a["threshold_percent"] for a in budget_alerts) == [50, 80, 100]
+    assert budget_alerts[-1]["kind"] == "budget.blocked" and "top_models" in budget_alerts[-1]["details"]
+    on_topic = [codec.decode("alert", v) for v in read_all(running, running.topic_alerts_budget, timeout=5)]
+    assert sorted(a["threshold_percent"] for a in on_topic if a["tenant_id"] == tenant) == [50, 80, 100]
+    raised = subprocess.run([*cli, "budget", "set", "--tenant", tenant, "--limit", "20", "--hard"],
+                            env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert raised.returncode == 0, raised.stderr
+    deadline = time.monotonic() + 10
+    while not client.check(tenant).allowed:  # a raised limit unblocks
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

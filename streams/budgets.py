@@ -1,0 +1,113 @@
+"""Budgets: configuration on the compacted ``config.budgets`` topic, and the pure threshold rule.
+
+A budget limits one scope — a tenant, or a tenant's feature, user or environment — over a calendar
+period (day, ISO week or month, UTC) and fires alerts at thresholds (default 50/80/100 %). A hard
+budget also blocks: once the scope's spend reaches the limit, ``QuotaClient.check`` answers not
+allowed (it compares the spend and the limit it reads from Redis, so a new period or a raised limit
+unblocks by itself). One budget per scope: setting it again replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sinks.postgres import Rollup
+
+PERIODS = ("day", "week", "month")
+SCOPES = ("tenant", "feature", "user", "environment")
+DEFAULT_THRESHOLDS = (50, 80, 100)
+
+
+@dataclass(frozen=True)
+class Budget:
+    tenant_id: str
+    dimension: str  # tenant | feature | user | environment
+    value: str  # '' for the tenant itself
+    period: str  # day | week | month
+    limit: Decimal
+    hard: bool = False
+    thresholds: tuple[int, ...] = field(default=DEFAULT_THRESHOLDS)
+
+    def __post_init__(self) -> None:
+        if self.dimension not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+        if self.period not in PERIODS:
+            raise ValueError(f"period must be one of {', '.join(PERIODS)}")
+        if (self.dimension == "tenant") != (self.value == ""):
+            raise ValueError("a tenant budget has no scope value; the others need one")
+        if not self.limit > 0:
+            raise ValueError("the limit must be a positive amount of USD")
+        if not self.thresholds or any(not 0 < t <= 1000 for t in self.thresholds):
+            raise ValueError("thresholds are percentages between 1 and 1000")
+
+    @property
+    def key(self) -> str:
+        return budget_id(self.tenant_id, self.dimension, self.value)
+
+    @property
+    def scope_label(self) -> str:
+        return self.tenant_id if self.dimension == "tenant" else f"{self.tenant_id}/{self.dimension}={self.value}"
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "tenant_id": self.tenant_id, "dimension": self.dimension, "value": self.value, "period": self.period,
+            "limit": str(self.limit), "hard": self.hard, "thresholds": list(self.thresholds),
+        }).encode()  # fmt: skip
+
+    def redis_json(self) -> str:
+        """What ``QuotaClient`` reads from ``tm:budget:…``."""
+        return json.dumps({"limit": str(self.limit), "period": self.period, "hard": self.hard})
+
+
+def budget_id(tenant_id: str, dimension: str, value: str) -> str:
+    return json.dumps([tenant_id, dimension, value])  # unambiguous whatever the names contain
+
+
+def parse_budget(value: bytes) -> Budget:
+    data: dict[str, Any] = json.loads(value)
+    return Budget(
+        tenant_id=str(data["tenant_id"]), dimension=str(data["dimension"]), value=str(data.get("value", "")),
+        period=str(data["period"]), limit=Decimal(str(data["limit"])), hard=bool(data.get("hard", False)),
+        thresholds=tuple(sorted(int(t) for t in data.get("thresholds", DEFAULT_THRESHOLDS))),
+    )  # fmt: skip
+
+
+def crossed(budget: Budget, spent: Decimal) -> list[int]:
+    """The thresholds that ``spent`` has reached (each fires once per period; the caller remembers)."""
+    percent = spent * 100 / budget.limit
+    return [t for t in budget.thresholds if percent >= t]
+
+
+def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: datetime) -> list[dict[str, Any]]:
+    """Alerts for every threshold reached in the windows of these rollups, with deterministic ids
+    (scope, period window, threshold), so the caller can fire each one once."""
+    alerts = []
+    for r in rollups:
+        if r.granularity not in PERIODS or r.dimension not in SCOPES:
+            continue
+        budget = budgets.get(budget_id(r.tenant_id, r.dimension, r.dimension_value))
+        if budget is None or budget.period != r.granularity:
+            continue
+        period = f"{budget.period}:{r.window_start.date().isoformat()}"
+        for threshold in crossed(budget, r.cost):
+            blocked = budget.hard and threshold >= 100
+            alerts.append({
+                "alert_id": f"budget:{budget.key}:{period}:{threshold}",
+                "kind": "budget.blocked" if blocked else "budget.threshold",
+                "tenant_id": r.tenant_id, "scope": {"dimension": r.dimension, "value": r.dimension_value},
+                "period": period, "threshold_percent": threshold, "current": r.cost, "baseline": None,
+                "limit": budget.limit,
+                "message": (
+                    f"{budget.scope_label} has spent ${r.cost.normalize():f} of its {budget.period} budget of "
+                    f"${budget.limit.normalize():f} ({r.cost * 100 / budget.limit:.1f}%, threshold {threshold}%)"
+                    + ("; calls are now blocked" if blocked else "")
+                ),
+                "details": {"hard": str(budget.hard).lower(), "percent": f"{r.cost * 100 / budget.limit:.2f}"},
+                "created_at": now,
+            })  # fmt: skip
+    return alerts
