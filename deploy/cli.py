@@ -387,6 +387,71 @@ def alerts_list(tenant: str | None, max_rows: int, fmt: str) -> None:
     Console().print(table)
 
 
+@cli.command("report")
+@click.option("--tenant", default=None, help="One tenant (default: all tenants).")
+@click.option("--period", default="month", show_default=True,
+              help="today, week, month, YYYY-MM or YYYY-MM-DD..YYYY-MM-DD (UTC).")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "html"]), default="table",
+              show_default=True)  # fmt: skip
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
+@click.option("--top", default=10, show_default=True, help="How many top requests and conversations.")
+def report_cmd(tenant: str | None, period: str, fmt: str, output: str | None, top: int) -> None:
+    """What was spent, on which models, by which features and users (the four questions)."""
+    import csv
+    import io
+    import json
+    from pathlib import Path
+
+    import psycopg
+
+    from deploy.report_render import print_report, render_html
+    from sinks.reports import build_report, parse_period, report_rows
+
+    try:
+        chosen = parse_period(period)
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+            report = build_report(conn, tenant, chosen, top=top)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach Postgres: {exc}")
+    if fmt == "table" and output is None:
+        print_report(report)
+        return
+    if fmt == "table":
+        buffer = io.StringIO()
+        print_report(report, Console(file=buffer, width=140))
+        text = buffer.getvalue()
+    elif fmt == "json":
+        text = json.dumps(report, indent=2) + "\n"
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(report_rows(report))
+        text = buffer.getvalue()
+    else:
+        text = render_html(report)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        Path(output).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
+@cli.command("demo")
+@click.option("--duration", default=60.0, show_default=True, help="Seconds of traffic.")
+@click.option("--rate", default=600, show_default=True, help="Model calls per second across all services.")
+@click.option("--keep-running", is_flag=True, help="Keep traffic flowing until Ctrl-C.")
+def demo(duration: float, rate: int, keep_running: bool) -> None:
+    """The main job, from nothing: stack, worker, budgets, live traffic, alerts, report."""
+    from deploy.demo import run_demo
+
+    try:
+        run_demo(_settings(), None if keep_running else duration, rate, Console())
+    except StackError as exc:
+        _fail(str(exc))
+
+
 @cli.command("invoice")
 @click.option("--tenant", required=True, help="Tenant id to bill.")
 @click.option("--period", required=True, help="Billing month, YYYY-MM (UTC).")

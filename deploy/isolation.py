@@ -8,11 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
+import redis
+from psycopg import sql
+
 from deploy.settings import Settings
 from deploy.topics import ensure_topics
+from sinks.migrate import migrate
 from streams.lag import measure_lag
 
 TOPIC_FIELDS = ("topic_raw", "topic_priced", "topic_dlq", "topic_alerts_budget", "topic_alerts_anomaly",
@@ -30,9 +38,28 @@ def isolated(settings: Settings, unique: str, **extra: object) -> Settings:
 
 def env_for(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    for name in (*TOPIC_FIELDS, "worker_id", "worker_batch_size"):
+    for name in (*TOPIC_FIELDS, "worker_id", "worker_batch_size", "database_url", "redis_url"):
         env[f"TOKENMETER_{name.upper()}"] = str(getattr(settings, name))
     return env
+
+
+@contextmanager
+def scratch_stores(settings: Settings) -> Iterator[Settings]:
+    """Settings pointing at a throwaway Postgres database (migrated) and Redis database 15, both
+    emptied afterwards: a benchmark's ledger and spend never mix with real data."""
+    name = f"tokenmeter_scratch_{uuid.uuid4().hex[:8]}"
+    server = settings.database_url.rsplit("/", 1)[0]
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    database_url = f"{server}/{name}"
+    migrate(database_url)
+    redis_url = settings.redis_url.rsplit("/", 1)[0] + "/15"
+    try:
+        yield settings.model_copy(update={"database_url": database_url, "redis_url": redis_url})
+    finally:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        redis.Redis.from_url(redis_url).flushdb()
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Pipeline figures for ``tokenmeter bench`` (DESIGN.md §7), measured in one run on an isolated
-pipeline (own topics, worker and groups) of the running stack.
+pipeline of the running stack: own topics, worker and groups, a scratch Postgres database and Redis
+database 15, dropped afterwards.
 
 - ``bare_consume_events_per_s``: confluent-kafka consume + fastavro decode of the workload, nothing
   else: the ceiling for any Python consumer here.
@@ -29,7 +30,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from deploy.isolation import WorkerProcess, committed_total, isolated, wait_for_commits
+from deploy.isolation import WorkerProcess, committed_total, isolated, scratch_stores, wait_for_commits
 from deploy.settings import Settings
 from producers.producer import UsageProducer
 from producers.quota import QuotaClient
@@ -184,7 +185,11 @@ def quota_latency(
 def run_pipeline_bench(
     settings: Settings, events: int, work_dir: Path, say: Callable[[str], None] = lambda _m: None
 ) -> PipelineFigures:
-    own = isolated(settings, f"bench{uuid.uuid4().hex[:6]}")
+    with scratch_stores(settings) as scratch:
+        return _run_pipeline_bench(isolated(scratch, f"bench{uuid.uuid4().hex[:6]}"), events, work_dir, say)
+
+
+def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callable[[str], None]) -> PipelineFigures:
     data = workload(events)
     payloads = encode(data)
     say(f"workload: {len(payloads):,} events (1% producer retries), {len({e['tenant_id'] for e in data})} tenants")

@@ -85,7 +85,7 @@ def crossed(budget: Budget, spent: Decimal) -> list[int]:
 
 def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: datetime) -> list[dict[str, Any]]:
     """Alerts for every threshold reached in the windows of these rollups, with deterministic ids
-    (scope, period window, threshold), so the caller can fire each one once."""
+    (scope, limit, period window, threshold), so the caller can fire each one once."""
     alerts = []
     for r in rollups:
         if r.granularity not in PERIODS or r.dimension not in SCOPES:
@@ -97,7 +97,8 @@ def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: da
         for threshold in crossed(budget, r.cost):
             blocked = budget.hard and threshold >= 100
             alerts.append({
-                "alert_id": f"budget:{budget.key}:{period}:{threshold}",
+                # The limit is part of the id: a changed limit re-arms its thresholds.
+                "alert_id": f"budget:{budget.key}:{budget.limit.normalize():f}:{period}:{threshold}",
                 "kind": "budget.blocked" if blocked else "budget.threshold",
                 "tenant_id": r.tenant_id, "scope": {"dimension": r.dimension, "value": r.dimension_value},
                 "period": period, "threshold_percent": threshold, "current": r.cost, "baseline": None,

@@ -1,0 +1,198 @@
+"""Cost reports from the Postgres metering tables: the four questions of DESIGN.md §6.
+
+1. totals (the period, today, this week, this month) and ``trend_7d``;
+2. ``by_provider`` and ``by_model``;
+3. ``by_feature`` and ``by_environment``;
+4. ``by_user``, ``avg_cost_per_call``, ``top_requests`` and ``top_conversations``; ``latency_by_model``.
+
+Breakdowns and trends read the day rollups (a few rows per tenant and day, however many calls);
+only the top requests, conversations and latencies read the ledger, through its (tenant, ts) and ts
+indexes. Money stays Decimal and is emitted as decimal strings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+from sinks.redis import period_start
+
+BREAKDOWNS = {"by_model": "model", "by_feature": "feature", "by_environment": "environment", "by_user": "user"}
+
+
+@dataclass(frozen=True)
+class Period:
+    label: str
+    start: datetime  # inclusive, UTC midnight
+    end: datetime  # exclusive
+
+
+def parse_period(text: str, now: datetime | None = None) -> Period:
+    """``today``, ``week`` (ISO, this week), ``month`` (this month), ``YYYY-MM``, or ``YYYY-MM-DD..YYYY-MM-DD``
+    (inclusive days). All UTC."""
+    now = now or datetime.now(UTC)
+    if text in ("today", "day"):
+        start = period_start("day", now)
+        return Period(f"today ({start.date()})", start, start + timedelta(days=1))
+    if text in ("week", "this-week"):
+        start = period_start("week", now)
+        return Period(f"week of {start.date()}", start, start + timedelta(days=7))
+    if text in ("month", "this-month"):
+        start = period_start("month", now)
+        return Period(start.strftime("%Y-%m"), start, (start + timedelta(days=32)).replace(day=1))
+    if re.fullmatch(r"\d{4}-\d{2}", text):
+        start = datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
+        return Period(text, start, (start + timedelta(days=32)).replace(day=1))
+    found = re.fullmatch(r"(\d{4}-\d{2}-\d{2})\.\.(\d{4}-\d{2}-\d{2})", text)
+    if found:
+        first, last = (date.fromisoformat(part) for part in found.groups())
+        if last < first:
+            raise ValueError("the range ends before it starts")
+        start = datetime(first.year, first.month, first.day, tzinfo=UTC)
+        return Period(text, start, datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1))
+    raise ValueError("period must be today, week, month, YYYY-MM or YYYY-MM-DD..YYYY-MM-DD")
+
+
+def _money(value: Decimal | None) -> str:
+    return f"{(value or Decimal(0)).normalize():f}" if value else "0"
+
+
+def _average(cost: Decimal, calls: int) -> str:
+    """A per-call average, to the ledger's 12 places (a display figure, not billed)."""
+    return _money((cost / calls).quantize(Decimal("1e-12"))) if calls else "0"
+
+
+def _tenant_filter(tenant_id: str | None) -> tuple[str, dict[str, Any]]:
+    return ("AND tenant_id = %(tenant)s", {"tenant": tenant_id}) if tenant_id else ("", {})
+
+
+def _spend(conn: psycopg.Connection, tenant_id: str | None, start: datetime, end: datetime) -> tuple[Decimal, int, int]:
+    where, params = _tenant_filter(tenant_id)
+    row = conn.execute(
+        "SELECT coalesce(sum(cost), 0), coalesce(sum(calls), 0), coalesce(sum(unpriced_calls), 0)"
+        " FROM tokenmeter.rollups WHERE granularity = 'day' AND dimension = 'tenant'"
+        f" AND window_start >= %(start)s AND window_start < %(end)s {where}",
+        {"start": start, "end": end, **params},
+    ).fetchone()
+    assert row is not None
+    return Decimal(row[0]), int(row[1]), int(row[2])
+
+
+def _breakdown(conn: psycopg.Connection, tenant_id: str | None, period: Period, dimension: str,
+               total: Decimal, limit: int) -> list[dict[str, Any]]:  # fmt: skip
+    where, params = _tenant_filter(tenant_id)
+    rows = conn.execute(
+        "SELECT dimension_value, sum(cost), sum(calls), sum(input_tokens), sum(output_tokens)"
+        " FROM tokenmeter.rollups WHERE granularity = 'day' AND dimension = %(dimension)s"
+        f" AND window_start >= %(start)s AND window_start < %(end)s {where}"
+        " GROUP BY dimension_value ORDER BY sum(cost) DESC, dimension_value LIMIT %(limit)s",
+        {"dimension": dimension, "start": period.start, "end": period.end, "limit": limit, **params},
+    ).fetchall()
+    return [
+        {"name": name or "(none)", "cost": _money(cost), "calls": int(calls), "input_tokens": int(tin),
+         "output_tokens": int(tout), "share": f"{cost * 100 / total:.1f}" if total else "0.0",
+         "avg_cost_per_call": _average(cost, calls)}
+        for name, cost, calls, tin, tout in rows
+    ]  # fmt: skip
+
+
+def build_report(conn: psycopg.Connection, tenant_id: str | None, period: Period, top: int = 10,
+                 now: datetime | None = None) -> dict[str, Any]:  # fmt: skip
+    now = now or datetime.now(UTC)
+    total, calls, unpriced = _spend(conn, tenant_id, period.start, period.end)
+    relative = {}
+    for name in ("day", "week", "month"):
+        start = period_start(name, now)
+        relative[name] = _spend(conn, tenant_id, start, now + timedelta(days=1))[0]
+    report: dict[str, Any] = {
+        "tenant_id": tenant_id,
+        "period": {"label": period.label, "start": period.start.isoformat(), "end": period.end.isoformat()},
+        "currency": "USD",
+        "totals": {
+            "cost": _money(total),
+            "calls": calls,
+            "unpriced_calls": unpriced,
+            "today": _money(relative["day"]),
+            "this_week": _money(relative["week"]),
+            "this_month": _money(relative["month"]),
+        },
+    }
+    last_day = min(period.end, period_start("day", now) + timedelta(days=1)) - timedelta(days=1)
+    trend = []
+    for offset in range(6, -1, -1):
+        day = last_day - timedelta(days=offset)
+        cost, day_calls, _ = _spend(conn, tenant_id, day, day + timedelta(days=1))
+        trend.append({"date": day.date().isoformat(), "cost": _money(cost), "calls": day_calls})
+    report["trend_7d"] = trend
+    for key, dimension in BREAKDOWNS.items():
+        report[key] = _breakdown(conn, tenant_id, period, dimension, total, 10_000 if key != "by_user" else 1000)
+    providers: dict[str, dict[str, Any]] = {}
+    for row in report["by_model"]:
+        provider = row["name"].split("/", 1)[0]
+        entry = providers.setdefault(provider, {"name": provider, "cost": Decimal(0), "calls": 0})
+        entry["cost"] += Decimal(row["cost"])
+        entry["calls"] += row["calls"]
+    report["by_provider"] = [
+        {"name": p["name"], "cost": _money(p["cost"]), "calls": p["calls"],
+         "share": f"{p['cost'] * 100 / total:.1f}" if total else "0.0",
+         "avg_cost_per_call": _average(p["cost"], p["calls"])}
+        for p in sorted(providers.values(), key=lambda p: (-p["cost"], p["name"]))
+    ]  # fmt: skip
+    report["avg_cost_per_call"] = {
+        "overall": _average(total, calls),
+        "by_feature": {row["name"]: row["avg_cost_per_call"] for row in report["by_feature"]},
+        "by_model": {row["name"]: row["avg_cost_per_call"] for row in report["by_model"]},
+    }
+    where, params = _tenant_filter(tenant_id)
+    window = {"start": period.start, "end": period.end, "top": top, **params}
+    report["top_requests"] = [
+        {"event_id": r[0], "tenant_id": r[1], "timestamp": r[2].isoformat(), "model": f"{r[3]}/{r[4]}",
+         "feature": r[5], "user_id": r[6], "trace_id": r[7], "input_tokens": r[8], "output_tokens": r[9],
+         "cost": _money(r[10])}
+        for r in conn.execute(
+            "SELECT event_id, tenant_id, ts, provider, model, feature, user_id, trace_id, input_tokens, output_tokens,"
+            f" total_cost FROM tokenmeter.ledger WHERE ts >= %(start)s AND ts < %(end)s {where}"
+            " ORDER BY total_cost DESC, event_id LIMIT %(top)s", window,
+        )
+    ]  # fmt: skip
+    report["top_conversations"] = [
+        {"tenant_id": r[0], "conversation": r[1], "calls": int(r[2]), "cost": _money(r[3]),
+         "first": r[4].isoformat(), "last": r[5].isoformat()}
+        for r in conn.execute(
+            "SELECT tenant_id, coalesce(session_id, trace_id), count(*), sum(total_cost), min(ts), max(ts)"
+            f" FROM tokenmeter.ledger WHERE ts >= %(start)s AND ts < %(end)s {where}"
+            " AND coalesce(session_id, trace_id) IS NOT NULL GROUP BY 1, 2"
+            " ORDER BY sum(total_cost) DESC, 2 LIMIT %(top)s", window,
+        )
+    ]  # fmt: skip
+    report["latency_by_model"] = [
+        {"model": f"{r[0]}/{r[1]}", "calls": int(r[2]), "p50_ms": int(r[3]), "p95_ms": int(r[4])}
+        for r in conn.execute(
+            "SELECT provider, model, count(*), percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms),"
+            " percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) FROM tokenmeter.ledger"
+            f" WHERE ts >= %(start)s AND ts < %(end)s AND latency_ms IS NOT NULL {where}"
+            " GROUP BY 1, 2 ORDER BY 3 DESC", window,
+        )
+    ]  # fmt: skip
+    return report
+
+
+CSV_SECTIONS = ("by_provider", "by_model", "by_feature", "by_environment", "by_user")
+
+
+def report_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Flat rows for CSV: section, name, cost, calls, share."""
+    rows = [["section", "name", "cost", "calls", "share_percent"]]
+    totals = report["totals"]
+    rows.append(["totals", report["period"]["label"], totals["cost"], str(totals["calls"]), "100.0"])
+    for day in report["trend_7d"]:
+        rows.append(["trend_7d", day["date"], day["cost"], str(day["calls"]), ""])
+    for section in CSV_SECTIONS:
+        rows += [[section, r["name"], r["cost"], str(r["calls"]), r["share"]] for r in report[section]]
+    rows += [["top_requests", r["event_id"], r["cost"], "1", ""] for r in report["top_requests"]]
+    return rows
