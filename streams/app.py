@@ -7,8 +7,9 @@ window totals). It runs in a thread of this process, driven by a Faust task.
 Stage 2, the Faust agent below: metering.rollups → the windowed ``rollups`` table (hour, day, ISO
 week and month windows per tenant and per tenant × feature / model / user / environment, and minute
 windows per tenant, feature and model; ``streams.meter.streamed``),
-which expires old windows, and the alerts that follow from it (an unknown model → ``alerts.anomaly``,
-once per tenant, model and month thanks to the ``alerted`` table).
+which expires old windows, and the alerts that follow from it: budget thresholds → ``alerts.budget``;
+unknown models and the anomaly rules of ``streams/anomaly.py`` → ``alerts.anomaly``; each alert once,
+remembered in the ``alerted`` table and keyed in Postgres by its deterministic id.
 
 Exactly once, end to end: stage 1 commits a batch's offsets only after Postgres, Redis and Kafka
 hold its results. Postgres de-duplicates by ``event_id`` (the ledger's primary key, forever), and
@@ -27,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -41,6 +42,7 @@ from producers.quota import budget_key
 from schemas import codec
 from sinks.alerts import store_alerts, top_contributors
 from sinks.postgres import Rollup
+from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
 from streams.budgets import Budget, budget_alerts, parse_budget
 from streams.config_topic import ConfigFollower
 from streams.meter import BATCH_WAIT_S, SESSION_TIMEOUT_S, Meter, rollup_from_record
@@ -141,6 +143,48 @@ def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFol
     return ConfigFollower(settings.kafka_bootstrap, settings.topic_budgets, apply)
 
 
+_PICO = Decimal("1e-12")  # the alert schema's decimal scale
+_RULES: dict[tuple[str, str], Callable[[Window, list[Window]], Finding | None]] = {
+    ("hour", "tenant"): spend_spike,
+    ("day", "tenant"): daily_spend_spike,
+    ("hour", "feature"): cost_per_call_jump,
+    ("hour", "user"): user_spike,
+}
+
+
+def anomaly_alerts(latest: Iterable[Rollup], lookup: Callable[[str], dict[str, Any] | None],
+                   now: datetime) -> list[dict[str, Any]]:  # fmt: skip
+    """Run the anomaly rules on this batch's hour/day windows against the previous 7 days from the
+    table (``lookup(table_key)``); one alert per rule, scope and window."""
+    alerts = []
+    for r in latest:
+        rule = _RULES.get((r.granularity, r.dimension))
+        if rule is None:
+            continue
+        day = datetime(r.window_start.year, r.window_start.month, r.window_start.day, tzinfo=UTC)
+        history = []
+        for back in range(1, 8):
+            start = day - timedelta(days=back)
+            key = _SEP.join((r.tenant_id, "day", start.isoformat(), r.dimension, r.dimension_value))
+            value = lookup(key) or {}
+            history.append(Window(Decimal(value.get("cost", "0")), int(value.get("calls", 0))))
+        finding = rule(Window(r.cost, r.calls), history)
+        if finding is None:
+            continue
+        scope = r.tenant_id if r.dimension == "tenant" else f"{r.tenant_id}/{r.dimension}={r.dimension_value}"
+        alerts.append({
+            "alert_id": f"anomaly.{finding.rule}:{r.tenant_id}:{r.dimension}:{r.dimension_value}:"
+                        f"{r.window_start.isoformat()}",
+            "kind": f"anomaly.{finding.rule}", "tenant_id": r.tenant_id,
+            "scope": {"dimension": r.dimension, "value": r.dimension_value},
+            "period": f"{r.granularity}:{r.window_start.isoformat()}", "threshold_percent": None,
+            "current": finding.current.quantize(_PICO), "baseline": finding.baseline.quantize(_PICO),
+            "limit": None, "message": f"{scope}: {finding.message}",
+            "details": {"ratio": str(finding.ratio), "rule": finding.rule}, "created_at": now,
+        })  # fmt: skip
+    return alerts
+
+
 def make_app(settings: Settings | None = None) -> faust.App:
     settings = settings or get_settings()
     app = faust.App(
@@ -228,6 +272,7 @@ def make_app(settings: Settings | None = None) -> faust.App:
                 rollups[key] = table_value(r)
             now = datetime.now(UTC)
             fired = unpriced_model_alerts(latest.values(), now) + budget_alerts(budgets, latest.values(), now)
+            fired += anomaly_alerts(latest.values(), rollups.get, now)
             fresh = [alert for alert in fired if not alerted[alert["alert_id"]]]
             if not fresh:
                 continue

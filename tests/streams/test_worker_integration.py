@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -196,3 +196,23 @@ def test_hard_budget_alerts_once_per_threshold_and_blocks_within_a_second(runnin
     while not client.check(tenant).allowed:  # a raised limit unblocks
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_a_spend_spike_raises_one_anomaly_alert(running: Settings, tmp_path: Path) -> None:
+    tenant = f"spike-{uuid.uuid4().hex[:6]}"
+    now = datetime.now(UTC)
+    # a week of steady use: 24 calls a day at $0.10 each ($0.10 an hour on average)
+    history = [usage(tenant, timestamp=(now - timedelta(days=d, minutes=37 * i)).isoformat(), input_tokens=40_000)
+               for d in range(1, 8) for i in range(24)]  # fmt: skip
+    record(running, history, tmp_path / "history")
+    time.sleep(2)  # stage 2 has the history in its table
+    record(running, [usage(tenant, input_tokens=400_000) for _ in range(5)], tmp_path / "spike")  # $5 now
+    deadline = time.monotonic() + 30
+    mine: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        alerts = [codec.decode("alert", v) for v in read_all(running, running.topic_alerts_anomaly, timeout=5)]
+        mine = [a for a in alerts if a["tenant_id"] == tenant and a["kind"] == "anomaly.spend_spike"]
+        if mine:
+            break
+    assert len(mine) == 1, mine
+    assert mine[0]["current"] >= Decimal(5) and mine[0]["baseline"] <= Decimal("0.11")

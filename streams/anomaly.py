@@ -1,0 +1,98 @@
+"""Anomaly rules: pure functions over windowed aggregates, each with a minimum volume so that a
+quiet scope does not flap. Stage 2 (``streams/app.py``) feeds them from its ``rollups`` table and
+fires each finding once per scope and hour (the alert id holds both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+HOURS_PER_DAY = 24
+
+
+@dataclass(frozen=True)
+class Window:
+    cost: Decimal
+    calls: int
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    current: Decimal
+    baseline: Decimal
+    ratio: Decimal
+    message: str
+
+
+def _ratio(current: Decimal, baseline: Decimal) -> Decimal:
+    return (current / baseline).quantize(Decimal("0.01")) if baseline else Decimal(0)
+
+
+def hourly_baseline(days: Sequence[Window]) -> Decimal:
+    """The average hourly spend over the given (previous) days."""
+    return sum((d.cost for d in days), Decimal(0)) / (HOURS_PER_DAY * len(days)) if days else Decimal(0)
+
+
+def spend_spike(this_hour: Window, previous_days: Sequence[Window], factor: Decimal = Decimal(3),
+                min_cost: Decimal = Decimal(1), min_history_days: int = 1) -> Finding | None:  # fmt: skip
+    """Spend in the current hour at least ``factor`` × the average hour of the previous days."""
+    history = [d for d in previous_days if d.calls]
+    if len(history) < min_history_days or this_hour.cost < min_cost:
+        return None
+    baseline = hourly_baseline(previous_days)
+    if not baseline or this_hour.cost < factor * baseline:
+        return None
+    ratio = _ratio(this_hour.cost, baseline)
+    message = f"spent ${this_hour.cost:.2f} this hour, {ratio}× the 7-day hourly average of ${baseline:.2f}"
+    return Finding("spend_spike", this_hour.cost, baseline, ratio, message)
+
+
+def daily_spend_spike(today: Window, previous_days: Sequence[Window], factor: Decimal = Decimal(3),
+                      min_cost: Decimal = Decimal(5)) -> Finding | None:  # fmt: skip
+    """Spend today at least ``factor`` × the average of the previous days."""
+    history = [d for d in previous_days if d.calls]
+    if not history or today.cost < min_cost:
+        return None
+    baseline = sum((d.cost for d in previous_days), Decimal(0)) / len(previous_days)
+    if not baseline or today.cost < factor * baseline:
+        return None
+    ratio = _ratio(today.cost, baseline)
+    return Finding("daily_spend_spike", today.cost, baseline, ratio,
+                   f"spent ${today.cost:.2f} today, {ratio}× the 7-day daily average of ${baseline:.2f}")  # fmt: skip
+
+
+def cost_per_call_jump(this_hour: Window, previous_days: Sequence[Window], factor: Decimal = Decimal(4),
+                       min_calls: int = 20) -> Finding | None:  # fmt: skip
+    """A feature's average cost per call this hour at least ``factor`` × its 7-day average."""
+    calls = sum(d.calls for d in previous_days)
+    if this_hour.calls < min_calls or calls < min_calls:
+        return None
+    baseline = sum((d.cost for d in previous_days), Decimal(0)) / calls
+    current = this_hour.cost / this_hour.calls
+    if not baseline or current < factor * baseline:
+        return None
+    ratio = _ratio(current, baseline)
+    message = f"average cost per call ${current:.5f} this hour, {ratio}× the 7-day average ${baseline:.5f}"
+    return Finding("cost_per_call_jump", current, baseline, ratio, message)
+
+
+def user_spike(this_hour: Window, previous_days: Sequence[Window], increase_percent: Decimal = Decimal(200),
+               min_cost: Decimal = Decimal("0.5")) -> Finding | None:  # fmt: skip
+    """A user's spend this hour above their hourly baseline by at least ``increase_percent``."""
+    finding = spend_spike(this_hour, previous_days, factor=1 + increase_percent / 100, min_cost=min_cost)
+    if finding is None:
+        return None
+    return Finding("user_spike", finding.current, finding.baseline, finding.ratio, finding.message)
+
+
+def runaway_loop(calls_this_minute: int, typical_per_minute: Decimal, factor: Decimal = Decimal(10),
+                 min_calls: int = 30) -> Finding | None:  # fmt: skip
+    """One trace or session calling far above the norm of a conversation (calls per minute)."""
+    if calls_this_minute < min_calls or calls_this_minute < factor * max(typical_per_minute, Decimal(1)):
+        return None
+    ratio = _ratio(Decimal(calls_this_minute), max(typical_per_minute, Decimal(1)))
+    return Finding("runaway_loop", Decimal(calls_this_minute), typical_per_minute, ratio,
+                   f"{calls_this_minute} calls in one minute, {ratio}× a typical conversation")  # fmt: skip

@@ -1,0 +1,76 @@
+"""QuotaClient against the real Redis: reservations keep concurrent callers within a hard budget."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import redis
+
+from deploy.settings import Settings
+from deploy.stack import LocalStack
+from producers.quota import QuotaClient, budget_key, estimate_cost
+from sinks.redis import period_start, spend_key
+
+
+def nearly_spent(client: QuotaClient, tenant: str) -> None:
+    """A $10 hard monthly budget with $9.90 spent, as the worker would have written it."""
+    now = datetime.now(UTC)
+    client.redis.set(budget_key(tenant, "tenant", ""), json.dumps({"limit": "10", "period": "month", "hard": True}))
+    client.redis.set(spend_key(tenant, "tenant", "", "month", period_start("month", now)), "9.900000000000", ex=3600)
+
+
+def in_parallel(count: int, call: object) -> list[object]:
+    barrier = threading.Barrier(count)
+    results: list[object] = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = call()  # type: ignore[operator]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_fifty_concurrent_reservers_overrun_by_at_most_what_is_in_flight(stack: LocalStack, settings: Settings) -> None:
+    tenant = f"reserve-{uuid.uuid4().hex[:8]}"
+    clients = [QuotaClient(settings, redis.Redis.from_url(settings.redis_url)) for _ in range(50)]
+    nearly_spent(clients[0], tenant)
+    # check-then-call: every caller sees $0.10 left and goes ahead — $2.40 over a $10 budget
+    naive = in_parallel(50, lambda: clients[0].check(tenant).allowed)
+    assert all(naive)
+    # reserve-then-call: the script lets through only what fits
+    it = iter(clients)
+    lock = threading.Lock()
+
+    def reserve_one() -> object:
+        with lock:
+            client = next(it)
+        return client.reserve(tenant, Decimal("0.05"))
+
+    reservations = in_parallel(50, reserve_one)
+    allowed = [r for r in reservations if r.allowed]  # type: ignore[attr-defined]
+    assert len(allowed) == 2, [r.reason for r in reservations][:3]  # type: ignore[attr-defined]
+    refused = next(r for r in reservations if not r.allowed)  # type: ignore[attr-defined]
+    assert "$9.9 spent and $0.1 held" in refused.reason  # type: ignore[attr-defined]
+    client = clients[0]
+    client.release(allowed[0])  # type: ignore[arg-type]
+    again = client.reserve(tenant, Decimal("0.05"))
+    assert again.allowed
+    client.commit(again, Decimal("0.01"), settle_s=0.3)  # the call cost less than estimated
+    assert client.reserve(tenant, Decimal("0.05")).allowed is False  # 9.90 + 0.05 + 0.01 + 0.05 > 10
+    time.sleep(0.4)  # settled: the pipeline has counted it (here: nobody did, so it is gone)
+    assert client.reserve(tenant, Decimal("0.05")).allowed
+
+
+def test_pre_call_estimate_uses_todays_price() -> None:
+    assert estimate_cost("openai", "gpt-4o", 1000, max_output_tokens=100) == Decimal("0.0035")
+    assert estimate_cost("acme-ai", "mystery", 10) is None

@@ -1,0 +1,65 @@
+"""Each anomaly rule fires on its pattern and stays quiet otherwise."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sinks.postgres import Rollup
+from streams.anomaly import (
+    Window,
+    cost_per_call_jump,
+    daily_spend_spike,
+    runaway_loop,
+    spend_spike,
+    user_spike,
+)
+from streams.app import _SEP, anomaly_alerts
+
+WEEK = [Window(Decimal("24"), 240)] * 7  # $1 an hour, $0.10 a call
+
+
+def test_spend_spike() -> None:
+    fired = spend_spike(Window(Decimal("3.5"), 30), WEEK)
+    assert fired is not None and fired.ratio == Decimal("3.50") and fired.baseline == Decimal(1)
+    assert spend_spike(Window(Decimal("2.5"), 30), WEEK) is None  # below 3x
+    assert spend_spike(Window(Decimal("0.9"), 9), [Window(Decimal("0.24"), 3)] * 7) is None  # below the minimum
+    assert spend_spike(Window(Decimal("50"), 500), [Window(Decimal(0), 0)] * 7) is None  # no history: no baseline
+
+
+def test_daily_spend_spike() -> None:
+    assert daily_spend_spike(Window(Decimal("80"), 800), WEEK) is not None
+    assert daily_spend_spike(Window(Decimal("60"), 600), WEEK) is None
+
+
+def test_cost_per_call_jump() -> None:
+    fired = cost_per_call_jump(Window(Decimal("12"), 25), WEEK)  # $0.48 a call vs $0.10
+    assert fired is not None and fired.ratio == Decimal("4.80")
+    assert cost_per_call_jump(Window(Decimal("6"), 25), WEEK) is None  # 2.4x
+    assert cost_per_call_jump(Window(Decimal("12"), 5), WEEK) is None  # too few calls
+
+
+def test_user_spike() -> None:
+    assert user_spike(Window(Decimal("3.1"), 10), WEEK) is not None  # +210%
+    assert user_spike(Window(Decimal("2.9"), 10), WEEK) is None  # +190%
+
+
+def test_runaway_loop() -> None:
+    assert runaway_loop(120, Decimal(2)) is not None
+    assert runaway_loop(15, Decimal(1)) is None  # under the minimum volume
+    assert runaway_loop(40, Decimal(5)) is None  # 8x a typical conversation
+
+
+def test_anomaly_alerts_read_history_from_the_table() -> None:
+    hour = datetime(2025, 7, 20, 15, tzinfo=UTC)
+    table: dict[str, dict[str, Any]] = {}
+    for back in range(1, 8):
+        day = datetime(2025, 7, 20, tzinfo=UTC) - timedelta(days=back)
+        table[_SEP.join(("acme", "day", day.isoformat(), "tenant", ""))] = {"cost": "24", "calls": 240}
+    spike = Rollup("acme", "hour", hour, "tenant", "", 40, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal("4"))
+    calm = Rollup("acme", "hour", hour, "tenant", "", 20, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal("1.5"))
+    (alert,) = anomaly_alerts([spike], table.get, hour)
+    assert alert["kind"] == "anomaly.spend_spike" and alert["baseline"] == Decimal(1) and alert["current"] == 4
+    assert alert["alert_id"].endswith(hour.isoformat())  # once per scope and hour
+    assert anomaly_alerts([calm], table.get, hour) == []
