@@ -96,3 +96,36 @@ def runaway_loop(calls_this_minute: int, typical_per_minute: Decimal, factor: De
     ratio = _ratio(Decimal(calls_this_minute), max(typical_per_minute, Decimal(1)))
     return Finding("runaway_loop", Decimal(calls_this_minute), typical_per_minute, ratio,
                    f"{calls_this_minute} calls in one minute, {ratio}× a typical conversation")  # fmt: skip
+
+
+class ConversationRates:
+    """Calls per minute of each conversation (session, else trace) over the last few minutes, bounded:
+    minutes older than ``keep_minutes`` are dropped, so state is (active conversations × minutes)."""
+
+    def __init__(self, keep_minutes: int = 10) -> None:
+        self.keep_minutes = keep_minutes
+        self._counts: dict[tuple[str, str, int], int] = {}
+
+    def observe(self, calls: Sequence[tuple[str, str | None, int]]) -> list[tuple[str, str, int, Finding]]:
+        """Count (tenant, conversation, epoch minute) calls; return (tenant, conversation, minute,
+        finding) for conversations running away in a minute of this batch."""
+        touched: set[tuple[str, str, int]] = set()
+        for tenant, conversation, minute in calls:
+            if conversation is None:
+                continue
+            key = (tenant, conversation, minute)
+            self._counts[key] = self._counts.get(key, 0) + 1
+            touched.add(key)
+        if not touched:
+            return []
+        newest = max(minute for _, _, minute in touched)
+        for key in [k for k in self._counts if k[2] < newest - self.keep_minutes]:
+            del self._counts[key]
+        others = [n for k, n in self._counts.items() if k not in touched]
+        typical = Decimal(sorted(others)[len(others) // 2]) if others else Decimal(1)  # the median conversation
+        findings = []
+        for key in sorted(touched):
+            finding = runaway_loop(self._counts[key], typical)
+            if finding is not None:
+                findings.append((key[0], key[1], key[2], finding))
+        return findings

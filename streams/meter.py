@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -35,8 +35,11 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from deploy.settings import Settings
 from schemas import codec
+from schemas.events import UsageEvent
+from sinks.alerts import store_alerts
 from sinks.postgres import BatchResult, PricedEvent, Rollup, write_batch
 from sinks.redis import write_spend
+from streams.anomaly import ConversationRates
 from streams.pipeline import Deduplicator, RawMessage, Rejected, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
 
@@ -51,6 +54,24 @@ CENT_MICRO = Decimal("1e-12")  # the ledger's and the wire's scale: numeric(38, 
 write_priced = codec.record_writer("priced_event")
 write_rollup = codec.record_writer("rollup")
 write_dead_letter = codec.record_writer("dead_letter")
+write_alert = codec.record_writer("alert")
+
+
+def runaway_alerts(rates: ConversationRates, events: Sequence[UsageEvent], now: datetime) -> list[dict[str, Any]]:
+    """Conversations (session, else trace) calling far above the norm: one alert per conversation and hour."""
+    calls = [(e.tenant_id, e.session_id or e.trace_id, int(e.timestamp.timestamp()) // 60) for e in events]
+    alerts = []
+    for tenant, conversation, minute, finding in rates.observe(calls):
+        hour = datetime.fromtimestamp(minute // 60 * 3600, UTC)
+        alerts.append({
+            "alert_id": f"anomaly.runaway_loop:{tenant}:{conversation}:{hour.isoformat()}",
+            "kind": "anomaly.runaway_loop", "tenant_id": tenant, "scope": {"conversation": conversation},
+            "period": f"minute:{datetime.fromtimestamp(minute * 60, UTC).isoformat()}", "threshold_percent": None,
+            "current": finding.current, "baseline": finding.baseline.quantize(Decimal("1e-12")), "limit": None,
+            "message": f"{tenant}/{conversation}: {finding.message} — a loop?",
+            "details": {"ratio": str(finding.ratio), "rule": finding.rule}, "created_at": now,
+        })  # fmt: skip
+    return alerts
 
 
 def money(value: Decimal) -> Decimal:
@@ -147,6 +168,18 @@ class Sinks:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def store_alerts(self, alerts: Sequence[dict[str, Any]]) -> set[str]:
+        delay = 0.2
+        while True:
+            try:
+                return store_alerts(self._postgres(), alerts)
+            except psycopg.OperationalError as exc:
+                log.warning("cannot store alerts (%s); retrying in %.1fs", str(exc).strip()[:200], delay)
+                if self._pg is not None:
+                    self._pg.close()
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     def close(self) -> None:
         if self._pg is not None:
             self._pg.close()
@@ -158,6 +191,7 @@ class Meter:
         self.settings = settings
         self.book = book or PriceBook()
         self.dedup = Deduplicator()
+        self.conversations = ConversationRates()
         self.sinks = Sinks(settings)
         self.stats = MeterStats()
         self.stopping = False
@@ -201,11 +235,12 @@ class Meter:
         events, rejected = decode_batch(raw)
         fresh = self.dedup.fresh(events)
         priced = price_batch(self.book, fresh)
+        runaways = runaway_alerts(self.conversations, fresh, datetime.now(UTC))
         try:
             sink_started = time.perf_counter()
             result = self.sinks.write(priced, should_stop=lambda: self.stopping) if priced else BatchResult(0, [])
             self.stats.sink_seconds += time.perf_counter() - sink_started
-            self._publish(priced, rejected, result.rollups)
+            self._publish(priced, rejected, result.rollups, runaways)
             self._commit(raw)
         except Exception:
             self._rewind(raw)  # the next run_once starts this batch again
@@ -221,8 +256,15 @@ class Meter:
         s.busy_seconds += time.perf_counter() - started
         return len(raw)
 
-    def _publish(self, priced: Sequence[PricedEvent], rejected: Sequence[Rejected], rollups: Sequence[Rollup]) -> None:
+    def _publish(self, priced: Sequence[PricedEvent], rejected: Sequence[Rejected], rollups: Sequence[Rollup],
+                 alerts: Sequence[dict[str, Any]] = ()) -> None:  # fmt: skip
         settings = self.settings
+        if alerts:
+            new = self.sinks.store_alerts(alerts)  # once per alert id, whatever replays repeat
+            for alert in alerts:
+                if alert["alert_id"] in new:
+                    log.warning("alert %s: %s", alert["kind"], alert["message"])
+                    self._produce(settings.topic_alerts_anomaly, alert["tenant_id"].encode(), write_alert(alert))
         now = datetime.now().astimezone()
         for bad in rejected:
             log.info("dead letter %s[%d]@%d: %s", bad.message.topic, bad.message.partition, bad.message.offset,

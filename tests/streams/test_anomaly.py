@@ -63,3 +63,25 @@ def test_anomaly_alerts_read_history_from_the_table() -> None:
     assert alert["kind"] == "anomaly.spend_spike" and alert["baseline"] == Decimal(1) and alert["current"] == 4
     assert alert["alert_id"].endswith(hour.isoformat())  # once per scope and hour
     assert anomaly_alerts([calm], table.get, hour) == []
+
+
+def test_a_runaway_conversation_is_found_among_normal_ones() -> None:
+    from schemas.events import validate_event
+    from streams.anomaly import ConversationRates
+    from streams.meter import runaway_alerts
+
+    at = datetime(2025, 7, 20, 15, 4, 10, tzinfo=UTC)
+
+    def call(i: int, session: str | None) -> Any:
+        fields = {"event_id": f"e{i}", "timestamp": at, "tenant_id": "acme", "provider": "openai", "model": "gpt-4o",
+                  "input_tokens": 10, "output_tokens": 1, "session_id": session}  # fmt: skip
+        return validate_event(fields)
+
+    normal = [call(i, f"s{i % 40}") for i in range(80)] + [call(1000 + i, None) for i in range(50)]
+    rates = ConversationRates()
+    assert runaway_alerts(rates, normal, at) == []
+    loop = [call(2000 + i, "agent-7") for i in range(100)]
+    (alert,) = runaway_alerts(rates, loop, at)
+    assert alert["kind"] == "anomaly.runaway_loop" and alert["scope"] == {"conversation": "agent-7"}
+    assert alert["current"] == 100 and alert["baseline"] == 2
+    assert runaway_alerts(rates, [], at) == []
