@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     worker_id: str = "tokenmeter"
     worker_batch_size: int = Field(default=5000, ge=1, description="most raw messages per stage-1 batch")
 
+    # Alert delivery: webhook URLs (JSON list, e.g. '["https://hooks.slack.com/services/…"]').
+    webhook_urls: list[str] = Field(default_factory=list)
+
     # Producer library.
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-_FIELDS = ("alert_id", "kind", "tenant_id", "scope", "period", "threshold_percent", "current", "baseline", "limit",
+ALERT_FIELDS = ("alert_id", "kind", "tenant_id", "scope", "period", "threshold_percent", "current", "baseline", "limit",
            "message", "details", "created_at")  # fmt: skip
 
 
@@ -49,13 +49,13 @@ def top_contributors(conn: psycopg.Connection, tenant_id: str, granularity: str,
 
 def list_alerts(conn: psycopg.Connection, tenant_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
     rows = conn.execute(
-        f"SELECT {', '.join(f'{chr(34)}{f}{chr(34)}' for f in _FIELDS)} FROM tokenmeter.alerts"
+        f"SELECT {', '.join(f'{chr(34)}{f}{chr(34)}' for f in ALERT_FIELDS)} FROM tokenmeter.alerts"
         " WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s ORDER BY created_at, alert_id LIMIT %(limit)s",
         {"tenant": tenant_id, "limit": limit},
     ).fetchall()
     alerts = []
     for row in rows:
-        alert = dict(zip(_FIELDS, row, strict=True))
+        alert = dict(zip(ALERT_FIELDS, row, strict=True))
         for money in ("current", "baseline", "limit"):
             if isinstance(alert[money], Decimal):
                 alert[money] = str(alert[money])

@@ -42,6 +42,7 @@ from producers.quota import budget_key
 from schemas import codec
 from sinks.alerts import store_alerts, top_contributors
 from sinks.postgres import Rollup
+from sinks.webhooks import deliver_pending
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
 from streams.budgets import Budget, budget_alerts, parse_budget
 from streams.config_topic import ConfigFollower
@@ -100,7 +101,8 @@ def unpriced_model_alerts(rollups: Iterable[Rollup], now: datetime) -> list[dict
 
 
 class AlertSink:
-    """Stores alerts in Postgres (with the top contributors for budget alerts); retried until it can."""
+    """Stores alerts in Postgres (with the top contributors for budget alerts), retried until it can;
+    delivers them to the configured webhooks (``sinks/webhooks.py``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -124,6 +126,13 @@ class AlertSink:
                 self._conn = None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def deliver(self) -> None:
+        try:
+            with psycopg.connect(self.settings.database_url, connect_timeout=5) as conn:
+                deliver_pending(conn, self.settings.webhook_urls)
+        except psycopg.OperationalError as exc:
+            log.warning("cannot deliver alerts now: %s", exc)
 
 
 def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFollower:
@@ -250,6 +259,11 @@ def make_app(settings: Settings | None = None) -> faust.App:
     @app.timer(interval=1.0)
     async def follow_budgets() -> None:
         await asyncio.to_thread(budget_config.catch_up, 0.1)
+
+    @app.timer(interval=1.0)
+    async def deliver_webhooks() -> None:
+        if settings.webhook_urls:
+            await asyncio.to_thread(alert_sink.deliver)
 
     @app.timer(interval=60.0)
     async def expire_windows() -> None:
