@@ -228,8 +228,9 @@ def quota() -> None:
 @click.option("--tenant", required=True)
 @click.option("--feature", default=None)
 @click.option("--user", default=None)
+@click.option("--environment", default=None)
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table", show_default=True)
-def quota_check(tenant: str, feature: str | None, user: str | None, fmt: str) -> None:
+def quota_check(tenant: str, feature: str | None, user: str | None, environment: str | None, fmt: str) -> None:
     """One Redis round trip: spend of the scope, the budget that applies, allowed or not."""
     import json
 
@@ -238,7 +239,7 @@ def quota_check(tenant: str, feature: str | None, user: str | None, fmt: str) ->
     from producers.quota import QuotaClient
 
     try:
-        decision = QuotaClient(_settings()).check(tenant, feature=feature, user_id=user)
+        decision = QuotaClient(_settings()).check(tenant, feature=feature, user_id=user, environment=environment)
     except redis.RedisError as exc:
         _fail(f"cannot reach Redis at {_settings().redis_url}: {exc} (is `tokenmeter dev up` running?)")
     if fmt == "json":
@@ -255,6 +256,18 @@ def quota_check(tenant: str, feature: str | None, user: str | None, fmt: str) ->
 @cli.group()
 def budget() -> None:
     """Budgets per tenant, feature, user or environment (stored on the config.budgets topic)."""
+
+
+def _scope_options(command: Any) -> Any:
+    """--tenant and at most one of --feature / --user / --environment: the scope of a budget or limit."""
+    for option in reversed([
+        click.option("--tenant", required=True, help="The tenant."),
+        click.option("--feature", default=None, help="One feature of the tenant."),
+        click.option("--user", default=None, help="One user of the tenant."),
+        click.option("--environment", default=None, help="One environment (prod, staging…) of the tenant."),
+    ]):  # fmt: skip
+        command = option(command)
+    return command
 
 
 def _budget_scope(feature: str | None, user: str | None, environment: str | None) -> tuple[str, str]:
@@ -274,10 +287,7 @@ def _send_config(topic: str, key: str, value: bytes | None) -> None:
 
 
 @budget.command("set")
-@click.option("--tenant", required=True)
-@click.option("--feature", default=None, help="Budget a feature of the tenant.")
-@click.option("--user", default=None, help="Budget a user of the tenant.")
-@click.option("--environment", default=None, help="Budget an environment (prod, staging…) of the tenant.")
+@_scope_options
 @click.option("--limit", "limit_usd", required=True, help="USD per period, e.g. 10 or 2500.50.")
 @click.option("--period", type=click.Choice(["day", "week", "month"]), default="month", show_default=True)
 @click.option("--hard", is_flag=True, help="Block calls (quota check says not allowed) once the limit is spent.")
@@ -302,10 +312,7 @@ def budget_set(tenant: str, feature: str | None, user: str | None, environment: 
 
 
 @budget.command("delete")
-@click.option("--tenant", required=True)
-@click.option("--feature", default=None)
-@click.option("--user", default=None)
-@click.option("--environment", default=None)
+@_scope_options
 def budget_delete(tenant: str, feature: str | None, user: str | None, environment: str | None) -> None:
     """Remove the budget of a scope."""
     from streams.budgets import budget_id
@@ -316,12 +323,14 @@ def budget_delete(tenant: str, feature: str | None, user: str | None, environmen
 
 
 def _current_budgets() -> list[Any]:
-    from streams.budgets import Budget, parse_budget
+    from streams.budgets import RATE_LIMIT_PREFIX, Budget, parse_budget
     from streams.config_topic import ConfigFollower
 
     found: dict[str, Budget] = {}
 
     def apply(key: str, value: bytes | None) -> None:
+        if key.startswith(RATE_LIMIT_PREFIX):
+            return
         if value is None:
             found.pop(key, None)
         else:
@@ -352,6 +361,42 @@ def budget_list(tenant: str | None, fmt: str) -> None:
             b.scope_label, b.period, f"{b.limit}", "yes" if b.hard else "no", ",".join(map(str, b.thresholds))
         )
     Console().print(table)
+
+
+@cli.group("limit")
+def rate_limit() -> None:
+    """Rate limits per tenant, feature, user or environment, enforced by QuotaClient.reserve."""
+
+
+@rate_limit.command("set")
+@_scope_options
+@click.option("--calls-per-minute", type=int, default=None)
+@click.option("--tokens-per-minute", type=int, default=None)
+@click.option("--calls-per-day", type=int, default=None)
+def rate_limit_set(tenant: str, feature: str | None, user: str | None, environment: str | None,
+                   calls_per_minute: int | None, tokens_per_minute: int | None,
+                   calls_per_day: int | None) -> None:  # fmt: skip
+    """Set (or replace) the rate limits of a scope; workers apply them within a second."""
+    from streams.budgets import RateLimit
+
+    dimension, value = _budget_scope(feature, user, environment)
+    try:
+        limit = RateLimit(tenant, dimension, value, calls_per_minute, tokens_per_minute, calls_per_day)
+    except ValueError as exc:
+        _fail(f"invalid rate limit: {exc}")
+    _send_config(_settings().topic_budgets, limit.key, limit.to_json())
+    click.echo(f"rate limits set for {tenant if dimension == 'tenant' else f'{tenant}/{dimension}={value}'}")
+
+
+@rate_limit.command("delete")
+@_scope_options
+def rate_limit_delete(tenant: str, feature: str | None, user: str | None, environment: str | None) -> None:
+    """Remove the rate limits of a scope."""
+    from streams.budgets import RATE_LIMIT_PREFIX, budget_id
+
+    dimension, value = _budget_scope(feature, user, environment)
+    _send_config(_settings().topic_budgets, RATE_LIMIT_PREFIX + budget_id(tenant, dimension, value), None)
+    click.echo("deleted")
 
 
 @cli.group()

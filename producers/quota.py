@@ -1,5 +1,8 @@
 """QuotaClient: "may this tenant / feature / user make another model call?" in one Redis round trip.
 
+``check`` reads; ``reserve`` / ``commit`` / ``release`` hold a call's estimated cost against hard
+budgets and count it against rate limits (calls and tokens per minute, calls per day) atomically.
+
 The pipeline keeps Redis current (``sinks/redis.py``): the spend of each scope for the open day, week
 and month, and the budgets that apply (``tm:budget:<tenant>:<dimension>:<value>``, JSON with
 ``limit``, ``period`` and ``hard``). ``check`` reads all of them with one ``MGET`` and decides here, so
@@ -55,9 +58,10 @@ class QuotaDecision:
 # and held amounts), so concurrent callers can overrun a hard budget by at most what they reserved.
 # Amounts are integer nano-USD inside the script (exact below ~$9M); Decimal outside.
 NANO = Decimal("1e9")
+_PER_SCOPE = 9  # keys per scope: budget, spend day/week/month, held, rate limit, calls/min, tokens/min, calls/day
 _RESERVE = """
 local now, amount, entry = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local id, ttl = ARGV[4], tonumber(ARGV[5])
+local id, ttl, tokens = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local column = {day = 2, week = 3, month = 4}
 local function held(key)
   local total, fields = 0, redis.call('HGETALL', key)
@@ -67,25 +71,57 @@ local function held(key)
   end
   return total
 end
-for s = 0, #KEYS / 5 - 1 do
-  local raw = redis.call('GET', KEYS[s * 5 + 1])
+local function count(key) return tonumber(redis.call('GET', key) or '0') end
+for s = 0, #KEYS / 9 - 1 do
+  local k = s * 9
+  local raw = redis.call('GET', KEYS[k + 1])
   if raw then
     local budget = cjson.decode(raw)
     if budget['hard'] then
-      local spent = math.floor(tonumber(redis.call('GET', KEYS[s * 5 + column[budget['period']]]) or '0') * 1e9 + 0.5)
-      local holding = held(KEYS[s * 5 + 5])
+      local spent = math.floor(tonumber(redis.call('GET', KEYS[k + column[budget['period']]]) or '0') * 1e9 + 0.5)
+      local holding = held(KEYS[k + 5])
       if spent + holding + amount > math.floor(tonumber(budget['limit']) * 1e9 + 0.5) then
-        return {0, s, spent, holding}
+        return {0, s, 'budget', spent, holding}
       end
     end
   end
+  local limits = redis.call('GET', KEYS[k + 6])
+  if limits then
+    local limit = cjson.decode(limits)
+    for name, v in pairs(limit) do if v == cjson.null then limit[name] = nil end end
+    if limit['calls_per_minute'] and count(KEYS[k + 7]) + 1 > limit['calls_per_minute'] then
+      return {0, s, 'calls_per_minute', count(KEYS[k + 7]), limit['calls_per_minute']}
+    end
+    if limit['tokens_per_minute'] and count(KEYS[k + 8]) + tokens > limit['tokens_per_minute'] then
+      return {0, s, 'tokens_per_minute', count(KEYS[k + 8]), limit['tokens_per_minute']}
+    end
+    if limit['calls_per_day'] and count(KEYS[k + 9]) + 1 > limit['calls_per_day'] then
+      return {0, s, 'calls_per_day', count(KEYS[k + 9]), limit['calls_per_day']}
+    end
+  end
 end
-for s = 0, #KEYS / 5 - 1 do
-  redis.call('HSET', KEYS[s * 5 + 5], id, entry)
-  redis.call('PEXPIRE', KEYS[s * 5 + 5], ttl * 2)
+for s = 0, #KEYS / 9 - 1 do
+  local k = s * 9
+  redis.call('HSET', KEYS[k + 5], id, entry)
+  redis.call('PEXPIRE', KEYS[k + 5], ttl * 2)
+  redis.call('INCR', KEYS[k + 7]); redis.call('EXPIRE', KEYS[k + 7], 120)
+  redis.call('INCRBY', KEYS[k + 8], tokens); redis.call('EXPIRE', KEYS[k + 8], 120)
+  redis.call('INCR', KEYS[k + 9]); redis.call('EXPIRE', KEYS[k + 9], 172800)
 end
 return {1}
 """
+
+
+def rate_limit_key(tenant_id: str, dimension: str, value: str) -> str:
+    return f"tm:ratelimit:{escape_key_part(tenant_id)}:{dimension}:{escape_key_part(value)}"
+
+
+def rate_counter_keys(tenant_id: str, dimension: str, value: str, now: datetime) -> list[str]:
+    """Calls this minute, tokens this minute, calls today (UTC) — counted by ``reserve``."""
+    scope = f"{escape_key_part(tenant_id)}:{dimension}:{escape_key_part(value)}"
+    minute = int(now.timestamp()) // 60
+    return [f"tm:rate:{scope}:calls:m{minute}", f"tm:rate:{scope}:tokens:m{minute}",
+            f"tm:rate:{scope}:calls:d{now:%Y%m%d}"]  # fmt: skip
 
 
 def held_key(tenant_id: str, dimension: str, value: str) -> str:
@@ -101,12 +137,11 @@ class Reservation:
     keys: tuple[str, ...]
 
 
-def _scopes(feature: str | None, user_id: str | None) -> list[tuple[str, str]]:
+def _scopes(feature: str | None, user_id: str | None, environment: str | None = None) -> list[tuple[str, str]]:
     scopes = [("tenant", "")]
-    if feature:
-        scopes.append(("feature", feature))
-    if user_id:
-        scopes.append(("user", user_id))
+    for dimension, value in (("feature", feature), ("user", user_id), ("environment", environment)):
+        if value:
+            scopes.append((dimension, value))
     return scopes
 
 
@@ -116,48 +151,71 @@ class QuotaClient:
         self.redis = client or redis.Redis.from_url(self.settings.redis_url, socket_timeout=1.0)
 
     def check(
-        self, tenant_id: str, feature: str | None = None, user_id: str | None = None, *, now: datetime | None = None
-    ) -> QuotaDecision:
+        self, tenant_id: str, feature: str | None = None, user_id: str | None = None, *,
+        environment: str | None = None, now: datetime | None = None,
+    ) -> QuotaDecision:  # fmt: skip
+        """Allowed unless an exhausted hard budget or a reached rate limit of the tenant, feature, user or
+        environment says no; reports the tightest budget. One MGET."""
         now = now or datetime.now(UTC)
-        scopes = _scopes(feature, user_id)
+        scopes = _scopes(feature, user_id, environment)
         starts = {period: period_start(period, now) for period in PERIODS}
         keys = [budget_key(tenant_id, d, v) for d, v in scopes]
         keys += [spend_key(tenant_id, d, v, p, starts[p]) for d, v in scopes for p in PERIODS]
+        keys += [rate_limit_key(tenant_id, d, v) for d, v in scopes]
+        keys += [key for d, v in scopes for key in rate_counter_keys(tenant_id, d, v, now)]
         values = self.redis.mget(keys)
-        budgets = values[: len(scopes)]
+        n = len(scopes)
+        budgets = values[:n]
+        spend_scopes = [(d, v, p) for d, v in scopes for p in PERIODS]
         spend = {
-            (d, v, p): Decimal(raw.decode() if isinstance(raw, bytes) else raw) if raw else Decimal(0)
-            for (d, v, p), raw in zip(
-                ((d, v, p) for d, v in scopes for p in PERIODS), values[len(scopes) :], strict=True
-            )
+            scope: Decimal(raw.decode() if isinstance(raw, bytes) else raw) if raw else Decimal(0)
+            for scope, raw in zip(spend_scopes, values[n : n + len(spend_scopes)], strict=True)
         }
-        return decide(tenant_id, scopes, budgets, spend)
+        decision = decide(tenant_id, scopes, budgets, spend)
+        limits = values[n + len(spend_scopes) : 2 * n + len(spend_scopes)]
+        counters = values[2 * n + len(spend_scopes) :]
+        for i, raw in enumerate(limits):
+            reached = rate_limit_reached(raw, counters[3 * i : 3 * i + 3])
+            if reached and decision.allowed:
+                scope = _label(tenant_id, *scopes[i])
+                return QuotaDecision(False, decision.spent, decision.limit, decision.remaining,
+                                     f"rate limit of {scope}: {reached}", decision.scope, decision.period)  # fmt: skip
+        return decision
 
     def reserve(
         self, tenant_id: str, estimated_cost: Decimal, feature: str | None = None, user_id: str | None = None,
-        *, ttl_s: float = 300.0, now: datetime | None = None,
+        *, environment: str | None = None, tokens: int = 0, ttl_s: float = 300.0, now: datetime | None = None,
     ) -> Reservation:  # fmt: skip
-        """Hold ``estimated_cost`` against every hard budget of the tenant/feature/user, or refuse."""
+        """Before a model call: hold ``estimated_cost`` against every hard budget of the tenant, feature
+        and user and count the call (and its ``tokens``) against their rate limits — or refuse, if any
+        of them would be exceeded. Atomic across any number of service replicas."""
         now = now or datetime.now(UTC)
-        scopes = _scopes(feature, user_id)
+        scopes = _scopes(feature, user_id, environment)
         starts = {period: period_start(period, now) for period in PERIODS}
         keys: list[str] = []
         for d, v in scopes:
             keys.append(budget_key(tenant_id, d, v))
             keys += [spend_key(tenant_id, d, v, p, starts[p]) for p in PERIODS]
             keys.append(held_key(tenant_id, d, v))
+            keys.append(rate_limit_key(tenant_id, d, v))
+            keys += rate_counter_keys(tenant_id, d, v, now)
         amount = int((estimated_cost * NANO).to_integral_value())
         now_ms, ttl_ms = int(now.timestamp() * 1000), int(ttl_s * 1000)
         reservation_id = uuid.uuid4().hex
         outcome = self.redis.eval(_RESERVE, len(keys), *keys, now_ms, amount, f"{amount}:{now_ms + ttl_ms}",
-                                    reservation_id, ttl_ms)  # fmt: skip
-        held_keys = tuple(keys[4::5])
+                                  reservation_id, ttl_ms, tokens)  # fmt: skip
+        held_keys = tuple(keys[4::_PER_SCOPE])
         if outcome[0] == 1:
             return Reservation(reservation_id, True, estimated_cost, "reserved", held_keys)
         dimension, value = scopes[int(outcome[1])]
-        spent, holding = Decimal(outcome[2]) / NANO, Decimal(outcome[3]) / NANO
-        reason = (f"hard budget of {_label(tenant_id, dimension, value)} cannot take ${estimated_cost}: "
-                  f"${spent.normalize():f} spent and ${holding.normalize():f} held by calls in flight")  # fmt: skip
+        scope = _label(tenant_id, dimension, value)
+        what = outcome[2].decode() if isinstance(outcome[2], bytes) else str(outcome[2])
+        if what == "budget":
+            spent, holding = Decimal(outcome[3]) / NANO, Decimal(outcome[4]) / NANO
+            reason = (f"hard budget of {scope} cannot take ${estimated_cost}: "
+                      f"${spent.normalize():f} spent and ${holding.normalize():f} held by calls in flight")  # fmt: skip
+        else:
+            reason = f"rate limit of {scope}: {what.replace('_', ' ')} is {outcome[4]} ({outcome[3]} used)"
         return Reservation(reservation_id, False, estimated_cost, reason, held_keys)
 
     def commit(self, reservation: Reservation, actual_cost: Decimal, *, settle_s: float = 2.0) -> None:
@@ -180,6 +238,18 @@ class QuotaClient:
                 until = int((time.time() + settle_s) * 1000)
                 pipe.hset(key, reservation.reservation_id, f"{int((actual_cost * NANO).to_integral_value())}:{until}")
         pipe.execute()
+
+
+def rate_limit_reached(raw_limits: Any, raw_counts: list[Any]) -> str | None:
+    """The first rate limit the counts have reached (calls/min, tokens/min, calls/day), if any."""
+    if not raw_limits:
+        return None
+    limits = json.loads(raw_limits)
+    counts = [int(c) if c else 0 for c in raw_counts]
+    for name, used in zip(("calls_per_minute", "tokens_per_minute", "calls_per_day"), counts, strict=True):
+        if limits.get(name) is not None and used >= limits[name]:
+            return f"{name.replace('_', ' ')} is {limits[name]} ({used} used)"
+    return None
 
 
 def _label(tenant_id: str, dimension: str, value: str) -> str:

@@ -38,13 +38,13 @@ import psycopg
 import redis
 
 from deploy.settings import Settings, get_settings
-from producers.quota import budget_key
+from producers.quota import budget_key, rate_limit_key
 from schemas import codec
 from sinks.alerts import store_alerts, top_contributors
 from sinks.postgres import Rollup
 from sinks.webhooks import deliver_pending
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
-from streams.budgets import Budget, budget_alerts, parse_budget
+from streams.budgets import RATE_LIMIT_PREFIX, Budget, budget_alerts, parse_budget, parse_rate_limit
 from streams.config_topic import ConfigFollower
 from streams.meter import BATCH_WAIT_S, SESSION_TIMEOUT_S, Meter, rollup_from_record
 from streams.overrides import override_follower
@@ -136,10 +136,19 @@ class AlertSink:
 
 
 def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFollower:
-    """Keeps ``budgets`` and the Redis budget keys (read by QuotaClient) equal to config.budgets."""
+    """Keeps ``budgets`` and the Redis budget and rate-limit keys (read by QuotaClient) equal to
+    config.budgets."""
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
 
     def apply(key: str, value: bytes | None) -> None:
+        if key.startswith(RATE_LIMIT_PREFIX):
+            tenant_id, dimension, scope_value = json.loads(key.removeprefix(RATE_LIMIT_PREFIX))
+            redis_key = rate_limit_key(tenant_id, dimension, scope_value)
+            if value is None:
+                client.delete(redis_key)
+            else:
+                client.set(redis_key, parse_rate_limit(value).redis_json())
+            return
         tenant_id, dimension, scope_value = json.loads(key)
         if value is None:
             budgets.pop(key, None)

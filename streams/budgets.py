@@ -112,3 +112,42 @@ def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: da
                 "created_at": now,
             })  # fmt: skip
     return alerts
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Calls and tokens per minute and calls per day for a scope, counted by ``QuotaClient.reserve``.
+    Kept on the budgets topic under the key ``ratelimit:<scope>``."""
+
+    tenant_id: str
+    dimension: str
+    value: str
+    calls_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    calls_per_day: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dimension not in SCOPES or (self.dimension == "tenant") != (self.value == ""):
+            raise ValueError("scope must be the tenant, or one feature, user or environment of it")
+        limits = (self.calls_per_minute, self.tokens_per_minute, self.calls_per_day)
+        if all(limit is None for limit in limits) or any(limit is not None and limit < 1 for limit in limits):
+            raise ValueError("give at least one limit, each a positive whole number")
+
+    @property
+    def key(self) -> str:
+        return RATE_LIMIT_PREFIX + budget_id(self.tenant_id, self.dimension, self.value)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    def redis_json(self) -> str:
+        limits = {"calls_per_minute": self.calls_per_minute, "tokens_per_minute": self.tokens_per_minute,
+                  "calls_per_day": self.calls_per_day}  # fmt: skip
+        return json.dumps({name: limit for name, limit in limits.items() if limit is not None})
+
+
+RATE_LIMIT_PREFIX = "ratelimit:"
+
+
+def parse_rate_limit(value: bytes) -> RateLimit:
+    return RateLimit(**json.loads(value))

@@ -297,7 +297,8 @@ class Meter:
         for m in raw:
             ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), -1), m.offset + 1)
         if ends:
-            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
+            # Asynchronous: librdkafka keeps commits in order; a lost one only means a replay, which is harmless.
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=True)
 
     def _rewind(self, raw: Sequence[RawMessage]) -> None:
         starts: dict[tuple[str, int], int] = {}

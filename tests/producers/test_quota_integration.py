@@ -6,14 +6,14 @@ import json
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import redis
 
 from deploy.settings import Settings
 from deploy.stack import LocalStack
-from producers.quota import QuotaClient, budget_key, estimate_cost
+from producers.quota import QuotaClient, budget_key, estimate_cost, rate_limit_key
 from sinks.redis import period_start, spend_key
 
 
@@ -74,3 +74,22 @@ def test_fifty_concurrent_reservers_overrun_by_at_most_what_is_in_flight(stack: 
 def test_pre_call_estimate_uses_todays_price() -> None:
     assert estimate_cost("openai", "gpt-4o", 1000, max_output_tokens=100) == Decimal("0.0035")
     assert estimate_cost("acme-ai", "mystery", 10) is None
+
+
+def test_rate_limits_count_reservations_across_clients(stack: LocalStack, settings: Settings) -> None:
+    tenant = f"rate-{uuid.uuid4().hex[:8]}"
+    first, second = QuotaClient(settings), QuotaClient(settings)  # two service replicas
+    limits = {"calls_per_minute": 3, "tokens_per_minute": 10_000, "calls_per_day": None}
+    first.redis.set(rate_limit_key(tenant, "feature", "chat"), json.dumps(limits))
+    now = datetime.now(UTC).replace(second=5)
+    made = [c.reserve(tenant, Decimal(0), feature="chat", tokens=1000, now=now) for c in (first, second, first)]
+    assert all(r.allowed for r in made)
+    refused = second.reserve(tenant, Decimal(0), feature="chat", tokens=1000, now=now)
+    assert not refused.allowed and "calls per minute is 3" in refused.reason
+    check = first.check(tenant, feature="chat", now=now)
+    assert not check.allowed and "rate limit" in check.reason
+    assert first.check(tenant, feature="search", now=now).allowed  # other features are not limited
+    later = now + timedelta(minutes=1)
+    big = first.reserve(tenant, Decimal(0), feature="chat", tokens=20_000, now=later)
+    assert not big.allowed and "tokens per minute" in big.reason
+    assert first.reserve(tenant, Decimal(0), feature="chat", tokens=5_000, now=later).allowed

@@ -21,7 +21,7 @@ from deploy.isolation import WorkerProcess, env_for, isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.producer import UsageProducer
-from producers.quota import QuotaClient
+from producers.quota import QuotaClient, rate_limit_key
 from schemas import codec
 from sinks.postgres import invoice
 from streams.lag import wait_for_sinks
@@ -35,6 +35,8 @@ def running(stack: LocalStack, settings: Settings, tmp_path_factory: pytest.Temp
     own = isolated(settings, uuid.uuid4().hex[:10])
     worker = WorkerProcess(own, tmp_path_factory.mktemp("worker"))
     worker.start()
+    send_raw(own, [json.dumps(usage("warm-up")).encode()])
+    assert wait_for_sinks(own, timeout=120), worker.output()  # joined its group and working
     yield own
     alive = worker.alive()
     worker.stop()
@@ -137,6 +139,8 @@ def test_quota_check_sees_new_spend_within_a_second(running: Settings, tmp_path:
     assert client.check(tenant, feature="search").spent == 0
     latencies = []
     with UsageProducer(running.model_copy(update={"spool_dir": tmp_path})) as producer:
+        producer.record(usage(f"warm-{tenant}"))  # connect and get a producer id before timing anything
+        assert producer.flush(30) == 0
         for i in range(1, 6):
             started = time.monotonic()
             producer.record(usage(tenant, feature="search"))
@@ -166,6 +170,8 @@ def test_hard_budget_alerts_once_per_threshold_and_blocks_within_a_second(runnin
     # $2.50 per million gpt-4o input tokens: 25%, 62.5%, 92.5%, then 102.5% of $10
     steps = [(1_000_000, True), (1_500_000, True), (1_200_000, True), (400_000, False)]
     with UsageProducer(running.model_copy(update={"spool_dir": tmp_path})) as producer:
+        producer.record(usage(f"warm-{tenant}"))  # connect and get a producer id before timing anything
+        assert producer.flush(30) == 0
         for tokens, allowed_after in steps:
             started = time.monotonic()
             producer.record(usage(tenant, input_tokens=tokens, output_tokens=0))
@@ -216,3 +222,18 @@ def test_a_spend_spike_raises_one_anomaly_alert(running: Settings, tmp_path: Pat
             break
     assert len(mine) == 1, mine
     assert mine[0]["current"] >= Decimal(5) and mine[0]["baseline"] <= Decimal("0.11")
+
+
+def test_rate_limit_set_from_the_cli_is_enforced_by_reserve(running: Settings) -> None:
+    tenant = f"limit-{uuid.uuid4().hex[:6]}"
+    done = subprocess.run([sys.executable, "-m", "deploy", "limit", "set", "--tenant", tenant, "--calls-per-day", "2"],
+                          env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    client = QuotaClient(running)
+    deadline = time.monotonic() + 10
+    while not client.redis.exists(rate_limit_key(tenant, "tenant", "")):
+        assert time.monotonic() < deadline, "the worker did not apply the rate limit"
+        time.sleep(0.1)
+    made = [client.reserve(tenant, Decimal(0)).allowed for _ in range(3)]
+    assert made == [True, True, False]
+    assert not client.check(tenant).allowed
