@@ -165,6 +165,17 @@ def _decimal_writer(scale: int) -> Writer:
     return write
 
 
+def _array_writer(item_writer: Writer) -> Writer:
+    def write(out: bytearray, values: list[Any]) -> None:
+        if values:
+            _zigzag(out, len(values))
+            for value in values:
+                item_writer(out, value)
+        out.append(0)
+
+    return write
+
+
 def _enum_writer(symbols: list[str]) -> Writer:
     index = {symbol: i for i, symbol in enumerate(symbols)}
     return lambda out, value: _zigzag(out, index[value])
@@ -214,14 +225,16 @@ def _writer_for(field_type: Any, where: str) -> Writer:
             return _enum_writer(field_type["symbols"])
         if kind == "record":
             return _record_writer_of(field_type["fields"], where)
+        if kind == "array":
+            return _array_writer(_writer_for(field_type["items"], where))
     raise NotImplementedError(f"no fast writer for {field_type!r}")
 
 
 def record_writer(name: str) -> Callable[[dict[str, Any]], bytes]:
     """A writer for the newest version of schema ``name``; same bytes as ``encode(name, record)``.
 
-    Covers string, long, int, boolean, bytes, timestamp-micros, decimal, enums, string maps, nested
-    records and ``["null", X]`` unions. Fields missing from the record take their schema default.
+    Covers string, long, int, boolean, bytes, timestamp-micros, decimal, enums, string maps, arrays,
+    nested records and ``["null", X]`` unions. Fields missing from the record take their schema default.
     """
     schema = latest(name)
     write_record = _record_writer_of(schema.parsed["fields"], name)

@@ -2,7 +2,8 @@
 
 Stage 1, ``streams/meter.py``: usage.raw in batches → validate, de-duplicate, price → Postgres
 (ledger + rollups), Redis (spend per scope), usage.priced, usage.dlq and metering.rollups (absolute
-window totals). It runs in a thread of this process, driven by a Faust task.
+window totals). It runs in a child process (started and restarted by a Faust task, killed with the
+worker), so the two stages use both cores.
 
 Stage 2, the Faust agent below: metering.rollups → the windowed ``rollups`` table (hour, day, ISO
 week and month windows per tenant and per tenant × feature / model / user / environment, and minute
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
+import multiprocessing
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -46,9 +47,7 @@ from sinks.webhooks import deliver_pending
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
 from streams.budgets import RATE_LIMIT_PREFIX, Budget, budget_alerts, parse_budget, parse_rate_limit
 from streams.config_topic import ConfigFollower
-from streams.meter import BATCH_WAIT_S, SESSION_TIMEOUT_S, Meter, rollup_from_record
-from streams.overrides import override_follower
-from streams.pricing import PriceBook
+from streams.meter import SESSION_TIMEOUT_S, rollup_from_record, run_stage_one
 
 log = logging.getLogger("tokenmeter.worker")
 
@@ -224,46 +223,38 @@ def make_app(settings: Settings | None = None) -> faust.App:
     anomaly_topic = app.topic(settings.topic_alerts_anomaly, key_serializer="raw", value_serializer="raw")
     budget_topic = app.topic(settings.topic_alerts_budget, key_serializer="raw", value_serializer="raw")
     # Keys spread by hash (use_partitioner): a batch mixes tenants, and each key is written once per batch.
-    rollups = app.Table("rollups", default=dict, partitions=settings.topic_partitions, use_partitioner=True)
-    alerted = app.Table("alerted", default=bool, partitions=settings.topic_partitions, use_partitioner=True)
+    # No defaults: a Faust table with a default writes one to its changelog on every missed lookup.
+    rollups = app.Table("rollups", partitions=settings.topic_partitions, use_partitioner=True)
+    alerted = app.Table("alerted", partitions=settings.topic_partitions, use_partitioner=True)
 
-    book = PriceBook()
-    overrides = override_follower(settings, book)
+    def window(key: str) -> dict[str, Any] | None:
+        return rollups[key] if key in rollups else None  # noqa: SIM401 (.get would write a default)
+
     budgets: dict[str, Budget] = {}
     budget_config = budget_follower(settings, budgets)
     alert_sink = AlertSink(settings)
-    meter_holder: dict[str, Meter] = {}
-    app.tokenmeter_meter = meter_holder  # type: ignore[attr-defined]
-
-    def run_meter(stop: threading.Event) -> None:
-        overrides.catch_up(5.0)  # price nothing before the overrides are in
-        budget_config.catch_up(5.0)
-        meter = Meter(settings, book)
-        meter_holder["meter"] = meter
-        try:
-            while not stop.is_set():
-                try:
-                    meter.run_once(BATCH_WAIT_S)
-                except Exception:
-                    if stop.is_set():
-                        break
-                    log.exception("batch failed; it will be retried")
-                    stop.wait(1.0)
-        finally:
-            meter.close()
-
-    stop_meter = threading.Event()
 
     @app.task
     async def stage_one() -> None:
+        """Keep stage 1's process running (restarted if it dies); stop it with the worker."""
+        spawn = multiprocessing.get_context("spawn")
+        process = None
         try:
-            await asyncio.to_thread(run_meter, stop_meter)
-        finally:  # cancelled when the worker stops: let the thread finish its batch and close
-            stop_meter.set()
+            while True:
+                if process is None or not process.is_alive():
+                    if process is not None:
+                        log.error("stage 1 exited with %s; starting it again", process.exitcode)
+                    process = spawn.Process(target=run_stage_one, args=(settings,), name="tokenmeter-stage-1")
+                    process.start()
+                await asyncio.sleep(1.0)
+        finally:  # cancelled when the worker stops: let stage 1 finish its batch and close
+            if process is not None and process.is_alive():
+                process.terminate()
+                await asyncio.to_thread(process.join, 30)
 
-    @app.timer(interval=5.0)
-    async def follow_overrides() -> None:
-        await asyncio.to_thread(overrides.catch_up, 0.2)
+    @app.task
+    async def load_budgets() -> None:
+        await asyncio.to_thread(budget_config.catch_up, 1.0)
 
     @app.timer(interval=1.0)
     async def follow_budgets() -> None:
@@ -282,21 +273,23 @@ def make_app(settings: Settings | None = None) -> faust.App:
 
     @app.agent(rollups_topic)
     async def windows(stream: faust.StreamT[bytes]) -> None:
-        async for batch in stream.take(2000, within=0.1):
+        async for batch in stream.take(100, within=0.1):
             latest: dict[str, Rollup] = {}
             for value in batch:
                 try:
-                    r = rollup_from_record(codec.decode("rollup", value))
+                    records = codec.decode("rollup_batch", value)["rollups"]
                 except codec.SchemaDecodeError as exc:
-                    log.error("skipping an undecodable rollup record: %s", exc)
+                    log.error("skipping an undecodable rollup batch: %s", exc)
                     continue
-                latest[table_key(r)] = r  # absolute values: the last one of a key is its newest
+                for record in records:
+                    r = rollup_from_record(record)
+                    latest[table_key(r)] = r  # absolute values: the last one of a key is its newest
             for key, r in latest.items():
                 rollups[key] = table_value(r)
             now = datetime.now(UTC)
             fired = unpriced_model_alerts(latest.values(), now) + budget_alerts(budgets, latest.values(), now)
-            fired += anomaly_alerts(latest.values(), rollups.get, now)
-            fresh = [alert for alert in fired if not alerted[alert["alert_id"]]]
+            fired += anomaly_alerts(latest.values(), window, now)
+            fresh = [alert for alert in fired if alert["alert_id"] not in alerted]
             if not fresh:
                 continue
             # Stored first: Postgres keeps each alert_id once, whatever a crash makes us repeat.

@@ -11,6 +11,9 @@ database 15, dropped afterwards.
   events / (last commit - first produce).
 - ``p99_event_to_quota_ms``: while background traffic flows, single probe events are recorded
   through ``UsageProducer`` and the time until ``QuotaClient.check`` shows their spend is taken.
+- ``stage_two_behind_s``: how long after stage 1 the Faust stage (table, alerts) finished the workload.
+- ``p99_budget_alert_ms``: an event that crosses a hard budget, produced → its alert on alerts.budget
+  (measured once stage 2 has caught up with the traffic before it).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from deploy.settings import Settings
 from producers.producer import UsageProducer
 from producers.quota import QuotaClient
 from schemas import codec
+from streams.budgets import Budget
+from streams.lag import wait_for_sinks
 
 MODELS = [("openai", "gpt-4o", 30), ("openai", "gpt-4o-mini", 30), ("anthropic", "claude-sonnet-4-5", 15),
           ("google", "gemini-2.5-flash", 15), ("openai", "o3", 5), ("anthropic", "claude-haiku-4-5", 5)]  # fmt: skip
@@ -128,6 +133,9 @@ class PipelineFigures:
     quota_probes: int
     quota_check_p50_us: float
     quota_check_p99_us: float
+    p50_budget_alert_ms: float
+    p99_budget_alert_ms: float
+    stage_two_behind_s: float
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -182,6 +190,53 @@ def quota_latency(
     return to_visible, check_us
 
 
+def alert_latency(settings: Settings, probes: int, spool: Path) -> list[float]:
+    """Ms from producing an event that crosses a hard budget to its alert on ``alerts.budget``."""
+    quota = QuotaClient(settings)
+    run = uuid.uuid4().hex[:6]
+    tenants = [f"alert-{run}-{i}" for i in range(probes)]
+    config = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for tenant in tenants:
+        budget = Budget(tenant, "tenant", "", "month", Decimal(1), hard=True, thresholds=(100,))
+        config.produce(settings.topic_budgets, key=budget.key.encode(), value=budget.to_json())
+    config.flush(10)
+    deadline = time.monotonic() + 30
+    while quota.check(tenants[-1]).limit is None:  # the worker has the budgets
+        if time.monotonic() > deadline:
+            raise TimeoutError("the worker did not apply the bench budgets")
+        time.sleep(0.1)
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"bench-alerts-{run}",
+                         "enable.auto.commit": False})  # fmt: skip
+    topic = settings.topic_alerts_budget
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+            for p in partitions]  # fmt: skip
+    consumer.assign(ends)  # from now on: only alerts fired after this point
+    latencies = []
+    with UsageProducer(settings.model_copy(update={"spool_dir": spool / "alerts"})) as producer:
+        for tenant in tenants:
+            started = time.perf_counter()
+            producer.record(
+                {
+                    "tenant_id": tenant,
+                    "provider": "openai",
+                    "model": "gpt-4o",
+                    "input_tokens": 1_000_000,
+                    "output_tokens": 0,
+                }
+            )  # $2.50: crosses the $1 budget
+            while True:
+                message = consumer.poll(0.05)
+                ok = message is not None and message.error() is None
+                if ok and codec.decode("alert", message.value() or b"")["tenant_id"] == tenant:  # type: ignore[union-attr]
+                    break
+                if time.perf_counter() - started > 30:
+                    raise TimeoutError(f"no budget alert for {tenant} within 30 s")
+            latencies.append((time.perf_counter() - started) * 1000)
+    consumer.close()
+    return latencies
+
+
 def run_pipeline_bench(
     settings: Settings, events: int, work_dir: Path, say: Callable[[str], None] = lambda _m: None
 ) -> PipelineFigures:
@@ -213,11 +268,20 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
                 last_report = time.perf_counter()
                 say(f"  {committed_total(own) - len(warmup):,} / {len(payloads):,} through the pipeline")
             time.sleep(0.02)
-        pipeline = len(payloads) / (time.perf_counter() - started)
+        stage_one_done = time.perf_counter()
+        pipeline = len(payloads) / (stage_one_done - started)
         say(f"pipeline: {pipeline:,.0f} events/s (producing took {produced_in:.1f}s)")
+        # Stage 2 (Faust: windowed table, budget and anomaly alerts) follows metering.rollups behind it.
+        if not wait_for_sinks(own, 600, topic=own.topic_rollups, group=own.worker_id):
+            raise TimeoutError("stage 2 did not catch up within 10 minutes")
+        stage_two_behind = time.perf_counter() - stage_one_done
+        say(f"stage 2 caught up {stage_two_behind:.1f}s after stage 1")
 
         say("quota visibility under background traffic (1,000 events/s)")
         to_visible, check_us = quota_latency(own, probes=100, background_per_s=1000, spool=work_dir)
+        say("budget alert latency (stage 2 caught up first)")
+        wait_for_sinks(own, 600, topic=own.topic_rollups, group=own.worker_id)
+        to_alert = alert_latency(own, probes=20, spool=work_dir)
     finally:
         worker.stop()
 
@@ -235,4 +299,7 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
         quota_probes=len(to_visible),
         quota_check_p50_us=round(_percentile(check_us, 0.5), 1),
         quota_check_p99_us=round(_percentile(check_us, 0.99), 1),
+        p50_budget_alert_ms=round(_percentile(to_alert, 0.5), 1),
+        p99_budget_alert_ms=round(_percentile(to_alert, 0.99), 1),
+        stage_two_behind_s=round(stage_two_behind, 1),
     )

@@ -22,6 +22,8 @@ topics can carry a repeat (same ``event_id``, same rollup key and values).
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from sinks.alerts import store_alerts
 from sinks.postgres import BatchResult, PricedEvent, Rollup, write_batch
 from sinks.redis import write_spend
 from streams.anomaly import ConversationRates
+from streams.overrides import override_follower
 from streams.pipeline import Deduplicator, RawMessage, Rejected, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
 
@@ -52,9 +55,9 @@ SESSION_TIMEOUT_S = 10  # how long a killed worker's partitions wait before anot
 CENT_MICRO = Decimal("1e-12")  # the ledger's and the wire's scale: numeric(38, 12), Avro decimal scale 12
 
 write_priced = codec.record_writer("priced_event")
-write_rollup = codec.record_writer("rollup")
 write_dead_letter = codec.record_writer("dead_letter")
 write_alert = codec.record_writer("alert")
+write_rollup_batch = codec.record_writer("rollup_batch")
 
 
 def runaway_alerts(rates: ConversationRates, events: Sequence[UsageEvent], now: datetime) -> list[dict[str, Any]]:
@@ -272,9 +275,13 @@ class Meter:
             self._produce(settings.topic_dlq, bad.message.key, write_dead_letter(dead_letter_record(bad, now)))
         for item in priced:
             self._produce(settings.topic_priced, item.event.tenant_id.encode(), write_priced(priced_record(item)))
+        by_tenant: dict[str, list[dict[str, Any]]] = {}
         for r in rollups:
             if streamed(r):
-                self._produce(settings.topic_rollups, r.tenant_id.encode(), write_rollup(rollup_record(r)))
+                by_tenant.setdefault(r.tenant_id, []).append(rollup_record(r))
+        for tenant, records in by_tenant.items():  # one message per tenant and batch: Faust pays per message
+            batch = write_rollup_batch({"tenant_id": tenant, "rollups": records})
+            self._produce(settings.topic_rollups, tenant.encode(), batch)
         # At-least-once for the outputs: the batch is committed only once Kafka has all of them.
         while len(self.producer) > 0:
             self.producer.flush(1.0)
@@ -315,3 +322,46 @@ class Meter:
         self.consumer.close()
         self.producer.flush(5.0)
         self.sinks.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the worker process dies, so a killed worker leaves no stage 1 behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_stage_one(settings: Settings) -> None:
+    """Entry point of stage 1's own process (``tokenmeter worker`` starts it): batches until SIGTERM.
+
+    A process of its own, not a thread of the Faust worker: the two stages then use both cores
+    instead of sharing one interpreter lock.
+    """
+    _die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] [stage 1] %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    book = PriceBook()
+    overrides = override_follower(settings, book)
+    overrides.catch_up(5.0)  # price nothing before the overrides are in
+    meter = Meter(settings, book)
+    followed = time.monotonic()
+    try:
+        while not stop.is_set():
+            if time.monotonic() - followed > 5.0:
+                overrides.catch_up(0.0)
+                followed = time.monotonic()
+            try:
+                meter.run_once(BATCH_WAIT_S)
+            except Exception:
+                if stop.is_set():
+                    break
+                log.exception("batch failed; it will be retried")
+                stop.wait(1.0)
+    finally:
+        meter.close()
+        overrides.close()
