@@ -232,8 +232,8 @@ class LocalStack:
                     classpath,
                     "kafka.tools.StorageTool",
                     "format",
-                    "-t",
-                    cluster_id,
+                    # "=" form: a random id can start with "-", which argparse would take for an option
+                    f"--cluster-id={cluster_id}",
                     "-c",
                     str(props),
                 ],
