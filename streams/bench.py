@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from producers.producer import UsageProducer
 from producers.quota import QuotaClient
 from schemas import codec
 from streams.budgets import Budget
-from streams.lag import wait_for_sinks
+from streams.lag import wait_for_sinks, with_broker_retries
 
 MODELS = [("openai", "gpt-4o", 30), ("openai", "gpt-4o-mini", 30), ("anthropic", "claude-sonnet-4-5", 15),
           ("google", "gemini-2.5-flash", 15), ("openai", "o3", 5), ("anthropic", "claude-haiku-4-5", 5)]  # fmt: skip
@@ -209,7 +210,8 @@ def alert_latency(settings: Settings, probes: int, spool: Path) -> list[float]:
                          "enable.auto.commit": False})  # fmt: skip
     topic = settings.topic_alerts_budget
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    ends = [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+    ends = [TopicPartition(topic, p, with_broker_retries(partial(consumer.get_watermark_offsets,
+                                                                 TopicPartition(topic, p), timeout=10))[1])
             for p in partitions]  # fmt: skip
     consumer.assign(ends)  # from now on: only alerts fired after this point
     latencies = []

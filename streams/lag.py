@@ -9,11 +9,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from deploy.settings import Settings
 from streams.meter import meter_group
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,12 @@ def _consumer(settings: Settings, group: str) -> Consumer:
     return Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
 
 
-def _committed(consumer: Consumer, partitions: list[TopicPartition], attempts: int = 50) -> list[TopicPartition]:
-    """Committed offsets, retrying while the group coordinator moves or loads (right after start-up)."""
+def with_broker_retries(call: Callable[[], T], attempts: int = 50) -> T:
+    """Retry a broker query while leadership or the group coordinator settles (right after start-up or
+    topic creation)."""
     for attempt in range(attempts):
         try:
-            return list(consumer.committed(partitions, timeout=10))
+            return call()
         except KafkaException as exc:
             if attempt == attempts - 1 or (not exc.args[0].retriable() and exc.args[0].code() not in _TRANSIENT):
                 raise
@@ -45,7 +50,9 @@ def _committed(consumer: Consumer, partitions: list[TopicPartition], attempts: i
     raise AssertionError("unreachable")
 
 
-_TRANSIENT = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE)
+_TRANSIENT = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+              KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+              KafkaError.UNKNOWN_TOPIC_OR_PART)  # fmt: skip
 
 
 def measure_lag(settings: Settings, topic: str | None = None, group: str | None = None) -> list[PartitionLag]:
@@ -57,10 +64,12 @@ def measure_lag(settings: Settings, topic: str | None = None, group: str | None 
         if metadata is None or metadata.error is not None:
             raise RuntimeError(f"topic {topic} does not exist; run `tokenmeter topics ensure`")
         partitions = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
-        committed = _committed(consumer, partitions)
+        committed = with_broker_retries(lambda: list(consumer.committed(partitions, timeout=10)))
         result = []
         for tp in committed:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+            low, high = with_broker_retries(
+                partial(consumer.get_watermark_offsets, TopicPartition(topic, tp.partition), timeout=10)
+            )
             offset = tp.offset if tp.offset >= 0 else -1
             result.append(PartitionLag(topic, tp.partition, offset, low, high))
         return result

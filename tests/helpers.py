@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from deploy.settings import Settings
+from streams.lag import with_broker_retries
 
 
 def create_topic(settings: Settings, name: str, partitions: int = 2) -> None:
@@ -26,7 +28,8 @@ def read_all(settings: Settings, topic: str, expect: int | None = None, timeout:
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+        ends = {p.partition: with_broker_retries(partial(consumer.get_watermark_offsets, p, timeout=10))[1]
+                for p in parts}  # fmt: skip
         consumer.assign(parts)
         values: list[bytes] = []
         deadline = time.monotonic() + timeout
