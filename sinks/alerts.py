@@ -50,7 +50,8 @@ def top_contributors(conn: psycopg.Connection, tenant_id: str, granularity: str,
 def list_alerts(conn: psycopg.Connection, tenant_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
     rows = conn.execute(
         f"SELECT {', '.join(f'{chr(34)}{f}{chr(34)}' for f in ALERT_FIELDS)} FROM tokenmeter.alerts"
-        " WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s ORDER BY created_at, threshold_percent NULLS LAST, alert_id LIMIT %(limit)s",
+        " WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s"
+        " ORDER BY created_at, threshold_percent NULLS LAST, alert_id LIMIT %(limit)s",
         {"tenant": tenant_id, "limit": limit},
     ).fetchall()
     alerts = []
