@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from schemas import codec
-from schemas.events import UsageEvent, validate_event
+from schemas.events import validate_event
 from sinks.postgres import Rollup
 from streams.app import expired, table_key, unpriced_model_alerts
 from streams.meter import money, priced_record, rollup_from_record, rollup_record
@@ -99,6 +99,3 @@ def test_unpriced_models_alert_once_per_month_scope() -> None:
     assert [a["alert_id"] for a in alerts] == ["anomaly.unpriced_model:acme:x/y:2025-07"]
     assert codec.decode("alert", codec.encode("alert", alerts[0]))["kind"] == "anomaly.unpriced_model"
 
-
-def test_usage_event_is_frozen() -> None:
-    assert UsageEvent.model_config.get("frozen") is True
