@@ -98,4 +98,3 @@ def test_unpriced_models_alert_once_per_month_scope() -> None:
     alerts = unpriced_model_alerts(rollups, start)
     assert [a["alert_id"] for a in alerts] == ["anomaly.unpriced_model:acme:x/y:2025-07"]
     assert codec.decode("alert", codec.encode("alert", alerts[0]))["kind"] == "anomaly.unpriced_model"
-
