@@ -497,12 +497,52 @@ def demo(duration: float, rate: int, keep_running: bool) -> None:
         _fail(str(exc))
 
 
+@cli.group()
+def ratecard() -> None:
+    """How a tenant is billed: at cost, cost plus a markup, or custom per-token rates."""
+
+
+@ratecard.command("set")
+@click.option("--tenant", required=True)
+@click.option("--pass-through", "pass_through", is_flag=True, help="Bill what the calls cost.")
+@click.option("--markup", default=None, help="Cost plus this percentage, e.g. 20.")
+@click.option("--rates", "rates_file", type=click.File("r"), default=None,
+              help='JSON: {"openai/gpt-4o": {"input_mtok": "3", "output_mtok": "12"}, …}; '
+                   "other models at cost.")  # fmt: skip
+def ratecard_set(tenant: str, pass_through: bool, markup: str | None, rates_file: TextIO | None) -> None:
+    """Set a tenant's rate card (applies to every invoice made from now on)."""
+    import json
+    from decimal import Decimal, InvalidOperation
+
+    import psycopg
+
+    from sinks.postgres import RateCard, set_rate_card
+
+    if sum((pass_through, markup is not None, rates_file is not None)) != 1:
+        _fail("give exactly one of --pass-through, --markup, --rates")
+    try:
+        if markup is not None:
+            card = RateCard(tenant, "cost_plus", Decimal(markup))
+        elif rates_file is not None:
+            raw = json.load(rates_file)
+            card = RateCard(
+                tenant, "custom", rates={m: {k: Decimal(str(v)) for k, v in r.items()} for m, r in raw.items()}
+            )
+        else:
+            card = RateCard(tenant)
+    except (InvalidOperation, ValueError, AttributeError) as exc:
+        _fail(f"invalid rate card: {exc}")
+    with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+        set_rate_card(conn, card)
+    click.echo(f"{tenant}: {card.mode}" + (f" +{card.markup_percent}%" if card.mode == "cost_plus" else ""))
+
+
 @cli.command("invoice")
 @click.option("--tenant", required=True, help="Tenant id to bill.")
 @click.option("--period", required=True, help="Billing month, YYYY-MM (UTC).")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv", "table"]), default="table", show_default=True)
 def invoice_cmd(tenant: str, period: str, fmt: str) -> None:
-    """A tenant's pass-through invoice for one month, from the Postgres metering tables."""
+    """A tenant's invoice for one month, from the Postgres metering tables, under its rate card."""
     import csv
     import json
     import re
@@ -521,13 +561,19 @@ def invoice_cmd(tenant: str, period: str, fmt: str) -> None:
     lines = [
         {"provider_model": line.provider_model, "calls": line.calls, "input_tokens": line.input_tokens,
          "output_tokens": line.output_tokens, "cache_read_tokens": line.cache_read_tokens,
-         "cache_write_tokens": line.cache_write_tokens, "amount": str(line.amount)}
+         "cache_write_tokens": line.cache_write_tokens, "cost": str(line.cost), "amount": str(line.amount)}
         for line in bill.lines
     ]  # fmt: skip
+    card = bill.rate_card
     if fmt == "json":
+        for line, data in zip(bill.lines, lines, strict=True):
+            data["items"] = [{"kind": i.kind, "quantity": i.quantity, "amount": str(i.amount),
+                              "unit_price_mtok": None if i.unit_price_mtok is None else str(i.unit_price_mtok)}
+                             for i in line.items]  # fmt: skip
         click.echo(json.dumps({
             "tenant_id": bill.tenant_id, "period": bill.period, "currency": bill.currency, "lines": lines,
             "total": str(bill.total), "calls": bill.calls, "unpriced_calls": bill.unpriced_calls,
+            "rate_card": {"mode": card.mode, "markup_percent": str(card.markup_percent)},
         }, indent=2))  # fmt: skip
     elif fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(lines[0]) if lines else ["provider_model", "amount"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
@@ -152,6 +152,57 @@ def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> Batch
     return BatchResult(int(inserted[0]) if inserted else 0, rollups)
 
 
+MTOK = Decimal(1_000_000)
+
+
+@dataclass(frozen=True)
+class RateCard:
+    """How a tenant is billed. ``rates``: "provider/model" → USD per million tokens of each kind
+    (``input_mtok``, ``output_mtok``, optional ``cache_read_mtok`` / ``cache_write_mtok``, which
+    default to the input rate); used in ``custom`` mode, other models are billed at cost."""
+
+    tenant_id: str
+    mode: str = "pass_through"  # pass_through | cost_plus | custom
+    markup_percent: Decimal = Decimal(0)
+    rates: dict[str, dict[str, Decimal]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pass_through", "cost_plus", "custom"):
+            raise ValueError("mode must be pass_through, cost_plus or custom")
+        if self.markup_percent < 0:
+            raise ValueError("the markup cannot be negative")
+        for model, rates in self.rates.items():
+            if "input_mtok" not in rates or "output_mtok" not in rates:
+                raise ValueError(f"{model}: input_mtok and output_mtok are required")
+
+
+def set_rate_card(conn: psycopg.Connection, card: RateCard) -> None:
+    rates = {m: {k: str(v) for k, v in r.items()} for m, r in card.rates.items()}
+    conn.execute(
+        "INSERT INTO tokenmeter.rate_cards (tenant_id, mode, markup_percent, rates) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (tenant_id) DO UPDATE SET mode = excluded.mode, markup_percent = excluded.markup_percent,"
+        " rates = excluded.rates, updated_at = now()",
+        (card.tenant_id, card.mode, card.markup_percent, json.dumps(rates)),
+    )
+
+
+def rate_card(conn: psycopg.Connection, tenant_id: str) -> RateCard:
+    row = conn.execute("SELECT mode, markup_percent, rates FROM tokenmeter.rate_cards WHERE tenant_id = %s",
+                       (tenant_id,)).fetchone()  # fmt: skip
+    if row is None:
+        return RateCard(tenant_id)
+    rates = {m: {k: Decimal(v) for k, v in r.items()} for m, r in row[2].items()}
+    return RateCard(tenant_id, row[0], row[1], rates)
+
+
+@dataclass(frozen=True)
+class InvoiceItem:
+    kind: str  # input (incl. cache, at cost), output, or with custom rates: input_uncached, cache_read, cache_write
+    quantity: int  # tokens
+    unit_price_mtok: Decimal | None  # USD per million tokens, when the card sets one
+    amount: Decimal
+
+
 @dataclass(frozen=True)
 class InvoiceLine:
     provider_model: str
@@ -160,7 +211,30 @@ class InvoiceLine:
     output_tokens: int
     cache_read_tokens: int
     cache_write_tokens: int
-    amount: Decimal
+    cost: Decimal  # what the calls cost us (pass-through)
+    amount: Decimal  # what the tenant is billed under its rate card
+    items: list[InvoiceItem]
+
+
+def bill_line(card: RateCard, model: str, tokens: tuple[int, int, int, int], costs: tuple[Decimal, Decimal],
+              ) -> tuple[Decimal, list[InvoiceItem]]:  # fmt: skip
+    """Apply a rate card to one model's month: tokens (input, output, cache read, cache write) and
+    pass-through costs (input, output). Exact: no rounding."""
+    input_tokens, output_tokens, cache_read, cache_write = tokens
+    input_cost, output_cost = costs
+    rates = card.rates.get(model) if card.mode == "custom" else None
+    if rates is not None:
+        read_rate = rates.get("cache_read_mtok", rates["input_mtok"])
+        write_rate = rates.get("cache_write_mtok", rates["input_mtok"])
+        uncached = input_tokens - cache_read - cache_write
+        kinds = [("input_uncached", uncached, rates["input_mtok"]), ("cache_read", cache_read, read_rate),
+                 ("cache_write", cache_write, write_rate), ("output", output_tokens, rates["output_mtok"])]  # fmt: skip
+        items = [InvoiceItem(kind, n, rate, rate * n / MTOK) for kind, n, rate in kinds if n]
+        return sum((i.amount for i in items), Decimal(0)), items
+    factor = 1 + card.markup_percent / 100 if card.mode == "cost_plus" else Decimal(1)
+    items = [InvoiceItem("input", input_tokens, None, input_cost * factor),
+             InvoiceItem("output", output_tokens, None, output_cost * factor)]  # fmt: skip
+    return (input_cost + output_cost) * factor, items
 
 
 @dataclass(frozen=True)
@@ -172,18 +246,23 @@ class Invoice:
     total: Decimal
     calls: int
     unpriced_calls: int
+    rate_card: RateCard
 
 
 def invoice(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice:
-    """Pass-through invoice for a tenant and a UTC calendar month ``YYYY-MM`` from the month rollups."""
+    """A tenant's invoice for a UTC calendar month ``YYYY-MM`` from the month rollups, under its rate card."""
+    card = rate_card(conn, tenant_id)
     rows = conn.execute(
         "SELECT dimension_value, calls, unpriced_calls, input_tokens, output_tokens, cache_read_tokens,"
-        " cache_write_tokens, cost FROM tokenmeter.rollups"
+        " cache_write_tokens, cost, input_cost, output_cost FROM tokenmeter.rollups"
         " WHERE tenant_id = %s AND granularity = 'month' AND dimension = 'model'"
         " AND window_start = (%s || '-01')::timestamp AT TIME ZONE 'UTC' ORDER BY cost DESC, dimension_value",
         (tenant_id, period),
     ).fetchall()
-    lines = [InvoiceLine(r[0], r[1], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+    lines = []
+    for r in rows:
+        amount, items = bill_line(card, r[0], (r[3], r[4], r[5], r[6]), (r[8], r[9]))
+        lines.append(InvoiceLine(r[0], r[1], r[3], r[4], r[5], r[6], r[7], amount, items))
     return Invoice(
         tenant_id=tenant_id,
         period=period,
@@ -192,4 +271,5 @@ def invoice(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice:
         total=sum((line.amount for line in lines), Decimal(0)),
         calls=sum(r[1] for r in rows),
         unpriced_calls=sum(r[2] for r in rows),
+        rate_card=card,
     )

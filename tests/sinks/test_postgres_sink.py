@@ -115,3 +115,27 @@ def test_invoice_command_json(conn: psycopg.Connection, settings: Settings, uniq
     bad = subprocess.run([sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", "June"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode != 0 and "YYYY-MM" in bad.stderr
+
+
+def test_rate_cards_markup_and_custom_rates_exactly(conn: psycopg.Connection, unique: str) -> None:
+    from sinks.postgres import RateCard, set_rate_card
+
+    tenant = f"card-{unique}"
+    write_batch(conn, workload(tenant, 40))
+    at_cost = invoice(conn, tenant, "2025-06")
+    assert at_cost.total == sum((line.cost for line in at_cost.lines), Decimal(0)) > 0
+    set_rate_card(conn, RateCard(tenant, "cost_plus", Decimal("17.5")))
+    marked = invoice(conn, tenant, "2025-06")
+    assert marked.total == at_cost.total * Decimal("1.175")  # exactly, no rounding
+    assert [line.amount for line in marked.lines] == [line.cost * Decimal("1.175") for line in at_cost.lines]
+    assert all(sum(i.amount for i in line.items) == line.amount for line in marked.lines)
+    rates = {"openai/gpt-4o": {"input_mtok": Decimal("3"), "output_mtok": Decimal("12"),
+                               "cache_read_mtok": Decimal("0.5")}}  # fmt: skip
+    set_rate_card(conn, RateCard(tenant, "custom", rates=rates))
+    custom = invoice(conn, tenant, "2025-06")
+    line = next(line for line in custom.lines if line.provider_model == "openai/gpt-4o")
+    uncached = line.input_tokens - line.cache_read_tokens - line.cache_write_tokens
+    assert line.amount == (uncached * 3 + line.cache_read_tokens * Decimal("0.5") + line.output_tokens * 12) / 10**6
+    assert {i.kind for i in line.items} >= {"input_uncached", "output"}
+    others = [x for x in custom.lines if x.provider_model != "openai/gpt-4o"]
+    assert all(x.amount == x.cost for x in others)  # models without a custom rate are billed at cost
