@@ -537,6 +537,39 @@ def ratecard_set(tenant: str, pass_through: bool, markup: str | None, rates_file
     click.echo(f"{tenant}: {card.mode}" + (f" +{card.markup_percent}%" if card.mode == "cost_plus" else ""))
 
 
+@cli.command("whatif")
+@click.option("--tenant", required=True)
+@click.option("--period", default="month", show_default=True, help="today, week, month, YYYY-MM or FROM..TO.")
+@click.option("--from", "from_model", required=True, help="provider/model used, e.g. openai/gpt-4o")
+@click.option("--to", "to_model", required=True, help="provider/model to compare, e.g. openai/gpt-4o-mini")
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table", show_default=True)
+def whatif_cmd(tenant: str, period: str, from_model: str, to_model: str, fmt: str) -> None:
+    """What the period would have cost had another model served the same calls (same tokens)."""
+    import json
+
+    import psycopg
+
+    from sinks.reports import parse_period, whatif
+    from streams.pricing import PriceBook
+
+    try:
+        chosen = parse_period(period)
+        with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+            result = whatif(conn, PriceBook(), tenant, chosen, from_model, to_model)
+    except ValueError as exc:
+        _fail(str(exc))
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach Postgres: {exc}")
+    if fmt == "json":
+        click.echo(json.dumps(result))
+        return
+    click.echo(
+        f"{tenant}, {result['period']}: {result['calls']:,} calls of {from_model} cost ${result['actual_cost']};"
+    )
+    click.echo(f"with {to_model} they would have cost ${result['whatif_cost']} "
+               f"(difference ${result['difference']}, ratio {result['ratio']})")  # fmt: skip
+
+
 @cli.command("invoice")
 @click.option("--tenant", required=True, help="Tenant id to bill.")
 @click.option("--period", required=True, help="Billing month, YYYY-MM (UTC).")

@@ -196,3 +196,46 @@ def report_rows(report: dict[str, Any]) -> list[list[str]]:
         rows += [[section, r["name"], r["cost"], str(r["calls"]), r["share"]] for r in report[section]]
     rows += [["top_requests", r["event_id"], r["cost"], "1", ""] for r in report["top_requests"]]
     return rows
+
+
+def whatif(conn: psycopg.Connection, book: Any, tenant_id: str, period: Period, from_model: str,
+           to_model: str) -> dict[str, Any]:  # fmt: skip
+    """Reprice every call of ``from_model`` ("provider/model") in the period as if ``to_model`` had
+    served it: same tokens, the other model's price at each call's own time (tiers included)."""
+    from schemas.events import UsageEvent
+
+    from_provider, _, from_name = from_model.partition("/")
+    to_provider, _, to_name = to_model.partition("/")
+    if not (from_name and to_name):
+        raise ValueError("models are written provider/model, e.g. openai/gpt-4o")
+    calls = 0
+    actual = alternative = Decimal(0)
+    unpriced = 0
+    with conn.cursor(name="whatif") as cursor:  # server-side: a month can hold millions of calls
+        cursor.itersize = 10_000
+        cursor.execute(
+            "SELECT ts, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, total_cost"
+            " FROM tokenmeter.ledger WHERE tenant_id = %s AND provider = %s AND model = %s"
+            " AND ts >= %s AND ts < %s",
+            (tenant_id, from_provider, from_name, period.start, period.end),
+        )
+        for ts, input_tokens, output_tokens, cache_read, cache_write, cost in cursor:
+            calls += 1
+            actual += cost
+            event = UsageEvent.model_construct(
+                event_id="whatif", timestamp=ts, tenant_id=tenant_id, provider=to_provider, model=to_name,
+                input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read,
+                cache_write_tokens=cache_write, input_audio_tokens=None, output_audio_tokens=None,
+                input_image_tokens=None,
+            )  # fmt: skip
+            price = book.price(event)
+            if price.status != "priced":
+                unpriced += 1
+            alternative += price.total_cost
+    if unpriced:
+        raise ValueError(f"{to_model} has no price for {unpriced} of the calls")
+    return {
+        "tenant_id": tenant_id, "period": period.label, "from": from_model, "to": to_model, "calls": calls,
+        "actual_cost": _money(actual), "whatif_cost": _money(alternative), "difference": _money(alternative - actual),
+        "ratio": f"{alternative / actual:.4f}" if actual else None,
+    }  # fmt: skip

@@ -20,7 +20,7 @@ from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import validate_event
 from sinks.postgres import PricedEvent, write_batch
-from sinks.reports import build_report, parse_period, report_rows
+from sinks.reports import build_report, parse_period, report_rows, whatif
 from streams.pricing import PriceBook
 
 NOW = datetime(2025, 7, 20, 15, tzinfo=UTC)
@@ -112,3 +112,20 @@ def test_periods() -> None:
     assert parse_period("2025-07-01..2025-07-01").end == datetime(2025, 7, 2, tzinfo=UTC)
     with pytest.raises(ValueError):
         parse_period("2025-07-09..2025-07-01")
+
+
+def test_whatif_reprices_the_same_tokens_with_another_model(conn: psycopg.Connection, stack: LocalStack,
+                                                             unique: str) -> None:  # fmt: skip
+    tenant = f"whatif-{unique}"
+    items = seed(conn, tenant)
+    period = parse_period("2025-07")
+    mine = [i for i in items if i.event.model == "gpt-4o" and i.event.timestamp.month == 7]
+    book = PriceBook()
+    result = whatif(conn, book, tenant, period, "openai/gpt-4o", "openai/gpt-4o-mini")
+    expected = sum((book.price(i.event.model_copy(update={"model": "gpt-4o-mini"})).total_cost for i in mine),
+                   Decimal(0))  # fmt: skip
+    assert result["calls"] == len(mine) and Decimal(result["whatif_cost"]) == expected
+    assert Decimal(result["actual_cost"]) == sum((i.price.total_cost for i in mine), Decimal(0))
+    assert Decimal(result["ratio"]) < Decimal("0.1")  # mini is ~16x cheaper
+    with pytest.raises(ValueError, match="provider/model"):
+        whatif(conn, book, tenant, period, "gpt-4o", "openai/gpt-4o-mini")
