@@ -12,12 +12,19 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import psycopg
 
 from schemas.events import UsageEvent
 from streams.pricing import PriceResult
+
+SCALE = Decimal("1e-12")  # the ledger's numeric(38, 12) and the wire's Avro decimal scale 12
+
+
+def money(value: Decimal) -> Decimal:
+    """Round to 12 places as Postgres ``numeric(38, 12)`` does (half away from zero)."""
+    return value.quantize(SCALE, rounding=ROUND_HALF_UP)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 
+from sinks.postgres import money
 from sinks.redis import period_start
 
 BREAKDOWNS = {"by_model": "model", "by_feature": "feature", "by_environment": "environment", "by_user": "user"}
@@ -64,7 +65,7 @@ def _money(value: Decimal | None) -> str:
 
 def _average(cost: Decimal, calls: int) -> str:
     """A per-call average, to the ledger's 12 places (a display figure, not billed)."""
-    return _money((cost / calls).quantize(Decimal("1e-12"))) if calls else "0"
+    return _money(money(cost / calls)) if calls else "0"
 
 
 def _tenant_filter(tenant_id: str | None) -> tuple[str, dict[str, Any]]:

@@ -28,7 +28,6 @@ import asyncio
 import json
 import logging
 import multiprocessing
-import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -42,7 +41,8 @@ from deploy.settings import Settings, get_settings
 from producers.quota import budget_key, rate_limit_key
 from schemas import codec
 from sinks.alerts import store_alerts, top_contributors
-from sinks.postgres import Rollup
+from sinks.postgres import Rollup, money
+from sinks.retry import with_backoff
 from sinks.webhooks import deliver_pending
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
 from streams.budgets import RATE_LIMIT_PREFIX, Budget, budget_alerts, parse_budget, parse_rate_limit
@@ -107,24 +107,26 @@ class AlertSink:
         self.settings = settings
         self._conn: psycopg.Connection | None = None
 
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.settings.database_url, autocommit=True, connect_timeout=5)
+        return self._conn
+
+    def _drop(self) -> None:
+        self._conn = None
+
     def store(self, alerts: list[dict[str, Any]]) -> None:
-        delay = 0.5
-        while True:
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = psycopg.connect(self.settings.database_url, autocommit=True, connect_timeout=5)
-                for alert in alerts:
-                    if alert["kind"].startswith("budget"):
-                        granularity, start = alert["period"].split(":", 1)
-                        window = datetime.fromisoformat(start).replace(tzinfo=UTC)
-                        alert["details"].update(top_contributors(self._conn, alert["tenant_id"], granularity, window))
-                store_alerts(self._conn, alerts)
-                return
-            except psycopg.OperationalError as exc:
-                log.warning("cannot store alerts (%s); retrying in %.1fs", exc, delay)
-                self._conn = None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        with_backoff(lambda: self._store(alerts), (psycopg.OperationalError,), "Postgres (alerts)",
+                     on_failure=self._drop, first_delay=0.5)  # fmt: skip
+
+    def _store(self, alerts: list[dict[str, Any]]) -> None:
+        conn = self._connection()
+        for alert in alerts:
+            if alert["kind"].startswith("budget"):
+                granularity, start = alert["period"].split(":", 1)
+                window = datetime.fromisoformat(start).replace(tzinfo=UTC)
+                alert["details"].update(top_contributors(conn, alert["tenant_id"], granularity, window))
+        store_alerts(conn, alerts)
 
     def deliver(self) -> None:
         try:
@@ -160,7 +162,6 @@ def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFol
     return ConfigFollower(settings.kafka_bootstrap, settings.topic_budgets, apply)
 
 
-_PICO = Decimal("1e-12")  # the alert schema's decimal scale
 _RULES: dict[tuple[str, str], Callable[[Window, list[Window]], Finding | None]] = {
     ("hour", "tenant"): spend_spike,
     ("day", "tenant"): daily_spend_spike,
@@ -195,7 +196,7 @@ def anomaly_alerts(latest: Iterable[Rollup], lookup: Callable[[str], dict[str, A
             "kind": f"anomaly.{finding.rule}", "tenant_id": r.tenant_id,
             "scope": {"dimension": r.dimension, "value": r.dimension_value},
             "period": f"{r.granularity}:{r.window_start.isoformat()}", "threshold_percent": None,
-            "current": finding.current.quantize(_PICO), "baseline": finding.baseline.quantize(_PICO),
+            "current": money(finding.current), "baseline": money(finding.baseline),
             "limit": None, "message": f"{scope}: {finding.message}",
             "details": {"ratio": str(finding.ratio), "rule": finding.rule}, "created_at": now,
         })  # fmt: skip

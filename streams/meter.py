@@ -25,10 +25,10 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -39,8 +39,9 @@ from deploy.settings import Settings
 from schemas import codec
 from schemas.events import UsageEvent
 from sinks.alerts import store_alerts
-from sinks.postgres import BatchResult, PricedEvent, Rollup, write_batch
+from sinks.postgres import BatchResult, PricedEvent, Rollup, money, write_batch
 from sinks.redis import write_spend
+from sinks.retry import with_backoff
 from streams.anomaly import ConversationRates
 from streams.overrides import override_follower
 from streams.pipeline import Deduplicator, RawMessage, Rejected, dead_letter_record, decode_batch, price_batch
@@ -52,7 +53,6 @@ log = logging.getLogger("tokenmeter.meter")
 # check within a second; under load batches fill long before it.
 BATCH_WAIT_S = 0.05
 SESSION_TIMEOUT_S = 10  # how long a killed worker's partitions wait before another worker takes them
-CENT_MICRO = Decimal("1e-12")  # the ledger's and the wire's scale: numeric(38, 12), Avro decimal scale 12
 
 write_priced = codec.record_writer("priced_event")
 write_dead_letter = codec.record_writer("dead_letter")
@@ -70,16 +70,11 @@ def runaway_alerts(rates: ConversationRates, events: Sequence[UsageEvent], now: 
             "alert_id": f"anomaly.runaway_loop:{tenant}:{conversation}:{hour.isoformat()}",
             "kind": "anomaly.runaway_loop", "tenant_id": tenant, "scope": {"conversation": conversation},
             "period": f"minute:{datetime.fromtimestamp(minute * 60, UTC).isoformat()}", "threshold_percent": None,
-            "current": finding.current, "baseline": finding.baseline.quantize(Decimal("1e-12")), "limit": None,
+            "current": finding.current, "baseline": money(finding.baseline), "limit": None,
             "message": f"{tenant}/{conversation}: {finding.message} — a loop?",
             "details": {"ratio": str(finding.ratio), "rule": finding.rule}, "created_at": now,
         })  # fmt: skip
     return alerts
-
-
-def money(value: Decimal) -> Decimal:
-    """Round to 12 places as Postgres ``numeric(38, 12)`` does (half away from zero)."""
-    return value.quantize(CENT_MICRO, rounding=ROUND_HALF_UP)
 
 
 def priced_record(item: PricedEvent) -> dict[str, Any]:
@@ -140,6 +135,9 @@ class MeterStats:
     busy_seconds: float = 0.0
 
 
+_PG_DOWN = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
 class Sinks:
     """Postgres and Redis, retried with back-off while either is down (the batch waits, unacked)."""
 
@@ -153,35 +151,21 @@ class Sinks:
             self._pg = psycopg.connect(self.settings.database_url, connect_timeout=5)
         return self._pg
 
-    def write(self, priced: Sequence[PricedEvent], should_stop: Any = None) -> BatchResult:
-        delay = 0.2
-        result: BatchResult | None = None
-        while True:
-            try:
-                if result is None:
-                    result = write_batch(self._postgres(), priced)
-                write_spend(self.redis, result.rollups)
-                return result
-            except (psycopg.OperationalError, psycopg.InterfaceError, redis.RedisError) as exc:
-                log.warning("sink unavailable (%s); retrying the batch in %.1fs", str(exc).strip()[:200], delay)
-                if result is None and self._pg is not None:
-                    self._pg.close()
-                if should_stop is not None and should_stop():
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    def _drop_postgres(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
+
+    def write(self, priced: Sequence[PricedEvent], should_stop: Callable[[], bool] | None = None) -> BatchResult:
+        """Postgres, then Redis; each retried while down. A Redis retry does not rewrite Postgres."""
+        result = with_backoff(lambda: write_batch(self._postgres(), priced), _PG_DOWN, "Postgres",
+                              on_failure=self._drop_postgres, should_stop=should_stop)  # fmt: skip
+        with_backoff(lambda: write_spend(self.redis, result.rollups), (redis.RedisError,), "Redis",
+                     should_stop=should_stop)  # fmt: skip
+        return result
 
     def store_alerts(self, alerts: Sequence[dict[str, Any]]) -> set[str]:
-        delay = 0.2
-        while True:
-            try:
-                return store_alerts(self._postgres(), alerts)
-            except psycopg.OperationalError as exc:
-                log.warning("cannot store alerts (%s); retrying in %.1fs", str(exc).strip()[:200], delay)
-                if self._pg is not None:
-                    self._pg.close()
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return with_backoff(lambda: store_alerts(self._postgres(), alerts), _PG_DOWN, "Postgres (alerts)",
+                            on_failure=self._drop_postgres)  # fmt: skip
 
     def close(self) -> None:
         if self._pg is not None:

@@ -19,7 +19,7 @@ from deploy.isolation import WorkerProcess, committed_total, env_for, isolated, 
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import validate_event
-from streams.meter import money
+from sinks.postgres import money
 from streams.pricing import usage_of
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5"), ("openai", "o3"),

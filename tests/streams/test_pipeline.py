@@ -8,9 +8,9 @@ from decimal import Decimal
 
 from schemas import codec
 from schemas.events import validate_event
-from sinks.postgres import Rollup
+from sinks.postgres import Rollup, money
 from streams.app import expired, table_key, unpriced_model_alerts
-from streams.meter import money, priced_record, rollup_from_record, rollup_record
+from streams.meter import priced_record, rollup_from_record, rollup_record
 from streams.pipeline import Deduplicator, RawMessage, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
 
