@@ -450,15 +450,16 @@ def report_cmd(tenant: str | None, period: str, fmt: str, output: str | None, to
     import psycopg
 
     from deploy.report_render import print_report, render_html
+    from sinks.postgres import tenant_time_zone
     from sinks.reports import build_report, parse_period, report_rows
 
     try:
-        chosen = parse_period(period)
+        with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+            # One tenant's report uses its calendar; a report across tenants uses UTC days.
+            chosen = parse_period(period, time_zone=tenant_time_zone(conn, tenant) if tenant else "UTC")
+            report = build_report(conn, tenant, chosen, top=top)
     except ValueError as exc:
         _fail(str(exc))
-    try:
-        with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
-            report = build_report(conn, tenant, chosen, top=top)
     except psycopg.OperationalError as exc:
         _fail(f"cannot reach Postgres: {exc}")
     if fmt == "table" and output is None:
@@ -498,6 +499,60 @@ def demo(duration: float, rate: int, keep_running: bool) -> None:
 
 
 @cli.group()
+def tenant() -> None:
+    """Tenant settings: the time zone of its calendar (days, weeks, months)."""
+
+
+@tenant.command("set")
+@click.option("--tenant", "tenant_id", required=True)
+@click.option("--timezone", "time_zone", required=True, help="IANA zone, e.g. Europe/Berlin, America/New_York, UTC.")
+def tenant_set(tenant_id: str, time_zone: str) -> None:
+    """Set a tenant's time zone: its budgets reset, invoices close and reports group at its midnight.
+
+    The tenant's rollups are rebuilt from the ledger in the new zone at once (the pipeline waits a
+    moment meanwhile) and its Redis spend is rewritten; budget thresholds already alerted in the
+    old calendar may alert once more in the new one.
+    """
+    import psycopg
+    import redis
+
+    from sinks.postgres import set_time_zone
+    from sinks.redis import spend_key, write_spend
+    from streams.periods import PERIODS, zone
+
+    try:
+        zone(time_zone)
+    except ValueError as exc:
+        _fail(str(exc))
+    settings = _settings()
+    started = time.monotonic()
+    try:
+        with psycopg.connect(settings.database_url, connect_timeout=5) as conn:
+            rollups = set_time_zone(conn, tenant_id, time_zone)
+    except psycopg.Error as exc:
+        _fail(f"cannot set the time zone: {exc}".strip())
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+    # The spend keys of the old calendar may end later than the new ones: clear, then write afresh.
+    stale = {spend_key(r.tenant_id, r.dimension, r.dimension_value, p) for r in rollups for p in PERIODS}
+    stale |= {spend_key(tenant_id, "tenant", "", p) for p in PERIODS}
+    client.delete(*stale)
+    write_spend(client, rollups)
+    click.echo(f"{tenant_id}: time zone {time_zone}; rollups rebuilt in {time.monotonic() - started:.1f} s")
+
+
+@tenant.command("show")
+@click.option("--tenant", "tenant_id", required=True)
+def tenant_show(tenant_id: str) -> None:
+    """Print a tenant's time zone (UTC unless set)."""
+    import psycopg
+
+    from sinks.postgres import tenant_time_zone
+
+    with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+        click.echo(f"{tenant_id}: time zone {tenant_time_zone(conn, tenant_id)}")
+
+
+@cli.group()
 def ratecard() -> None:
     """How a tenant is billed: at cost, cost plus a markup, or custom per-token rates."""
 
@@ -516,7 +571,7 @@ def ratecard_set(tenant: str, pass_through: bool, markup: str | None, rates_file
 
     import psycopg
 
-    from sinks.postgres import RateCard, set_rate_card
+    from sinks.invoices import RateCard, set_rate_card
 
     if sum((pass_through, markup is not None, rates_file is not None)) != 1:
         _fail("give exactly one of --pass-through, --markup, --rates")
@@ -549,12 +604,13 @@ def whatif_cmd(tenant: str, period: str, from_model: str, to_model: str, fmt: st
 
     import psycopg
 
+    from sinks.postgres import tenant_time_zone
     from sinks.reports import parse_period, whatif
     from streams.pricing import PriceBook
 
     try:
-        chosen = parse_period(period)
         with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+            chosen = parse_period(period, time_zone=tenant_time_zone(conn, tenant))
             result = whatif(conn, PriceBook(), tenant, chosen, from_model, to_model)
     except ValueError as exc:
         _fail(str(exc))
@@ -572,56 +628,57 @@ def whatif_cmd(tenant: str, period: str, from_model: str, to_model: str, fmt: st
 
 @cli.command("invoice")
 @click.option("--tenant", required=True, help="Tenant id to bill.")
-@click.option("--period", required=True, help="Billing month, YYYY-MM (UTC).")
+@click.option("--period", required=True, help="Billing month, YYYY-MM (in the tenant's time zone).")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv", "table"]), default="table", show_default=True)
-def invoice_cmd(tenant: str, period: str, fmt: str) -> None:
-    """A tenant's invoice for one month, from the Postgres metering tables, under its rate card."""
+@click.option("--finalize", is_flag=True,
+              help="Freeze this ended month's invoice; its late usage goes on the next open invoice.")  # fmt: skip
+def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
+    """A tenant's invoice for one month, from the Postgres metering tables, under its rate card.
+
+    An open invoice also carries adjustment lines: usage of earlier, finalized months that arrived
+    after they were finalized (late events), billed now instead of changing a finalized invoice.
+    """
     import csv
     import json
-    import re
+    from datetime import UTC, datetime
 
     import psycopg
 
-    from sinks.postgres import invoice
+    from sinks import invoices
 
-    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", period):
-        _fail(f"--period must be YYYY-MM, got {period!r}")
     try:
         with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
-            bill = invoice(conn, tenant, period)
+            if finalize:
+                bill = invoices.finalize(conn, tenant, period, datetime.now(UTC))
+                click.echo(f"finalized {tenant} {period}: total ${bill.total}", err=True)
+            else:
+                bill = invoices.invoice(conn, tenant, period)
+    except invoices.InvoiceError as exc:
+        _fail(str(exc))
     except psycopg.Error as exc:
         _fail(f"cannot read the metering database: {exc}".strip())
-    lines = [
-        {"provider_model": line.provider_model, "calls": line.calls, "input_tokens": line.input_tokens,
-         "output_tokens": line.output_tokens, "cache_read_tokens": line.cache_read_tokens,
-         "cache_write_tokens": line.cache_write_tokens, "cost": str(line.cost), "amount": str(line.amount)}
-        for line in bill.lines
-    ]  # fmt: skip
-    card = bill.rate_card
+    document = bill.as_json()
     if fmt == "json":
-        for line, data in zip(bill.lines, lines, strict=True):
-            data["items"] = [{"kind": i.kind, "quantity": i.quantity, "amount": str(i.amount),
-                              "unit_price_mtok": None if i.unit_price_mtok is None else str(i.unit_price_mtok)}
-                             for i in line.items]  # fmt: skip
-        click.echo(json.dumps({
-            "tenant_id": bill.tenant_id, "period": bill.period, "currency": bill.currency, "lines": lines,
-            "total": str(bill.total), "calls": bill.calls, "unpriced_calls": bill.unpriced_calls,
-            "rate_card": {"mode": card.mode, "markup_percent": str(card.markup_percent)},
-        }, indent=2))  # fmt: skip
+        click.echo(json.dumps(document, indent=2))
     elif fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(lines[0]) if lines else ["provider_model", "amount"])
+        columns = ["provider_model", "usage_period", "calls", "unpriced_calls", "input_tokens", "output_tokens",
+                   "cache_read_tokens", "cache_write_tokens", "cost", "amount"]  # fmt: skip
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(lines)
-        writer.writerow({"provider_model": "TOTAL", "amount": str(bill.total)})
+        writer.writerows(document["lines"] + document["adjustments"])
+        writer.writerow({"provider_model": "TOTAL", "calls": bill.calls, "amount": str(bill.total)})
     else:
-        table = Table(title=f"Invoice {bill.tenant_id} {bill.period} ({bill.currency})")
-        for column in ("provider/model", "calls", "input tok", "output tok", "cache read", "cache write", "amount"):
-            table.add_column(column, justify="left" if column == "provider/model" else "right")
-        for line in bill.lines:
+        title = f"Invoice {bill.tenant_id} {bill.period} ({bill.currency}, {bill.status}, {bill.time_zone})"
+        table = Table(title=title)
+        for column in ("provider/model", "usage of", "calls", "input tok", "output tok", "cache read", "cache write",
+                       "amount"):  # fmt: skip
+            table.add_column(column, justify="left" if column in ("provider/model", "usage of") else "right")
+        for line in bill.lines + bill.adjustments:
             counts = [line.calls, line.input_tokens, line.output_tokens]
             counts += [line.cache_read_tokens, line.cache_write_tokens]
-            table.add_row(line.provider_model, *(f"{n:,}" for n in counts), f"{line.amount:.6f}")
-        table.add_row("TOTAL", f"{bill.calls:,}", "", "", "", "", f"{bill.total:.6f}", style="bold")
+            usage_of = line.usage_period + (" (adjustment)" if line.usage_period != bill.period else "")
+            table.add_row(line.provider_model, usage_of, *(f"{n:,}" for n in counts), f"{line.amount:.6f}")
+        table.add_row("TOTAL", "", f"{bill.calls:,}", "", "", "", "", f"{bill.total:.6f}", style="bold")
         Console().print(table)
         if bill.unpriced_calls:
             click.secho(f"{bill.unpriced_calls} unpriced calls (unknown models) are not in the total", fg="yellow")

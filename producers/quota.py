@@ -3,8 +3,9 @@
 ``check`` reads; ``reserve`` / ``commit`` / ``release`` hold a call's estimated cost against hard
 budgets and count it against rate limits (calls and tokens per minute, calls per day) atomically.
 
-The pipeline keeps Redis current (``sinks/redis.py``): the spend of each scope for the open day, week
-and month, and the budgets that apply (``tm:budget:<tenant>:<dimension>:<value>``, JSON with
+The pipeline keeps Redis current (``sinks/redis.py``): the spend of each scope for its open day, week
+and month (in the tenant's time zone; each value carries its period's end, so no zone is needed
+here), and the budgets that apply (``tm:budget:<tenant>:<dimension>:<value>``, JSON with
 ``limit``, ``period`` and ``hard``). ``check`` reads all of them with one ``MGET`` and decides here, so
 a raised limit or a new period unblocks a scope without anybody having to clear a flag.
 """
@@ -22,8 +23,9 @@ from typing import Any
 import redis
 
 from deploy.settings import Settings, get_settings
-from sinks.redis import PERIODS, period_start, spend_key
 from sinks.redis import _escape as escape_key_part
+from sinks.redis import spend_key, spend_value
+from streams.periods import PERIODS
 
 
 def budget_key(tenant_id: str, dimension: str, value: str) -> str:
@@ -78,7 +80,12 @@ for s = 0, #KEYS / 9 - 1 do
   if raw then
     local budget = cjson.decode(raw)
     if budget['hard'] then
-      local spent = math.floor(tonumber(redis.call('GET', KEYS[k + column[budget['period']]]) or '0') * 1e9 + 0.5)
+      local spent = 0
+      local raw_spend = redis.call('GET', KEYS[k + column[budget['period']]])
+      if raw_spend then
+        local amount_text, ends = string.match(raw_spend, '^(%S+) (%d+)$')
+        if ends and tonumber(ends) > now then spent = math.floor(tonumber(amount_text) * 1e9 + 0.5) end
+      end
       local holding = held(KEYS[k + 5])
       if spent + holding + amount > math.floor(tonumber(budget['limit']) * 1e9 + 0.5) then
         return {0, s, 'budget', spent, holding}
@@ -158,19 +165,16 @@ class QuotaClient:
         environment says no; reports the tightest budget. One MGET."""
         now = now or datetime.now(UTC)
         scopes = _scopes(feature, user_id, environment)
-        starts = {period: period_start(period, now) for period in PERIODS}
         keys = [budget_key(tenant_id, d, v) for d, v in scopes]
-        keys += [spend_key(tenant_id, d, v, p, starts[p]) for d, v in scopes for p in PERIODS]
+        keys += [spend_key(tenant_id, d, v, p) for d, v in scopes for p in PERIODS]
         keys += [rate_limit_key(tenant_id, d, v) for d, v in scopes]
         keys += [key for d, v in scopes for key in rate_counter_keys(tenant_id, d, v, now)]
         values = self.redis.mget(keys)
         n = len(scopes)
         budgets = values[:n]
         spend_scopes = [(d, v, p) for d, v in scopes for p in PERIODS]
-        spend = {
-            scope: Decimal(raw.decode() if isinstance(raw, bytes) else raw) if raw else Decimal(0)
-            for scope, raw in zip(spend_scopes, values[n : n + len(spend_scopes)], strict=True)
-        }
+        spend_raw = values[n : n + len(spend_scopes)]
+        spend = {scope: spend_value(raw, now) for scope, raw in zip(spend_scopes, spend_raw, strict=True)}
         decision = decide(tenant_id, scopes, budgets, spend)
         limits = values[n + len(spend_scopes) : 2 * n + len(spend_scopes)]
         counters = values[2 * n + len(spend_scopes) :]
@@ -191,11 +195,10 @@ class QuotaClient:
         of them would be exceeded. Atomic across any number of service replicas."""
         now = now or datetime.now(UTC)
         scopes = _scopes(feature, user_id, environment)
-        starts = {period: period_start(period, now) for period in PERIODS}
         keys: list[str] = []
         for d, v in scopes:
             keys.append(budget_key(tenant_id, d, v))
-            keys += [spend_key(tenant_id, d, v, p, starts[p]) for p in PERIODS]
+            keys += [spend_key(tenant_id, d, v, p) for p in PERIODS]
             keys.append(held_key(tenant_id, d, v))
             keys.append(rate_limit_key(tenant_id, d, v))
             keys += rate_counter_keys(tenant_id, d, v, now)

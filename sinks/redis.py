@@ -1,14 +1,17 @@
 """The Redis sink: current spend per scope and period, for quota checks in one round trip.
 
-Layout (all values are decimal strings, never floats):
+Layout (values are decimal strings, never floats):
 
-    tm:spend:<tenant>:<dimension>:<value>:<period>:<start>   e.g. tm:spend:acme:feature:search:month:2025-07-01
+    tm:spend:<tenant>:<dimension>:<value>:<period>  →  "<spend> <period end, Unix ms>"
+    e.g. tm:spend:acme:feature:search:month  →  "12.5 1767225600000"
 
 ``dimension`` is ``tenant`` (value empty), ``feature``, ``user`` or ``environment``; ``period`` is
-``day``, ``week`` (ISO, Monday) or ``month``, in UTC. Values are the absolute totals the Postgres
-sink read back after its transaction (``sinks.postgres.BatchResult.rollups``), written with ``SET``
-so a replayed batch writes the same value again. Each key expires a day after its period ends, so
-the key count is bounded by (scopes × open periods). Colons and percent signs inside names are
+``day``, ``week`` (ISO, Monday) or ``month`` in the tenant's time zone (``streams/periods.py``).
+The value carries the end of the period it counts, so a reader needs no time zone: spend whose
+period has ended is zero. Values are the absolute totals the Postgres sink read back after its
+transaction (``sinks.postgres.BatchResult.rollups``), so a replayed batch writes the same value
+again. Only windows open at the time of writing are written. One key per scope
+and period kind, expiring a day after its period ends. Colons and percent signs inside names are
 percent-escaped, so no two scopes share a key.
 """
 
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import redis
 
 from sinks.postgres import Rollup
+from streams.periods import PERIODS, period_end
 
-PERIODS = ("day", "week", "month")
 SCOPE_DIMENSIONS = ("tenant", "feature", "user", "environment")
 GRACE = timedelta(days=1)
 
@@ -30,43 +34,31 @@ def _escape(part: str) -> str:
     return part.replace("%", "%25").replace(":", "%3A")
 
 
-def period_start(period: str, at: datetime) -> datetime:
-    at = at.astimezone(UTC)
-    day = datetime(at.year, at.month, at.day, tzinfo=UTC)
-    if period == "day":
-        return day
-    if period == "week":
-        return day - timedelta(days=day.weekday())
-    if period == "month":
-        return day.replace(day=1)
-    raise ValueError(f"unknown period {period!r}")
+def spend_key(tenant_id: str, dimension: str, value: str, period: str) -> str:
+    return f"tm:spend:{_escape(tenant_id)}:{dimension}:{_escape(value)}:{period}"
 
 
-def period_end(period: str, start: datetime) -> datetime:
-    if period == "day":
-        return start + timedelta(days=1)
-    if period == "week":
-        return start + timedelta(days=7)
-    if period == "month":
-        return (start + timedelta(days=32)).replace(day=1)
-    raise ValueError(f"unknown period {period!r}")
-
-
-def spend_key(tenant_id: str, dimension: str, value: str, period: str, start: datetime) -> str:
-    return f"tm:spend:{_escape(tenant_id)}:{dimension}:{_escape(value)}:{period}:{start.date().isoformat()}"
+def spend_value(raw: bytes | str | None, now: datetime) -> Decimal:
+    """The spend a ``tm:spend:`` value counts for the period open at ``now`` (zero once it ended)."""
+    if not raw:
+        return Decimal(0)
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    amount, _, end_ms = text.partition(" ")
+    return Decimal(amount) if int(end_ms) > now.timestamp() * 1000 else Decimal(0)
 
 
 def spend_writes(rollups: Iterable[Rollup], now: datetime) -> dict[str, tuple[str, int]]:
-    """Key → (value, TTL seconds) for the rollups a quota check reads; closed periods are skipped."""
+    """Key → (value, TTL seconds) for the rollups a quota check reads: only windows open at ``now``
+    (late events of an ended period, or events stamped in the future, would hide the current one)."""
     writes: dict[str, tuple[str, int]] = {}
     for r in rollups:
-        if r.granularity not in PERIODS or r.dimension not in SCOPE_DIMENSIONS:
+        if r.granularity not in PERIODS or r.dimension not in SCOPE_DIMENSIONS or r.window_start > now:
             continue
-        ttl = int((period_end(r.granularity, r.window_start) + GRACE - now).total_seconds())
-        if ttl <= 0:
+        end = period_end(r.granularity, r.window_start, r.time_zone)
+        if end <= now:
             continue
-        key = spend_key(r.tenant_id, r.dimension, r.dimension_value, r.granularity, r.window_start)
-        writes[key] = (str(r.cost), ttl)
+        key = spend_key(r.tenant_id, r.dimension, r.dimension_value, r.granularity)
+        writes[key] = (f"{r.cost} {int(end.timestamp() * 1000)}", int((end + GRACE - now).total_seconds()))
     return writes
 
 
@@ -83,7 +75,8 @@ _CHUNK = 5000
 
 def write_spend(client: redis.Redis, rollups: Iterable[Rollup], now: datetime | None = None) -> int:
     """Mirror the rollups' absolute spend into Redis (SET with expiry, one script call per 5,000 keys)."""
-    writes = list(spend_writes(rollups, now or datetime.now(UTC)).items())
+    now = now or datetime.now(UTC)
+    writes = list(spend_writes(rollups, now).items())
     set_all = client.register_script(_SET_ALL)
     for first in range(0, len(writes), _CHUNK):
         chunk = writes[first : first + _CHUNK]

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 
 from sinks.postgres import money
-from sinks.redis import period_start
+from streams.periods import local_date, local_midnight, period_end, period_start
 
 BREAKDOWNS = {"by_model": "model", "by_feature": "feature", "by_environment": "environment", "by_user": "user"}
 
@@ -29,33 +29,33 @@ BREAKDOWNS = {"by_model": "model", "by_feature": "feature", "by_environment": "e
 @dataclass(frozen=True)
 class Period:
     label: str
-    start: datetime  # inclusive, UTC midnight
+    start: datetime  # inclusive, local midnight (as a UTC instant)
     end: datetime  # exclusive
+    time_zone: str = "UTC"
 
 
-def parse_period(text: str, now: datetime | None = None) -> Period:
+def parse_period(text: str, now: datetime | None = None, time_zone: str = "UTC") -> Period:
     """``today``, ``week`` (ISO, this week), ``month`` (this month), ``YYYY-MM``, or ``YYYY-MM-DD..YYYY-MM-DD``
-    (inclusive days). All UTC."""
+    (inclusive days), as calendar periods in ``time_zone`` (a tenant's; UTC across tenants)."""
     now = now or datetime.now(UTC)
-    if text in ("today", "day"):
-        start = period_start("day", now)
-        return Period(f"today ({start.date()})", start, start + timedelta(days=1))
-    if text in ("week", "this-week"):
-        start = period_start("week", now)
-        return Period(f"week of {start.date()}", start, start + timedelta(days=7))
-    if text in ("month", "this-month"):
-        start = period_start("month", now)
-        return Period(start.strftime("%Y-%m"), start, (start + timedelta(days=32)).replace(day=1))
+    named = {"today": "day", "day": "day", "week": "week", "this-week": "week", "month": "month",
+             "this-month": "month"}  # fmt: skip
+    if text in named:
+        kind = named[text]
+        start = period_start(kind, now, time_zone)
+        first = local_date(start, time_zone)
+        label = {"day": f"today ({first})", "week": f"week of {first}", "month": first.strftime("%Y-%m")}[kind]
+        return Period(label, start, period_end(kind, start, time_zone), time_zone)
     if re.fullmatch(r"\d{4}-\d{2}", text):
-        start = datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
-        return Period(text, start, (start + timedelta(days=32)).replace(day=1))
+        start = local_midnight(datetime.strptime(text, "%Y-%m").date(), time_zone)
+        return Period(text, start, period_end("month", start, time_zone), time_zone)
     found = re.fullmatch(r"(\d{4}-\d{2}-\d{2})\.\.(\d{4}-\d{2}-\d{2})", text)
     if found:
-        first, last = (date.fromisoformat(part) for part in found.groups())
-        if last < first:
+        first_day, last_day = (date.fromisoformat(part) for part in found.groups())
+        if last_day < first_day:
             raise ValueError("the range ends before it starts")
-        start = datetime(first.year, first.month, first.day, tzinfo=UTC)
-        return Period(text, start, datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1))
+        end = local_midnight(last_day + timedelta(days=1), time_zone)
+        return Period(text, local_midnight(first_day, time_zone), end, time_zone)
     raise ValueError("period must be today, week, month, YYYY-MM or YYYY-MM-DD..YYYY-MM-DD")
 
 
@@ -106,13 +106,19 @@ def build_report(conn: psycopg.Connection, tenant_id: str | None, period: Period
                  now: datetime | None = None) -> dict[str, Any]:  # fmt: skip
     now = now or datetime.now(UTC)
     total, calls, unpriced = _spend(conn, tenant_id, period.start, period.end)
+    zone = period.time_zone
     relative = {}
     for name in ("day", "week", "month"):
-        start = period_start(name, now)
+        start = period_start(name, now, zone)
         relative[name] = _spend(conn, tenant_id, start, now + timedelta(days=1))[0]
     report: dict[str, Any] = {
         "tenant_id": tenant_id,
-        "period": {"label": period.label, "start": period.start.isoformat(), "end": period.end.isoformat()},
+        "period": {
+            "label": period.label,
+            "start": period.start.isoformat(),
+            "end": period.end.isoformat(),
+            "time_zone": zone,
+        },
         "currency": "USD",
         "totals": {
             "cost": _money(total),
@@ -123,12 +129,14 @@ def build_report(conn: psycopg.Connection, tenant_id: str | None, period: Period
             "this_month": _money(relative["month"]),
         },
     }
-    last_day = min(period.end, period_start("day", now) + timedelta(days=1)) - timedelta(days=1)
+    # Seven local days ending with the period's last day (or today, if the period is still open).
+    last_day = min(local_date(period.end - timedelta(microseconds=1), zone), local_date(now, zone))
     trend = []
     for offset in range(6, -1, -1):
         day = last_day - timedelta(days=offset)
-        cost, day_calls, _ = _spend(conn, tenant_id, day, day + timedelta(days=1))
-        trend.append({"date": day.date().isoformat(), "cost": _money(cost), "calls": day_calls})
+        start = local_midnight(day, zone)
+        cost, day_calls, _ = _spend(conn, tenant_id, start, local_midnight(day + timedelta(days=1), zone))
+        trend.append({"date": day.isoformat(), "cost": _money(cost), "calls": day_calls})
     report["trend_7d"] = trend
     for key, dimension in BREAKDOWNS.items():
         report[key] = _breakdown(conn, tenant_id, period, dimension, total, 10_000 if key != "by_user" else 1000)

@@ -48,6 +48,7 @@ from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spi
 from streams.budgets import RATE_LIMIT_PREFIX, Budget, budget_alerts, parse_budget, parse_rate_limit
 from streams.config_topic import ConfigFollower
 from streams.meter import SESSION_TIMEOUT_S, rollup_from_record, run_stage_one
+from streams.periods import local_date, local_midnight
 
 log = logging.getLogger("tokenmeter.worker")
 
@@ -88,7 +89,7 @@ def unpriced_model_alerts(rollups: Iterable[Rollup], now: datetime) -> list[dict
     for r in rollups:
         if r.granularity != "month" or r.dimension != "model" or r.unpriced_calls == 0:
             continue
-        period = r.window_start.strftime("%Y-%m")
+        period = local_date(r.window_start, r.time_zone).strftime("%Y-%m")
         alerts.append({
             "alert_id": f"anomaly.unpriced_model:{r.tenant_id}:{r.dimension_value}:{period}",
             "kind": "anomaly.unpriced_model", "tenant_id": r.tenant_id, "scope": {"model": r.dimension_value},
@@ -123,8 +124,8 @@ class AlertSink:
         conn = self._connection()
         for alert in alerts:
             if alert["kind"].startswith("budget"):
-                granularity, start = alert["period"].split(":", 1)
-                window = datetime.fromisoformat(start).replace(tzinfo=UTC)
+                granularity = alert["period"].split(":", 1)[0]
+                window = datetime.fromisoformat(alert["details"]["window_start"])
                 alert["details"].update(top_contributors(conn, alert["tenant_id"], granularity, window))
         store_alerts(conn, alerts)
 
@@ -179,10 +180,10 @@ def anomaly_alerts(latest: Iterable[Rollup], lookup: Callable[[str], dict[str, A
         rule = _RULES.get((r.granularity, r.dimension))
         if rule is None:
             continue
-        day = datetime(r.window_start.year, r.window_start.month, r.window_start.day, tzinfo=UTC)
+        day = local_date(r.window_start, r.time_zone)  # the tenant's calendar day of this window
         history = []
         for back in range(1, 8):
-            start = day - timedelta(days=back)
+            start = local_midnight(day - timedelta(days=back), r.time_zone)
             key = _SEP.join((r.tenant_id, "day", start.isoformat(), r.dimension, r.dimension_value))
             value = lookup(key) or {}
             history.append(Window(Decimal(value.get("cost", "0")), int(value.get("calls", 0))))
@@ -278,12 +279,12 @@ def make_app(settings: Settings | None = None) -> faust.App:
             latest: dict[str, Rollup] = {}
             for value in batch:
                 try:
-                    records = codec.decode("rollup_batch", value)["rollups"]
+                    decoded = codec.decode("rollup_batch", value)
                 except codec.SchemaDecodeError as exc:
                     log.error("skipping an undecodable rollup batch: %s", exc)
                     continue
-                for record in records:
-                    r = rollup_from_record(record)
+                for record in decoded["rollups"]:
+                    r = rollup_from_record(record, decoded["time_zone"])
                     latest[table_key(r)] = r  # absolute values: the last one of a key is its newest
             for key, r in latest.items():
                 rollups[key] = table_value(r)

@@ -1,7 +1,7 @@
 """Budgets: configuration on the compacted ``config.budgets`` topic, and the pure threshold rule.
 
 A budget limits one scope — a tenant, or a tenant's feature, user or environment — over a calendar
-period (day, ISO week or month, UTC) and fires alerts at thresholds (default 50/80/100 %). A hard
+period (day, ISO week or month in the tenant's time zone) and fires alerts at thresholds (default 50/80/100 %). A hard
 budget also blocks: once the scope's spend reaches the limit, ``QuotaClient.check`` answers not
 allowed (it compares the spend and the limit it reads from Redis, so a new period or a raised limit
 unblocks by itself). One budget per scope: setting it again replaces it.
@@ -17,8 +17,8 @@ from decimal import Decimal
 from typing import Any
 
 from sinks.postgres import Rollup
+from streams.periods import PERIODS, period_label
 
-PERIODS = ("day", "week", "month")
 SCOPES = ("tenant", "feature", "user", "environment")
 DEFAULT_THRESHOLDS = (50, 80, 100)
 
@@ -93,7 +93,7 @@ def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: da
         budget = budgets.get(budget_id(r.tenant_id, r.dimension, r.dimension_value))
         if budget is None or budget.period != r.granularity:
             continue
-        period = f"{budget.period}:{r.window_start.date().isoformat()}"
+        period = period_label(budget.period, r.window_start, r.time_zone)
         for threshold in crossed(budget, r.cost):
             blocked = budget.hard and threshold >= 100
             alerts.append({
@@ -108,7 +108,8 @@ def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: da
                     f"${budget.limit.normalize():f} ({r.cost * 100 / budget.limit:.1f}%, threshold {threshold}%)"
                     + ("; calls are now blocked" if blocked else "")
                 ),
-                "details": {"hard": str(budget.hard).lower(), "percent": f"{r.cost * 100 / budget.limit:.2f}"},
+                "details": {"hard": str(budget.hard).lower(), "percent": f"{r.cost * 100 / budget.limit:.2f}",
+                            "window_start": r.window_start.isoformat(), "time_zone": r.time_zone},
                 "created_at": now,
             })  # fmt: skip
     return alerts

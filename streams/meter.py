@@ -99,14 +99,14 @@ def rollup_record(r: Rollup) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def rollup_from_record(record: dict[str, Any]) -> Rollup:
+def rollup_from_record(record: dict[str, Any], time_zone: str = "UTC") -> Rollup:
     return Rollup(
         tenant_id=record["tenant_id"], granularity=record["granularity"], window_start=record["window_start"],
         dimension=record["dimension"], dimension_value=record["dimension_value"], calls=record["calls"],
         unpriced_calls=record["unpriced_calls"], input_tokens=record["input_tokens"],
         output_tokens=record["output_tokens"], cache_read_tokens=record["cache_read_tokens"],
         cache_write_tokens=record["cache_write_tokens"], input_cost=Decimal(0), output_cost=Decimal(0),
-        cost=record["cost"],
+        cost=record["cost"], time_zone=time_zone,
     )  # fmt: skip
 
 
@@ -260,11 +260,13 @@ class Meter:
         for item in priced:
             self._produce(settings.topic_priced, item.event.tenant_id.encode(), write_priced(priced_record(item)))
         by_tenant: dict[str, list[dict[str, Any]]] = {}
+        zones: dict[str, str] = {}
         for r in rollups:
             if streamed(r):
                 by_tenant.setdefault(r.tenant_id, []).append(rollup_record(r))
+                zones[r.tenant_id] = r.time_zone
         for tenant, records in by_tenant.items():  # one message per tenant and batch: Faust pays per message
-            batch = write_rollup_batch({"tenant_id": tenant, "rollups": records})
+            batch = write_rollup_batch({"tenant_id": tenant, "time_zone": zones[tenant], "rollups": records})
             self._produce(settings.topic_rollups, tenant.encode(), batch)
         # At-least-once for the outputs: the batch is committed only once Kafka has all of them.
         while len(self.producer) > 0:

@@ -14,14 +14,16 @@ import redis
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.quota import QuotaClient, budget_key, estimate_cost, rate_limit_key
-from sinks.redis import period_start, spend_key
+from sinks.redis import spend_key
+from streams.periods import period_end, period_start
 
 
 def nearly_spent(client: QuotaClient, tenant: str) -> None:
     """A $10 hard monthly budget with $9.90 spent, as the worker would have written it."""
     now = datetime.now(UTC)
     client.redis.set(budget_key(tenant, "tenant", ""), json.dumps({"limit": "10", "period": "month", "hard": True}))
-    client.redis.set(spend_key(tenant, "tenant", "", "month", period_start("month", now)), "9.900000000000", ex=3600)
+    end = period_end("month", period_start("month", now))
+    client.redis.set(spend_key(tenant, "tenant", "", "month"), f"9.900000000000 {int(end.timestamp() * 1000)}", ex=3600)
 
 
 def in_parallel(count: int, call: object) -> list[object]:

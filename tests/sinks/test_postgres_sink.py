@@ -13,7 +13,8 @@ import pytest
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import validate_event
-from sinks.postgres import PricedEvent, invoice, write_batch
+from sinks.invoices import invoice
+from sinks.postgres import PricedEvent, write_batch
 from streams.pricing import PriceBook, usage_of
 
 
@@ -118,7 +119,7 @@ def test_invoice_command_json(conn: psycopg.Connection, settings: Settings, uniq
 
 
 def test_rate_cards_markup_and_custom_rates_exactly(conn: psycopg.Connection, unique: str) -> None:
-    from sinks.postgres import RateCard, set_rate_card
+    from sinks.invoices import RateCard, set_rate_card
 
     tenant = f"card-{unique}"
     write_batch(conn, workload(tenant, 40))

@@ -8,40 +8,52 @@ from decimal import Decimal
 
 from producers.quota import budget_key, decide
 from sinks.postgres import Rollup
-from sinks.redis import period_end, period_start, spend_key, spend_writes
-
-
-def test_periods_are_utc_calendar_day_iso_week_and_month() -> None:
-    at = datetime(2025, 7, 2, 15, 30, tzinfo=UTC)  # a Wednesday
-    assert period_start("day", at) == datetime(2025, 7, 2, tzinfo=UTC)
-    assert period_start("week", at) == datetime(2025, 6, 30, tzinfo=UTC)
-    assert period_start("month", at) == datetime(2025, 7, 1, tzinfo=UTC)
-    assert period_end("month", datetime(2025, 12, 1, tzinfo=UTC)) == datetime(2026, 1, 1, tzinfo=UTC)
+from sinks.redis import spend_key, spend_value, spend_writes
 
 
 def test_keys_escape_separators_so_scopes_never_collide() -> None:
-    start = datetime(2025, 7, 1, tzinfo=UTC)
-    a = spend_key("a:b", "feature", "c", "day", start)
-    b = spend_key("a", "feature", "b:c", "day", start)
+    a = spend_key("a:b", "feature", "c", "day")
+    b = spend_key("a", "feature", "b:c", "day")
     assert a != b and a.count(":") == b.count(":")
     assert budget_key("t:1", "user", "") != budget_key("t", "user", "1:")
 
 
+def _rollup(granularity: str, start: datetime, dimension: str = "tenant", cost: str = "2.5",
+            time_zone: str = "UTC") -> Rollup:  # fmt: skip
+    return Rollup("acme", granularity, start, dimension, "", 1, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal(cost),
+                  time_zone)  # fmt: skip
+
+
 def test_spend_writes_cover_open_periods_of_quota_scopes_only() -> None:
     now = datetime(2025, 7, 2, 12, tzinfo=UTC)
-
-    def r(granularity: str, start: datetime, dimension: str = "tenant") -> Rollup:
-        return Rollup("acme", granularity, start, dimension, "", 1, 0, 1, 1, 0, 0, Decimal(0), Decimal(0),
-                      Decimal("2.5"))  # fmt: skip
-
     writes = spend_writes([
-        r("day", datetime(2025, 7, 2, tzinfo=UTC)), r("month", datetime(2025, 7, 1, tzinfo=UTC)),
-        r("day", datetime(2025, 6, 1, tzinfo=UTC)),  # closed long ago: not written
-        r("hour", datetime(2025, 7, 2, 11, tzinfo=UTC)), r("day", datetime(2025, 7, 2, tzinfo=UTC), "model"),
+        _rollup("day", datetime(2025, 7, 2, tzinfo=UTC)), _rollup("month", datetime(2025, 7, 1, tzinfo=UTC)),
+        _rollup("day", datetime(2025, 6, 1, tzinfo=UTC)),  # ended: not written
+        _rollup("hour", datetime(2025, 7, 2, 11, tzinfo=UTC)),
+        _rollup("day", datetime(2025, 7, 2, tzinfo=UTC), "model"),
     ], now)  # fmt: skip
-    assert sorted(writes) == ["tm:spend:acme:tenant::day:2025-07-02", "tm:spend:acme:tenant::month:2025-07-01"]
-    value, ttl = writes["tm:spend:acme:tenant::day:2025-07-02"]
-    assert value == "2.5" and ttl == 36 * 3600  # to the end of the day plus a day of grace
+    assert sorted(writes) == ["tm:spend:acme:tenant::day", "tm:spend:acme:tenant::month"]
+    value, ttl = writes["tm:spend:acme:tenant::day"]
+    end = datetime(2025, 7, 3, tzinfo=UTC)
+    assert value == f"2.5 {int(end.timestamp() * 1000)}" and ttl == 36 * 3600  # to the end of the day plus a day
+
+
+def test_spend_values_carry_the_end_of_their_period_in_the_tenants_zone() -> None:
+    tokyo_day = datetime(2025, 7, 1, 15, tzinfo=UTC)  # 2025-07-02 00:00 in Tokyo
+    now = datetime(2025, 7, 2, 10, tzinfo=UTC)  # 19:00 in Tokyo
+    writes = spend_writes([_rollup("day", tokyo_day, time_zone="Asia/Tokyo")], now)
+    value, _ = writes["tm:spend:acme:tenant::day"]
+    assert spend_value(value, now) == Decimal("2.5")
+    assert spend_value(value, datetime(2025, 7, 2, 15, tzinfo=UTC)) == 0  # Tokyo's next day: reset
+    assert spend_value(None, now) == 0
+
+
+def test_only_the_window_open_now_is_written() -> None:
+    now = datetime(2025, 7, 2, 0, 0, 30, tzinfo=UTC)
+    late = _rollup("day", datetime(2025, 7, 1, tzinfo=UTC), cost="9")
+    ahead = _rollup("day", datetime(2025, 7, 3, tzinfo=UTC), cost="5")  # a clock running ahead
+    writes = spend_writes([_rollup("day", datetime(2025, 7, 2, tzinfo=UTC), cost="1"), late, ahead], now)
+    assert writes["tm:spend:acme:tenant::day"][0].startswith("1 ")
 
 
 def test_quota_decision() -> None:

@@ -23,7 +23,7 @@ from deploy.stack import LocalStack
 from producers.producer import UsageProducer
 from producers.quota import QuotaClient, rate_limit_key
 from schemas import codec
-from sinks.postgres import invoice
+from sinks.invoices import invoice
 from streams.lag import wait_for_sinks
 from streams.overrides import override_message
 from streams.pricing import PriceOverride, TokenRates

@@ -1,0 +1,311 @@
+"""Invoices: a tenant's month under its rate card, finalization, and late usage as adjustments.
+
+An open invoice is computed from the month rollups (in the tenant's time zone) whenever it is asked
+for. ``finalize`` freezes it: the usage it billed per model and the rate card are stored, and from
+then on the invoice reads back exactly as frozen. Usage that reaches a finalized month afterwards
+(late events) never changes that invoice: it is the month's rollups minus everything billed for it
+so far, and appears as an adjustment line on the tenant's next open invoice (DESIGN.md §4.3).
+Money is exact: no rounding anywhere here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+from sinks.postgres import tenant_time_zone
+from streams.periods import local_midnight, period_end
+
+MTOK = Decimal(1_000_000)
+_PERIOD = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+
+
+class InvoiceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RateCard:
+    """How a tenant is billed. ``rates``: "provider/model" → USD per million tokens of each kind
+    (``input_mtok``, ``output_mtok``, optional ``cache_read_mtok`` / ``cache_write_mtok``, which
+    default to the input rate); used in ``custom`` mode, other models are billed at cost."""
+
+    tenant_id: str
+    mode: str = "pass_through"  # pass_through | cost_plus | custom
+    markup_percent: Decimal = Decimal(0)
+    rates: dict[str, dict[str, Decimal]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pass_through", "cost_plus", "custom"):
+            raise ValueError("mode must be pass_through, cost_plus or custom")
+        if self.markup_percent < 0:
+            raise ValueError("the markup cannot be negative")
+        for model, rates in self.rates.items():
+            if "input_mtok" not in rates or "output_mtok" not in rates:
+                raise ValueError(f"{model}: input_mtok and output_mtok are required")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "markup_percent": str(self.markup_percent),
+                "rates": {m: {k: str(v) for k, v in r.items()} for m, r in self.rates.items()}}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, tenant_id: str, data: dict[str, Any]) -> RateCard:
+        rates = {m: {k: Decimal(v) for k, v in r.items()} for m, r in data.get("rates", {}).items()}
+        return cls(tenant_id, data["mode"], Decimal(data["markup_percent"]), rates)
+
+
+def set_rate_card(conn: psycopg.Connection, card: RateCard) -> None:
+    conn.execute(
+        "INSERT INTO tokenmeter.rate_cards (tenant_id, mode, markup_percent, rates) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (tenant_id) DO UPDATE SET mode = excluded.mode, markup_percent = excluded.markup_percent,"
+        " rates = excluded.rates, updated_at = now()",
+        (card.tenant_id, card.mode, card.markup_percent, json.dumps(card.as_json()["rates"])),
+    )
+
+
+def rate_card(conn: psycopg.Connection, tenant_id: str) -> RateCard:
+    row = conn.execute("SELECT mode, markup_percent, rates FROM tokenmeter.rate_cards WHERE tenant_id = %s",
+                       (tenant_id,)).fetchone()  # fmt: skip
+    if row is None:
+        return RateCard(tenant_id)
+    return RateCard.from_json(tenant_id, {"mode": row[0], "markup_percent": str(row[1]), "rates": row[2]})
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One model's usage in one month: what an invoice line bills."""
+
+    provider_model: str
+    calls: int = 0
+    unpriced_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    input_cost: Decimal = Decimal(0)
+    output_cost: Decimal = Decimal(0)
+    cost: Decimal = Decimal(0)
+
+    def minus(self, other: Usage) -> Usage:
+        values = [getattr(self, f.name) - getattr(other, f.name) for f in fields(self)[1:]]
+        return Usage(self.provider_model, *values)
+
+    @property
+    def empty(self) -> bool:
+        return all(not getattr(self, f.name) for f in fields(self)[1:])
+
+
+@dataclass(frozen=True)
+class InvoiceItem:
+    kind: str  # input (incl. cache, at cost), output, or with custom rates: input_uncached, cache_read, cache_write
+    quantity: int  # tokens
+    unit_price_mtok: Decimal | None  # USD per million tokens, when the card sets one
+    amount: Decimal
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    provider_model: str
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cost: Decimal  # what the calls cost us (pass-through)
+    amount: Decimal  # what the tenant is billed under its rate card
+    items: list[InvoiceItem]
+    usage_period: str  # the month the usage happened in; earlier than the invoice's for an adjustment
+    unpriced_calls: int = 0
+    input_cost: Decimal = Decimal(0)
+    output_cost: Decimal = Decimal(0)
+
+
+def bill_line(card: RateCard, model: str, tokens: tuple[int, int, int, int], costs: tuple[Decimal, Decimal],
+              ) -> tuple[Decimal, list[InvoiceItem]]:  # fmt: skip
+    """Apply a rate card to one model's month: tokens (input, output, cache read, cache write) and
+    pass-through costs (input, output). Exact: no rounding. Linear, so it bills adjustments too."""
+    input_tokens, output_tokens, cache_read, cache_write = tokens
+    input_cost, output_cost = costs
+    rates = card.rates.get(model) if card.mode == "custom" else None
+    if rates is not None:
+        read_rate = rates.get("cache_read_mtok", rates["input_mtok"])
+        write_rate = rates.get("cache_write_mtok", rates["input_mtok"])
+        uncached = input_tokens - cache_read - cache_write
+        kinds = [("input_uncached", uncached, rates["input_mtok"]), ("cache_read", cache_read, read_rate),
+                 ("cache_write", cache_write, write_rate), ("output", output_tokens, rates["output_mtok"])]  # fmt: skip
+        items = [InvoiceItem(kind, n, rate, rate * n / MTOK) for kind, n, rate in kinds if n]
+        return sum((i.amount for i in items), Decimal(0)), items
+    factor = 1 + card.markup_percent / 100 if card.mode == "cost_plus" else Decimal(1)
+    items = [InvoiceItem("input", input_tokens, None, input_cost * factor),
+             InvoiceItem("output", output_tokens, None, output_cost * factor)]  # fmt: skip
+    return (input_cost + output_cost) * factor, items
+
+
+def _line(card: RateCard, usage: Usage, usage_period: str) -> InvoiceLine:
+    u = usage
+    amount, items = bill_line(card, u.provider_model, (u.input_tokens, u.output_tokens, u.cache_read_tokens,
+                                                      u.cache_write_tokens), (u.input_cost, u.output_cost))  # fmt: skip
+    return InvoiceLine(u.provider_model, u.calls, u.input_tokens, u.output_tokens, u.cache_read_tokens,
+                       u.cache_write_tokens, u.cost, amount, items, usage_period, u.unpriced_calls, u.input_cost,
+                       u.output_cost)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Invoice:
+    tenant_id: str
+    period: str
+    currency: str
+    lines: list[InvoiceLine]  # this month's usage per model
+    adjustments: list[InvoiceLine]  # late usage of earlier, finalized months
+    rate_card: RateCard
+    time_zone: str
+    status: str  # open | finalized
+    finalized_at: datetime | None = None
+
+    @property
+    def total(self) -> Decimal:
+        return sum((line.amount for line in self.lines + self.adjustments), Decimal(0))
+
+    @property
+    def calls(self) -> int:
+        return sum(line.calls for line in self.lines + self.adjustments)
+
+    @property
+    def unpriced_calls(self) -> int:
+        return sum(line.unpriced_calls for line in self.lines + self.adjustments)
+
+    def as_json(self) -> dict[str, Any]:
+        """The invoice for downstream billing (DESIGN.md §5: tenant_id, period, currency, lines, total,
+        calls, unpriced_calls); amounts are exact decimal strings."""
+
+        def line_json(line: InvoiceLine) -> dict[str, Any]:
+            return {
+                "provider_model": line.provider_model, "usage_period": line.usage_period, "calls": line.calls,
+                "unpriced_calls": line.unpriced_calls, "input_tokens": line.input_tokens,
+                "output_tokens": line.output_tokens, "cache_read_tokens": line.cache_read_tokens,
+                "cache_write_tokens": line.cache_write_tokens, "cost": str(line.cost), "amount": str(line.amount),
+                "items": [{"kind": i.kind, "quantity": i.quantity, "amount": str(i.amount),
+                           "unit_price_mtok": None if i.unit_price_mtok is None else str(i.unit_price_mtok)}
+                          for i in line.items],
+            }  # fmt: skip
+
+        return {
+            "tenant_id": self.tenant_id, "period": self.period, "currency": self.currency, "status": self.status,
+            "finalized_at": self.finalized_at.isoformat() if self.finalized_at else None,
+            "time_zone": self.time_zone, "lines": [line_json(x) for x in self.lines],
+            "adjustments": [line_json(x) for x in self.adjustments], "total": str(self.total), "calls": self.calls,
+            "unpriced_calls": self.unpriced_calls, "rate_card": self.rate_card.as_json(),
+        }  # fmt: skip
+
+
+_USAGE_COLUMNS = ("calls, unpriced_calls, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,"
+                  " input_cost, output_cost, cost")  # fmt: skip
+
+
+def month_usage(conn: psycopg.Connection, tenant_id: str, period: str, time_zone: str) -> dict[str, Usage]:
+    """Per model, everything the ledger holds for the month (in the tenant's time zone), from the month rollups."""
+    rows = conn.execute(
+        f"SELECT dimension_value, {_USAGE_COLUMNS} FROM tokenmeter.rollups WHERE tenant_id = %s"
+        " AND granularity = 'month' AND dimension = 'model' AND window_start = %s",
+        (tenant_id, local_midnight(datetime.strptime(period, "%Y-%m").date(), time_zone)),
+    ).fetchall()
+    return {row[0]: Usage(*row) for row in rows}
+
+
+def _billed_usage(conn: psycopg.Connection, tenant_id: str, usage_period: str) -> dict[str, Usage]:
+    """Per model, the usage of a month that finalized invoices have billed (as the month or as adjustments)."""
+    rows = conn.execute(
+        "SELECT provider_model, sum(calls), sum(unpriced_calls), sum(input_tokens), sum(output_tokens),"
+        " sum(cache_read_tokens), sum(cache_write_tokens), sum(input_cost), sum(output_cost), sum(cost)"
+        " FROM tokenmeter.invoice_usage WHERE tenant_id = %s AND usage_period = %s GROUP BY provider_model",
+        (tenant_id, usage_period),
+    ).fetchall()
+    return {row[0]: Usage(*row) for row in rows}
+
+
+def _ordered(lines: list[InvoiceLine]) -> list[InvoiceLine]:
+    return sorted(lines, key=lambda x: (x.usage_period, -x.cost, x.provider_model))
+
+
+def _check_period(period: str) -> None:
+    if not _PERIOD.fullmatch(period):
+        raise InvoiceError(f"the period must be a month, YYYY-MM, got {period!r}")
+
+
+def _frozen(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice | None:
+    row = conn.execute("SELECT rate_card, time_zone, finalized_at FROM tokenmeter.invoices"
+                       " WHERE tenant_id = %s AND period = %s", (tenant_id, period)).fetchone()  # fmt: skip
+    if row is None:
+        return None
+    card = RateCard.from_json(tenant_id, row[0])
+    rows = conn.execute(
+        f"SELECT usage_period, provider_model, {_USAGE_COLUMNS} FROM tokenmeter.invoice_usage"
+        " WHERE tenant_id = %s AND period = %s",
+        (tenant_id, period),
+    ).fetchall()
+    lines = [_line(card, Usage(*r[1:]), r[0]) for r in rows]
+    own = _ordered([x for x in lines if x.usage_period == period])
+    adjustments = _ordered([x for x in lines if x.usage_period != period])
+    return Invoice(tenant_id, period, "USD", own, adjustments, card, row[1], "finalized", row[2])
+
+
+def invoice(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice:
+    """A tenant's invoice for the month ``YYYY-MM`` (in its time zone): as frozen once finalized;
+    otherwise this month's usage under the current rate card, plus every earlier finalized month's
+    usage that no invoice has billed yet, as adjustments."""
+    _check_period(period)
+    frozen = _frozen(conn, tenant_id, period)
+    if frozen is not None:
+        return frozen
+    card = rate_card(conn, tenant_id)
+    zone = tenant_time_zone(conn, tenant_id)
+    lines = [_line(card, u, period) for u in month_usage(conn, tenant_id, period, zone).values()]
+    adjustments = []
+    earlier = conn.execute("SELECT period FROM tokenmeter.invoices WHERE tenant_id = %s AND period < %s",
+                           (tenant_id, period)).fetchall()  # fmt: skip
+    for (finalized,) in earlier:
+        billed = _billed_usage(conn, tenant_id, finalized)
+        for model, usage in month_usage(conn, tenant_id, finalized, zone).items():
+            late = usage.minus(billed.get(model, Usage(model)))
+            if not late.empty:
+                adjustments.append(_line(card, late, finalized))
+    return Invoice(tenant_id, period, "USD", _ordered(lines), _ordered(adjustments), card, zone, "open")
+
+
+def finalize(conn: psycopg.Connection, tenant_id: str, period: str, now: datetime) -> Invoice:
+    """Freeze the invoice of an ended month: what it bills now is what it bills forever."""
+    _check_period(period)
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise InvoiceError("finalize commits on its own: call it outside a transaction (or autocommit)")
+    with conn.transaction():
+        # Serialize finalizations of one tenant, so an adjustment is frozen into one invoice only.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('tokenmeter.invoice:' || %s))", (tenant_id,))
+        if _frozen(conn, tenant_id, period) is not None:
+            raise InvoiceError(f"the invoice of {tenant_id} for {period} is already finalized")
+        draft = invoice(conn, tenant_id, period)
+        ends = period_end("month", local_midnight(datetime.strptime(period, "%Y-%m").date(), draft.time_zone),
+                          draft.time_zone)  # fmt: skip
+        if now < ends:
+            raise InvoiceError(f"{period} has not ended yet for {tenant_id} (it ends {ends.isoformat()})")
+        conn.execute(
+            "INSERT INTO tokenmeter.invoices (tenant_id, period, time_zone, rate_card, total, finalized_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (tenant_id, period, draft.time_zone, json.dumps(draft.rate_card.as_json()), draft.total, now),
+        )
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                f"INSERT INTO tokenmeter.invoice_usage (tenant_id, period, usage_period, provider_model,"
+                f" {_USAGE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [(tenant_id, period, x.usage_period, x.provider_model, x.calls, x.unpriced_calls, x.input_tokens,
+                  x.output_tokens, x.cache_read_tokens, x.cache_write_tokens, x.input_cost, x.output_cost, x.cost)
+                 for x in draft.lines + draft.adjustments],
+            )  # fmt: skip
+    frozen = _frozen(conn, tenant_id, period)
+    assert frozen is not None
+    return frozen
