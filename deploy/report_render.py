@@ -78,16 +78,17 @@ def _columns(days: list[dict[str, Any]], width: int = 560, height: int = 200) ->
     """Spend per day as columns."""
     top = max((Decimal(d["cost"]) for d in days), default=Decimal(0)) or Decimal(1)
     step = width // max(len(days), 1)
-    parts = [f"<svg role='img' viewBox='0 0 {width} {height + 40}' width='{width}' height='{height + 40}'>"]
+    # 24 px above the tallest column for its label, 30 below the columns for the dates.
+    parts = [f"<svg role='img' viewBox='0 0 {width} {height + 54}' width='{width}' height='{height + 54}'>"]
     for i, day in enumerate(days):
         bar = int(Decimal(height) * Decimal(day["cost"]) / top)
         x = i * step + 8
         parts.append(
-            f"<rect x='{x}' y='{height - bar + 10}' width='{step - 16}' height='{max(bar, 1)}' rx='3'"
+            f"<rect x='{x}' y='{height - bar + 24}' width='{step - 16}' height='{max(bar, 1)}' rx='3'"
             f" fill='{PALETTE[0]}'>"
             f"<title>{day['date']}: ${html.escape(day['cost'])}</title></rect>"
-            f"<text x='{x + (step - 16) // 2}' y='{height + 26}' class='axis'>{day['date'][5:]}</text>"
-            f"<text x='{x + (step - 16) // 2}' y='{height - bar + 4}' class='axis'>${Decimal(day['cost']):.2f}</text>"
+            f"<text x='{x + (step - 16) // 2}' y='{height + 42}' class='axis'>{day['date'][5:]}</text>"
+            f"<text x='{x + (step - 16) // 2}' y='{height - bar + 18}' class='axis'>${Decimal(day['cost']):.2f}</text>"
         )
     parts.append("</svg>")
     return "".join(parts)

@@ -52,3 +52,13 @@ def test_budgets_round_trip_and_reject_nonsense() -> None:
         with pytest.raises(ValueError):
             Budget(**{**dict(tenant_id="acme", dimension="feature", value="f", period="month", limit=Decimal(1)),
                       **bad})  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_budget_periods_are_named_by_the_tenants_local_calendar() -> None:
+    budgets = {b.key: b for b in [Budget("acme", "tenant", "", "month", Decimal(10))]}
+    november_in_tokyo = datetime(2025, 10, 31, 15, tzinfo=UTC)  # 1 November, 00:00 in Tokyo
+    window = Rollup("acme", "month", november_in_tokyo, "tenant", "", 1, 0, 1, 1, 0, 0, Decimal(0), Decimal(0),
+                    Decimal(6), "Asia/Tokyo")  # fmt: skip
+    (alert,) = budget_alerts(budgets, [window], november_in_tokyo)
+    assert alert["period"] == "month:2025-11-01" and alert["details"]["time_zone"] == "Asia/Tokyo"
+    assert alert["details"]["window_start"] == november_in_tokyo.isoformat()
