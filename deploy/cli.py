@@ -177,11 +177,23 @@ def worker(loglevel: str) -> None:
     """Run the stream worker in the foreground: usage.raw → validate, de-duplicate, price → sinks.
 
     Safe to kill at any time (even with SIGKILL): a restarted worker replays what was not committed
-    and the sinks absorb the replay. Run several to share the partitions of usage.raw.
+    and the sinks absorb the replay. Run several to share the partitions of usage.raw. Prometheus
+    metrics of both stages at http://TOKENMETER_METRICS_HOST:TOKENMETER_METRICS_PORT/metrics
+    (127.0.0.1:9464 by default).
     """
-    from streams.app import run_worker
+    import shutil
+    import tempfile
 
-    run_worker(_settings(), loglevel=loglevel)
+    # Both stages write their metrics to files in one folder (prometheus_client's multiprocess mode),
+    # which must be named before prometheus_client is first imported: it picks its storage then.
+    metrics_folder = tempfile.mkdtemp(prefix="tokenmeter-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_folder
+    try:
+        from streams.app import run_worker
+
+        run_worker(_settings(), loglevel=loglevel)
+    finally:
+        shutil.rmtree(metrics_folder, ignore_errors=True)
 
 
 @cli.command("lag")

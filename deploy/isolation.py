@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,15 +31,22 @@ TOPIC_FIELDS = ("topic_raw", "topic_priced", "topic_dlq", "topic_alerts_budget",
 def isolated(settings: Settings, unique: str, **extra: object) -> Settings:
     """Settings with their own topics (``t<unique>.usage.raw`` …) and worker id; the topics are created."""
     update: dict[str, object] = {name: f"t{unique}.{getattr(settings, name)}" for name in TOPIC_FIELDS}
-    update.update(worker_id=f"w{unique}", **extra)
+    update.update(worker_id=f"w{unique}", metrics_port=free_port(), **extra)
     own = settings.model_copy(update=update)
     ensure_topics(own)
     return own
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now (for an isolated worker's metrics endpoint)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    for name in (*TOPIC_FIELDS, "worker_id", "worker_batch_size", "database_url", "redis_url"):
+    for name in (*TOPIC_FIELDS, "worker_id", "worker_batch_size", "database_url", "redis_url", "metrics_port"):
         env[f"TOKENMETER_{name.upper()}"] = str(getattr(settings, name))
     return env
 

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     worker_id: str = "tokenmeter"
     worker_batch_size: int = Field(default=5000, ge=1, description="most raw messages per stage-1 batch")
 
+    # Prometheus metrics of the worker (both stages) at http://<host>:<port>/metrics; port 0 turns them off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+
     # Alert delivery: webhook URLs (JSON list, e.g. '["https://hooks.slack.com/services/…"]').
     webhook_urls: list[str] = Field(default_factory=list)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -121,6 +121,7 @@ class Rollup:
 class BatchResult:
     inserted: int  # ledger rows that were new; the rest were duplicates
     rollups: list[Rollup]  # every window the batch touched, with its totals after the batch
+    new_spend: dict[str, Decimal] = field(default_factory=dict)  # tenant → cost of its new rows
 
 
 _ADVANCE_ROLLUPS = f"""
@@ -130,7 +131,7 @@ WITH new AS (
     ON CONFLICT (event_id) DO NOTHING
     RETURNING *
 ), rolled AS ({_rollup_upsert("new", "new")} RETURNING 1)
-SELECT count(*) FROM new
+SELECT tenant_id, count(*), sum(total_cost) FROM new GROUP BY tenant_id
 """
 
 # Every rollup the batch's events belong to (duplicates included), read back after the update: the
@@ -171,9 +172,9 @@ def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> Batch
         with conn.cursor().copy(f"COPY ledger_staging ({_COLUMN_LIST}) FROM STDIN") as copy:
             for item in batch:
                 copy.write_row(_row(item))
-        inserted = conn.execute(_ADVANCE_ROLLUPS).fetchone()
+        new = conn.execute(_ADVANCE_ROLLUPS).fetchall()
         rollups = [Rollup(*row) for row in conn.execute(_TOUCHED_ROLLUPS)]
-    return BatchResult(int(inserted[0]) if inserted else 0, rollups)
+    return BatchResult(sum(int(n) for _, n, _ in new), rollups, {tenant: cost for tenant, _, cost in new})
 
 
 def tenant_time_zone(conn: psycopg.Connection, tenant_id: str) -> str:

@@ -44,6 +44,7 @@ from sinks.alerts import store_alerts, top_contributors
 from sinks.postgres import Rollup, money
 from sinks.retry import with_backoff
 from sinks.webhooks import deliver_pending
+from streams import metrics
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
 from streams.budgets import RATE_LIMIT_PREFIX, Budget, budget_alerts, parse_budget, parse_rate_limit
 from streams.config_topic import ConfigFollower
@@ -246,6 +247,8 @@ def make_app(settings: Settings | None = None) -> faust.App:
                 if process is None or not process.is_alive():
                     if process is not None:
                         log.error("stage 1 exited with %s; starting it again", process.exitcode)
+                        if process.pid is not None:
+                            metrics.process_gone(process.pid)
                     process = spawn.Process(target=run_stage_one, args=(settings,), name="tokenmeter-stage-1")
                     process.start()
                 await asyncio.sleep(1.0)
@@ -276,6 +279,7 @@ def make_app(settings: Settings | None = None) -> faust.App:
     @app.agent(rollups_topic)
     async def windows(stream: faust.StreamT[bytes]) -> None:
         async for batch in stream.take(100, within=0.1):
+            metrics.EVENTS_IN.labels(stage="windows").inc(len(batch))
             latest: dict[str, Rollup] = {}
             for value in batch:
                 try:
@@ -300,12 +304,16 @@ def make_app(settings: Settings | None = None) -> faust.App:
                 topic = budget_topic if alert["kind"].startswith("budget") else anomaly_topic
                 await topic.send(key=alert["tenant_id"].encode(), value=codec.encode("alert", alert))
                 alerted[alert["alert_id"]] = True
+                metrics.ALERTS.labels(kind=alert["kind"]).inc()
+                metrics.EVENTS_OUT.labels(stage="windows", output="alerts").inc()
                 log.warning("alert %s: %s", alert["kind"], alert["message"])
 
     return app
 
 
 def run_worker(settings: Settings | None = None, loglevel: str = "warning") -> None:
+    settings = settings or get_settings()
+    metrics.serve(settings.metrics_host, settings.metrics_port)
     app = make_app(settings)
     # Faust warns on every changelog burst ("producer buffer full"); it is flow control, not a fault.
     logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)

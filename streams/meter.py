@@ -42,6 +42,7 @@ from sinks.alerts import store_alerts
 from sinks.postgres import BatchResult, PricedEvent, Rollup, money, write_batch
 from sinks.redis import write_spend
 from sinks.retry import with_backoff
+from streams import metrics
 from streams.anomaly import ConversationRates
 from streams.overrides import override_follower
 from streams.pipeline import Deduplicator, RawMessage, Rejected, dead_letter_record, decode_batch, price_batch
@@ -157,10 +158,16 @@ class Sinks:
 
     def write(self, priced: Sequence[PricedEvent], should_stop: Callable[[], bool] | None = None) -> BatchResult:
         """Postgres, then Redis; each retried while down. A Redis retry does not rewrite Postgres."""
+        started = time.perf_counter()
         result = with_backoff(lambda: write_batch(self._postgres(), priced), _PG_DOWN, "Postgres",
                               on_failure=self._drop_postgres, should_stop=should_stop)  # fmt: skip
+        written = time.perf_counter()
         with_backoff(lambda: write_spend(self.redis, result.rollups), (redis.RedisError,), "Redis",
                      should_stop=should_stop)  # fmt: skip
+        metrics.SINK_SECONDS.labels(sink="postgres").observe(written - started)
+        metrics.SINK_SECONDS.labels(sink="redis").observe(time.perf_counter() - written)
+        metrics.BATCH_SIZE.labels(sink="postgres").observe(len(priced))
+        metrics.BATCH_SIZE.labels(sink="redis").observe(len(result.rollups))
         return result
 
     def store_alerts(self, alerts: Sequence[dict[str, Any]]) -> set[str]:
@@ -198,6 +205,7 @@ class Meter:
             "partitioner": "murmur2_random",
         })  # fmt: skip
         self._delivery_errors: list[str] = []
+        self._lag_measured = 0.0
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
@@ -241,7 +249,31 @@ class Meter:
         s.inserted += result.inserted
         s.unpriced += sum(1 for p in priced if p.price.status == "unpriced")
         s.busy_seconds += time.perf_counter() - started
+        self._count(len(raw), len(rejected), len(events) - result.inserted, priced, result)
         return len(raw)
+
+    def _count(self, consumed: int, rejected: int, duplicates: int, priced: Sequence[PricedEvent],
+               result: BatchResult) -> None:  # fmt: skip
+        metrics.EVENTS_IN.labels(stage="meter").inc(consumed)
+        metrics.DEAD_LETTERS.inc(rejected)
+        metrics.DUPLICATES.inc(duplicates)
+        metrics.UNPRICED.inc(sum(1 for p in priced if p.price.status == "unpriced"))
+        metrics.EVENTS_OUT.labels(stage="meter", output="priced").inc(len(priced))
+        metrics.EVENTS_OUT.labels(stage="meter", output="dlq").inc(rejected)
+        metrics.count_spend(result.new_spend.items())
+        if time.monotonic() - self._lag_measured > 1.0:
+            self._lag_measured = time.monotonic()
+            metrics.LAG.labels(stage="meter").set(self.behind())
+
+    def behind(self) -> int:
+        """Messages between this consumer's positions and the ends of its partitions, as last fetched."""
+        assigned = self.consumer.assignment()
+        behind = 0
+        for position in self.consumer.position(assigned) if assigned else []:
+            _low, high = self.consumer.get_watermark_offsets(position, cached=True)
+            if position.offset >= 0 and high >= 0:
+                behind += max(high - position.offset, 0)
+        return behind
 
     def _publish(self, priced: Sequence[PricedEvent], rejected: Sequence[Rejected], rollups: Sequence[Rollup],
                  alerts: Sequence[dict[str, Any]] = ()) -> None:  # fmt: skip
@@ -250,6 +282,7 @@ class Meter:
             new = self.sinks.store_alerts(alerts)  # once per alert id, whatever replays repeat
             for alert in alerts:
                 if alert["alert_id"] in new:
+                    metrics.ALERTS.labels(kind=alert["kind"]).inc()
                     log.warning("alert %s: %s", alert["kind"], alert["message"])
                     self._produce(settings.topic_alerts_anomaly, alert["tenant_id"].encode(), write_alert(alert))
         now = datetime.now().astimezone()
@@ -268,11 +301,14 @@ class Meter:
         for tenant, records in by_tenant.items():  # one message per tenant and batch: Faust pays per message
             batch = write_rollup_batch({"tenant_id": tenant, "time_zone": zones[tenant], "rollups": records})
             self._produce(settings.topic_rollups, tenant.encode(), batch)
+        metrics.EVENTS_OUT.labels(stage="meter", output="rollups").inc(len(by_tenant))
+        flushing = time.perf_counter()
         # At-least-once for the outputs: the batch is committed only once Kafka has all of them.
         while len(self.producer) > 0:
             self.producer.flush(1.0)
             if self.stopping and len(self.producer) > 0:
                 raise RuntimeError("stopping with undelivered outputs; the batch will be replayed")
+        metrics.SINK_SECONDS.labels(sink="kafka").observe(time.perf_counter() - flushing)
         if self._delivery_errors:
             errors, self._delivery_errors = self._delivery_errors, []
             raise RuntimeError(f"{len(errors)} outputs were not delivered: {errors[0]}; the batch will be replayed")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -243,3 +244,43 @@ def test_rate_limit_set_from_the_cli_is_enforced_by_reserve(running: Settings) -
     made = [client.reserve(tenant, Decimal(0)).allowed for _ in range(3)]
     assert made == [True, True, False]
     assert not client.check(tenant).allowed
+
+
+def scrape(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the worker's /metrics, by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+
+def test_worker_serves_prometheus_metrics_of_both_stages(running: Settings) -> None:
+    tenant = f"metrics-{uuid.uuid4().hex[:6]}"
+    before = scrape(running)
+    events = [usage(tenant) for _ in range(3)]
+    send_raw(running, [json.dumps(e).encode() for e in events + events[:1]] + [b"{broken", b"[]"])
+    assert wait_for_sinks(running, timeout=60)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    deadline = time.monotonic() + 15
+    while True:
+        after = scrape(running)
+        settled = delta("tokenmeter_events_in_total", stage="meter") == 6 and delta(
+            "tokenmeter_events_in_total", stage="windows") >= 1  # fmt: skip
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert delta("tokenmeter_events_in_total", stage="meter") == 6
+    assert delta("tokenmeter_events_in_total", stage="windows") >= 1  # stage 2, from the other process
+    assert delta("tokenmeter_dead_letters_total") == 2
+    assert delta("tokenmeter_duplicate_events_total") == 1
+    assert delta("tokenmeter_events_out_total", stage="meter", output="priced") >= 3
+    assert delta("tokenmeter_spend_usd_total", tenant=tenant) == pytest.approx(3 * 0.0035)
+    assert delta("tokenmeter_sink_seconds_count", sink="postgres") >= 1
+    assert delta("tokenmeter_sink_batch_events_sum", sink="postgres") >= 3
+    assert ("tokenmeter_consumer_lag_messages", (("stage", "meter"),)) in after
