@@ -335,18 +335,17 @@ def budget_delete(tenant: str, feature: str | None, user: str | None, environmen
 
 
 def _current_budgets() -> list[Any]:
-    from streams.budgets import RATE_LIMIT_PREFIX, Budget, parse_budget
+    from streams.budgets import Budget, parse_config_record
     from streams.config_topic import ConfigFollower
 
     found: dict[str, Budget] = {}
 
     def apply(key: str, value: bytes | None) -> None:
-        if key.startswith(RATE_LIMIT_PREFIX):
-            return
-        if value is None:
+        record = parse_config_record(key, value)
+        if isinstance(record.item, Budget):
+            found[key] = record.item
+        elif record.kind == "budget":
             found.pop(key, None)
-        else:
-            found[key] = parse_budget(value)
 
     follower = ConfigFollower(_settings().kafka_bootstrap, _settings().topic_budgets, apply)
     follower.catch_up(3.0)
@@ -700,15 +699,41 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
 @cli.command("bench")
 @click.option("--events", default=100_000, show_default=True, help="Usage events in the pipeline workload.")
 @click.option("--record-calls", default=20_000, show_default=True, help="record() calls per latency mode.")
+@click.option(
+    "--report-rows",
+    default=0,
+    show_default=True,
+    help="Also time reports and an invoice over a scratch ledger of this many rows (e.g. 1000000).",
+)
+@click.option("--no-pipeline", is_flag=True, help="Skip the record() and pipeline measurements.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line of figures last.")
-def bench(events: int, record_calls: int, as_json: bool) -> None:
+def bench(events: int, record_calls: int, report_rows: int, no_pipeline: bool, as_json: bool) -> None:
     """Measure the targets of DESIGN.md §7 against the running stack, in one run.
 
     The library's record() latency (busy callers, back to back, idle callers), then an isolated
     pipeline (own topics and worker, your data untouched): end-to-end events/s, produce-to-quota
     latency under background traffic, the bare consume+decode ceiling and naive per-call INSERTs.
+    With --report-rows, report and invoice times over a scratch ledger of that many rows.
     """
     import json
+    from dataclasses import asdict
+
+    settings = _settings()
+    summary: dict[str, Any] = {}
+    if not no_pipeline:
+        summary.update(_bench_pipeline(settings, events, record_calls))
+    if report_rows:
+        from sinks.report_bench import run_report_bench
+
+        reports = asdict(run_report_bench(settings, report_rows, say=lambda m: click.echo(m, err=True)))
+        for key, value in reports.items():
+            click.echo(f"{key:>28}: {value:,}", err=True)
+        summary["report_bench"] = reports
+    if as_json:
+        click.echo(json.dumps(summary))
+
+
+def _bench_pipeline(settings: Settings, events: int, record_calls: int) -> dict[str, Any]:
     import tempfile
     from dataclasses import asdict
     from pathlib import Path
@@ -716,7 +741,6 @@ def bench(events: int, record_calls: int, as_json: bool) -> None:
     from producers.bench import record_latency
     from streams.bench import run_pipeline_bench
 
-    settings = _settings()
     figures = {}
     for rate, idle in ((None, False), (5000, False), (1000, False), (5000, True)):
         result = record_latency(settings, record_calls, rate, idle=idle)
@@ -740,8 +764,7 @@ def bench(events: int, record_calls: int, as_json: bool) -> None:
     for key in ("pipeline_events_per_s", "bare_consume_events_per_s", "naive_postgres_events_per_s",
                 "p99_event_to_quota_ms", "quota_check_p99_us", "p99_budget_alert_ms"):  # fmt: skip
         click.echo(f"{key:>28}: {summary[key]:,}", err=True)
-    if as_json:
-        click.echo(json.dumps(summary))
+    return summary
 
 
 def main() -> None:

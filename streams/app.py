@@ -25,7 +25,6 @@ those absolute values too, so it cannot double count either. We do not use Faust
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterable
@@ -46,7 +45,7 @@ from sinks.retry import with_backoff
 from sinks.webhooks import deliver_pending
 from streams import metrics
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
-from streams.budgets import RATE_LIMIT_PREFIX, Budget, budget_alerts, parse_budget, parse_rate_limit
+from streams.budgets import Budget, budget_alerts, parse_config_record
 from streams.config_topic import ConfigFollower
 from streams.meter import SESSION_TIMEOUT_S, rollup_from_record, run_stage_one
 from streams.periods import local_date, local_midnight
@@ -66,8 +65,13 @@ _WINDOW_LENGTH = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "d
 _SEP = "\x1f"  # cannot occur in ids (control characters are not sent by services; if one is, keys stay distinct)
 
 
+def window_key(tenant_id: str, granularity: str, start: datetime, dimension: str, value: str) -> str:
+    """The ``rollups`` table key of one window of one scope."""
+    return _SEP.join((tenant_id, granularity, start.isoformat(), dimension, value))
+
+
 def table_key(r: Rollup) -> str:
-    return _SEP.join((r.tenant_id, r.granularity, r.window_start.isoformat(), r.dimension, r.dimension_value))
+    return window_key(r.tenant_id, r.granularity, r.window_start, r.dimension, r.dimension_value)
 
 
 def table_value(r: Rollup) -> dict[str, Any]:
@@ -144,22 +148,19 @@ def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFol
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
 
     def apply(key: str, value: bytes | None) -> None:
-        if key.startswith(RATE_LIMIT_PREFIX):
-            tenant_id, dimension, scope_value = json.loads(key.removeprefix(RATE_LIMIT_PREFIX))
-            redis_key = rate_limit_key(tenant_id, dimension, scope_value)
-            if value is None:
-                client.delete(redis_key)
+        record = parse_config_record(key, value)
+        if record.kind == "rate_limit":
+            redis_key = rate_limit_key(*record.scope)
+        else:
+            redis_key = budget_key(*record.scope)
+            if isinstance(record.item, Budget):
+                budgets[key] = record.item
             else:
-                client.set(redis_key, parse_rate_limit(value).redis_json())
-            return
-        tenant_id, dimension, scope_value = json.loads(key)
-        if value is None:
-            budgets.pop(key, None)
-            client.delete(budget_key(tenant_id, dimension, scope_value))
-            return
-        budget = parse_budget(value)
-        budgets[budget.key] = budget
-        client.set(budget_key(tenant_id, dimension, scope_value), budget.redis_json())
+                budgets.pop(key, None)
+        if record.item is None:
+            client.delete(redis_key)
+        else:
+            client.set(redis_key, record.item.redis_json())
 
     return ConfigFollower(settings.kafka_bootstrap, settings.topic_budgets, apply)
 
@@ -185,7 +186,7 @@ def anomaly_alerts(latest: Iterable[Rollup], lookup: Callable[[str], dict[str, A
         history = []
         for back in range(1, 8):
             start = local_midnight(day - timedelta(days=back), r.time_zone)
-            key = _SEP.join((r.tenant_id, "day", start.isoformat(), r.dimension, r.dimension_value))
+            key = window_key(r.tenant_id, "day", start, r.dimension, r.dimension_value)
             value = lookup(key) or {}
             history.append(Window(Decimal(value.get("cost", "0")), int(value.get("calls", 0))))
         finding = rule(Window(r.cost, r.calls), history)

@@ -152,3 +152,21 @@ RATE_LIMIT_PREFIX = "ratelimit:"
 
 def parse_rate_limit(value: bytes) -> RateLimit:
     return RateLimit(**json.loads(value))
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    """One record of ``config.budgets``: a scope's budget or rate limit; ``item`` None if deleted."""
+
+    kind: str  # budget | rate_limit
+    scope: tuple[str, str, str]  # tenant, dimension, value
+    item: Budget | RateLimit | None
+
+
+def parse_config_record(key: str, value: bytes | None) -> ConfigRecord:
+    if key.startswith(RATE_LIMIT_PREFIX):
+        tenant_id, dimension, scope_value = json.loads(key.removeprefix(RATE_LIMIT_PREFIX))
+        limit = None if value is None else parse_rate_limit(value)
+        return ConfigRecord("rate_limit", (tenant_id, dimension, scope_value), limit)
+    tenant_id, dimension, scope_value = json.loads(key)
+    return ConfigRecord("budget", (tenant_id, dimension, scope_value), None if value is None else parse_budget(value))

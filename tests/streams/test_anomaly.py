@@ -15,7 +15,7 @@ from streams.anomaly import (
     spend_spike,
     user_spike,
 )
-from streams.app import _SEP, anomaly_alerts
+from streams.app import anomaly_alerts, window_key
 
 WEEK = [Window(Decimal("24"), 240)] * 7  # $1 an hour, $0.10 a call
 
@@ -56,7 +56,7 @@ def test_anomaly_alerts_read_history_from_the_table() -> None:
     table: dict[str, dict[str, Any]] = {}
     for back in range(1, 8):
         day = datetime(2025, 7, 20, tzinfo=UTC) - timedelta(days=back)
-        table[_SEP.join(("acme", "day", day.isoformat(), "tenant", ""))] = {"cost": "24", "calls": 240}
+        table[window_key("acme", "day", day, "tenant", "")] = {"cost": "24", "calls": 240}
     spike = Rollup("acme", "hour", hour, "tenant", "", 40, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal("4"))
     calm = Rollup("acme", "hour", hour, "tenant", "", 20, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal("1.5"))
     (alert,) = anomaly_alerts([spike], table.get, hour)

@@ -62,3 +62,16 @@ def test_budget_periods_are_named_by_the_tenants_local_calendar() -> None:
     (alert,) = budget_alerts(budgets, [window], november_in_tokyo)
     assert alert["period"] == "month:2025-11-01" and alert["details"]["time_zone"] == "Asia/Tokyo"
     assert alert["details"]["window_start"] == november_in_tokyo.isoformat()
+
+
+def test_config_records_are_budgets_or_rate_limits_and_none_when_deleted() -> None:
+    from streams.budgets import RateLimit, parse_config_record
+
+    budget = Budget("acme", "feature", "search", "day", Decimal(2))
+    assert parse_config_record(budget.key, budget.to_json()).item == budget
+    deleted = parse_config_record(budget.key, None)
+    assert (deleted.kind, deleted.scope, deleted.item) == ("budget", ("acme", "feature", "search"), None)
+    limit = RateLimit("acme", "tenant", "", calls_per_minute=60)
+    record = parse_config_record(limit.key, limit.to_json())
+    assert (record.kind, record.scope, record.item) == ("rate_limit", ("acme", "tenant", ""), limit)
+    assert parse_config_record(limit.key, None).item is None
