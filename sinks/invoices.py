@@ -221,8 +221,9 @@ def month_usage(conn: psycopg.Connection, tenant_id: str, period: str, time_zone
 def _billed_usage(conn: psycopg.Connection, tenant_id: str, usage_period: str) -> dict[str, Usage]:
     """Per model, the usage of a month that finalized invoices have billed (as the month or as adjustments)."""
     rows = conn.execute(
-        "SELECT provider_model, sum(calls), sum(unpriced_calls), sum(input_tokens), sum(output_tokens),"
-        " sum(cache_read_tokens), sum(cache_write_tokens), sum(input_cost), sum(output_cost), sum(cost)"
+        "SELECT provider_model, sum(calls)::bigint, sum(unpriced_calls)::bigint, sum(input_tokens)::bigint,"
+        " sum(output_tokens)::bigint, sum(cache_read_tokens)::bigint, sum(cache_write_tokens)::bigint,"
+        " sum(input_cost), sum(output_cost), sum(cost)"
         " FROM tokenmeter.invoice_usage WHERE tenant_id = %s AND usage_period = %s GROUP BY provider_model",
         (tenant_id, usage_period),
     ).fetchall()

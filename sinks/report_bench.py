@@ -27,7 +27,7 @@ _FILL = """
 INSERT INTO tokenmeter.ledger (event_id, ts, tenant_id, provider, model, user_id, feature, environment,
     session_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, latency_ms, price_status,
     input_cost, output_cost, total_cost, price_source)
-SELECT 'bench-' || i, %(end)s::timestamptz - (i %% 7776000) * interval '1 second',
+SELECT 'bench-' || i, %(end)s::timestamptz - interval '1 second' * (i::bigint * 7776000 / %(rows)s),
        't' || (i %% {tenants}), (ARRAY['openai', 'anthropic', 'google', 'openai'])[1 + i %% 4],
        'model-' || (i %% 8), 'u' || (i %% 3000), 'feature-' || (i %% 40),
        (ARRAY['prod', 'staging', 'dev'])[1 + i %% 3], 's' || (i %% 50000),
@@ -64,7 +64,7 @@ def run_report_bench(settings: Settings, rows: int, say: Callable[[str], None]) 
         chunk = 200_000
         for first in range(0, rows, chunk):
             last = min(first + chunk, rows) - 1
-            conn.execute(_FILL.format(tenants=TENANTS), {"end": end, "first": first, "last": last})
+            conn.execute(_FILL.format(tenants=TENANTS), {"end": end, "first": first, "last": last, "rows": rows})
             say(f"report bench: {last + 1:,} of {rows:,} ledger rows")
         conn.execute("ANALYZE tokenmeter.ledger")
         filled = time.perf_counter()

@@ -77,6 +77,7 @@ def test_late_usage_after_finalization_is_an_adjustment_on_the_next_invoice(conn
     assert [(a.usage_period, a.calls, a.amount) for a in august.adjustments] == [
         ("2025-06", 1, cost(later) * Decimal("1.2"))
     ]
+    assert json.loads(json.dumps(august.as_json()))["adjustments"][0]["calls"] == 1  # counts stay integers
     assert invoice(conn, tenant, "2025-07").total == (cost(july) + cost(late)) * Decimal("1.2")
 
     shown = subprocess.run(

@@ -284,3 +284,44 @@ def test_worker_serves_prometheus_metrics_of_both_stages(running: Settings) -> N
     assert delta("tokenmeter_sink_seconds_count", sink="postgres") >= 1
     assert delta("tokenmeter_sink_batch_events_sum", sink="postgres") >= 3
     assert ("tokenmeter_consumer_lag_messages", (("stage", "meter"),)) in after
+
+
+def test_late_event_after_finalization_is_billed_on_the_next_invoice_end_to_end(running: Settings) -> None:
+    tenant = f"late-{uuid.uuid4().hex[:6]}"
+    march = "2025-03-15T12:00:00+00:00"
+    send_raw(running, [json.dumps(usage(tenant, timestamp=march)).encode() for _ in range(2)])
+    assert wait_for_sinks(running, timeout=60)
+    env = env_for(running)
+
+    def bill(period: str, *extra: str) -> dict[str, object]:
+        command = [
+            sys.executable,
+            "-m",
+            "deploy",
+            "invoice",
+            "--tenant",
+            tenant,
+            "--period",
+            period,
+            "--format",
+            "json",
+        ]
+        shown = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=60, env=env)
+        assert shown.returncode == 0, shown.stderr
+        return dict(json.loads(shown.stdout))
+
+    finalized = bill("2025-03", "--finalize")
+    assert (finalized["status"], finalized["calls"], Decimal(str(finalized["total"]))) == (
+        "finalized",
+        2,
+        Decimal("0.007"),
+    )
+    late = usage(tenant, timestamp="2025-03-31T23:59:00+00:00")
+    send_raw(running, [json.dumps(late).encode(), json.dumps(late).encode()])  # the late event, and its retry
+    assert wait_for_sinks(running, timeout=60)
+    assert bill("2025-03") == finalized  # never changed
+    april = bill("2025-04")
+    assert april["status"] == "open" and april["lines"] == []
+    adjustments = [(a["usage_period"], a["calls"], Decimal(a["amount"])) for a in april["adjustments"]]  # type: ignore[attr-defined]
+    assert adjustments == [("2025-03", 1, Decimal("0.0035"))]
+    assert Decimal(str(april["total"])) == Decimal("0.0035")
