@@ -52,6 +52,7 @@ def period_start(period: str, at: datetime, time_zone: str = "UTC") -> datetime:
     return local_midnight(_first_day(period, at.astimezone(zone(time_zone)).date()), time_zone)
 
 
+@lru_cache(maxsize=4096)  # the sinks ask for the same few windows thousands of times per batch
 def period_end(period: str, start: datetime, time_zone: str = "UTC") -> datetime:
     """End (exclusive) of the period that begins at ``start``; a local day may last 23 or 25 hours."""
     first = _first_day(period, start.astimezone(zone(time_zone)).date())
