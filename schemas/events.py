@@ -6,7 +6,7 @@ bounded, tags are bounded in count and size, and token counts are non-negative.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import (
@@ -30,6 +30,9 @@ MAX_TAGS = 32
 MAX_TAG_KEY_LEN = 64
 MAX_TAG_VALUE_LEN = 256
 MAX_TOKENS = 10**12  # far above any real call, far below Avro long overflow
+# A call cannot happen in the future; a day of slack covers any clock skew or zone mix-up. Beyond it
+# the clock is wrong, and the event would be billed in a period that has not begun.
+MAX_FUTURE_SKEW = timedelta(hours=24)
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LEN)]
 Label = Annotated[StrictStr, Field(min_length=1, max_length=MAX_LABEL_LEN)]
@@ -79,6 +82,8 @@ class UsageEvent(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
+        if value - datetime.now(UTC) > MAX_FUTURE_SKEW:
+            raise ValueError(f"timestamp {value.isoformat()} is more than 24 h in the future (is the clock right?)")
         return value.astimezone(UTC)
 
     @field_validator("tags")
@@ -208,7 +213,7 @@ def surely_valid(data: dict[str, Any]) -> bool:
             if name != "estimated":
                 return False
         elif kind is datetime:
-            if name != "timestamp" or value.utcoffset() is None:
+            if name != "timestamp" or value.utcoffset() is None or value - datetime.now(UTC) > MAX_FUTURE_SKEW:
                 return False
         elif kind is dict:
             if name != "tags" or not _tags_fit(value):

@@ -52,6 +52,7 @@ def test_valid_event_is_normalised_to_utc() -> None:
         ({"tenant_id": "x" * 5000}, "tenant_id"),
         ({"timestamp": "2025-07-01T12:00:00"}, "timestamp"),
         ({"timestamp": "yesterday"}, "timestamp"),
+        ({"timestamp": (datetime.now(UTC) + timedelta(days=2)).isoformat()}, "more than 24 h in the future"),
         ({"cache_read_tokens": 900}, "cache_write_tokens must not exceed"),
         ({"reasoning_tokens": 201}, "reasoning_tokens"),
         ({"tags": {f"k{i}": "v" for i in range(33)}}, "at most 32 tags"),
@@ -133,3 +134,4 @@ def test_everyday_library_events_take_the_fast_path(overrides: dict[str, Any]) -
     assert surely_valid(without_timestamp)  # the producer fills in now
     assert not surely_valid({**data, "input_tokens": -1})
     assert not surely_valid({**data, "timestamp": "2025-07-01T00:00:00Z"})  # strings go through pydantic
+    assert not surely_valid({**data, "timestamp": datetime.now(UTC) + timedelta(days=2)})  # a clock far ahead
