@@ -543,7 +543,8 @@ def tenant_set(tenant_id: str, time_zone: str) -> None:
     except psycopg.Error as exc:
         _fail(f"cannot set the time zone: {exc}".strip())
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
-    # The spend keys of the old calendar may end later than the new ones: clear, then write afresh.
+    # Clear, then write afresh: spend of the old calendar's open day can belong to a day of the new
+    # calendar that has ended, which write_spend skips, so its old value would otherwise stay.
     stale = {spend_key(r.tenant_id, r.dimension, r.dimension_value, p) for r in rollups for p in PERIODS}
     stale |= {spend_key(tenant_id, "tenant", "", p) for p in PERIODS}
     client.delete(*stale)

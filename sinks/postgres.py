@@ -184,7 +184,7 @@ def tenant_time_zone(conn: psycopg.Connection, tenant_id: str) -> str:
 
 def set_time_zone(conn: psycopg.Connection, tenant_id: str, time_zone: str) -> list[Rollup]:
     """Set a tenant's time zone and rebuild its rollups from the ledger in that zone, in one
-    transaction; return its rollups of the last 40 days (for the Redis mirror).
+    transaction; return its day, week and month rollups of the last 40 days (for the Redis mirror).
 
     The locks wait for batches in flight and hold new ones back until the rebuild commits, so no
     batch advances a window of the old zone after it."""
@@ -201,7 +201,8 @@ def set_time_zone(conn: psycopg.Connection, tenant_id: str, time_zone: str) -> l
         rows = conn.execute(
             f"SELECT {_ROLLUP_COLUMNS} FROM tokenmeter.rollups AS r"
             " LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = r.tenant_id"
-            " WHERE r.tenant_id = %s AND r.window_start > now() - interval '40 days'",
+            " WHERE r.tenant_id = %s AND r.granularity IN ('day', 'week', 'month')"
+            " AND r.window_start > now() - interval '40 days'",
             (tenant_id,),
         ).fetchall()
     return [Rollup(*row) for row in rows]
