@@ -30,6 +30,9 @@ EVENTS_OUT = Counter("tokenmeter_events_out", "Messages produced, per stage and 
 DEAD_LETTERS = Counter("tokenmeter_dead_letters", "Rejected raw messages sent to usage.dlq")
 DUPLICATES = Counter("tokenmeter_duplicate_events", "Events whose event_id was already counted")
 UNPRICED = Counter("tokenmeter_unpriced_events", "Events of models without a price (pricing misses)")
+CONFIG_REJECTED = Counter("tokenmeter_config_records_rejected",
+                          "Config records (budgets, price overrides) that could not be applied, per topic",
+                          ["topic"])  # fmt: skip
 ALERTS = Counter("tokenmeter_alerts", "Alerts fired, per kind", ["kind"])
 SPEND = Counter("tokenmeter_spend_usd", "Priced spend of new events, per tenant (bounded; see module doc)",
                 ["tenant"])  # fmt: skip

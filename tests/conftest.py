@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# TOKENMETER_TEST_SLOT=N (1-9) runs a second private stack beside the default one (ports +N*100,
+# state in .tokenmeter-test-N), so two test sessions on one machine never stop each other's stack.
+_SLOT = int(os.environ.get("TOKENMETER_TEST_SLOT", "0") or 0)
 TEST_ENV = {
-    "TOKENMETER_HOME": str(ROOT / ".tokenmeter-test"),
-    "TOKENMETER_KAFKA_PORT": "29092",
-    "TOKENMETER_KAFKA_CONTROLLER_PORT": "29093",
-    "TOKENMETER_POSTGRES_PORT": "25432",
-    "TOKENMETER_REDIS_PORT": "26379",
+    "TOKENMETER_HOME": str(ROOT / (f".tokenmeter-test-{_SLOT}" if _SLOT else ".tokenmeter-test")),
+    "TOKENMETER_KAFKA_PORT": str(29092 + 100 * _SLOT),
+    "TOKENMETER_KAFKA_CONTROLLER_PORT": str(29093 + 100 * _SLOT),
+    "TOKENMETER_POSTGRES_PORT": str(25432 + 100 * _SLOT),
+    "TOKENMETER_REDIS_PORT": str(26379 + 100 * _SLOT),
     "TOKENMETER_KAFKA_BOOTSTRAP": "",
     "TOKENMETER_DATABASE_URL": "",
     "TOKENMETER_REDIS_URL": "",

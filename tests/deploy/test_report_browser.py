@@ -3,6 +3,7 @@ shows up in the screenshot (kept under .tokenmeter-test/artifacts/ and named in 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def test_html_report_charts_render_in_headless_chromium(conn: psycopg.Connection
     ]
     made = subprocess.run([*command, "--output", str(page)], capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
-    shot = ROOT / ".tokenmeter-test" / "artifacts" / "report.png"
+    shot = Path(os.environ["TOKENMETER_HOME"]) / "artifacts" / "report.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     shot.unlink(missing_ok=True)
     shown = subprocess.run(
