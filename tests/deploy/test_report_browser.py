@@ -17,7 +17,6 @@ from PIL import Image
 from deploy.report_render import PALETTE
 from deploy.settings import Settings
 from deploy.stack import LocalStack
-from tests.conftest import ROOT
 from tests.sinks.test_reports import seed
 
 WIDTH, HEIGHT = 1280, 2400
