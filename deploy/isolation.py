@@ -46,7 +46,16 @@ def free_port() -> int:
 
 def env_for(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    for name in (*TOPIC_FIELDS, "worker_id", "worker_batch_size", "database_url", "redis_url", "metrics_port"):
+    for name in (
+        *TOPIC_FIELDS,
+        "worker_id",
+        "worker_batch_size",
+        "database_url",
+        "redis_url",
+        "metrics_port",
+        "worker_stall_timeout_s",
+        "worker_create_topics",
+    ):
         env[f"TOKENMETER_{name.upper()}"] = str(getattr(settings, name))
     return env
 

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     # "<worker_id>-meter". Workers sharing an id share the work.
     worker_id: str = "tokenmeter"
     worker_batch_size: int = Field(default=5000, ge=1, description="most raw messages per stage-1 batch")
+    # Supervision: a stage that commits nothing for this long while it has messages to do, or a stage
+    # process that dies, makes the worker exit non-zero (for systemd/Kubernetes to restart it); /readyz
+    # reports a stall after half of it.
+    worker_stall_timeout_s: float = Field(default=120.0, ge=2.0)
+    # The worker creates missing topics at start-up; false: a missing topic is a fatal one-line error.
+    worker_create_topics: bool = True
 
     # Prometheus metrics of the worker (both stages) at http://<host>:<port>/metrics; port 0 turns them off.
     metrics_host: str = "127.0.0.1"

@@ -143,7 +143,16 @@ class LocalStack:
         self.start_redis(progress)
         self.start_postgres(progress)
         self.start_kafka(progress)
+        self.ensure_topics(progress)
         return self.status()
+
+    def ensure_topics(self, progress: Progress = print) -> None:
+        """Every topic of DESIGN.md §2, so a worker started next finds them all (idempotent)."""
+        from deploy.topics import ensure_topics
+
+        created = [c.topic for c in ensure_topics(self.settings) if c.action != "unchanged"]
+        if created:
+            progress(f"kafka      topics created or updated: {', '.join(created)}")
 
     def down(self, purge: bool = False, progress: Progress = print) -> None:
         self.stop_kafka(progress)

@@ -95,3 +95,29 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange
         if not detail:
             changes.append(TopicChange(spec.name, "unchanged", f"{have} partitions"))
     return changes
+
+
+class TopicsMissing(RuntimeError):
+    """Topics the worker needs are absent and it may not (or could not) create them."""
+
+
+def verify_topics(settings: Settings, create: bool, timeout: float = 30.0) -> list[TopicChange]:
+    """Before a worker starts: every topic it reads or writes must exist. Missing ones are created
+    when ``create`` (the default setting); otherwise, or if creating fails, ``TopicsMissing`` names them."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except Exception as exc:
+        raise TopicsMissing(f"cannot reach Kafka at {settings.kafka_bootstrap} to check the topics: {exc}") from None
+    missing = [spec.name for spec in topic_specs(settings) if spec.name not in existing]
+    if not missing:
+        return []
+    if not create:
+        raise TopicsMissing(
+            f"topic {missing[0]!r} does not exist{f' (and {len(missing) - 1} more)' if missing[1:] else ''}"
+            "; run `tokenmeter topics ensure` or set TOKENMETER_WORKER_CREATE_TOPICS=true"
+        )
+    try:
+        return [change for change in ensure_topics(settings, timeout) if change.action != "unchanged"]
+    except Exception as exc:
+        raise TopicsMissing(f"topic {missing[0]!r} does not exist and could not be created: {exc}") from None

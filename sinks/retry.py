@@ -20,15 +20,24 @@ def with_backoff(
     should_stop: Callable[[], bool] | None = None,
     first_delay: float = 0.2,
     max_delay: float = 5.0,
+    retry_if: Callable[[BaseException], bool] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> T:
     """``call()`` until it succeeds; ``on_failure`` runs after each failure (e.g. drop a broken
-    connection); ``should_stop`` makes the failure final (the caller replays the work later)."""
+    connection); ``should_stop`` makes the failure final (the caller replays the work later).
+    ``retry_if`` narrows ``retry_on`` (anything else is raised at once); ``note`` hears each failure,
+    so supervision can say what a stage is waiting for."""
     delay = first_delay
     while True:
         try:
             return call()
         except retry_on as exc:
-            log.warning("%s unavailable (%s); retrying in %.1fs", what, str(exc).strip()[:200], delay)
+            if retry_if is not None and not retry_if(exc):
+                raise
+            message = f"{what} unavailable ({str(exc).strip()[:200]})"
+            log.warning("%s; retrying in %.1fs", message, delay)
+            if note is not None:
+                note(message)
             if on_failure is not None:
                 on_failure()
             if should_stop is not None and should_stop():

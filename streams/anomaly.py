@@ -118,13 +118,17 @@ class ConversationRates:
             touched.add(key)
         if not touched:
             return []
-        newest = max(minute for _, _, minute in touched)
-        for key in [k for k in self._counts if k[2] < newest - self.keep_minutes]:
+        # A batch may span months (a backfill): minutes older than the window are counted, then dropped
+        # with the rest of the old state, and never judged (they describe a past nobody can stop now).
+        oldest_kept = max(minute for _, _, minute in touched) - self.keep_minutes
+        for key in [k for k in self._counts if k[2] < oldest_kept]:
             del self._counts[key]
-        others = [n for k, n in self._counts.items() if k not in touched]
+        recent = [key for key in touched if key[2] >= oldest_kept]
+        recent_set = set(recent)
+        others = [n for k, n in self._counts.items() if k not in recent_set]
         typical = Decimal(sorted(others)[len(others) // 2]) if others else Decimal(1)  # the median conversation
         findings = []
-        for key in sorted(touched):
+        for key in sorted(recent):
             finding = runaway_loop(self._counts[key], typical)
             if finding is not None:
                 findings.append((key[0], key[1], key[2], finding))

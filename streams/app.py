@@ -27,6 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import sys
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -47,7 +50,9 @@ from streams import metrics
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
 from streams.budgets import Budget, budget_alerts, parse_config_record
 from streams.config_topic import ConfigFollower
-from streams.meter import SESSION_TIMEOUT_S, rollup_from_record, run_stage_one
+from streams.health import Health
+from streams.lag import measure_lag
+from streams.meter import SESSION_TIMEOUT_S, optional, rollup_from_record, run_stage_one
 from streams.periods import local_date, local_midnight
 
 log = logging.getLogger("tokenmeter.worker")
@@ -83,9 +88,15 @@ def table_value(r: Rollup) -> dict[str, Any]:
 
 
 def expired(key: str, now: datetime) -> bool:
-    _tenant, granularity, start, *_ = key.split(_SEP)
-    ends = datetime.fromisoformat(start) + _WINDOW_LENGTH[granularity]
-    return ends + TABLE_RETENTION[granularity] < now
+    """Whether the window of a table key ended longer ago than its retention; a key that does not parse
+    (written by an older version, or corrupt) counts as expired, so it can never stop the timer."""
+    try:
+        _tenant, granularity, start, *_ = key.split(_SEP)
+        ends = datetime.fromisoformat(start) + _WINDOW_LENGTH[granularity]
+        return ends + TABLE_RETENTION[granularity] < now
+    except (ValueError, KeyError, TypeError, OverflowError):
+        log.warning("dropping an unreadable rollups table key %r", key[:200])
+        return True
 
 
 def unpriced_model_alerts(rollups: Iterable[Rollup], now: datetime) -> list[dict[str, Any]]:
@@ -206,8 +217,12 @@ def anomaly_alerts(latest: Iterable[Rollup], lookup: Callable[[str], dict[str, A
     return alerts
 
 
-def make_app(settings: Settings | None = None) -> faust.App:
+def make_app(settings: Settings | None = None, health: Health | None = None) -> faust.App:
     settings = settings or get_settings()
+    health = health or Health(settings.worker_stall_timeout_s)
+    meter_status = health.stage("stage 1 (metering)")
+    windows_status = health.stage("stage 2 (budgets and alerts)")
+    health.processes["stage 1 (metering)"] = None  # not running until the supervisor starts it
     app = faust.App(
         settings.worker_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -239,37 +254,57 @@ def make_app(settings: Settings | None = None) -> faust.App:
     alert_sink = AlertSink(settings)
 
     @app.task
-    async def stage_one() -> None:
-        """Keep stage 1's process running (restarted if it dies); stop it with the worker."""
+    async def supervise() -> None:
+        """Run stage 1's process; every second, check both stages. A dead or stuck stage makes the worker
+        exit non-zero with the reason (``streams/health.py``); the process manager restarts it."""
         spawn = multiprocessing.get_context("spawn")
-        process = None
+        process = spawn.Process(target=run_stage_one, args=(settings, meter_status), name="tokenmeter-stage-1")
+        meter_status.restart_clock()
+        process.start()
+        health.processes["stage 1 (metering)"] = process
         try:
             while True:
-                if process is None or not process.is_alive():
-                    if process is not None:
-                        log.error("stage 1 exited with %s; starting it again", process.exitcode)
-                        if process.pid is not None:
-                            metrics.process_gone(process.pid)
-                    process = spawn.Process(target=run_stage_one, args=(settings,), name="tokenmeter-stage-1")
-                    process.start()
                 await asyncio.sleep(1.0)
+                health.loop_tick = time.time()
+                reason = health.stuck()
+                if reason is not None:
+                    health.fatal = reason
+                    log.critical("stopping the worker: %s; exit status 3 (restart it; offsets not committed "
+                                 "are replayed, nothing is lost)", reason)  # fmt: skip
+                    for handler in logging.getLogger().handlers:
+                        handler.flush()
+                    sys.stderr.flush()
+                    await asyncio.sleep(0.2)
+                    os._exit(3)  # stage 1 dies with us (PR_SET_PDEATHSIG); uncommitted work is replayed
         finally:  # cancelled when the worker stops: let stage 1 finish its batch and close
-            if process is not None and process.is_alive():
+            health.processes.pop("stage 1 (metering)", None)
+            if process.is_alive():
                 process.terminate()
                 await asyncio.to_thread(process.join, 30)
 
+    @app.timer(interval=5.0)
+    async def measure_windows_lag() -> None:
+        """Stage 2's progress: behind = what its consumer group has not committed on metering.rollups."""
+
+        def behind() -> int:
+            return sum(p.lag for p in measure_lag(settings, settings.topic_rollups, group=settings.worker_id))
+
+        lag = await asyncio.to_thread(optional, "stage 2 lag", behind, -1)
+        if lag >= 0:
+            windows_status.alive(lag)
+
     @app.task
     async def load_budgets() -> None:
-        await asyncio.to_thread(budget_config.catch_up, 1.0)
+        await asyncio.to_thread(optional, "budgets", lambda: budget_config.catch_up(1.0), 0)
 
     @app.timer(interval=1.0)
     async def follow_budgets() -> None:
-        await asyncio.to_thread(budget_config.catch_up, 0.1)
+        await asyncio.to_thread(optional, "budgets", lambda: budget_config.catch_up(0.1), 0)
 
     @app.timer(interval=1.0)
     async def deliver_webhooks() -> None:
         if settings.webhook_urls:
-            await asyncio.to_thread(alert_sink.deliver)
+            await asyncio.to_thread(optional, "webhooks", alert_sink.deliver, None)
 
     @app.timer(interval=60.0)
     async def expire_windows() -> None:
@@ -277,45 +312,79 @@ def make_app(settings: Settings | None = None) -> faust.App:
         for key in [k for k in list(rollups.keys()) if expired(k, now)]:
             del rollups[key]
 
+    def read_batch(batch: list[bytes]) -> dict[str, Rollup]:
+        """The newest absolute value of every window in the batch; undecodable messages are skipped."""
+        latest: dict[str, Rollup] = {}
+        for value in batch:
+            try:
+                decoded = codec.decode("rollup_batch", value)
+                rollups_of_batch = [rollup_from_record(record, decoded["time_zone"]) for record in decoded["rollups"]]
+            except Exception as exc:
+                log.error("skipping an unreadable rollup batch (%d bytes): %s", len(value or b""), exc)
+                metrics.OPTIONAL_FAILURES.labels(stage="windows decode").inc()
+                continue
+            for r in rollups_of_batch:
+                latest[table_key(r)] = r  # absolute values: the last one of a key is its newest
+        return latest
+
+    def alerts_of(latest: dict[str, Rollup], now: datetime) -> list[dict[str, Any]]:
+        """Every rule on its own: one that fails is logged and counted, the others still fire."""
+        none: list[dict[str, Any]] = []
+        fired = [
+            *optional("unpriced model alerts", lambda: unpriced_model_alerts(latest.values(), now), none),
+            *optional("budget alerts", lambda: budget_alerts(budgets, latest.values(), now), none),
+            *optional("anomaly rules", lambda: anomaly_alerts(latest.values(), window, now), none),
+        ]
+        return [alert for alert in fired if alert["alert_id"] not in alerted]
+
+    async def send_alerts(fresh: list[dict[str, Any]]) -> None:
+        # Stored first: Postgres keeps each alert_id once, whatever a crash makes us repeat.
+        await asyncio.to_thread(alert_sink.store, fresh)
+        for alert in fresh:
+            topic = budget_topic if alert["kind"].startswith("budget") else anomaly_topic
+            try:
+                value = codec.encode("alert", alert)
+            except Exception:
+                log.exception("alert %s cannot be encoded; kept in Postgres only", alert["alert_id"])
+                metrics.OPTIONAL_FAILURES.labels(stage="alert encoding").inc()
+                alerted[alert["alert_id"]] = True
+                continue
+            await topic.send(key=alert["tenant_id"].encode(), value=value)
+            alerted[alert["alert_id"]] = True
+            metrics.ALERTS.labels(kind=alert["kind"]).inc()
+            metrics.EVENTS_OUT.labels(stage="windows", output="alerts").inc()
+            log.warning("alert %s: %s", alert["kind"], alert["message"])
+
     @app.agent(rollups_topic)
     async def windows(stream: faust.StreamT[bytes]) -> None:
         async for batch in stream.take(100, within=0.1):
             metrics.EVENTS_IN.labels(stage="windows").inc(len(batch))
-            latest: dict[str, Rollup] = {}
-            for value in batch:
-                try:
-                    decoded = codec.decode("rollup_batch", value)
-                except codec.SchemaDecodeError as exc:
-                    log.error("skipping an undecodable rollup batch: %s", exc)
-                    continue
-                for record in decoded["rollups"]:
-                    r = rollup_from_record(record, decoded["time_zone"])
-                    latest[table_key(r)] = r  # absolute values: the last one of a key is its newest
-            for key, r in latest.items():
-                rollups[key] = table_value(r)
-            now = datetime.now(UTC)
-            fired = unpriced_model_alerts(latest.values(), now) + budget_alerts(budgets, latest.values(), now)
-            fired += anomaly_alerts(latest.values(), window, now)
-            fresh = [alert for alert in fired if alert["alert_id"] not in alerted]
-            if not fresh:
-                continue
-            # Stored first: Postgres keeps each alert_id once, whatever a crash makes us repeat.
-            await asyncio.to_thread(alert_sink.store, fresh)
-            for alert in fresh:
-                topic = budget_topic if alert["kind"].startswith("budget") else anomaly_topic
-                await topic.send(key=alert["tenant_id"].encode(), value=codec.encode("alert", alert))
-                alerted[alert["alert_id"]] = True
-                metrics.ALERTS.labels(kind=alert["kind"]).inc()
-                metrics.EVENTS_OUT.labels(stage="windows", output="alerts").inc()
-                log.warning("alert %s: %s", alert["kind"], alert["message"])
+            try:
+                latest = read_batch(batch)
+                for key, r in latest.items():
+                    rollups[key] = table_value(r)
+                fresh = alerts_of(latest, datetime.now(UTC))
+                if fresh:
+                    await send_alerts(fresh)
+            except Exception as exc:
+                # Values are absolute: the next batch of the same windows re-evaluates every threshold,
+                # so skipping this one delays an alert at worst; stopping here would stop them all.
+                log.exception("stage 2 skipped a batch of %d rollup messages", len(batch))
+                metrics.OPTIONAL_FAILURES.labels(stage="windows").inc()
+                windows_status.failed(f"{type(exc).__name__}: {str(exc)[:300]}")
+            windows_status.progressed(windows_status.behind)
 
     return app
 
 
 def run_worker(settings: Settings | None = None, loglevel: str = "warning") -> None:
+    """Run the worker in the foreground; the caller has verified the topics (``deploy.topics``)."""
     settings = settings or get_settings()
-    metrics.serve(settings.metrics_host, settings.metrics_port)
-    app = make_app(settings)
+    health = Health(settings.worker_stall_timeout_s, topics_ok=True)
+    from streams.health import serve
+
+    serve(health, settings.metrics_host, settings.metrics_port)
+    app = make_app(settings, health)
     # Faust warns on every changelog burst ("producer buffer full"); it is flow control, not a fault.
     logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)

@@ -17,6 +17,16 @@ Per batch, in this order:
 Killed anywhere before 5, the batch is replayed: Postgres skips the ids it has, Redis and
 ``metering.rollups`` get the same absolute numbers again, so totals stay exact. Only the output
 topics can carry a repeat (same ``event_id``, same rollup key and values).
+
+Failure policy (README "Failure handling"): every error is either
+- *transient* (``transient_reason``: Postgres, Redis or Kafka unreachable or busy): retried with
+  back-off, never skipped; the batch waits, the stage reports it, and supervision
+  (``streams/health.py``) makes the worker exit if it lasts longer than the stall timeout;
+- *about one record* (anything else: bad data that got past validation, a value a sink refuses): the
+  batch is split in halves until the record is alone, which goes to ``usage.dlq`` with the reason
+  (stage ``process``); the rest of the batch is billed.
+Stages that bill nothing (runaway detection, its alerts) run in ``optional``: a failure there is
+logged and counted, never allowed to hold a batch back.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import redis
@@ -44,6 +54,7 @@ from sinks.redis import write_spend
 from sinks.retry import with_backoff
 from streams import metrics
 from streams.anomaly import ConversationRates
+from streams.health import StageStatus
 from streams.overrides import override_follower
 from streams.pipeline import Deduplicator, RawMessage, Rejected, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
@@ -136,14 +147,70 @@ class MeterStats:
     busy_seconds: float = 0.0
 
 
-_PG_DOWN = (psycopg.OperationalError, psycopg.InterfaceError)
+T = TypeVar("T")
+
+# A rollup_batch message carries at most this many windows (~300-600 bytes each): a tenant with thousands
+# of users in one batch is split over several messages, each far under the broker's ~1 MB limit.
+ROLLUPS_PER_MESSAGE = 500
+# Postgres errors about the data of a record (SQLSTATE classes): invalid values, constraint violations,
+# limits exceeded. Every other Postgres error is about the server or the connection, so it is retried.
+_PG_RECORD_CLASSES = frozenset({"22", "23", "54"})
+# Delivery errors Kafka will never get past by retrying the same message.
+_KAFKA_RECORD_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD})
+
+
+class Stopping(RuntimeError):
+    """The worker is stopping mid-batch; the batch is replayed by whoever starts next."""
+
+
+class OutputsNotDelivered(RuntimeError):
+    """Kafka did not acknowledge some outputs of a batch after its own retries (transient)."""
+
+
+class OutputRefused(RuntimeError):
+    """Kafka refused an output for what it is (too large, invalid): a record-level failure."""
+
+
+def postgres_transient(exc: BaseException) -> bool:
+    """Connection, resource and concurrency errors are transient; data errors belong to a record."""
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is None:  # no server answer at all: a connection failure
+        return isinstance(exc, psycopg.OperationalError)
+    return sqlstate[:2] not in _PG_RECORD_CLASSES
+
+
+def transient_reason(exc: BaseException) -> str | None:
+    """Which service a transient failure is waiting for ("postgres", "redis", "kafka", "stopping"),
+    or None when the failure belongs to the data of some record in the batch."""
+    if isinstance(exc, Stopping):
+        return "stopping"
+    if isinstance(exc, psycopg.Error):
+        return "postgres" if postgres_transient(exc) else None
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)):
+        return "redis"
+    if isinstance(exc, OutputsNotDelivered):
+        return "kafka"
+    return None
+
+
+def optional(what: str, call: Callable[[], T], default: T) -> T:
+    """Run a stage that bills nothing: on any failure log it, count it and go on with ``default``."""
+    try:
+        return call()
+    except Exception:
+        log.exception("%s failed; skipped for this batch (billing goes on)", what)
+        metrics.OPTIONAL_FAILURES.labels(stage=what).inc()
+        return default
 
 
 class Sinks:
     """Postgres and Redis, retried with back-off while either is down (the batch waits, unacked)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, note: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self.note = note
         self._pg: psycopg.Connection | None = None
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
 
@@ -159,20 +226,31 @@ class Sinks:
     def write(self, priced: Sequence[PricedEvent], should_stop: Callable[[], bool] | None = None) -> BatchResult:
         """Postgres, then Redis; each retried while down. A Redis retry does not rewrite Postgres."""
         started = time.perf_counter()
-        result = with_backoff(lambda: write_batch(self._postgres(), priced), _PG_DOWN, "Postgres",
-                              on_failure=self._drop_postgres, should_stop=should_stop)  # fmt: skip
+        result = with_backoff(lambda: write_batch(self._postgres(), priced), (psycopg.Error,), "Postgres",
+                              on_failure=self._drop_postgres, should_stop=should_stop, retry_if=postgres_transient,
+                              note=self.note)  # fmt: skip
         written = time.perf_counter()
-        with_backoff(lambda: write_spend(self.redis, result.rollups), (redis.RedisError,), "Redis",
-                     should_stop=should_stop)  # fmt: skip
+        self.write_spend(result.rollups, should_stop)
         metrics.SINK_SECONDS.labels(sink="postgres").observe(written - started)
         metrics.SINK_SECONDS.labels(sink="redis").observe(time.perf_counter() - written)
         metrics.BATCH_SIZE.labels(sink="postgres").observe(len(priced))
         metrics.BATCH_SIZE.labels(sink="redis").observe(len(result.rollups))
         return result
 
+    def write_spend(self, rollups: Sequence[Rollup], should_stop: Callable[[], bool] | None = None) -> None:
+        """Redis mirrors Postgres' absolute totals: retried while Redis is down; an error Redis answers
+        (the batch is billed already) is logged and counted, and the next batch of these windows repairs it."""
+        try:
+            with_backoff(lambda: write_spend(self.redis, rollups),
+                         (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError), "Redis",
+                         should_stop=should_stop, note=self.note)  # fmt: skip
+        except redis.ResponseError:
+            log.exception("Redis refused the spend of %d windows; they stay stale until their next batch", len(rollups))
+            metrics.BATCH_FAILURES.labels(reason="redis_refused").inc()
+
     def store_alerts(self, alerts: Sequence[dict[str, Any]]) -> set[str]:
-        return with_backoff(lambda: store_alerts(self._postgres(), alerts), _PG_DOWN, "Postgres (alerts)",
-                            on_failure=self._drop_postgres)  # fmt: skip
+        return with_backoff(lambda: store_alerts(self._postgres(), alerts), (psycopg.Error,), "Postgres (alerts)",
+                            on_failure=self._drop_postgres, retry_if=postgres_transient, note=self.note)  # fmt: skip
 
     def close(self) -> None:
         if self._pg is not None:
@@ -181,12 +259,14 @@ class Sinks:
 
 
 class Meter:
-    def __init__(self, settings: Settings, book: PriceBook | None = None) -> None:
+    def __init__(self, settings: Settings, book: PriceBook | None = None, status: StageStatus | None = None) -> None:
         self.settings = settings
         self.book = book or PriceBook()
         self.dedup = Deduplicator()
         self.conversations = ConversationRates()
-        self.sinks = Sinks(settings)
+        self.status = status
+        self._in_flight = 0  # messages of the batch in hand: behind too, until committed
+        self.sinks = Sinks(settings, note=self._note)
         self.stats = MeterStats()
         self.stopping = False
         self.consumer = Consumer({
@@ -204,19 +284,24 @@ class Meter:
             # partition its tables expect.
             "partitioner": "murmur2_random",
         })  # fmt: skip
-        self._delivery_errors: list[str] = []
+        self._delivery_errors: list[KafkaError] = []
         self._lag_measured = 0.0
+
+    def _note(self, failure: str) -> None:
+        """A sink is retrying: tell supervision why, and how much waits meanwhile."""
+        if self.status is not None:
+            self.status.failed(failure)
+            self.status.alive(self.measure_lag() + self._in_flight)
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
-            self._delivery_errors.append(str(err))
+            self._delivery_errors.append(err)
 
     def run_once(self, timeout: float = BATCH_WAIT_S) -> int:
-        """Process one batch (whatever arrives within ``timeout``); return how many messages it had."""
+        """Process one batch (whatever arrives within ``timeout``); return how many messages it had.
+
+        Raises only for transient failures (after rewinding the batch, so the next call replays it)."""
         messages = self.consumer.consume(self.settings.worker_batch_size, timeout)
-        if not messages:
-            return 0
-        started = time.perf_counter()
         raw = []
         for m in messages:
             err = m.error()
@@ -227,43 +312,111 @@ class Meter:
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             assert topic is not None and partition is not None and offset is not None  # set on fetched messages
             raw.append(RawMessage(topic, partition, offset, m.key(), m.value()))
-        events, rejected = decode_batch(raw)
-        fresh = self.dedup.fresh(events)
-        priced = price_batch(self.book, fresh)
-        runaways = runaway_alerts(self.conversations, fresh, datetime.now(UTC))
+        if not raw:
+            return 0
+        self._in_flight = len(raw)
         try:
-            sink_started = time.perf_counter()
-            result = self.sinks.write(priced, should_stop=lambda: self.stopping) if priced else BatchResult(0, [])
-            self.stats.sink_seconds += time.perf_counter() - sink_started
-            self._publish(priced, rejected, result.rollups, runaways)
+            self._isolating(raw)
             self._commit(raw)
         except Exception:
             self._rewind(raw)  # the next run_once starts this batch again
             raise
+        finally:
+            self._in_flight = 0
+        self.stats.batches += 1
+        return len(raw)
+
+    def _isolating(self, raw: Sequence[RawMessage]) -> None:
+        """Process ``raw``; if it fails for a reason that is not transient, split it in halves until the
+        record that cannot be processed is alone, and dead-letter that one."""
+        try:
+            self._process(raw)
+            return
+        except Exception as exc:
+            if transient_reason(exc) is not None or self.stopping:
+                raise
+            failure = exc
+        if len(raw) > 1:
+            log.warning("a batch of %d messages failed (%s: %s); splitting it to find the record",
+                        len(raw), type(failure).__name__, str(failure)[:300])  # fmt: skip
+            metrics.BATCH_FAILURES.labels(reason="record_split").inc()
+            middle = len(raw) // 2
+            self._isolating(raw[:middle])
+            self._isolating(raw[middle:])
+            return
+        for _again in range(2):  # alone now: make sure it is the record, not a passing fault
+            try:
+                self._process(raw)
+                return
+            except Exception as exc:
+                if transient_reason(exc) is not None or self.stopping:
+                    raise
+                failure = exc
+        self._dead_letter_unprocessable(raw[0], failure)
+
+    def _dead_letter_unprocessable(self, message: RawMessage, failure: BaseException) -> None:
+        reason = f"cannot be processed: {type(failure).__name__}: {failure}"
+        log.error("dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason[:500],
+                  exc_info=failure)  # fmt: skip
+        record = dead_letter_record(Rejected(message, reason, "process"), datetime.now().astimezone())
+        self._produce(self.settings.topic_dlq, message.key, write_dead_letter(record))
+        self._flush()
+        metrics.DEAD_LETTERS.labels(reason="process").inc()
+        metrics.EVENTS_OUT.labels(stage="meter", output="dlq").inc()
+        metrics.EVENTS_IN.labels(stage="meter").inc()
+        self.stats.consumed += 1
+        self.stats.rejected += 1
+
+    def _process(self, raw: Sequence[RawMessage]) -> None:
+        """One batch (or part of one) through every stage, up to Kafka's acks for its outputs."""
+        started = time.perf_counter()
+        events, rejected = decode_batch(raw)
+        fresh = self.dedup.fresh(events)
+        priced = price_batch(self.book, fresh)
+        sink_started = time.perf_counter()
+        result = self.sinks.write(priced, should_stop=lambda: self.stopping) if priced else BatchResult(0, [])
+        sink_seconds = time.perf_counter() - sink_started
+        # After the sinks: a batch that failed there is not counted twice by the runaway rule.
+        none: list[dict[str, Any]] = []
+        runaways = optional("runaway detection", lambda: self._runaway_alerts(fresh), none)
+        self._publish(priced, rejected, result.rollups, runaways)
         self.dedup.mark_seen(fresh)
         s = self.stats
-        s.batches += 1
         s.consumed += len(raw)
         s.rejected += len(rejected)
         s.duplicates += len(events) - result.inserted
         s.inserted += result.inserted
         s.unpriced += sum(1 for p in priced if p.price.status == "unpriced")
+        s.sink_seconds += sink_seconds
         s.busy_seconds += time.perf_counter() - started
-        self._count(len(raw), len(rejected), len(events) - result.inserted, priced, result)
-        return len(raw)
+        self._count(len(raw), rejected, len(events) - result.inserted, priced, result)
 
-    def _count(self, consumed: int, rejected: int, duplicates: int, priced: Sequence[PricedEvent],
+    def _runaway_alerts(self, fresh: Sequence[UsageEvent]) -> list[dict[str, Any]]:
+        """Runaway conversations of this batch, stored once in Postgres; the ones new there."""
+        alerts = runaway_alerts(self.conversations, fresh, datetime.now(UTC))
+        if not alerts:
+            return []
+        new = self.sinks.store_alerts(alerts)  # once per alert id, whatever replays repeat
+        return [alert for alert in alerts if alert["alert_id"] in new]
+
+    def _count(self, consumed: int, rejected: Sequence[Rejected], duplicates: int, priced: Sequence[PricedEvent],
                result: BatchResult) -> None:  # fmt: skip
         metrics.EVENTS_IN.labels(stage="meter").inc(consumed)
-        metrics.DEAD_LETTERS.inc(rejected)
+        for bad in rejected:
+            metrics.DEAD_LETTERS.labels(reason=bad.stage).inc()
         metrics.DUPLICATES.inc(duplicates)
         metrics.UNPRICED.inc(sum(1 for p in priced if p.price.status == "unpriced"))
         metrics.EVENTS_OUT.labels(stage="meter", output="priced").inc(len(priced))
-        metrics.EVENTS_OUT.labels(stage="meter", output="dlq").inc(rejected)
+        metrics.EVENTS_OUT.labels(stage="meter", output="dlq").inc(len(rejected))
         metrics.count_spend(result.new_spend.items())
+
+    def measure_lag(self) -> int:
+        """Messages behind (refreshed at most once a second, whether batches succeed or not)."""
         if time.monotonic() - self._lag_measured > 1.0:
             self._lag_measured = time.monotonic()
-            metrics.LAG.labels(stage="meter").set(self.behind())
+            self._behind = self.behind()
+            metrics.LAG.labels(stage="meter").set(self._behind)
+        return getattr(self, "_behind", 0)
 
     def behind(self) -> int:
         """Messages between this consumer's positions and the ends of its partitions, as last fetched."""
@@ -278,13 +431,16 @@ class Meter:
     def _publish(self, priced: Sequence[PricedEvent], rejected: Sequence[Rejected], rollups: Sequence[Rollup],
                  alerts: Sequence[dict[str, Any]] = ()) -> None:  # fmt: skip
         settings = self.settings
-        if alerts:
-            new = self.sinks.store_alerts(alerts)  # once per alert id, whatever replays repeat
-            for alert in alerts:
-                if alert["alert_id"] in new:
-                    metrics.ALERTS.labels(kind=alert["kind"]).inc()
-                    log.warning("alert %s: %s", alert["kind"], alert["message"])
-                    self._produce(settings.topic_alerts_anomaly, alert["tenant_id"].encode(), write_alert(alert))
+        for alert in alerts:
+            metrics.ALERTS.labels(kind=alert["kind"]).inc()
+            log.warning("alert %s: %s", alert["kind"], alert["message"])
+            optional(
+                "runaway alert encoding",
+                lambda a=alert: self._produce(  # type: ignore[misc]
+                    settings.topic_alerts_anomaly, a["tenant_id"].encode(), write_alert(a)
+                ),
+                None,
+            )
         now = datetime.now().astimezone()
         for bad in rejected:
             log.info("dead letter %s[%d]@%d: %s", bad.message.topic, bad.message.partition, bad.message.offset,
@@ -292,26 +448,29 @@ class Meter:
             self._produce(settings.topic_dlq, bad.message.key, write_dead_letter(dead_letter_record(bad, now)))
         for item in priced:
             self._produce(settings.topic_priced, item.event.tenant_id.encode(), write_priced(priced_record(item)))
-        by_tenant: dict[str, list[dict[str, Any]]] = {}
-        zones: dict[str, str] = {}
-        for r in rollups:
-            if streamed(r):
-                by_tenant.setdefault(r.tenant_id, []).append(rollup_record(r))
-                zones[r.tenant_id] = r.time_zone
-        for tenant, records in by_tenant.items():  # one message per tenant and batch: Faust pays per message
-            batch = write_rollup_batch({"tenant_id": tenant, "time_zone": zones[tenant], "rollups": records})
+        messages = 0
+        for tenant, zone, records in rollup_messages(rollups):  # per tenant and batch: Faust pays per message
+            batch = write_rollup_batch({"tenant_id": tenant, "time_zone": zone, "rollups": records})
             self._produce(settings.topic_rollups, tenant.encode(), batch)
-        metrics.EVENTS_OUT.labels(stage="meter", output="rollups").inc(len(by_tenant))
+            messages += 1
+        metrics.EVENTS_OUT.labels(stage="meter", output="rollups").inc(messages)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Wait for Kafka's acks of everything produced: a batch is committed only once Kafka has all of it."""
         flushing = time.perf_counter()
-        # At-least-once for the outputs: the batch is committed only once Kafka has all of them.
         while len(self.producer) > 0:
             self.producer.flush(1.0)
             if self.stopping and len(self.producer) > 0:
-                raise RuntimeError("stopping with undelivered outputs; the batch will be replayed")
+                raise Stopping("stopping with undelivered outputs; the batch will be replayed")
         metrics.SINK_SECONDS.labels(sink="kafka").observe(time.perf_counter() - flushing)
         if self._delivery_errors:
             errors, self._delivery_errors = self._delivery_errors, []
-            raise RuntimeError(f"{len(errors)} outputs were not delivered: {errors[0]}; the batch will be replayed")
+            refused = [e for e in errors if e.code() in _KAFKA_RECORD_ERRORS]
+            if refused:
+                raise OutputRefused(f"Kafka refused {len(refused)} outputs: {refused[0]}")
+            raise OutputsNotDelivered(f"{len(errors)} outputs were not delivered: {errors[0]}; "
+                                      "the batch will be replayed")  # fmt: skip
 
     def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
         while True:
@@ -346,6 +505,20 @@ class Meter:
         self.sinks.close()
 
 
+def rollup_messages(rollups: Sequence[Rollup]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """The streamed rollups as (tenant, time zone, records) messages: one per tenant, split so that none
+    holds more than ``ROLLUPS_PER_MESSAGE`` windows."""
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    zones: dict[str, str] = {}
+    for r in rollups:
+        if streamed(r):
+            by_tenant.setdefault(r.tenant_id, []).append(rollup_record(r))
+            zones[r.tenant_id] = r.time_zone
+    return [(tenant, zones[tenant], records[first : first + ROLLUPS_PER_MESSAGE])
+            for tenant, records in by_tenant.items()
+            for first in range(0, len(records), ROLLUPS_PER_MESSAGE)]  # fmt: skip
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGKILL when the worker process dies, so a killed worker leaves no stage 1 behind."""
     try:
@@ -356,11 +529,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_stage_one(settings: Settings) -> None:
+def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None:
     """Entry point of stage 1's own process (``tokenmeter worker`` starts it): batches until SIGTERM.
 
     A process of its own, not a thread of the Faust worker: the two stages then use both cores
-    instead of sharing one interpreter lock.
+    instead of sharing one interpreter lock. A failed batch (transient by then: see the module doc) is
+    retried with back-off from 1 s to 30 s; ``status`` tells the worker's supervisor how it goes.
     """
     _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] [stage 1] %(levelname)s %(message)s")
@@ -369,21 +543,32 @@ def run_stage_one(settings: Settings) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     book = PriceBook()
     overrides = override_follower(settings, book)
-    overrides.catch_up(5.0)  # price nothing before the overrides are in
-    meter = Meter(settings, book)
+    optional("price overrides", lambda: overrides.catch_up(5.0), 0)  # price nothing before the overrides are in
+    meter = Meter(settings, book, status)
     followed = time.monotonic()
+    backoff = 1.0
     try:
         while not stop.is_set():
             if time.monotonic() - followed > 5.0:
-                overrides.catch_up(0.0)
+                optional("price overrides", lambda: overrides.catch_up(0.0), 0)
                 followed = time.monotonic()
             try:
-                meter.run_once(BATCH_WAIT_S)
-            except Exception:
+                done = meter.run_once(BATCH_WAIT_S)
+                backoff = 1.0
+                if status is not None:
+                    (status.progressed if done else status.alive)(meter.measure_lag())
+            except Exception as exc:
                 if stop.is_set():
                     break
-                log.exception("batch failed; it will be retried")
-                stop.wait(1.0)
+                reason = transient_reason(exc) or type(exc).__name__
+                metrics.BATCH_FAILURES.labels(reason=reason).inc()
+                if status is not None:
+                    status.failed(f"{reason}: {str(exc)[:300]}")
+                    status.alive(meter.measure_lag())
+                log.error("batch failed (%s: %s); retrying in %.0fs", reason, str(exc)[:300], backoff,
+                          exc_info=transient_reason(exc) is None)  # fmt: skip
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
     finally:
         meter.close()
         overrides.close()

@@ -27,7 +27,16 @@ EVENTS_IN = Counter("tokenmeter_events_in", "Messages consumed, per stage (meter
                     ["stage"])  # fmt: skip
 EVENTS_OUT = Counter("tokenmeter_events_out", "Messages produced, per stage and output topic",
                      ["stage", "output"])  # fmt: skip
-DEAD_LETTERS = Counter("tokenmeter_dead_letters", "Rejected raw messages sent to usage.dlq")
+DEAD_LETTERS = Counter("tokenmeter_dead_letters",
+                       "Rejected raw messages sent to usage.dlq, per reason (decode, validate, process)",
+                       ["reason"])  # fmt: skip
+BATCH_FAILURES = Counter("tokenmeter_batch_failures",
+                         "Failed stage-1 batches, per reason (postgres, redis, kafka: retried; record_split: a "
+                         "batch split to isolate a record; redis_refused; other: the exception's type)",
+                         ["reason"])  # fmt: skip
+OPTIONAL_FAILURES = Counter("tokenmeter_optional_stage_failures",
+                            "Failures of stages that bill nothing (anomaly rules, runaway detection, webhooks), "
+                            "skipped", ["stage"])  # fmt: skip
 DUPLICATES = Counter("tokenmeter_duplicate_events", "Events whose event_id was already counted")
 UNPRICED = Counter("tokenmeter_unpriced_events", "Events of models without a price (pricing misses)")
 CONFIG_REJECTED = Counter("tokenmeter_config_records_rejected",

@@ -11,6 +11,7 @@ becomes a ``Rejected`` with its reason and the original bytes, bound for ``usage
 from __future__ import annotations
 
 import collections
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -104,15 +105,30 @@ def price_batch(book: PriceBook, events: Iterable[UsageEvent]) -> list[PricedEve
 
 
 # ---------------------------------------------------------------- records for the output topics
+# A dead letter must always fit on usage.dlq (brokers refuse messages over ~1 MB): the original value is
+# kept up to the size a usage event may have, the key up to a few KiB; both with their full length and
+# SHA-256 in the record, so an operator can still match a truncated one against its source.
+DEAD_LETTER_MAX_VALUE = MAX_RAW_BYTES
+DEAD_LETTER_MAX_KEY = 4 * 1024
+DEAD_LETTER_MAX_REASON = 2000
+
+
 def dead_letter_record(rejected: Rejected, now: datetime | None = None) -> dict[str, Any]:
     m = rejected.message
+    value, key = m.value, m.key
+    truncated = (value is not None and len(value) > DEAD_LETTER_MAX_VALUE) or (
+        key is not None and len(key) > DEAD_LETTER_MAX_KEY
+    )
     return {
-        "reason": rejected.reason,
+        "reason": rejected.reason[:DEAD_LETTER_MAX_REASON],
         "stage": rejected.stage,
         "source_topic": m.topic,
         "source_partition": m.partition,
         "source_offset": m.offset,
-        "original_key": m.key,
-        "original_value": m.value,
+        "original_key": None if key is None else key[:DEAD_LETTER_MAX_KEY],
+        "original_value": None if value is None else value[:DEAD_LETTER_MAX_VALUE],
+        "original_size": None if value is None else len(value),
+        "original_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
+        "truncated": truncated,
         "rejected_at": now or datetime.now(UTC),
     }

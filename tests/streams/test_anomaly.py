@@ -85,3 +85,17 @@ def test_a_runaway_conversation_is_found_among_normal_ones() -> None:
     assert alert["kind"] == "anomaly.runaway_loop" and alert["scope"] == {"conversation": "agent-7"}
     assert alert["current"] == 100 and alert["baseline"] == 2
     assert runaway_alerts(rates, [], at) == []
+
+
+def test_a_batch_spanning_months_of_sessions_is_counted_without_error() -> None:
+    """A backfill: sessions spread over three months in one batch (this raised KeyError and looped stage 1)."""
+    from streams.anomaly import ConversationRates
+
+    start = int(datetime(2025, 4, 1, tzinfo=UTC).timestamp()) // 60
+    calls = [("acme", f"s{i % 7}", start + i * 1_300) for i in range(100)]  # ~90 days, one call each ~22 h
+    calls += [("acme", "agent-7", start + 99 * 1_300)] * 60  # a loop in the newest minute
+    rates = ConversationRates(keep_minutes=10)
+    findings = rates.observe(calls)
+    assert [(tenant, conversation) for tenant, conversation, _minute, _finding in findings] == [("acme", "agent-7")]
+    assert all(minute >= start + 99 * 1_300 - 10 for _t, _c, minute in rates._counts)  # old minutes dropped
+    assert rates.observe(list(reversed(calls))) != []  # same batch again, newest first: still no error

@@ -98,3 +98,22 @@ def test_unpriced_models_alert_once_per_month_scope() -> None:
     alerts = unpriced_model_alerts(rollups, start)
     assert [a["alert_id"] for a in alerts] == ["anomaly.unpriced_model:acme:x/y:2025-07"]
     assert codec.decode("alert", codec.encode("alert", alerts[0]))["kind"] == "anomaly.unpriced_model"
+
+
+def test_a_dead_letter_of_a_huge_message_is_truncated_with_its_length_and_hash() -> None:
+    import hashlib
+
+    from streams.pipeline import DEAD_LETTER_MAX_VALUE, decode_one
+
+    huge = b'{"event_id": "' + b"x" * 1_200_000 + b'"}'
+    rejected = decode_one(RawMessage("usage.raw", 3, 7, b"k" * 100_000, huge))
+    assert not isinstance(rejected, type(None)) and hasattr(rejected, "reason")
+    letter = dead_letter_record(rejected)  # type: ignore[arg-type]
+    encoded = codec.encode("dead_letter", letter)
+    assert len(encoded) < 100_000  # always fits on the topic (brokers refuse ~1 MB)
+    back = codec.decode("dead_letter", encoded)
+    assert back["truncated"] is True and back["original_size"] == len(huge)
+    assert back["original_sha256"] == hashlib.sha256(huge).hexdigest()
+    assert back["original_value"] == huge[:DEAD_LETTER_MAX_VALUE] and len(back["original_key"]) == 4096
+    small = dead_letter_record(decode_one(raw(b"nope")))  # type: ignore[arg-type]
+    assert small["truncated"] is False and small["original_value"] == b"nope" and small["original_size"] == 4
