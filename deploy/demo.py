@@ -24,8 +24,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from deploy.isolation import WorkerProcess
+from deploy.output import cell
 from deploy.report_render import print_report, render_html
 from deploy.settings import Settings
 from deploy.stack import LocalStack
@@ -131,8 +133,10 @@ def _panel(sent: int, rate: float, elapsed: float, duration: float | None, spend
             "" if decision.limit is None else f"${decision.limit} ({'hard' if 'hard' in decision.reason else 'soft'})"
         )
         verdict = "[green]allowed[/]" if decision.allowed else "[bold red]BLOCKED[/]"
-        table.add_row(tenant, f"{decision.spent:.4f}", budget, verdict)
-    recent = "\n".join(f"[yellow]{a['kind']}[/] {a['message']}" for a in alerts[-6:]) or "[dim]none yet[/]"
+        table.add_row(cell(tenant), f"{decision.spent:.4f}", budget, verdict)
+    # Alert messages carry tenant, feature and user names: printed literally (deploy/output.py).
+    lines = [Text.assemble(cell(a["kind"], style="yellow"), " ", cell(a["message"])) for a in alerts[-6:]]
+    recent = Text("\n").join(lines) if lines else Text("none yet", style="dim")
     footer = f"[dim]globex calls refused by the quota check: {blocked_skips:,}[/]"
     return Group(table, Panel(recent, title=f"alerts fired ({len(alerts)})", title_align="left"), footer)
 
@@ -210,7 +214,7 @@ def run_demo(settings: Settings, duration: float | None, rate: int, console: Con
     alerts = _alerts_since(settings, started_at)
     console.print(f"\n[bold]{len(alerts)} alerts fired during the demo[/] (tokenmeter alerts list):")
     for a in alerts:
-        console.print(f"  [yellow]{a['kind']:<22}[/] {a['message']}", highlight=False)
+        console.print(Text.assemble("  ", cell(f"{a['kind']:<22}", style="yellow"), " ", cell(a["message"])))
     with psycopg.connect(settings.database_url) as conn:
         report = build_report(conn, None, parse_period("month"))
     print_report(report, console)

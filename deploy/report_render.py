@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from deploy.output import cell
+
 PALETTE = ["#3b6fd8", "#e07b39", "#3aa675", "#c84b6e", "#8e6cc9", "#c9a43b", "#4bb3c8", "#7a7a7a"]
 
 
@@ -17,7 +19,7 @@ def print_report(report: dict[str, Any], console: Console | None = None, rows: i
     console = console or Console()
     t = report["totals"]
     who = report["tenant_id"] or "all tenants"
-    console.rule(f"[bold]tokenmeter report — {who}, {report['period']['label']}")
+    console.rule(cell(f"tokenmeter report — {who}, {report['period']['label']}", style="bold"))
     console.print(
         f"[bold]1. Total[/]: ${t['cost']} over {t['calls']:,} calls ({t['unpriced_calls']:,} unpriced) — "
         f"today ${t['today']}, this week ${t['this_week']}, this month ${t['this_month']}"
@@ -31,7 +33,8 @@ def print_report(report: dict[str, Any], console: Console | None = None, rows: i
         for column in ("name", "cost (USD)", "calls", "share %", "avg/call"):
             table.add_column(column, justify="left" if column == "name" else "right")
         for row in report[key][:rows]:
-            table.add_row(row["name"], row["cost"], f"{row['calls']:,}", row["share"], row.get("avg_cost_per_call", ""))
+            table.add_row(cell(row["name"]), row["cost"], f"{row['calls']:,}", row["share"],
+                          row.get("avg_cost_per_call", ""))  # fmt: skip
         if len(report[key]) > rows:
             table.add_row(f"… {len(report[key]) - rows} more", "", "", "", "")
         console.print(table)
@@ -40,14 +43,15 @@ def print_report(report: dict[str, Any], console: Console | None = None, rows: i
     for column in ("cost (USD)", "tenant", "model", "feature", "user", "when"):
         top.add_column(column)
     for r in report["top_requests"][:5]:
-        top.add_row(r["cost"], r["tenant_id"], r["model"], r["feature"] or "", r["user_id"] or "", r["timestamp"][:19])
+        top.add_row(r["cost"], cell(r["tenant_id"]), cell(r["model"]), cell(r["feature"]), cell(r["user_id"]),
+                    r["timestamp"][:19])  # fmt: skip
     console.print(top)
     if report["top_conversations"]:
         conv = Table(title="4. Most expensive conversations (session or trace)", title_justify="left", show_edge=False)
         for column in ("cost (USD)", "tenant", "conversation", "calls"):
             conv.add_column(column)
         for c in report["top_conversations"][:5]:
-            conv.add_row(c["cost"], c["tenant_id"], c["conversation"], f"{c['calls']:,}")
+            conv.add_row(c["cost"], cell(c["tenant_id"]), cell(c["conversation"]), f"{c['calls']:,}")
         console.print(conv)
 
 
@@ -86,8 +90,8 @@ def _columns(days: list[dict[str, Any]], width: int = 560, height: int = 200) ->
         parts.append(
             f"<rect x='{x}' y='{height - bar + 24}' width='{step - 16}' height='{max(bar, 1)}' rx='3'"
             f" fill='{PALETTE[0]}'>"
-            f"<title>{day['date']}: ${html.escape(day['cost'])}</title></rect>"
-            f"<text x='{x + (step - 16) // 2}' y='{height + 42}' class='axis'>{day['date'][5:]}</text>"
+            f"<title>{html.escape(day['date'])}: ${html.escape(day['cost'])}</title></rect>"
+            f"<text x='{x + (step - 16) // 2}' y='{height + 42}' class='axis'>{html.escape(day['date'][5:])}</text>"
             f"<text x='{x + (step - 16) // 2}' y='{height - bar + 18}' class='axis'>${Decimal(day['cost']):.2f}</text>"
         )
     parts.append("</svg>")

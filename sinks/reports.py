@@ -194,16 +194,17 @@ def build_report(conn: psycopg.Connection, tenant_id: str | None, period: Period
 CSV_SECTIONS = ("by_provider", "by_model", "by_feature", "by_environment", "by_user")
 
 
-def report_rows(report: dict[str, Any]) -> list[list[str]]:
-    """Flat rows for CSV: section, name, cost, calls, share."""
-    rows = [["section", "name", "cost", "calls", "share_percent"]]
+def report_rows(report: dict[str, Any]) -> list[list[str | int | Decimal]]:
+    """Flat rows for CSV: section, name, cost, calls, share. Numbers stay numbers (Decimal, int) so the
+    CSV writer can tell them from names, which it neutralises for spreadsheets (``deploy.output.csv_safe``)."""
+    rows: list[list[str | int | Decimal]] = [["section", "name", "cost", "calls", "share_percent"]]
     totals = report["totals"]
-    rows.append(["totals", report["period"]["label"], totals["cost"], str(totals["calls"]), "100.0"])
+    rows.append(["totals", report["period"]["label"], Decimal(totals["cost"]), totals["calls"], Decimal("100.0")])
     for day in report["trend_7d"]:
-        rows.append(["trend_7d", day["date"], day["cost"], str(day["calls"]), ""])
+        rows.append(["trend_7d", day["date"], Decimal(day["cost"]), day["calls"], ""])
     for section in CSV_SECTIONS:
-        rows += [[section, r["name"], r["cost"], str(r["calls"]), r["share"]] for r in report[section]]
-    rows += [["top_requests", r["event_id"], r["cost"], "1", ""] for r in report["top_requests"]]
+        rows += [[section, r["name"], Decimal(r["cost"]), r["calls"], Decimal(r["share"])] for r in report[section]]
+    rows += [["top_requests", r["event_id"], Decimal(r["cost"]), 1, ""] for r in report["top_requests"]]
     return rows
 
 

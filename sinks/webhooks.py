@@ -3,7 +3,9 @@
 Each alert is stored once (``sinks.alerts.store_alerts``); this loop posts the undelivered ones to
 every configured URL (``TOKENMETER_WEBHOOK_URLS``) as JSON with a Slack-compatible ``text`` field and
 the alert itself, with an ``Idempotency-Key: <alert_id>`` header. A 2xx from every URL marks the
-alert delivered; anything else is retried with exponential back-off (2 s, 4 s … up to 5 min). A
+alert delivered; anything else is retried with exponential back-off (2 s, 4 s … up to 5 min). That
+includes every exception of one post (an endpoint that answers garbage, hangs up, fails TLS, or a
+URL that is not http(s)): it is a failed delivery to that URL, never an error of the worker. A
 replayed pipeline never posts an alert twice; only a crash between a post and its mark can, and the
 receiver can drop that repeat by its key. ``FOR UPDATE SKIP LOCKED`` lets several workers share it.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -29,6 +32,11 @@ Post = Callable[[str, bytes, dict[str, str]], int]
 
 
 def http_post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    """POST and return the HTTP status. Only http(s) URLs with a host: urllib would otherwise also
+    open ``file:`` and ``ftp:`` URLs from a mistyped setting."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -45,6 +53,27 @@ def payload(alert: dict[str, Any]) -> bytes:
 _COLUMNS = ", ".join(f'"{name}"' for name in ALERT_FIELDS)
 
 
+def _post_everywhere(alert: dict[str, Any], urls: Sequence[str], post: Post) -> list[str]:
+    """Post one alert to every URL; return the failures, one line per URL. Any exception is caught: an
+    endpoint that answers something other than HTTP (``http.client.BadStatusLine``, ``IncompleteRead``
+    are not OSError) must fail its own delivery, not stop the worker again at every restart."""
+    headers = {"Content-Type": "application/json", "Idempotency-Key": str(alert["alert_id"])}
+    try:
+        body = payload(alert)
+    except Exception as exc:  # a stored alert that cannot be encoded fails like an endpoint would
+        return [f"payload: {type(exc).__name__}: {exc}"]
+    errors = []
+    for url in urls:
+        try:
+            status = post(url, body, headers)
+        except Exception as exc:
+            errors.append(f"{url}: {type(exc).__name__}: {exc}")
+            continue
+        if not 200 <= status < 300:
+            errors.append(f"{url}: HTTP {status}")
+    return errors
+
+
 def deliver_pending(conn: psycopg.Connection, urls: Sequence[str], post: Post = http_post, limit: int = 100) -> int:
     """Post the alerts that are due; return how many were delivered now."""
     if not urls:
@@ -58,16 +87,7 @@ def deliver_pending(conn: psycopg.Connection, urls: Sequence[str], post: Post = 
         ).fetchall()
         for *values, attempts in rows:
             alert = dict(zip(ALERT_FIELDS, values, strict=True))
-            headers = {"Content-Type": "application/json", "Idempotency-Key": alert["alert_id"]}
-            errors = []
-            for url in urls:
-                try:
-                    status = post(url, payload(alert), headers)
-                except (OSError, ValueError) as exc:
-                    errors.append(f"{url}: {exc}")
-                    continue
-                if not 200 <= status < 300:
-                    errors.append(f"{url}: HTTP {status}")
+            errors = _post_everywhere(alert, urls, post)
             if not errors:
                 conn.execute(
                     "UPDATE tokenmeter.alerts SET delivered_at = now(), delivery_attempts = delivery_attempts + 1,"
