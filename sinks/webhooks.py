@@ -31,12 +31,22 @@ MAX_BACKOFF = timedelta(minutes=5)
 Post = Callable[[str, bytes, dict[str, str]], int]
 
 
+def redacted(url: str) -> str:
+    """A webhook URL as logs and ``last_error`` may show it: scheme and host only (Slack-style URLs
+    carry their secret in the path)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname}/…" if parts.scheme and parts.hostname else "<webhook URL>"
+    except ValueError:
+        return "<webhook URL>"
+
+
 def http_post(url: str, body: bytes, headers: dict[str, str]) -> int:
     """POST and return the HTTP status. Only http(s) URLs with a host: urllib would otherwise also
     open ``file:`` and ``ftp:`` URLs from a mistyped setting."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise ValueError(f"not an http(s) URL: {redacted(url)!r}")
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -67,10 +77,10 @@ def _post_everywhere(alert: dict[str, Any], urls: Sequence[str], post: Post) -> 
         try:
             status = post(url, body, headers)
         except Exception as exc:
-            errors.append(f"{url}: {type(exc).__name__}: {exc}")
+            errors.append(f"{redacted(url)}: {type(exc).__name__}: {str(exc).replace(url, redacted(url))}")
             continue
         if not 200 <= status < 300:
-            errors.append(f"{url}: HTTP {status}")
+            errors.append(f"{redacted(url)}: HTTP {status}")
     return errors
 
 

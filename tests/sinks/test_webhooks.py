@@ -20,7 +20,7 @@ import pytest
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from sinks.alerts import store_alerts
-from sinks.webhooks import deliver_pending, http_post
+from sinks.webhooks import deliver_pending, http_post, redacted
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -138,7 +138,7 @@ def test_an_endpoint_that_is_not_http_is_a_failed_delivery(stack: LocalStack, se
         assert deliver_pending(conn, [not_http]) == 0  # and does not raise
         attempts, delivered_at, last_error = _delivery(conn, alert_id)
         assert (attempts, delivered_at) == (1, None)
-        assert last_error.startswith(f"{not_http}: ")
+        assert last_error.startswith(f"{redacted(not_http)}: ")
         conn.execute("UPDATE tokenmeter.alerts SET next_attempt_at = now() WHERE alert_id = %s", (alert_id,))
         assert deliver_pending(conn, [not_http]) == 0  # retried after its back-off, failing the same way
         assert _delivery(conn, alert_id)[0] == 2
@@ -155,11 +155,12 @@ def test_malformed_urls_and_any_exception_fail_that_url_only(stack: LocalStack, 
                                                               webhook: str) -> None:  # fmt: skip
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         alert_id = _fresh_alert(conn, "bad-url")
-        assert deliver_pending(conn, ["not a url", "ftp://x", "file:///etc/passwd", "http://[::1", webhook]) == 0
+        bad = ["not a url", "ftp://x/T000/B000/secret", "file:///etc/passwd", "http://[::1"]
+        assert deliver_pending(conn, [*bad, webhook]) == 0
         attempts, delivered_at, last_error = _delivery(conn, alert_id)
         assert (attempts, delivered_at) == (1, None)
-        for url in ("not a url", "ftp://x", "file:///etc/passwd", "http://[::1"):
-            assert f"{url}: ValueError" in last_error
+        assert last_error.count("<webhook URL>: ValueError") == 3 and "ftp://x/…: ValueError" in last_error
+        assert "secret" not in last_error and "passwd" not in last_error  # URLs carry secrets: host only
         assert [key for key, _ in Receiver.received] == [alert_id]  # the good URL was still posted to
 
         def broken(url: str, body: bytes, headers: dict[str, str]) -> int:
