@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from deploy.output import cell, csv_safe
 from deploy.settings import Settings, get_settings
 from deploy.stack import LocalStack, StackError
 
@@ -179,7 +180,11 @@ def worker(loglevel: str) -> None:
     Safe to kill at any time (even with SIGKILL): a restarted worker replays what was not committed
     and the sinks absorb the replay. Run several to share the partitions of usage.raw. Prometheus
     metrics of both stages at http://TOKENMETER_METRICS_HOST:TOKENMETER_METRICS_PORT/metrics
-    (127.0.0.1:9464 by default).
+    (127.0.0.1:9464 by default), with /healthz and /readyz beside them.
+
+    Creates missing topics first (TOKENMETER_WORKER_CREATE_TOPICS=false: exit 1 naming the topic).
+    Exits 3 when a stage dies or makes no progress for TOKENMETER_WORKER_STALL_TIMEOUT_S (120) while
+    it has work: restart it (systemd, Kubernetes); nothing is lost.
     """
     import shutil
     import tempfile
@@ -189,9 +194,17 @@ def worker(loglevel: str) -> None:
     metrics_folder = tempfile.mkdtemp(prefix="tokenmeter-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_folder
     try:
+        from deploy.topics import TopicsMissing, verify_topics
+
+        settings = _settings()
+        try:
+            for change in verify_topics(settings, create=settings.worker_create_topics):
+                click.echo(f"topic {change.topic}: {change.action} {change.detail}".rstrip(), err=True)
+        except TopicsMissing as exc:
+            _fail(str(exc))
         from streams.app import run_worker
 
-        run_worker(_settings(), loglevel=loglevel)
+        run_worker(settings, loglevel=loglevel)
     finally:
         shutil.rmtree(metrics_folder, ignore_errors=True)
 
@@ -222,7 +235,7 @@ def lag_cmd(wait: bool, timeout: float) -> None:
         lags = measure_lag(settings)
     except RuntimeError as exc:
         _fail(str(exc))
-    table = Table(title=f"worker (consumer group {meter_group(settings)}) on {settings.topic_raw}")
+    table = Table(title=cell(f"worker (consumer group {meter_group(settings)}) on {settings.topic_raw}"))
     for column in ("partition", "committed", "end", "lag"):
         table.add_column(column, justify="right")
     for p in lags:
@@ -307,16 +320,18 @@ def _send_config(topic: str, key: str, value: bytes | None) -> None:
 def budget_set(tenant: str, feature: str | None, user: str | None, environment: str | None, limit_usd: str,
                period: str, hard: bool, thresholds: str) -> None:  # fmt: skip
     """Set (or replace) the budget of a scope; workers apply it within a second."""
-    from decimal import Decimal, InvalidOperation
-
-    from streams.budgets import Budget
+    from streams.budgets import MAX_BUDGET, Budget
+    from streams.config_topic import config_amount
 
     dimension, value = _budget_scope(feature, user, environment)
-    try:
-        limit = Decimal(limit_usd)
-        levels = tuple(sorted(int(t) for t in thresholds.split(",")))
+    try:  # the same rules as a record read back from config.budgets, so the workers never skip it
+        limit = config_amount(limit_usd, "--limit", positive=True, below=MAX_BUDGET)
+        try:
+            levels = tuple(sorted({int(t) for t in thresholds.split(",")}))
+        except ValueError:
+            raise ValueError(f"--thresholds: {thresholds!r} is not whole percentages like 50,80,100") from None
         new = Budget(tenant, dimension, value, period, limit, hard, levels)
-    except (InvalidOperation, ValueError) as exc:
+    except ValueError as exc:
         _fail(f"invalid budget: {exc}")
     _send_config(_settings().topic_budgets, new.key, new.to_json())
     kind = "hard" if hard else "soft"
@@ -368,9 +383,8 @@ def budget_list(tenant: str | None, fmt: str) -> None:
     for column in ("scope", "period", "limit (USD)", "hard", "thresholds"):
         table.add_column(column)
     for b in budgets:
-        table.add_row(
-            b.scope_label, b.period, f"{b.limit}", "yes" if b.hard else "no", ",".join(map(str, b.thresholds))
-        )
+        thresholds = ",".join(map(str, b.thresholds))
+        table.add_row(cell(b.scope_label), cell(b.period), f"{b.limit}", "yes" if b.hard else "no", thresholds)
     Console().print(table)
 
 
@@ -439,7 +453,7 @@ def alerts_list(tenant: str | None, max_rows: int, fmt: str) -> None:
     for column in ("when", "kind", "tenant", "message"):
         table.add_column(column, overflow="fold")
     for a in rows:
-        table.add_row(a["created_at"][:19], a["kind"], a["tenant_id"], a["message"])
+        table.add_row(cell(a["created_at"][:19]), cell(a["kind"]), cell(a["tenant_id"]), cell(a["message"]))
     Console().print(table)
 
 
@@ -484,7 +498,7 @@ def report_cmd(tenant: str | None, period: str, fmt: str, output: str | None, to
         text = json.dumps(report, indent=2) + "\n"
     elif fmt == "csv":
         buffer = io.StringIO()
-        csv.writer(buffer).writerows(report_rows(report))
+        csv.writer(buffer).writerows([csv_safe(value) for value in row] for row in report_rows(report))
         text = buffer.getvalue()
     else:
         text = render_html(report)
@@ -675,13 +689,16 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
     elif fmt == "csv":
         columns = ["provider_model", "usage_period", "calls", "unpriced_calls", "input_tokens", "output_tokens",
                    "cache_read_tokens", "cache_write_tokens", "cost", "amount"]  # fmt: skip
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(document["lines"] + document["adjustments"])
-        writer.writerow({"provider_model": "TOTAL", "calls": bill.calls, "amount": str(bill.total)})
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        # From the typed lines, not the JSON document: numbers stay numbers, names are neutralised (csv_safe).
+        for line in bill.lines + bill.adjustments:
+            writer.writerow([csv_safe(getattr(line, column)) for column in columns])
+        total: dict[str, Any] = {"provider_model": "TOTAL", "calls": bill.calls, "amount": bill.total}
+        writer.writerow([csv_safe(total.get(column)) for column in columns])
     else:
         title = f"Invoice {bill.tenant_id} {bill.period} ({bill.currency}, {bill.status}, {bill.time_zone})"
-        table = Table(title=title)
+        table = Table(title=cell(title))
         for column in ("provider/model", "usage of", "calls", "input tok", "output tok", "cache read", "cache write",
                        "amount"):  # fmt: skip
             table.add_column(column, justify="left" if column in ("provider/model", "usage of") else "right")
@@ -689,7 +706,7 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
             counts = [line.calls, line.input_tokens, line.output_tokens]
             counts += [line.cache_read_tokens, line.cache_write_tokens]
             usage_of = line.usage_period + (" (adjustment)" if line.usage_period != bill.period else "")
-            table.add_row(line.provider_model, usage_of, *(f"{n:,}" for n in counts), f"{line.amount:.6f}")
+            table.add_row(cell(line.provider_model), cell(usage_of), *(f"{n:,}" for n in counts), f"{line.amount:.6f}")
         table.add_row("TOTAL", "", f"{bill.calls:,}", "", "", "", "", f"{bill.total:.6f}", style="bold")
         Console().print(table)
         if bill.unpriced_calls:

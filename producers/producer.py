@@ -8,6 +8,13 @@ queued at ``close()`` or interpreter exit — goes to the durable local spool (`
 which the next UsageProducer on the machine delivers first. Redelivery can repeat an event that
 Kafka had in fact received; the pipeline de-duplicates by ``event_id``, so nothing is counted twice.
 
+The background thread never stops on one event: an event it cannot encode as Avro (which
+validation should make impossible, but a bug, a ``UsageEvent.model_construct`` or a caller mutating
+its ``tags`` after ``record()`` could) is logged, counted in ``stats.encode_failures`` and sent as
+JSON instead — ``record()`` already returned its id, so it must still reach ``usage.raw``, where the
+pipeline bills it or dead-letters it with the reason (DESIGN.md §4.2, §4.6). Any other error in the
+loop is logged and the loop goes on.
+
 Not covered: a process killed with SIGKILL loses what it had not yet handed to Kafka or the spool
 (at most the last few milliseconds of events at normal load).
 """
@@ -16,13 +23,14 @@ from __future__ import annotations
 
 import atexit
 import collections
+import json
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from random import getrandbits
 from time import sleep as yield_gil
 from typing import Any
@@ -37,6 +45,7 @@ from schemas.events import InvalidEvent, UsageEvent, surely_valid, validate_even
 
 log = logging.getLogger("tokenmeter.producer")
 write_usage = codec.record_writer("usage_event")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 __all__ = ["InvalidEvent", "ProducerStats", "SpoolFullError", "UsageProducer"]
 
@@ -50,6 +59,7 @@ class ProducerStats:
     replayed: int
     dropped: int
     pending: int
+    encode_failures: int = 0  # events sent as JSON because Avro encoding failed (see the module doc)
 
 
 class UsageProducer:
@@ -138,6 +148,8 @@ class UsageProducer:
         atexit.unregister(self._atexit)
         self._closing.set()
         self._thread.join()
+        if self._queue:  # only if the thread died after all: hand over what it left, on this thread
+            self._drain_queue()
         # While brokers are unreachable, waiting the full timeout only delays the spool.
         wait = min(timeout, 1.0) if self._brokers_down else timeout
         remaining = self._producer.flush(wait)
@@ -165,18 +177,25 @@ class UsageProducer:
             replayed=c["replayed"],
             dropped=c["dropped"],
             pending=len(self._queue) + len(self._producer),
+            encode_failures=c["encode_failures"],
         )
 
     # ---------------------------------------------------------------- background thread
     def _run(self) -> None:
         last_replay_try = 0.0
         while True:
-            if self._replay_pending and not self._brokers_down and time.monotonic() - last_replay_try > 5.0:
-                last_replay_try = time.monotonic()
-                self._replay_pending = not self._replay_spool()
-            sent = self._drain_queue()
-            self._producer.poll(0 if sent else 0.005)
-            self._write_spool()
+            try:
+                if self._replay_pending and not self._brokers_down and time.monotonic() - last_replay_try > 5.0:
+                    last_replay_try = time.monotonic()
+                    self._replay_pending = not self._replay_spool()
+                sent = self._drain_queue()
+                self._producer.poll(0 if sent else 0.005)
+                self._write_spool()
+            except Exception:
+                # Events are handled one by one in _drain_queue; this is the rest (spool replay, poll).
+                # The thread is the only way out for recorded events, so it logs and goes on.
+                log.exception("usage producer: background error (going on)")
+                time.sleep(0.1)  # a lasting fault must not spin
             if self._closing.is_set() and not self._queue:
                 return
 
@@ -185,17 +204,48 @@ class UsageProducer:
         queue, produce = self._queue, self._producer.produce
         while queue and sent < 5000:
             item = queue.popleft()
-            record = item.model_dump() if isinstance(item, UsageEvent) else item
-            key, value = record["tenant_id"].encode(), write_usage(record)
+            sent += 1
+            try:
+                record = item.model_dump() if isinstance(item, UsageEvent) else item
+                key, value = record["tenant_id"].encode(), write_usage(record)
+            except Exception as exc:
+                key, value = self._encode_failed(item, exc)
+                if not value:
+                    continue
             try:
                 produce(self.topic, value=value, key=key, on_delivery=self._on_delivery)
             except BufferError:
                 self._to_spool.append(SpooledMessage(key, value))
-            sent += 1
+            except Exception as exc:  # about this message (e.g. over message.max.bytes): spooling would not help
+                self._counts["dropped"] += 1
+                log.error("usage event dropped, Kafka refused it: %s", exc)
             # Hand the GIL back after each event, so a caller in record() waits for one encode at most
             # instead of a whole interpreter switch interval.
             yield_gil(0)
         return sent
+
+    def _encode_failed(self, item: UsageEvent | dict[str, Any], exc: Exception) -> tuple[bytes, bytes]:
+        """Key and JSON value for an event Avro encoding refused, or empty bytes if JSON fails too.
+
+        JSON escapes what UTF-8 cannot hold (``ensure_ascii``), so the pipeline gets the event as it
+        was and bills it or dead-letters it with its reason; only an event JSON cannot express at all
+        (a mapping with non-string keys, say) is dropped, with an error log.
+        """
+        self._counts["encode_failures"] += 1
+        event_id = item.get("event_id") if isinstance(item, dict) else getattr(item, "event_id", None)
+        log.error("usage event %r could not be encoded as Avro (%r); sending it as JSON", event_id, exc)
+        try:
+            record = dict(item) if isinstance(item, dict) else dict(vars(item))
+            timestamp = record.get("timestamp")
+            if type(timestamp) is int:  # the fast path's timestamp-micros
+                record["timestamp"] = _EPOCH + timedelta(microseconds=timestamp)
+            value = json.dumps(record, default=lambda o: o.isoformat() if isinstance(o, datetime) else repr(o))
+            key = str(record.get("tenant_id", "")).encode(errors="backslashreplace")
+        except Exception as again:
+            self._counts["dropped"] += 1
+            log.error("usage event %r dropped: not even JSON can express it (%r)", event_id, again)
+            return b"", b""
+        return key, value.encode()
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
@@ -222,6 +272,9 @@ class UsageProducer:
         except SpoolFullError:
             self._counts["dropped"] += len(batch)
             log.error("spool full: %d usage events dropped", len(batch))
+        except OSError as exc:  # a full or read-only disk: nowhere left to keep them
+            self._counts["dropped"] += len(batch)
+            log.error("cannot write the spool (%s): %d usage events dropped", exc, len(batch))
 
     def _replay_spool(self) -> bool:
         """Deliver spool files left by earlier producers (and our own, rotated). True when all done."""

@@ -1,17 +1,21 @@
 """The usage event as a validated model: the one set of rules for library callers, JSON and Avro input.
 
 Limits protect the pipeline's state and Redis from unbounded input (DESIGN.md §4.5): strings are
-bounded, tags are bounded in count and size, and token counts are non-negative.
+bounded, tags are bounded in count and size, and token counts are non-negative. Ids and names are
+printable text (``printable_problem``, DESIGN.md §1): a control character or a lone surrogate would
+break UTF-8 encoding, terminals, logs and Redis keys further down, so it is rejected at the door.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -21,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from schemas import codec
 
@@ -34,8 +39,35 @@ MAX_TOKENS = 10**12  # far above any real call, far below Avro long overflow
 # the clock is wrong, and the event would be billed in a period that has not begun.
 MAX_FUTURE_SKEW = timedelta(hours=24)
 
-Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LEN)]
-Label = Annotated[StrictStr, Field(min_length=1, max_length=MAX_LABEL_LEN)]
+# C0 controls, DEL, C1 controls and surrogates. A Python str holds a surrogate only unpaired (a pair
+# read from JSON becomes one code point), so every match here is a lone surrogate that UTF-8 cannot
+# encode. Other odd but encodable text (non-ASCII spaces, joiners, emoji) is allowed.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable_problem(text: str) -> str | None:
+    """Why ``text`` is not acceptable as an id or name, or None if it is: the one rule for printable
+    text, shared by the model, the fast check, the config topics and the command line."""
+    match = _UNPRINTABLE.search(text)
+    if match is None:
+        return None
+    char = match.group()
+    kind = "lone surrogate" if "\ud800" <= char <= "\udfff" else "control character"
+    return f"{kind} U+{ord(char):04X} at position {match.start()} is not allowed"
+
+
+def _printable(value: object) -> object:
+    """Runs before pydantic's own string check, which rejects a lone surrogate with a vaguer message."""
+    if type(value) is str:
+        problem = printable_problem(value)
+        if problem is not None:
+            # A custom error keeps the reason as is ("tenant_id: control character …"), without "Value error,".
+            raise PydanticCustomError("unprintable", problem)
+    return value
+
+
+Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LEN), BeforeValidator(_printable)]
+Label = Annotated[StrictStr, Field(min_length=1, max_length=MAX_LABEL_LEN), BeforeValidator(_printable)]
 Tokens = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
 
 USAGE_FIELDS_V1 = frozenset(f["name"] for f in codec.SCHEMAS["usage_event"][0].parsed["fields"])
@@ -86,6 +118,18 @@ class UsageEvent(BaseModel):
             raise ValueError(f"timestamp {value.isoformat()} is more than 24 h in the future (is the clock right?)")
         return value.astimezone(UTC)
 
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _printable_tags(cls, tags: object) -> object:
+        if type(tags) is dict and len(tags) <= MAX_TAGS:  # too many: the count is the reason
+            for key, value in tags.items():
+                for text, what in ((key, "tag key"), (value, "tag")):
+                    problem = printable_problem(text) if type(text) is str else None
+                    if problem is not None:
+                        raise PydanticCustomError("unprintable", "{what} {key}: {problem}",
+                                                  {"what": what, "key": repr(key), "problem": problem})  # fmt: skip
+        return tags
+
     @field_validator("tags")
     @classmethod
     def _bounded_tags(cls, tags: dict[str, str]) -> dict[str, str]:
@@ -121,7 +165,9 @@ class UsageEvent(BaseModel):
 def _explain(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error["loc"]) or "event"
+        # An unknown field's name is the caller's text: escaped if unprintable, so that the reason
+        # itself can always be logged and encoded (it goes into dead letters).
+        where = ".".join(str(p) if printable_problem(str(p)) is None else repr(p) for p in error["loc"]) or "event"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)
 
@@ -205,6 +251,10 @@ def surely_valid(data: dict[str, Any]) -> bool:
             limit = _STRING_LIMITS.get(name)
             if limit is None or not 0 < len(value) <= limit:
                 return False
+            # isprintable() is a fast, C-level yes for everyday text; its no also covers text the rule
+            # allows (non-ASCII spaces, format characters), so the precise check decides then.
+            if not value.isprintable() and _UNPRINTABLE.search(value) is not None:
+                return False
         elif kind is int:
             limit = _INT_LIMITS.get(name)
             if limit is None or not 0 <= value <= limit:
@@ -234,5 +284,7 @@ def _tags_fit(tags: dict[Any, Any]) -> bool:
         if type(key) is not str or type(value) is not str:
             return False
         if not 0 < len(key) <= MAX_TAG_KEY_LEN or len(value) > MAX_TAG_VALUE_LEN:
+            return False
+        if not (key.isprintable() and value.isprintable()) and _UNPRINTABLE.search(key + value) is not None:
             return False
     return True

@@ -5,6 +5,10 @@ period (day, ISO week or month in the tenant's time zone) and fires alerts at th
 budget also blocks: once the scope's spend reaches the limit, ``QuotaClient.check`` answers not
 allowed (it compares the spend and the limit it reads from Redis, so a new period or a raised limit
 unblocks by itself). One budget per scope: setting it again replaces it.
+
+Records on the topic are validated field by field (strict JSON types, printable names, limits that
+the alert's decimal encoding and Redis can hold), whoever wrote them; ``ConfigFollower`` skips and
+counts a record that fails.
 """
 
 from __future__ import annotations
@@ -16,11 +20,34 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from schemas.events import MAX_ID_LEN, printable_problem
 from sinks.postgres import Rollup
+from streams.config_topic import config_amount, config_text
 from streams.periods import PERIODS, period_label
 
 SCOPES = ("tenant", "feature", "user", "environment")
 DEFAULT_THRESHOLDS = (50, 80, 100)
+# A quadrillion dollars a period: no real budget comes near it, and with 12 decimal places it stays
+# well inside NUMERIC(38, 12) and the alerts' Avro decimals.
+MAX_BUDGET = Decimal(10**15)
+# Calls and tokens per minute or day: Redis counts them and its Lua script compares them as doubles,
+# exact up to 2**53; this bound keeps far below.
+MAX_RATE_LIMIT = 10**12
+
+
+def _check_scope(tenant_id: object, dimension: object, value: object) -> None:
+    if not isinstance(tenant_id, str) or not 0 < len(tenant_id) <= MAX_ID_LEN:
+        raise ValueError(f"the tenant must be 1-{MAX_ID_LEN} characters")
+    if dimension not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+    if not isinstance(value, str) or len(value) > MAX_ID_LEN:
+        raise ValueError(f"the scope value must be at most {MAX_ID_LEN} characters")
+    if (dimension == "tenant") != (value == ""):
+        raise ValueError("a tenant budget has no scope value; the others need one")
+    for name, text in (("tenant", tenant_id), (str(dimension), value)):
+        problem = printable_problem(text)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -34,16 +61,21 @@ class Budget:
     thresholds: tuple[int, ...] = field(default=DEFAULT_THRESHOLDS)
 
     def __post_init__(self) -> None:
-        if self.dimension not in SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+        _check_scope(self.tenant_id, self.dimension, self.value)
         if self.period not in PERIODS:
             raise ValueError(f"period must be one of {', '.join(PERIODS)}")
-        if (self.dimension == "tenant") != (self.value == ""):
-            raise ValueError("a tenant budget has no scope value; the others need one")
-        if not self.limit > 0:
-            raise ValueError("the limit must be a positive amount of USD")
-        if not self.thresholds or any(not 0 < t <= 1000 for t in self.thresholds):
-            raise ValueError("thresholds are percentages between 1 and 1000")
+        if not isinstance(self.limit, Decimal):
+            raise ValueError(f"the limit must be a Decimal amount of USD, got {type(self.limit).__name__}")
+        # Frozen, but the limit may lose trailing zeros beyond 12 places here (10.0000000000000 → 10.000000000000).
+        object.__setattr__(self, "limit", config_amount(self.limit, "limit", positive=True, below=MAX_BUDGET))
+        if type(self.hard) is not bool:
+            raise ValueError("hard must be true or false")
+        if (
+            not isinstance(self.thresholds, tuple)
+            or not self.thresholds
+            or any(type(t) is not int or not 0 < t <= 1000 for t in self.thresholds)
+        ):
+            raise ValueError("thresholds are whole percentages between 1 and 1000")
 
     @property
     def key(self) -> str:
@@ -68,12 +100,30 @@ def budget_id(tenant_id: str, dimension: str, value: str) -> str:
     return json.dumps([tenant_id, dimension, value])  # unambiguous whatever the names contain
 
 
+def _json_object(value: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a {what} is a JSON object, got {type(data).__name__}")
+    return data
+
+
 def parse_budget(value: bytes) -> Budget:
-    data: dict[str, Any] = json.loads(value)
+    """Validate one budget record; ValueError says what is wrong with it. Types are strict: "false"
+    for ``hard`` or "50" for a threshold is an error, not a guess."""
+    data = _json_object(value, "budget")
+    thresholds = data.get("thresholds", list(DEFAULT_THRESHOLDS))
+    if not isinstance(thresholds, list) or any(type(t) is not int for t in thresholds):
+        raise ValueError("thresholds must be a list of whole percentages")
+    if "limit" not in data:
+        raise ValueError("limit is required")
     return Budget(
-        tenant_id=str(data["tenant_id"]), dimension=str(data["dimension"]), value=str(data.get("value", "")),
-        period=str(data["period"]), limit=Decimal(str(data["limit"])), hard=bool(data.get("hard", False)),
-        thresholds=tuple(sorted(int(t) for t in data.get("thresholds", DEFAULT_THRESHOLDS))),
+        tenant_id=config_text(data, "tenant_id", max_len=MAX_ID_LEN), dimension=config_text(data, "dimension"),
+        value=config_text(data, "value", max_len=MAX_ID_LEN, allow_empty=True), period=config_text(data, "period"),
+        limit=config_amount(data["limit"], "limit", positive=True, below=MAX_BUDGET), hard=data.get("hard", False),
+        thresholds=tuple(sorted(set(thresholds))),
     )  # fmt: skip
 
 
@@ -128,11 +178,12 @@ class RateLimit:
     calls_per_day: int | None = None
 
     def __post_init__(self) -> None:
-        if self.dimension not in SCOPES or (self.dimension == "tenant") != (self.value == ""):
-            raise ValueError("scope must be the tenant, or one feature, user or environment of it")
+        _check_scope(self.tenant_id, self.dimension, self.value)
         limits = (self.calls_per_minute, self.tokens_per_minute, self.calls_per_day)
-        if all(limit is None for limit in limits) or any(limit is not None and limit < 1 for limit in limits):
-            raise ValueError("give at least one limit, each a positive whole number")
+        if all(limit is None for limit in limits) or any(
+            limit is not None and (type(limit) is not int or not 0 < limit <= MAX_RATE_LIMIT) for limit in limits
+        ):
+            raise ValueError(f"give at least one limit, each a whole number from 1 to {MAX_RATE_LIMIT:,}")
 
     @property
     def key(self) -> str:
@@ -151,7 +202,16 @@ RATE_LIMIT_PREFIX = "ratelimit:"
 
 
 def parse_rate_limit(value: bytes) -> RateLimit:
-    return RateLimit(**json.loads(value))
+    data = _json_object(value, "rate limit")
+    unknown = set(data) - set(RateLimit.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown rate limit fields: {', '.join(sorted(map(repr, unknown)))}")
+    return RateLimit(
+        tenant_id=config_text(data, "tenant_id", max_len=MAX_ID_LEN), dimension=config_text(data, "dimension"),
+        value=config_text(data, "value", max_len=MAX_ID_LEN, allow_empty=True),
+        calls_per_minute=data.get("calls_per_minute"), tokens_per_minute=data.get("tokens_per_minute"),
+        calls_per_day=data.get("calls_per_day"),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -163,10 +223,27 @@ class ConfigRecord:
     item: Budget | RateLimit | None
 
 
+def _key_scope(key: str, *, strict: bool) -> tuple[str, str, str]:
+    try:
+        scope = json.loads(key)
+    except (json.JSONDecodeError, RecursionError):
+        scope = None
+    if not isinstance(scope, list) or len(scope) != 3 or not all(isinstance(part, str) for part in scope):
+        raise ValueError(f"key {key[:80]!r} is not a JSON list [tenant, dimension, value]")
+    if strict:
+        _check_scope(*scope)
+    return scope[0], scope[1], scope[2]
+
+
 def parse_config_record(key: str, value: bytes | None) -> ConfigRecord:
-    if key.startswith(RATE_LIMIT_PREFIX):
-        tenant_id, dimension, scope_value = json.loads(key.removeprefix(RATE_LIMIT_PREFIX))
-        limit = None if value is None else parse_rate_limit(value)
-        return ConfigRecord("rate_limit", (tenant_id, dimension, scope_value), limit)
-    tenant_id, dimension, scope_value = json.loads(key)
-    return ConfigRecord("budget", (tenant_id, dimension, scope_value), None if value is None else parse_budget(value))
+    """One record of ``config.budgets``, validated; ValueError if the key, the value, or their
+    agreement (the value's scope is the key's) is wrong."""
+    kind = "rate_limit" if key.startswith(RATE_LIMIT_PREFIX) else "budget"
+    # A deletion only needs the key's shape: it must still clear whatever an older writer left.
+    scope = _key_scope(key.removeprefix(RATE_LIMIT_PREFIX), strict=value is not None)
+    if value is None:
+        return ConfigRecord(kind, scope, None)
+    item = parse_rate_limit(value) if kind == "rate_limit" else parse_budget(value)
+    if (item.tenant_id, item.dimension, item.value) != scope:
+        raise ValueError(f"the key names scope {list(scope)}, the value {[item.tenant_id, item.dimension, item.value]}")
+    return ConfigRecord(kind, scope, item)

@@ -2,19 +2,99 @@
 
 No consumer group: each worker reads every partition, so all of them hold the same configuration,
 and compaction keeps the topic to the latest value per key (a null value deletes the key).
+
+Anyone can write to these topics (kcat, scripts, an older CLI), so a record is validated before it is
+applied, with the rules below shared by both topics. A record that cannot be applied is logged,
+counted (``tokenmeter_config_records_rejected``) and skipped: it must not stop pricing or alerting
+(DESIGN.md §4.6). A failure of a store the ``apply`` callback writes to is not the record's fault:
+the follower stops at that record and retries it at the next ``catch_up``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Context, Decimal, InvalidOperation
+from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+
+from schemas.events import printable_problem
+from streams.metrics import CONFIG_REJECTED
 
 log = logging.getLogger("tokenmeter.config")
 
 Apply = Callable[[str, bytes | None], None]
+
+# Money on the wire (alerts, priced events) and in Postgres is decimal with scale 12: an amount with
+# more places could not be encoded later, far from the record that caused it.
+MAX_DECIMAL_PLACES = 12
+_QUANTUM = Decimal(1).scaleb(-MAX_DECIMAL_PLACES)
+_WIDE = Context(prec=60)
+
+
+class TransientConfigError(Exception):
+    """Raised by an ``apply`` callback when the record is fine but a store it writes to is not: the
+    follower keeps its place and retries the record at the next ``catch_up``."""
+
+
+# Errors of the stores an apply callback writes to (Redis for budgets), never of the record itself.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TransientConfigError, redis.RedisError, OSError)
+
+
+def _show(raw: object) -> str:
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def config_text(data: Mapping[str, Any], name: str, *, max_len: int = 200, allow_empty: bool = False) -> str:
+    """A name or id of a config record: a string of at most ``max_len`` printable characters (the
+    usage event's rule, so that what a budget or an override names can match an event); empty, or
+    absent meaning empty, only if ``allow_empty``."""
+    raw = data.get(name)
+    if raw is None and allow_empty:
+        return ""
+    if not isinstance(raw, str):
+        raise ValueError(f"{name} must be a string, got {'nothing' if raw is None else type(raw).__name__}")
+    if not (0 if allow_empty else 1) <= len(raw) <= max_len:
+        raise ValueError(f"{name} must be {'0' if allow_empty else '1'}-{max_len} characters, got {len(raw)}")
+    problem = printable_problem(raw)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
+    return raw
+
+
+def config_amount(raw: object, name: str, *, positive: bool, below: Decimal) -> Decimal:
+    """An exact amount from a decimal string, a JSON number or a Decimal: finite, not negative (not
+    zero either if ``positive``), below ``below``, at most 12 decimal places (trailing zeros beyond
+    them are dropped). Raises ValueError naming ``name``."""
+    if isinstance(raw, bool) or not isinstance(raw, Decimal | str | int | float):
+        raise ValueError(f"{name} must be a decimal string, got {'nothing' if raw is None else type(raw).__name__}")
+    if isinstance(raw, Decimal):
+        value = raw
+    else:
+        try:
+            value = Decimal(str(raw).strip())
+        except InvalidOperation:
+            raise ValueError(f"{name}: {_show(raw)} is not a decimal number (write e.g. 3.5)") from None
+    if not value.is_finite():
+        raise ValueError(f"{name} must be a finite amount, got {_show(raw)}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'more than zero' if positive else 'zero or more'}, got {_show(raw)}")
+    if value >= below:
+        raise ValueError(f"{name} must be below {below:,f}, got {_show(raw)}")
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite
+    if exponent < -MAX_DECIMAL_PLACES:
+        exact = value.quantize(_QUANTUM, context=_WIDE)
+        if exact != value:
+            raise ValueError(f"{name} has more than {MAX_DECIMAL_PLACES} decimal places: {_show(raw)}")
+        value = exact
+    elif exponent > 0:
+        value = value.quantize(Decimal(1), context=_WIDE)  # 1E+2 → 100: plain in JSON, Redis and Lua
+    return abs(value) if value == 0 else value  # no "-0"
 
 
 class ConfigFollower:
@@ -27,6 +107,7 @@ class ConfigFollower:
         self._consumer: Consumer | None = None
         self._lock = threading.Lock()  # a confluent-kafka consumer is not for concurrent use
         self.applied = 0
+        self.rejected = 0
 
     def _open(self) -> Consumer:
         if self._consumer is None:
@@ -41,7 +122,12 @@ class ConfigFollower:
         return self._consumer
 
     def catch_up(self, timeout: float) -> int:
-        """Apply the messages available now (waiting at most ``timeout`` for the first); return how many."""
+        """Apply the messages available now (waiting at most ``timeout`` for the first); return how many.
+
+        Never raises for a record: one that ``apply`` rejects (any exception but a transient one) is
+        logged with its reason, counted and skipped. On a transient error (``TRANSIENT_ERRORS``) it
+        returns early, positioned at that record, so the next call retries it.
+        """
         with self._lock:
             try:
                 consumer = self._open()
@@ -55,17 +141,42 @@ class ConfigFollower:
                 if not messages:
                     return applied
                 wait = 0.05
-                for message in messages:
+                for index, message in enumerate(messages):
                     if message.error():
                         continue
                     key = (message.key() or b"").decode(errors="replace")
                     try:
                         self.apply(key, message.value())
-                    except (ValueError, KeyError, TypeError) as exc:
-                        log.error("ignoring %s entry %r: %s", self.topic, key, exc)
+                    except TRANSIENT_ERRORS as exc:
+                        log.warning("%s: cannot apply %r (partition %s, offset %s) now, will retry: %s",
+                                    self.topic, key, message.partition(), message.offset(), exc)  # fmt: skip
+                        self._rewind(consumer, messages[index:])
+                        return applied
+                    except Exception as exc:
+                        log.error("%s: skipping record %r (partition %s, offset %s): %s",
+                                  self.topic, key, message.partition(), message.offset(), exc)  # fmt: skip
+                        CONFIG_REJECTED.labels(topic=self.topic).inc()
+                        self.rejected += 1
                         continue
                     applied += 1
                     self.applied += 1
+
+    def _rewind(self, consumer: Consumer, unapplied: Sequence[Message]) -> None:
+        """Seek each partition back to its first message not yet applied."""
+        first: dict[int, int] = {}
+        for message in unapplied:
+            partition, offset = message.partition(), message.offset()
+            if not message.error() and partition is not None and offset is not None:
+                first.setdefault(partition, offset)
+        try:
+            for partition, offset in first.items():
+                consumer.seek(TopicPartition(self.topic, partition, offset))
+        except Exception as exc:
+            # Cannot seek: read the topic again from the beginning next time. Applying a record
+            # twice is harmless (the latest value per key wins), skipping one is not.
+            log.warning("%s: cannot seek back (%s); will re-read the topic", self.topic, exc)
+            consumer.close()
+            self._consumer = None
 
     def close(self) -> None:
         with self._lock:

@@ -14,27 +14,46 @@ from decimal import Decimal
 from typing import Any
 
 from deploy.settings import Settings
-from streams.config_topic import ConfigFollower
+from schemas.events import MAX_ID_LEN, MAX_LABEL_LEN, printable_problem
+from streams.config_topic import ConfigFollower, config_amount, config_text
 from streams.pricing import PriceBook, PriceOverride, TokenRates
+
+# USD per million tokens. A dollar a token is orders of magnitude above any model's price; a rate
+# beyond it is a typo, and would bill absurd sums.
+MAX_RATE = Decimal(1_000_000)
 
 
 def parse_override(override_id: str, value: bytes) -> PriceOverride:
-    data: dict[str, Any] = json.loads(value)
-    effective_from = datetime.fromisoformat(data["effective_from"])
+    """Validate one ``config.price-overrides`` record; ValueError says what is wrong with it."""
+    if not override_id or printable_problem(override_id) is not None:
+        raise ValueError(f"override id {override_id!r} must be non-empty printable text")
+    try:
+        data: Any = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"an override is a JSON object, got {type(data).__name__}")
+    raw_from = data.get("effective_from")
+    if not isinstance(raw_from, str):
+        raise ValueError("effective_from must be an ISO 8601 string with a time zone")
+    try:
+        effective_from = datetime.fromisoformat(raw_from)
+    except ValueError:
+        raise ValueError(f"effective_from: {raw_from[:40]!r} is not an ISO 8601 timestamp") from None
     if effective_from.tzinfo is None:
         raise ValueError("effective_from needs a time zone")
 
     def rate(name: str) -> Decimal | None:
         raw = data.get(name)
-        return None if raw is None else Decimal(str(raw))
+        return None if raw is None else config_amount(raw, name, positive=False, below=MAX_RATE)
 
     input_rate, output_rate = rate("input_mtok"), rate("output_mtok")
     if input_rate is None or output_rate is None:
         raise ValueError("input_mtok and output_mtok are required")
     return PriceOverride(
-        tenant_id=data["tenant_id"],
-        provider=data["provider"],
-        model=data["model"],
+        tenant_id=config_text(data, "tenant_id", max_len=MAX_ID_LEN),
+        provider=config_text(data, "provider", max_len=MAX_LABEL_LEN),
+        model=config_text(data, "model", max_len=MAX_LABEL_LEN),
         effective_from=effective_from,
         rates=TokenRates(input_rate, output_rate, rate("cache_read_mtok"), rate("cache_write_mtok")),
         override_id=override_id,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +75,31 @@ def test_events_recorded_while_kafka_is_down_arrive_exactly_once(
     events = [decode_usage(v) for v in read_all(settings, topic, timeout=30)]
     assert len(events) == 100
     assert sorted(e.event_id for e in events) == sorted(f"spool-{i}" for i in range(100))
+
+
+def test_an_event_that_fails_to_encode_does_not_stop_delivery(
+    stack: LocalStack, settings: Settings, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import producers.producer as producer_module
+
+    topic = f"test.raw.{unique}"
+    create_topic(settings, topic)
+    real_writer = producer_module.write_usage
+
+    def writer(record: dict[str, Any]) -> bytes:
+        if record["event_id"] == "poison":
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")  # what a lone surrogate did
+        return real_writer(record)
+
+    monkeypatch.setattr(producer_module, "write_usage", writer)
+    usage = {"tenant_id": "acme", "provider": "openai", "model": "gpt-4o", "input_tokens": 1, "output_tokens": 1}
+    producer = UsageProducer(settings.model_copy(update={"spool_dir": tmp_path}), topic=topic)
+    sent = [producer.record({**usage, "event_id": f"before-{i}"}) for i in range(5)]
+    sent.append(producer.record({**usage, "event_id": "poison"}))
+    assert producer.flush(30) == 0
+    sent += [producer.record({**usage, "event_id": f"after-{i}"}) for i in range(5)]
+    stats = producer.close(timeout=30)
+    assert (stats.delivered, stats.encode_failures, stats.spooled, stats.dropped) == (11, 1, 0, 0)
+    values = read_all(settings, topic, expect=11)
+    assert sorted(decode_usage(v).event_id for v in values) == sorted(sent)
+    assert [decode_usage(v).event_id for v in values if v.startswith(b"{")] == ["poison"]  # as JSON, still billable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -9,14 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas import codec
 from schemas.events import (
     InvalidEvent,
     UsageEvent,
     decode_usage,
     parse_json_event,
+    printable_problem,
     surely_valid,
     validate_event,
 )
+
+write_usage = codec.record_writer("usage_event")
 
 
 def event(**overrides: Any) -> dict[str, Any]:
@@ -104,22 +109,110 @@ def test_other_offsets_compare_equal_after_normalising() -> None:
     assert isinstance(a, UsageEvent)
 
 
+# ---------------------------------------------------------------- printable text
+STRING_FIELDS = ["event_id", "tenant_id", "provider", "model", "user_id", "feature", "environment", "trace_id",
+                 "request_id", "status", "session_id", "team_id"]  # fmt: skip
+# (character, how the reason names it); pairs, not a dict literal: ruff cannot tell lone surrogates apart.
+UNPRINTABLE_CASES = [("\x00", "control character U+0000"), ("\x1f", "control character U+001F"),
+                     ("\n", "control character U+000A"), ("\x7f", "control character U+007F"),
+                     ("\x85", "control character U+0085"), ("\x9f", "control character U+009F"),
+                     ("\ud800", "lone surrogate U+D800"), ("\udfff", "lone surrogate U+DFFF")]  # fmt: skip
+UNPRINTABLE = dict(UNPRINTABLE_CASES)
+# Odd but printable: non-ASCII spaces, a line separator, joiners, a BOM, emoji, right-to-left text.
+ODD_BUT_FINE = ["a\u00a0b", "a\u2028b", "\U0001f469\u200d\U0001f4bb", "\ufeffx", "\u05e9\u05dc\u05d5\u05dd", "a b", "é"]
+
+
+def test_printable_problem_names_the_character_and_its_position() -> None:
+    assert printable_problem("acme") is None
+    assert printable_problem("acm\x00e") == "control character U+0000 at position 3 is not allowed"
+    assert printable_problem("\ud83d") == "lone surrogate U+D83D at position 0 is not allowed"
+    assert printable_problem("\U0001f600 ok") is None  # a real emoji is one code point, not a surrogate pair
+
+
+@pytest.mark.parametrize("field", STRING_FIELDS)
+@pytest.mark.parametrize("char", list(UNPRINTABLE))
+def test_every_id_and_name_rejects_control_characters_and_lone_surrogates(field: str, char: str) -> None:
+    data = event(**{field: f"ab{char}c"}, timestamp=datetime(2025, 7, 1, tzinfo=UTC))
+    assert not surely_valid(data)
+    with pytest.raises(InvalidEvent) as info:
+        validate_event(data)
+    assert info.value.reason == f"{field}: {UNPRINTABLE[char]} at position 2 is not allowed"
+
+
+@pytest.mark.parametrize("char", list(UNPRINTABLE))
+def test_tag_keys_and_values_reject_control_characters_and_lone_surrogates(char: str) -> None:
+    for tags, reason in [({f"k{char}": "v"}, "tags: tag key"), ({"k": f"v{char}"}, "tags: tag 'k'")]:
+        data = event(tags=tags, timestamp=datetime(2025, 7, 1, tzinfo=UTC))
+        assert not surely_valid(data)
+        with pytest.raises(InvalidEvent, match=reason) as info:
+            validate_event(data)
+        assert UNPRINTABLE[char] in info.value.reason
+        info.value.reason.encode()  # the reason itself is safe to log and to put in a dead letter
+
+
+@pytest.mark.parametrize("text", ODD_BUT_FINE)
+def test_odd_but_printable_text_is_accepted(text: str) -> None:
+    data = event(user_id=text, feature=text, tags={text: text}, timestamp=datetime(2025, 7, 1, tzinfo=UTC))
+    e = validate_event(data)
+    assert decode_usage(e.to_avro()) == e == parse_json_event(e.to_json())
+    if surely_valid(data):  # the fast check may leave unusual text to pydantic, never the other way round
+        write_usage(data)
+
+
+def test_unknown_field_with_an_unprintable_name_gives_a_printable_reason() -> None:
+    for name in ["bad\x00name", "bad\ud800name"]:
+        with pytest.raises(InvalidEvent) as info:
+            validate_event({**event(), name: 1})
+        assert printable_problem(info.value.reason) is None
+
+
+@pytest.mark.parametrize(
+    ("escaped", "reason"),
+    [("\\u0000", r"event_id: control character U\+0000 at position 1"),
+     ("\\u009f", r"event_id: control character U\+009F at position 1"),
+     ("\\ud800", "malformed JSON"), ("\\udc00", "malformed JSON"), ("\x01", "malformed JSON")],
+)  # fmt: skip
+def test_json_escapes_of_unprintable_characters_are_rejected_with_a_reason(escaped: str, reason: str) -> None:
+    body = json.dumps(event(event_id="e@")).replace("@", escaped)
+    with pytest.raises(InvalidEvent, match=reason):
+        parse_json_event(body)
+    with pytest.raises(InvalidEvent, match=reason):
+        decode_usage(body.encode())
+
+
+def test_avro_with_unprintable_or_undecodable_strings_is_rejected_with_a_reason() -> None:
+    good = validate_event(event(tenant_id="abc"))
+    with_nul = codec.encode("usage_event", {**good.model_dump(), "tenant_id": "a\x00c"})
+    with pytest.raises(InvalidEvent, match="tenant_id: control character U\\+0000 at position 1"):
+        decode_usage(with_nul)
+    surrogate_bytes = good.to_avro().replace(b"\x06abc", b"\x06\xed\xa0\x80")  # U+D800 as CESU-8, not UTF-8
+    with pytest.raises(InvalidEvent, match="corrupt usage_event"):
+        decode_usage(surrogate_bytes)
+
+
 # ---------------------------------------------------------------- the library's fast check
 _AWARE = st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-7))]))
+# Everyday text, any code point (lone surrogates included) and short mixes of the odd characters above.
+_ODD_CHARS = st.sampled_from([*UNPRINTABLE, "\u00a0", "\u2028", "\u200d", "\ufeff", "\U0001f600", "\t", " "])
+_TEXT = st.one_of(
+    st.text(max_size=210), st.text(st.characters(exclude_categories=()), max_size=210),
+    st.lists(st.one_of(_ODD_CHARS, st.characters(codec="ascii")), max_size=12).map("".join),
+)  # fmt: skip
 _ANY_VALUE = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 10**13), st.text(max_size=210), _AWARE, st.datetimes(),
-    st.dictionaries(st.text(max_size=70), st.text(max_size=260), max_size=34),
-    st.floats(allow_nan=False), st.lists(st.integers(), max_size=2),
+    st.none(), st.booleans(), st.integers(-5, 10**13), _TEXT, _TEXT, _AWARE, st.datetimes(),
+    st.dictionaries(_TEXT, _TEXT, max_size=34), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2),
 )  # fmt: skip
 _FIELDS = [*UsageEvent.model_fields, "unknown_field"]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.dictionaries(st.sampled_from(_FIELDS), _ANY_VALUE), st.booleans())
 def test_surely_valid_accepts_only_what_the_model_accepts(mutations: dict[str, Any], plausible: bool) -> None:
     data = {**event(timestamp=datetime(2025, 7, 1, tzinfo=UTC)), **mutations} if plausible else mutations
     if surely_valid(data):
-        validate_event({"timestamp": datetime.now(UTC), **data})  # must not raise (the producer fills in now)
+        filled = {"timestamp": datetime.now(UTC), **data}  # the producer fills in now
+        validate_event(filled).to_avro()  # must not raise
+        write_usage(filled)  # nor may the producer's own writer, on its background thread
 
 
 @pytest.mark.parametrize(

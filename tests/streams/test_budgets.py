@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -75,3 +77,162 @@ def test_config_records_are_budgets_or_rate_limits_and_none_when_deleted() -> No
     record = parse_config_record(limit.key, limit.to_json())
     assert (record.kind, record.scope, record.item) == ("rate_limit", ("acme", "tenant", ""), limit)
     assert parse_config_record(limit.key, None).item is None
+
+
+# ---------------------------------------------------------------- records from config.budgets, whoever wrote them
+def budget_record(**changes: Any) -> bytes:
+    body: dict[str, Any] = {"tenant_id": "acme", "dimension": "feature", "value": "search", "period": "month",
+                            "limit": "10", "hard": False, "thresholds": [50, 80, 100]}  # fmt: skip
+    body.update(changes)
+    return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"limit": "3,5"}, "limit: '3,5' is not a decimal number"),
+        ({"limit": "NaN"}, "limit must be a finite amount"),
+        ({"limit": "Infinity"}, "limit must be a finite amount"),
+        ({"limit": "-1"}, "limit must be more than zero"),
+        ({"limit": "0"}, "limit must be more than zero"),
+        ({"limit": "1e-13"}, "limit has more than 12 decimal places"),
+        ({"limit": "0.0000000000001"}, "limit has more than 12 decimal places"),
+        ({"limit": "1e15"}, "limit must be below 1,000,000,000,000,000"),
+        ({"limit": "9" * 400}, "limit must be below"),
+        ({"limit": None}, "limit must be a decimal string, got nothing"),
+        ({"limit": ...}, "limit is required"),
+        ({"limit": [10]}, "limit must be a decimal string, got list"),
+        ({"limit": True}, "limit must be a decimal string, got bool"),
+        ({"tenant_id": ...}, "tenant_id must be a string, got nothing"),
+        ({"tenant_id": 7}, "tenant_id must be a string, got int"),
+        ({"tenant_id": ""}, "tenant_id must be 1-200 characters"),
+        ({"tenant_id": "ac\x00me"}, "tenant_id: control character U+0000 at position 2"),
+        ({"value": "se\ud800arch"}, "value: lone surrogate U+D800 at position 2"),
+        ({"value": "x" * 201}, "value must be 0-200 characters"),
+        ({"dimension": ...}, "dimension must be a string, got nothing"),
+        ({"dimension": "team"}, "scope must be one of"),
+        ({"dimension": "tenant"}, "a tenant budget has no scope value"),
+        ({"period": "year"}, "period must be one of"),
+        ({"period": ...}, "period must be a string"),
+        ({"hard": "false"}, "hard must be true or false"),
+        ({"hard": 1}, "hard must be true or false"),
+        ({"thresholds": ["50"]}, "thresholds must be a list of whole percentages"),
+        ({"thresholds": [50.5]}, "thresholds must be a list of whole percentages"),
+        ({"thresholds": [True]}, "thresholds must be a list of whole percentages"),
+        ({"thresholds": 50}, "thresholds must be a list of whole percentages"),
+        ({"thresholds": []}, "thresholds are whole percentages between 1 and 1000"),
+        ({"thresholds": [0, 50]}, "thresholds are whole percentages between 1 and 1000"),
+        ({"thresholds": [1001]}, "thresholds are whole percentages between 1 and 1000"),
+    ],
+)
+def test_bad_budget_records_are_value_errors_with_a_reason(changes: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_budget(budget_record(**changes))
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [(b"\xff\xfe", "not JSON"), (b"{", "not JSON"), (b"", "not JSON"), (b"[" * 100_000, "not JSON"),
+     (b"[]", "JSON object, got list"),
+     (b"12", "JSON object, got int"), (b'{"tenant_id": "acme", "limit": NaN}', "tenant_id|limit|dimension")],
+)  # fmt: skip
+def test_bytes_that_are_not_a_budget_object_are_value_errors(value: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_budget(value)
+
+
+def test_budget_records_keep_exact_limits_that_alerts_can_encode() -> None:
+    from schemas import codec
+
+    budget = parse_budget(budget_record(dimension="tenant", value="", limit="0.000000000001000", thresholds=[100]))
+    assert budget.limit == Decimal("1E-12") and budget.thresholds == (100,)
+    assert parse_budget(budget_record(limit=12.5, thresholds=[80, 50, 80])).thresholds == (50, 80)
+    assert str(parse_budget(budget_record(limit="1E+3")).limit) == "1000"  # plain for Redis and its Lua script
+    (alert,) = budget_alerts({budget.key: budget}, [spend("1")], MONTH)
+    codec.record_writer("alert")(alert)  # a 13th decimal place used to fail right here, in stage 2
+
+
+def test_budgets_built_in_code_follow_the_same_rules() -> None:
+    scope = dict(tenant_id="acme", dimension="tenant", value="", period="month")
+    for limit, reason in [(Decimal("NaN"), "finite"), (Decimal("Infinity"), "finite"),
+                          (Decimal("1e-13"), "decimal places"), (Decimal(10**15), "below"),
+                          (10, "must be a Decimal"), (10.5, "must be a Decimal")]:  # fmt: skip
+        with pytest.raises(ValueError, match=reason):
+            Budget(**scope, limit=limit)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="whole percentages"):
+        Budget(**scope, limit=Decimal(1), thresholds=(50.5,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tenant: control character U\\+001B"):
+        Budget(**{**scope, "tenant_id": "\x1b[31macme"}, limit=Decimal(1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [({"calls_per_minute": 0}, "each a whole number from 1"), ({"calls_per_minute": -5}, "each a whole number from 1"),
+     ({"calls_per_minute": 1.5}, "each a whole number"), ({"calls_per_minute": True}, "each a whole number"),
+     ({"calls_per_minute": "60"}, "each a whole number"), ({"tokens_per_minute": 10**13}, "each a whole number"),
+     ({"calls_per_minute": None}, "give at least one limit"), ({"burst": 5}, "unknown rate limit fields: 'burst'"),
+     ({"tenant_id": None}, "tenant_id must be a string"), ({"dimension": "team"}, "scope must be one of"),
+     ({"tenant_id": "a\x7f"}, "tenant_id: control character U+007F")],
+)  # fmt: skip
+def test_bad_rate_limit_records_are_value_errors_with_a_reason(changes: dict[str, Any], reason: str) -> None:
+    from streams.budgets import parse_rate_limit
+
+    body = {"tenant_id": "acme", "dimension": "tenant", "value": "", "calls_per_minute": 60, **changes}
+    with pytest.raises(ValueError) as info:
+        parse_rate_limit(json.dumps(body).encode())
+    assert reason in str(info.value)
+    for bad in (b"not json", b"[1]", b'"x"'):
+        with pytest.raises(ValueError):
+            parse_rate_limit(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [("acme", "is not a JSON list"), ("", "is not a JSON list"), ('"abc"', "is not a JSON list"),
+     ("[" * 100_000, "is not a JSON list"),
+     ('["acme", "tenant"]', "is not a JSON list"), ('["acme", "tenant", 1]', "is not a JSON list"),
+     ('{"tenant": "acme"}', "is not a JSON list"), ("ratelimit:nope", "is not a JSON list"),
+     ('["acme", "team", "x"]', "scope must be one of"), ('["ac\\u0000me", "tenant", ""]', "control character U+0000"),
+     ('["acme", "tenant", ""]', "the key names scope ['acme', 'tenant', '']"),
+     ('ratelimit:["acme", "feature", "chat"]', "unknown rate limit fields")],
+)  # fmt: skip
+def test_config_record_keys_are_json_scopes_that_match_their_value(key: str, reason: str) -> None:
+    from streams.budgets import parse_config_record
+
+    with pytest.raises(ValueError) as info:
+        parse_config_record(key, budget_record())  # the value is the budget of acme/feature=search
+    assert reason in str(info.value)
+
+
+def test_deleting_needs_only_a_key_of_the_right_shape() -> None:
+    from streams.budgets import parse_config_record
+
+    # An older writer may have left a scope today's rules refuse; its tombstone must still clear it.
+    record = parse_config_record('["ac\\u0001me", "team", "x"]', None)
+    assert (record.kind, record.scope, record.item) == ("budget", ("ac\x01me", "team", "x"), None)
+    with pytest.raises(ValueError, match="is not a JSON list"):
+        parse_config_record("garbage", None)
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [(["budget", "set", "--tenant", "acme", "--limit", "3,5"], "--limit: '3,5' is not a decimal number"),
+     (["budget", "set", "--tenant", "acme", "--limit", "NaN"], "--limit must be a finite amount"),
+     (["budget", "set", "--tenant", "acme", "--limit", "-1"], "--limit must be more than zero"),
+     (["budget", "set", "--tenant", "acme", "--limit", "0.0000000000001"], "--limit has more than 12 decimal places"),
+     (["budget", "set", "--tenant", "acme", "--limit", "1e20"], "--limit must be below"),
+     (["budget", "set", "--tenant", "acme", "--limit", "5", "--thresholds", "50,x"], "--thresholds: '50,x'"),
+     (["budget", "set", "--tenant", "ac\x01me", "--limit", "5"], "tenant: control character U+0001"),
+     (["limit", "set", "--tenant", "acme", "--calls-per-minute", "0"], "each a whole number from 1"),
+     (["limit", "set", "--tenant", "acme", "--feature", "a\x85", "--calls-per-minute", "5"],
+      "feature: control character U+0085")],
+)  # fmt: skip
+def test_the_command_line_refuses_bad_budgets_and_limits_in_one_line(args: list[str], reason: str) -> None:
+    from click.testing import CliRunner
+
+    from deploy.cli import cli
+
+    result = CliRunner().invoke(cli, args)  # fails before it would reach Kafka
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and reason in result.output

@@ -1,0 +1,156 @@
+"""ConfigFollower against the real broker: bad config records are skipped and counted, never raised;
+a store that is down makes it stop at the record and retry it, never skip it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis
+from confluent_kafka import Producer
+from prometheus_client import REGISTRY
+
+from deploy.isolation import isolated
+from deploy.settings import Settings
+from deploy.stack import LocalStack
+from schemas.events import validate_event
+from streams.budgets import Budget, RateLimit, parse_config_record
+from streams.config_topic import ConfigFollower, TransientConfigError
+from streams.overrides import override_follower
+from streams.pricing import PriceBook
+from tests.helpers import create_topic
+
+
+def produce(settings: Settings, topic: str, records: list[tuple[bytes, bytes | None]]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
+    for key, value in records:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(15) == 0
+
+
+def rejected(topic: str) -> float:
+    return REGISTRY.get_sample_value("tokenmeter_config_records_rejected_total", {"topic": topic}) or 0.0
+
+
+def override(tenant: str, **changes: Any) -> bytes:
+    body = {"tenant_id": tenant, "provider": "openai", "model": "gpt-4o", "effective_from": "2025-01-01T00:00:00Z",
+            "input_mtok": "1", "output_mtok": "2", **changes}  # fmt: skip
+    return json.dumps(body).encode()
+
+
+def test_bad_override_records_are_skipped_and_counted_and_the_good_ones_apply(
+    stack: LocalStack, settings: Settings, unique: str
+) -> None:
+    own = isolated(settings, unique)
+    topic = own.topic_price_overrides
+    produce(own, topic, [
+        (b"ovr-good", override("acme")),
+        (b"ovr-comma", override("beta", input_mtok="3,5")),  # used to raise decimal.InvalidOperation
+        (b"ovr-nan", override("beta", output_mtok="NaN")),
+        (b"ovr-inf", override("beta", output_mtok="Infinity")),
+        (b"ovr-negative", override("beta", output_mtok="-1")),
+        (b"ovr-places", override("beta", output_mtok="0.0000000000001")),
+        (b"ovr-huge", override("beta", output_mtok="1e40")),
+        (b"ovr-control", override("be\x00ta")),
+        (b"ovr-missing", json.dumps({"tenant_id": "beta"}).encode()),
+        (b"ovr-bytes", b"\x00\xff not json"),
+        (b"ovr-list", b"[1, 2, 3]"),
+        (b"", override("beta")),  # no key
+        (b"ovr-later", override("gamma", input_mtok="0.5")),
+        (b"ovr-gone", override("delta")),
+        (b"ovr-gone", None),  # tombstone
+    ])  # fmt: skip
+    book = PriceBook()
+    follower = override_follower(own, book)
+    try:
+        assert follower.catch_up(10.0) == 4  # acme, gamma, delta and its deletion
+        assert follower.rejected == 11 and rejected(topic) == 11
+        assert follower.catch_up(0.5) == 0  # nothing new, nothing re-read
+    finally:
+        follower.close()
+
+    def source(tenant: str) -> str:
+        event = validate_event({"event_id": "e", "timestamp": datetime(2025, 7, 1, tzinfo=UTC),
+                                "tenant_id": tenant, "provider": "openai", "model": "gpt-4o",
+                                "input_tokens": 10**6, "output_tokens": 0})  # fmt: skip
+        return book.price(event).source
+
+    assert source("acme") == "override:ovr-good" and source("gamma") == "override:ovr-later"
+    assert source("beta").startswith("genai-prices") and source("delta").startswith("genai-prices")
+
+
+def test_any_exception_from_apply_is_skipped_and_budgets_keep_following(
+    stack: LocalStack, settings: Settings, unique: str
+) -> None:
+    own = isolated(settings, unique)
+    topic = own.topic_budgets
+    acme = Budget("acme", "tenant", "", "month", Decimal(10))
+    limit = RateLimit("acme", "tenant", "", calls_per_minute=60)
+    produce(own, topic, [
+        (acme.key.encode(), acme.to_json()),
+        (b"not a json key", acme.to_json()),
+        (b'["beta", "tenant", ""]', json.dumps({"tenant_id": "beta", "dimension": "tenant", "value": "",
+                                                "period": "month", "limit": "1e-13"}).encode()),
+        (b'["beta", "tenant", ""]', b"{broken"),
+        (b'["gamma", "tenant", ""]', acme.to_json()),  # a key and a value that disagree
+        (b'["boom", "tenant", ""]', b"{}"),
+        (limit.key.encode(), limit.to_json()),
+    ])  # fmt: skip
+    budgets: dict[str, Budget] = {}
+    limits: list[RateLimit] = []
+
+    def apply(key: str, value: bytes | None) -> None:
+        if key == '["boom", "tenant", ""]':
+            raise ZeroDivisionError("an error no one planned for")  # not a ValueError: still only this record's
+        record = parse_config_record(key, value)
+        if isinstance(record.item, Budget):
+            budgets[key] = record.item
+        elif isinstance(record.item, RateLimit):
+            limits.append(record.item)
+
+    follower = ConfigFollower(own.kafka_bootstrap, topic, apply)
+    try:
+        assert follower.catch_up(10.0) == 2
+    finally:
+        follower.close()
+    assert budgets == {acme.key: acme} and limits == [limit]
+    assert follower.rejected == 5 and rejected(topic) == 5
+
+
+@pytest.mark.parametrize(
+    "failure", [TransientConfigError("redis is down"), redis.ConnectionError("refused"), TimeoutError("slow")]
+)
+def test_a_store_error_stops_at_the_record_and_the_next_catch_up_retries_it(
+    stack: LocalStack, settings: Settings, unique: str, failure: Exception
+) -> None:
+    topic = f"test.config.{unique}"
+    create_topic(settings, topic, partitions=3)
+    keys = [f"k{i}".encode() for i in range(12)]
+    produce(settings, topic, [(key, b"v1") for key in keys] + [(key, b"v2") for key in keys])
+    seen: list[tuple[str, bytes | None]] = []
+    failures = {"k5": 2}  # the store fails twice while k5's first value is applied
+
+    def apply(key: str, value: bytes | None) -> None:
+        if failures.get(key) and value == b"v1":
+            failures[key] -= 1
+            raise failure
+        seen.append((key, value))
+
+    follower = ConfigFollower(settings.kafka_bootstrap, topic, apply)
+    try:
+        total = follower.catch_up(10.0)
+        assert ("k5", b"v1") not in seen and total < 24  # stopped at k5
+        total += follower.catch_up(1.0)
+        assert ("k5", b"v1") not in seen  # failed again: still not skipped
+        while (more := follower.catch_up(1.0)) > 0:
+            total += more
+    finally:
+        follower.close()
+    assert total == 24 and follower.rejected == 0 and rejected(topic) == 0
+    assert sorted(seen) == sorted({(key.decode(), v) for key in keys for v in (b"v1", b"v2")})  # each once
+    for key in keys:  # and in order per key: the latest value is the one that stays
+        values = [v for k, v in seen if k == key.decode()]
+        assert values == [b"v1", b"v2"]
