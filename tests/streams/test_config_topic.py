@@ -154,3 +154,24 @@ def test_a_store_error_stops_at_the_record_and_the_next_catch_up_retries_it(
     for key in keys:  # and in order per key: the latest value is the one that stays
         values = [v for k, v in seen if k == key.decode()]
         assert values == [b"v1", b"v2"]
+
+
+def test_the_worker_budget_follower_waits_for_redis_instead_of_crashing(stack: LocalStack, settings: Settings) -> None:
+    """Redis down while budgets are applied used to crash the worker; now the record waits for Redis."""
+    from producers.quota import budget_key
+    from streams.app import budget_follower
+
+    own = isolated(settings, f"rd{datetime.now(UTC).strftime('%H%M%S%f')}")
+    budget = Budget("redis-down", "tenant", "", "month", Decimal("5"), hard=True)
+    produce(own, own.topic_budgets, [(budget.key.encode(), budget.to_json())])
+    budgets: dict[str, Budget] = {}
+    down = budget_follower(own.model_copy(update={"redis_url": "redis://127.0.0.1:9/0"}), budgets)
+    assert down.catch_up(5.0) == 0  # no exception: Redis is unreachable, the record is not skipped
+    assert down.catch_up(0.5) == 0 and down.rejected == 0
+    down.close()
+    up = budget_follower(own, budgets)
+    assert up.catch_up(5.0) == 1
+    assert budgets[budget.key] == budget
+    stored = redis.Redis.from_url(own.redis_url).get(budget_key("redis-down", "tenant", ""))
+    assert stored is not None and json.loads(stored)["limit"] == "5"
+    up.close()
