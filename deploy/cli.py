@@ -317,8 +317,11 @@ def _send_config(topic: str, key: str, value: bytes | None) -> None:
 @click.option("--period", type=click.Choice(["day", "week", "month"]), default="month", show_default=True)
 @click.option("--hard", is_flag=True, help="Block calls (quota check says not allowed) once the limit is spent.")
 @click.option("--thresholds", default="50,80,100", show_default=True, help="Alert at these percentages.")
+@click.option("--on-stale", "on_stale", type=click.Choice(["allow", "allow_reserved", "block"]), default="allow",
+              show_default=True, help="A hard budget while the spend data is stale (pipeline behind): decide on the "
+              "data as it is, let only reserve() calls through, or block every call.")  # fmt: skip
 def budget_set(tenant: str, feature: str | None, user: str | None, environment: str | None, limit_usd: str,
-               period: str, hard: bool, thresholds: str) -> None:  # fmt: skip
+               period: str, hard: bool, thresholds: str, on_stale: str) -> None:  # fmt: skip
     """Set (or replace) the budget of a scope; workers apply it within a second."""
     from streams.budgets import MAX_BUDGET, Budget
     from streams.config_topic import config_amount
@@ -330,12 +333,14 @@ def budget_set(tenant: str, feature: str | None, user: str | None, environment: 
             levels = tuple(sorted({int(t) for t in thresholds.split(",")}))
         except ValueError:
             raise ValueError(f"--thresholds: {thresholds!r} is not whole percentages like 50,80,100") from None
-        new = Budget(tenant, dimension, value, period, limit, hard, levels)
+        new = Budget(tenant, dimension, value, period, limit, hard, levels, on_stale)
     except ValueError as exc:
         _fail(f"invalid budget: {exc}")
     _send_config(_settings().topic_budgets, new.key, new.to_json())
     kind = "hard" if hard else "soft"
-    click.echo(f"{kind} {period} budget of ${limit} for {new.scope_label}; alerts at {', '.join(map(str, levels))}%")
+    stale = f"; while spend data is stale: {on_stale}" if hard else ""
+    click.echo(f"{kind} {period} budget of ${limit} for {new.scope_label}; alerts at "
+               f"{', '.join(map(str, levels))}%{stale}")  # fmt: skip
 
 
 @budget.command("delete")

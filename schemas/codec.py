@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,7 +92,9 @@ def decode(name: str, data: bytes) -> dict[str, Any]:
     try:
         record = schemaless_reader(body, writer.parsed, latest(name).parsed)
     except Exception as exc:  # truncated or corrupt body
-        raise SchemaDecodeError(f"corrupt {name} v{writer.version} record: {exc!r}") from None
+        # No repr: it can hold object addresses, and the same bytes must always give the same reason.
+        detail = re.sub(r" at 0x[0-9a-f]+", "", f"{type(exc).__name__}: {exc}")
+        raise SchemaDecodeError(f"corrupt {name} v{writer.version} record: {detail}") from None
     if body.tell() != len(data) - HEADER_LEN:
         raise SchemaDecodeError(f"trailing bytes after a {name} v{writer.version} record")
     if not isinstance(record, dict):

@@ -38,6 +38,9 @@ MAX_TOKENS = 10**12  # far above any real call, far below Avro long overflow
 # A call cannot happen in the future; a day of slack covers any clock skew or zone mix-up. Beyond it
 # the clock is wrong, and the event would be billed in a period that has not begun.
 MAX_FUTURE_SKEW = timedelta(hours=24)
+# Nor before there were model APIs to call: a year-1 timestamp is a bug upstream, and date arithmetic on
+# it (the periods before it) overflows.
+MIN_TIMESTAMP = datetime(2015, 1, 1, tzinfo=UTC)
 
 # C0 controls, DEL, C1 controls and surrogates. A Python str holds a surrogate only unpaired (a pair
 # read from JSON becomes one code point), so every match here is a lone surrogate that UTF-8 cannot
@@ -116,6 +119,8 @@ class UsageEvent(BaseModel):
     def _to_utc(cls, value: datetime) -> datetime:
         if value - datetime.now(UTC) > MAX_FUTURE_SKEW:
             raise ValueError(f"timestamp {value.isoformat()} is more than 24 h in the future (is the clock right?)")
+        if value < MIN_TIMESTAMP:
+            raise ValueError(f"timestamp {value.isoformat()} is before 2015-01-01 (is the clock right?)")
         return value.astimezone(UTC)
 
     @field_validator("tags", mode="before")
@@ -263,7 +268,8 @@ def surely_valid(data: dict[str, Any]) -> bool:
             if name != "estimated":
                 return False
         elif kind is datetime:
-            if name != "timestamp" or value.utcoffset() is None or value - datetime.now(UTC) > MAX_FUTURE_SKEW:
+            if (name != "timestamp" or value.utcoffset() is None or value - datetime.now(UTC) > MAX_FUTURE_SKEW
+                    or value < MIN_TIMESTAMP):  # fmt: skip
                 return False
         elif kind is dict:
             if name != "tags" or not _tags_fit(value):

@@ -132,18 +132,19 @@ class AlertSink:
     def _drop(self) -> None:
         self._conn = None
 
-    def store(self, alerts: list[dict[str, Any]]) -> None:
-        with_backoff(lambda: self._store(alerts), (psycopg.OperationalError,), "Postgres (alerts)",
-                     on_failure=self._drop, first_delay=0.5)  # fmt: skip
+    def store(self, alerts: list[dict[str, Any]]) -> set[str]:
+        """Store the alerts; return the ids that are new (Postgres keeps each id once)."""
+        return with_backoff(lambda: self._store(alerts), (psycopg.OperationalError,), "Postgres (alerts)",
+                            on_failure=self._drop, first_delay=0.5)  # fmt: skip
 
-    def _store(self, alerts: list[dict[str, Any]]) -> None:
+    def _store(self, alerts: list[dict[str, Any]]) -> set[str]:
         conn = self._connection()
         for alert in alerts:
             if alert["kind"].startswith("budget"):
                 granularity = alert["period"].split(":", 1)[0]
                 window = datetime.fromisoformat(alert["details"]["window_start"])
                 alert["details"].update(top_contributors(conn, alert["tenant_id"], granularity, window))
-        store_alerts(conn, alerts)
+        return store_alerts(conn, alerts)
 
     def deliver(self) -> None:
         try:
@@ -337,20 +338,31 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         ]
         return [alert for alert in fired if alert["alert_id"] not in alerted]
 
+    def remember(alert_id: str) -> None:
+        """The ``alerted`` table only saves Postgres a lookup: Postgres is what keeps an alert once."""
+        try:
+            alerted[alert_id] = True
+        except Exception as exc:  # e.g. the changelog topic's metadata not loaded yet right after start
+            log.info("not remembering alert %s in the table now: %r", alert_id, exc)
+
     async def send_alerts(fresh: list[dict[str, Any]]) -> None:
-        # Stored first: Postgres keeps each alert_id once, whatever a crash makes us repeat.
-        await asyncio.to_thread(alert_sink.store, fresh)
+        # Stored first: Postgres keeps each alert_id once, whatever a crash or a lost table entry repeats;
+        # only the ids new there are published and counted.
+        new = await asyncio.to_thread(alert_sink.store, fresh)
         for alert in fresh:
+            if alert["alert_id"] not in new:
+                remember(alert["alert_id"])
+                continue
             topic = budget_topic if alert["kind"].startswith("budget") else anomaly_topic
             try:
                 value = codec.encode("alert", alert)
             except Exception:
                 log.exception("alert %s cannot be encoded; kept in Postgres only", alert["alert_id"])
                 metrics.OPTIONAL_FAILURES.labels(stage="alert encoding").inc()
-                alerted[alert["alert_id"]] = True
+                remember(alert["alert_id"])
                 continue
             await topic.send(key=alert["tenant_id"].encode(), value=value)
-            alerted[alert["alert_id"]] = True
+            remember(alert["alert_id"])
             metrics.ALERTS.labels(kind=alert["kind"]).inc()
             metrics.EVENTS_OUT.labels(stage="windows", output="alerts").inc()
             log.warning("alert %s: %s", alert["kind"], alert["message"])
@@ -359,19 +371,25 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
     async def windows(stream: faust.StreamT[bytes]) -> None:
         async for batch in stream.take(100, within=0.1):
             metrics.EVENTS_IN.labels(stage="windows").inc(len(batch))
-            try:
-                latest = read_batch(batch)
-                for key, r in latest.items():
-                    rollups[key] = table_value(r)
-                fresh = alerts_of(latest, datetime.now(UTC))
-                if fresh:
-                    await send_alerts(fresh)
-            except Exception as exc:
-                # Values are absolute: the next batch of the same windows re-evaluates every threshold,
-                # so skipping this one delays an alert at worst; stopping here would stop them all.
-                log.exception("stage 2 skipped a batch of %d rollup messages", len(batch))
-                metrics.OPTIONAL_FAILURES.labels(stage="windows").inc()
-                windows_status.failed(f"{type(exc).__name__}: {str(exc)[:300]}")
+            latest = read_batch(batch)
+            for attempt in range(3):
+                try:
+                    for key, r in latest.items():
+                        rollups[key] = table_value(r)
+                    fresh = alerts_of(latest, datetime.now(UTC))
+                    if fresh:
+                        await send_alerts(fresh)
+                    break
+                except Exception as exc:
+                    windows_status.failed(f"{type(exc).__name__}: {str(exc)[:300]}")
+                    if attempt < 2:  # a table's changelog not ready right after start: try again shortly
+                        log.warning("stage 2 batch failed (%r); trying again", exc)
+                        await asyncio.sleep(1.0)
+                        continue
+                    # Values are absolute: the next batch of the same windows re-evaluates every threshold,
+                    # so skipping this one delays an alert at worst; stopping here would stop them all.
+                    log.exception("stage 2 skipped a batch of %d rollup messages", len(batch))
+                    metrics.OPTIONAL_FAILURES.labels(stage="windows").inc()
             windows_status.progressed(windows_status.behind)
 
     return app

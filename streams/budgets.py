@@ -27,6 +27,11 @@ from streams.periods import PERIODS, period_label
 
 SCOPES = ("tenant", "feature", "user", "environment")
 DEFAULT_THRESHOLDS = (50, 80, 100)
+# What a hard budget does while the spend data behind it is stale (the pipeline is behind, e.g. during
+# a Postgres outage; ``QuotaClient`` sees the age): ``allow`` decides on the data it has (calls made
+# meanwhile can overrun); ``allow_reserved`` lets only ``reserve()`` calls through (their costs stay held
+# until the pipeline has counted them, so they cannot overrun); ``block`` refuses every call.
+ON_STALE = ("allow", "allow_reserved", "block")
 # A quadrillion dollars a period: no real budget comes near it, and with 12 decimal places it stays
 # well inside NUMERIC(38, 12) and the alerts' Avro decimals.
 MAX_BUDGET = Decimal(10**15)
@@ -59,9 +64,12 @@ class Budget:
     limit: Decimal
     hard: bool = False
     thresholds: tuple[int, ...] = field(default=DEFAULT_THRESHOLDS)
+    on_stale: str = "allow"  # ON_STALE; only hard budgets block, so only they use it
 
     def __post_init__(self) -> None:
         _check_scope(self.tenant_id, self.dimension, self.value)
+        if self.on_stale not in ON_STALE:
+            raise ValueError(f"on_stale must be one of {', '.join(ON_STALE)}")
         if self.period not in PERIODS:
             raise ValueError(f"period must be one of {', '.join(PERIODS)}")
         if not isinstance(self.limit, Decimal):
@@ -89,11 +97,13 @@ class Budget:
         return json.dumps({
             "tenant_id": self.tenant_id, "dimension": self.dimension, "value": self.value, "period": self.period,
             "limit": str(self.limit), "hard": self.hard, "thresholds": list(self.thresholds),
+            "on_stale": self.on_stale,
         }).encode()  # fmt: skip
 
     def redis_json(self) -> str:
         """What ``QuotaClient`` reads from ``tm:budget:…``."""
-        return json.dumps({"limit": str(self.limit), "period": self.period, "hard": self.hard})
+        return json.dumps({"limit": str(self.limit), "period": self.period, "hard": self.hard,
+                           "on_stale": self.on_stale})  # fmt: skip
 
 
 def budget_id(tenant_id: str, dimension: str, value: str) -> str:
@@ -124,6 +134,7 @@ def parse_budget(value: bytes) -> Budget:
         value=config_text(data, "value", max_len=MAX_ID_LEN, allow_empty=True), period=config_text(data, "period"),
         limit=config_amount(data["limit"], "limit", positive=True, below=MAX_BUDGET), hard=data.get("hard", False),
         thresholds=tuple(sorted(set(thresholds))),
+        on_stale=config_text(data, "on_stale") if "on_stale" in data else "allow",
     )  # fmt: skip
 
 
