@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     # Alert delivery: webhook URLs (JSON list, e.g. '["https://hooks.slack.com/services/…"]').
     webhook_urls: list[str] = Field(default_factory=list)
 
+    # Quota client: spend data older than this is stale (a hard budget then follows its on_stale policy);
+    # a committed call's cost stays held until the pipeline has counted it, at most quota_hold_max_s.
+    quota_stale_after_s: float = Field(default=10.0, gt=0)
+    quota_hold_max_s: float = Field(default=3600.0, gt=0)
+
     # Producer library.
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)

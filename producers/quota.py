@@ -23,8 +23,8 @@ from typing import Any
 import redis
 
 from deploy.settings import Settings, get_settings
+from sinks.redis import FRESHNESS_KEY, LIVE_WITHIN_MS, caught_up_ms, spend_key, spend_value
 from sinks.redis import _escape as escape_key_part
-from sinks.redis import spend_key, spend_value
 from streams.periods import PERIODS
 
 
@@ -41,6 +41,8 @@ class QuotaDecision:
     reason: str
     scope: str
     period: str
+    stale: bool = False  # the spend data is older than the client's bound (the pipeline is behind)
+    data_age_s: float | None = None  # how old it is; None: no worker has reported yet
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +53,8 @@ class QuotaDecision:
             "reason": self.reason,
             "scope": self.scope,
             "period": self.period,
+            "stale": self.stale,
+            "data_age_s": None if self.data_age_s is None else round(self.data_age_s, 3),
         }
 
 
@@ -64,21 +68,46 @@ _PER_SCOPE = 9  # keys per scope: budget, spend day/week/month, held, rate limit
 _RESERVE = """
 local now, amount, entry = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local id, ttl, tokens = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local stale_after, live_within = tonumber(ARGV[7]), tonumber(ARGV[8])
 local column = {day = 2, week = 3, month = 4}
+local scopes = (#KEYS - 1) / 9
+-- how current the spend is (sinks.redis.caught_up_ms): the least current live stage 1, else the newest
+local caught_up, newest = nil, nil
+local beats = redis.call('HGETALL', KEYS[#KEYS])
+for i = 1, #beats, 2 do
+  local c, b = string.match(beats[i + 1], '^(%d+) (%d+)$')
+  if c then
+    c, b = tonumber(c), tonumber(b)
+    if newest == nil or c > newest then newest = c end
+    if now - b <= live_within and (caught_up == nil or c < caught_up) then caught_up = c end
+  end
+end
+caught_up = caught_up or newest
+local stale = caught_up == nil or now - caught_up > stale_after
+-- held amounts: a reservation until it expires; a committed cost until the spend has counted it
 local function held(key)
   local total, fields = 0, redis.call('HGETALL', key)
   for i = 1, #fields, 2 do
-    local amount_text, expires = string.match(fields[i + 1], '^(%d+):(%d+)$')
-    if tonumber(expires) < now then redis.call('HDEL', key, fields[i]) else total = total + tonumber(amount_text) end
+    local amount_text, expires, counted_after = string.match(fields[i + 1], '^(%d+):(%d+):?(%d*)$')
+    local counted = counted_after ~= nil and counted_after ~= '' and caught_up ~= nil
+      and caught_up >= tonumber(counted_after)
+    if amount_text == nil or tonumber(expires) < now or counted then
+      redis.call('HDEL', key, fields[i])
+    else
+      total = total + tonumber(amount_text)
+    end
   end
   return total
 end
 local function count(key) return tonumber(redis.call('GET', key) or '0') end
-for s = 0, #KEYS / 9 - 1 do
+for s = 0, scopes - 1 do
   local k = s * 9
   local raw = redis.call('GET', KEYS[k + 1])
   if raw then
     local budget = cjson.decode(raw)
+    if budget['hard'] and stale and budget['on_stale'] == 'block' then
+      return {0, s, 'stale', caught_up and (now - caught_up) or -1, 0}
+    end
     if budget['hard'] then
       local spent = 0
       local raw_spend = redis.call('GET', KEYS[k + column[budget['period']]])
@@ -107,10 +136,10 @@ for s = 0, #KEYS / 9 - 1 do
     end
   end
 end
-for s = 0, #KEYS / 9 - 1 do
+for s = 0, scopes - 1 do
   local k = s * 9
   redis.call('HSET', KEYS[k + 5], id, entry)
-  redis.call('PEXPIRE', KEYS[k + 5], ttl * 2)
+  redis.call('PEXPIRE', KEYS[k + 5], math.max(ttl * 2, tonumber(ARGV[9])))
   redis.call('INCR', KEYS[k + 7]); redis.call('EXPIRE', KEYS[k + 7], 120)
   redis.call('INCRBY', KEYS[k + 8], tokens); redis.call('EXPIRE', KEYS[k + 8], 120)
   redis.call('INCR', KEYS[k + 9]); redis.call('EXPIRE', KEYS[k + 9], 172800)
@@ -169,13 +198,20 @@ class QuotaClient:
         keys += [spend_key(tenant_id, d, v, p) for d, v in scopes for p in PERIODS]
         keys += [rate_limit_key(tenant_id, d, v) for d, v in scopes]
         keys += [key for d, v in scopes for key in rate_counter_keys(tenant_id, d, v, now)]
-        values = self.redis.mget(keys)
+        pipe = self.redis.pipeline(transaction=False)  # one round trip: MGET + the freshness hash
+        pipe.mget(keys)
+        pipe.hgetall(FRESHNESS_KEY)
+        values, beats = pipe.execute()
+        now_ms = int(now.timestamp() * 1000)
+        caught_up = caught_up_ms(beats, now_ms)
+        age = None if caught_up is None else max(0.0, (now_ms - caught_up) / 1000)
+        stale = age is None or age > self.settings.quota_stale_after_s
         n = len(scopes)
         budgets = values[:n]
         spend_scopes = [(d, v, p) for d, v in scopes for p in PERIODS]
         spend_raw = values[n : n + len(spend_scopes)]
         spend = {scope: spend_value(raw, now) for scope, raw in zip(spend_scopes, spend_raw, strict=True)}
-        decision = decide(tenant_id, scopes, budgets, spend)
+        decision = decide(tenant_id, scopes, budgets, spend, stale=stale, data_age_s=age)
         limits = values[n + len(spend_scopes) : 2 * n + len(spend_scopes)]
         counters = values[2 * n + len(spend_scopes) :]
         for i, raw in enumerate(limits):
@@ -183,7 +219,8 @@ class QuotaClient:
             if reached and decision.allowed:
                 scope = _label(tenant_id, *scopes[i])
                 return QuotaDecision(False, decision.spent, decision.limit, decision.remaining,
-                                     f"rate limit of {scope}: {reached}", decision.scope, decision.period)  # fmt: skip
+                                     f"rate limit of {scope}: {reached}", decision.scope, decision.period,
+                                     stale, age)  # fmt: skip
         return decision
 
     def reserve(
@@ -202,18 +239,24 @@ class QuotaClient:
             keys.append(held_key(tenant_id, d, v))
             keys.append(rate_limit_key(tenant_id, d, v))
             keys += rate_counter_keys(tenant_id, d, v, now)
+        keys.append(FRESHNESS_KEY)
         amount = int((estimated_cost * NANO).to_integral_value())
         now_ms, ttl_ms = int(now.timestamp() * 1000), int(ttl_s * 1000)
         reservation_id = uuid.uuid4().hex
         outcome = self.redis.eval(_RESERVE, len(keys), *keys, now_ms, amount, f"{amount}:{now_ms + ttl_ms}",
-                                  reservation_id, ttl_ms, tokens)  # fmt: skip
+                                  reservation_id, ttl_ms, tokens, int(self.settings.quota_stale_after_s * 1000),
+                                  LIVE_WITHIN_MS, int(self.settings.quota_hold_max_s * 1000))  # fmt: skip
         held_keys = tuple(keys[4::_PER_SCOPE])
         if outcome[0] == 1:
             return Reservation(reservation_id, True, estimated_cost, "reserved", held_keys)
         dimension, value = scopes[int(outcome[1])]
         scope = _label(tenant_id, dimension, value)
         what = outcome[2].decode() if isinstance(outcome[2], bytes) else str(outcome[2])
-        if what == "budget":
+        if what == "stale":
+            age_text = "no worker has reported" if int(outcome[3]) < 0 else f"it is {int(outcome[3]) / 1000:.0f}s old"
+            reason = (f"hard budget of {scope} blocks while its spend data is stale ({age_text}, bound "
+                      f"{self.settings.quota_stale_after_s:g}s): the pipeline is behind")  # fmt: skip
+        elif what == "budget":
             spent, holding = Decimal(outcome[3]) / NANO, Decimal(outcome[4]) / NANO
             reason = (f"hard budget of {scope} cannot take ${estimated_cost}: "
                       f"${spent.normalize():f} spent and ${holding.normalize():f} held by calls in flight")  # fmt: skip
@@ -221,9 +264,11 @@ class QuotaClient:
             reason = f"rate limit of {scope}: {what.replace('_', ' ')} is {outcome[4]} ({outcome[3]} used)"
         return Reservation(reservation_id, False, estimated_cost, reason, held_keys)
 
-    def commit(self, reservation: Reservation, actual_cost: Decimal, *, settle_s: float = 2.0) -> None:
-        """After the call: hold its actual cost for ``settle_s`` more, until the pipeline has counted it
-        (p99 < 1 s), so that no gap opens between the reservation and the spend."""
+    def commit(self, reservation: Reservation, actual_cost: Decimal, *, settle_s: float = 5.0) -> None:
+        """After the call: hold its actual cost until the pipeline has counted it — until the spend data
+        is caught up past this moment plus ``settle_s`` (the time within which the call's usage event is
+        recorded), at most ``quota_hold_max_s`` — so no gap opens between the reservation and the spend,
+        however far behind the pipeline falls (a Postgres outage, say)."""
         self._settle(reservation, actual_cost, settle_s)
 
     def release(self, reservation: Reservation) -> None:
@@ -234,12 +279,16 @@ class QuotaClient:
         if not reservation.allowed:
             return
         pipe = self.redis.pipeline(transaction=False)
+        now_ms = int(time.time() * 1000)
+        hold_ms = int(self.settings.quota_hold_max_s * 1000)
         for key in reservation.keys:
             if actual_cost is None:
                 pipe.hdel(key, reservation.reservation_id)
             else:
-                until = int((time.time() + settle_s) * 1000)
-                pipe.hset(key, reservation.reservation_id, f"{int((actual_cost * NANO).to_integral_value())}:{until}")
+                amount = int((actual_cost * NANO).to_integral_value())
+                counted_after = now_ms + int(settle_s * 1000)
+                pipe.hset(key, reservation.reservation_id, f"{amount}:{now_ms + hold_ms}:{counted_after}")
+                pipe.pexpire(key, hold_ms)
         pipe.execute()
 
 
@@ -264,8 +313,13 @@ def decide(
     scopes: list[tuple[str, str]],
     budgets: list[Any],
     spend: dict[tuple[str, str, str], Decimal],
+    *,
+    stale: bool = False,
+    data_age_s: float | None = None,
 ) -> QuotaDecision:
-    """The pure decision: blocked by any exhausted hard budget; otherwise report the tightest budget."""
+    """The pure decision: blocked by any exhausted hard budget, or by a hard budget whose ``on_stale``
+    policy (``block``, or ``allow_reserved`` for a call that did not reserve) applies while the spend
+    data is ``stale``; otherwise report the tightest budget."""
     tightest: QuotaDecision | None = None
     for (dimension, value), raw in zip(scopes, budgets, strict=True):
         if not raw:
@@ -278,19 +332,25 @@ def decide(
         scope = _label(tenant_id, dimension, value)
         if budget.get("hard") and remaining <= 0:
             reason = f"hard {period} budget of ${limit} for {scope} is spent (${spent})"
-            return QuotaDecision(False, spent, limit, remaining, reason, scope, period)
+            return QuotaDecision(False, spent, limit, remaining, reason, scope, period, stale, data_age_s)
+        policy = budget.get("on_stale", "allow")
+        if budget.get("hard") and stale and policy != "allow":
+            age = "no worker has reported" if data_age_s is None else f"it is {data_age_s:.0f}s old"
+            only = "blocks" if policy == "block" else "lets only reserved calls through"
+            reason = f"hard {period} budget of ${limit} for {scope} {only} while its spend data is stale ({age})"
+            return QuotaDecision(False, spent, limit, remaining, reason, scope, period, stale, data_age_s)
         if tightest is None or remaining < (tightest.remaining or Decimal(0)):
             kind = "hard" if budget.get("hard") else "soft"
             reason = f"within the {kind} {period} budget of ${limit} for {scope}"
             if remaining <= 0:
                 reason = f"soft {period} budget of ${limit} for {scope} is exceeded; calls are still allowed"
-            tightest = QuotaDecision(True, spent, limit, remaining, reason, scope, period)
+            tightest = QuotaDecision(True, spent, limit, remaining, reason, scope, period, stale, data_age_s)
     if tightest is not None:
         return tightest
     dimension, value = scopes[-1]
     spent = spend[(dimension, value, "month")]
     scope = _label(tenant_id, dimension, value)
-    return QuotaDecision(True, spent, None, None, "no budget applies", scope, "month")
+    return QuotaDecision(True, spent, None, None, "no budget applies", scope, "month", stale, data_age_s)
 
 
 _BOOK: Any = None

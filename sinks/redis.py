@@ -85,3 +85,49 @@ def write_spend(client: redis.Redis, rollups: Iterable[Rollup], now: datetime | 
             args += (value, ttl)
         set_all(keys=[key for key, _ in chunk], args=args)
     return len(writes)
+
+
+# ---------------------------------------------------------------- freshness of the spend data
+# Each stage-1 process records how current the spend it wrote is: "<caught up to, Unix ms> <heartbeat,
+# Unix ms>" in one hash field per process. "Caught up to T" means every usage event produced before T
+# is in these spend values. The data is as old as the least current live process; a process whose
+# heartbeat stopped no longer counts, unless none is live (then the newest of them says how old it is).
+FRESHNESS_KEY = "tm:freshness"
+LIVE_WITHIN_MS = 30_000
+
+
+def write_freshness(client: redis.Redis, member: str, caught_up_ms: int, now_ms: int) -> None:
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(FRESHNESS_KEY, member, f"{caught_up_ms} {now_ms}")
+    pipe.pexpire(FRESHNESS_KEY, 86_400_000)
+    pipe.execute()
+
+
+def caught_up_ms(entries: dict[bytes, bytes] | dict[str, str], now_ms: int) -> int | None:
+    """Up to when the spend data is complete, from the freshness hash; None if no process ever wrote it."""
+    live: list[int] = []
+    every: list[int] = []
+    for raw in entries.values():
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        caught_text, _, beat_text = text.partition(" ")
+        try:
+            caught, beat = int(caught_text), int(beat_text)
+        except ValueError:
+            continue
+        every.append(caught)
+        if now_ms - beat <= LIVE_WITHIN_MS:
+            live.append(caught)
+    if live:
+        return min(live)
+    return max(every) if every else None
+
+
+def prune_freshness(client: redis.Redis, now_ms: int, older_than_ms: int = 3_600_000) -> None:
+    """Forget processes that stopped reporting an hour ago (each restart adds a field)."""
+    stale = []
+    for field, raw in client.hgetall(FRESHNESS_KEY).items():
+        beat = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(" ")[2]
+        if not beat.isdigit() or now_ms - int(beat) > older_than_ms:
+            stale.append(field)
+    if stale:
+        client.hdel(FRESHNESS_KEY, *stale)

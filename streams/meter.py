@@ -32,7 +32,9 @@ logged and counted, never allowed to hold a batch back.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +52,7 @@ from schemas import codec
 from schemas.events import UsageEvent
 from sinks.alerts import store_alerts
 from sinks.postgres import BatchResult, PricedEvent, Rollup, money, write_batch
-from sinks.redis import write_spend
+from sinks.redis import prune_freshness, write_freshness, write_spend
 from sinks.retry import with_backoff
 from streams import metrics
 from streams.anomaly import ConversationRates
@@ -286,6 +288,13 @@ class Meter:
         })  # fmt: skip
         self._delivery_errors: list[KafkaError] = []
         self._lag_measured = 0.0
+        self.caught_up_ms = 0  # every event produced before this is in the sinks (0: not known yet)
+        self._freshness_reported = 0.0
+        self.member = f"{socket.gethostname()}/{settings.worker_id}/{os.getpid()}"
+        try:
+            prune_freshness(self.sinks.redis, int(time.time() * 1000))
+        except redis.RedisError as exc:
+            log.info("could not prune old freshness entries: %s", exc)
 
     def _note(self, failure: str) -> None:
         """A sink is retrying: tell supervision why, and how much waits meanwhile."""
@@ -311,8 +320,11 @@ class Meter:
                 continue
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             assert topic is not None and partition is not None and offset is not None  # set on fetched messages
-            raw.append(RawMessage(topic, partition, offset, m.key(), m.value()))
+            raw.append(RawMessage(topic, partition, offset, m.key(), m.value(), m.timestamp()[1]))
+        consumed_ms = int(time.time() * 1000)
         if not raw:
+            if self.behind() == 0:
+                self.caught_up_ms = consumed_ms  # nothing waiting: the spend is current
             return 0
         self._in_flight = len(raw)
         try:
@@ -324,7 +336,27 @@ class Meter:
         finally:
             self._in_flight = 0
         self.stats.batches += 1
+        if self.behind() == 0:
+            self.caught_up_ms = consumed_ms
+        else:  # behind: complete up to the newest message of this batch on its slowest partition
+            newest: dict[tuple[str, int], int] = {}
+            for message in raw:
+                where = (message.topic, message.partition)
+                newest[where] = max(newest.get(where, 0), message.timestamp_ms)
+            self.caught_up_ms = max(self.caught_up_ms, min(newest.values()))
         return len(raw)
+
+    def report_freshness(self) -> None:
+        """Tell quota clients how current the spend in Redis is (``sinks.redis.FRESHNESS_KEY``), at most
+        four times a second; a Redis error here is left to the next batch's Redis write to report."""
+        now = time.monotonic()
+        if now - self._freshness_reported < 0.25 or not self.caught_up_ms:
+            return
+        self._freshness_reported = now
+        try:
+            write_freshness(self.sinks.redis, self.member, self.caught_up_ms, int(time.time() * 1000))
+        except redis.RedisError as exc:
+            log.debug("freshness not written: %s", exc)
 
     def _isolating(self, raw: Sequence[RawMessage]) -> None:
         """Process ``raw``; if it fails for a reason that is not transient, split it in halves until the
@@ -554,6 +586,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None
                 followed = time.monotonic()
             try:
                 done = meter.run_once(BATCH_WAIT_S)
+                meter.report_freshness()
                 backoff = 1.0
                 if status is not None:
                     (status.progressed if done else status.alive)(meter.measure_lag())

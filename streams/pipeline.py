@@ -31,6 +31,7 @@ class RawMessage:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int = 0  # when Kafka took it (producer or broker time)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import redis
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.quota import QuotaClient, budget_key, estimate_cost, rate_limit_key
-from sinks.redis import spend_key
+from sinks.redis import FRESHNESS_KEY, spend_key, write_freshness
 from streams.periods import period_end, period_start
 
 
@@ -42,8 +42,22 @@ def in_parallel(count: int, call: object) -> list[object]:
     return results
 
 
+def own_redis(settings: Settings, db: int) -> Settings:
+    """A Redis database of its own (emptied): no worker of another test reports freshness into it."""
+    url = settings.redis_url.rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return settings.model_copy(update={"redis_url": url})
+
+
+def pipeline_caught_up(client: QuotaClient, behind_s: float = 0.0) -> None:
+    """Write what a stage-1 process writes after a batch: the spend is complete up to now - behind_s."""
+    now_ms = int(time.time() * 1000)
+    write_freshness(client.redis, "test-stage-1", now_ms - int(behind_s * 1000), now_ms)
+
+
 def test_fifty_concurrent_reservers_overrun_by_at_most_what_is_in_flight(stack: LocalStack, settings: Settings) -> None:
     tenant = f"reserve-{uuid.uuid4().hex[:8]}"
+    settings = own_redis(settings, 12)
     clients = [QuotaClient(settings, redis.Redis.from_url(settings.redis_url)) for _ in range(50)]
     nearly_spent(clients[0], tenant)
     # check-then-call: every caller sees $0.10 left and goes ahead — $2.40 over a $10 budget
@@ -67,10 +81,66 @@ def test_fifty_concurrent_reservers_overrun_by_at_most_what_is_in_flight(stack: 
     client.release(allowed[0])  # type: ignore[arg-type]
     again = client.reserve(tenant, Decimal("0.05"))
     assert again.allowed
+    pipeline_caught_up(client)
     client.commit(again, Decimal("0.01"), settle_s=0.3)  # the call cost less than estimated
     assert client.reserve(tenant, Decimal("0.05")).allowed is False  # 9.90 + 0.05 + 0.01 + 0.05 > 10
-    time.sleep(0.4)  # settled: the pipeline has counted it (here: nobody did, so it is gone)
+    time.sleep(0.5)
+    assert client.reserve(tenant, Decimal("0.05")).allowed is False  # time alone does not free it
+    pipeline_caught_up(client)  # the pipeline has counted everything produced until now (here: nothing)
     assert client.reserve(tenant, Decimal("0.05")).allowed
+
+
+def hard_budget(client: QuotaClient, tenant: str, on_stale: str, spent: str = "9.9") -> None:
+    now = datetime.now(UTC)
+    budget = {"limit": "10", "period": "month", "hard": True, "on_stale": on_stale}
+    client.redis.set(budget_key(tenant, "tenant", ""), json.dumps(budget))
+    end = period_end("month", period_start("month", now))
+    client.redis.set(spend_key(tenant, "tenant", "", "month"), f"{spent} {int(end.timestamp() * 1000)}", ex=3600)
+
+
+def test_stale_spend_data_follows_each_hard_budgets_policy(stack: LocalStack, settings: Settings) -> None:
+    """DESIGN §4.7: the answer says how old the spend is; hard budgets follow on_stale when it is stale."""
+    client = QuotaClient(own_redis(settings, 11).model_copy(update={"quota_stale_after_s": 10.0}))
+    for policy in ("allow", "allow_reserved", "block"):
+        hard_budget(client, f"stale-{policy}", policy, spent="1")
+    pipeline_caught_up(client, behind_s=1.0)
+    fresh = {policy: client.check(f"stale-{policy}") for policy in ("allow", "allow_reserved", "block")}
+    assert all(d.allowed and not d.stale and 0.9 < (d.data_age_s or 0) < 5 for d in fresh.values()), fresh
+    pipeline_caught_up(client, behind_s=61.0)  # e.g. Postgres down for a minute: stage 1 holds its batches
+    stale = {policy: client.check(f"stale-{policy}") for policy in ("allow", "allow_reserved", "block")}
+    assert all(d.stale and 60 < (d.data_age_s or 0) < 65 for d in stale.values())
+    assert stale["allow"].allowed
+    assert not stale["allow_reserved"].allowed and "only reserved calls" in stale["allow_reserved"].reason
+    assert not stale["block"].allowed and "blocks while its spend data is stale" in stale["block"].reason
+    assert client.reserve("stale-allow", Decimal("0.01")).allowed
+    assert client.reserve("stale-allow_reserved", Decimal("0.01")).allowed
+    refused = client.reserve("stale-block", Decimal("0.01"))
+    assert not refused.allowed and "stale" in refused.reason and "61s old" in refused.reason
+    client.redis.delete(FRESHNESS_KEY)  # no worker has ever reported: as stale as it gets
+    unknown = client.check("stale-block")
+    assert unknown.stale and unknown.data_age_s is None and not unknown.allowed
+
+
+def test_committed_costs_stay_held_through_an_outage_until_the_pipeline_counts_them(
+    stack: LocalStack, settings: Settings
+) -> None:
+    """allow_reserved under a long outage: spend in Redis stops moving, but what each call cost stays
+    held, so reservations still cannot overrun the budget."""
+    client = QuotaClient(own_redis(settings, 10))
+    tenant = "outage"
+    hard_budget(client, tenant, "allow_reserved", spent="9.0")
+    pipeline_caught_up(client, behind_s=120.0)  # the pipeline stopped counting two minutes ago
+    made = 0
+    while True:
+        reservation = client.reserve(tenant, Decimal("0.30"))
+        if not reservation.allowed:
+            break
+        client.commit(reservation, Decimal("0.25"), settle_s=0)  # each call cost $0.25
+        made += 1
+    assert made == 3  # 9.00 + 3 × 0.25 = 9.75; a fourth reservation of 0.30 would pass 10
+    assert "$0.75 held" in reservation.reason
+    time.sleep(1.0)
+    assert not client.reserve(tenant, Decimal("0.30")).allowed  # still held: nothing has counted them yet
 
 
 def test_pre_call_estimate_uses_todays_price() -> None:
