@@ -301,6 +301,7 @@ class Meter:
         if self.status is not None:
             self.status.failed(failure)
             self.status.alive(self.measure_lag() + self._in_flight)
+        self.report_freshness()  # still alive, and still only caught up to where it was
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:

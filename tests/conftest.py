@@ -54,3 +54,12 @@ def stack(settings: Settings) -> Iterator[LocalStack]:
 def unique() -> str:
     """A short unique suffix so tests never see each other's data."""
     return uuid.uuid4().hex[:10]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "faults: stops and kills real stack services; runs after everything else")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fault scenarios last: they stop and restart the shared stack's services."""
+    items.sort(key=lambda item: item.get_closest_marker("faults") is not None)
