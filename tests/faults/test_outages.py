@@ -220,3 +220,26 @@ def test_kafka_broker_killed_and_restarted_under_traffic(
         f"\nbroker kill -9: {len(traffic.sent)} events; drained {drained:.1f}s after traffic stopped, "
         f"{time.monotonic() - restarted:.1f}s after the broker came back"
     )
+
+
+def test_redis_down_when_the_worker_starts(stack: LocalStack, settings: Settings, tmp_path: Path) -> None:
+    """Nothing crashes while Redis is away at start-up (budget following, freshness, spend): the worker
+    waits, says why in /readyz, and meters everything once Redis is back."""
+    own = isolated(settings, uuid.uuid4().hex[:10])
+    worker = WorkerProcess(own, tmp_path)
+    tenants = [f"rs-{uuid.uuid4().hex[:6]}"]
+    stack.stop_redis(progress=lambda _m: None)
+    try:
+        worker.start()
+        with Traffic(own, tenants, rate=50) as traffic:
+            time.sleep(12)
+            assert worker.alive(), worker.output()
+            stack.start_redis(progress=lambda _m: None)
+            time.sleep(2)
+    finally:
+        stack.start_redis(progress=lambda _m: None)
+    try:
+        check_invariants(own, traffic, worker)
+        assert "Redis unavailable" in "".join(p.read_text() for p in worker.logs)  # visible, not silent
+    finally:
+        worker.stop()
