@@ -55,6 +55,8 @@ def env_for(settings: Settings) -> dict[str, str]:
         "metrics_port",
         "worker_stall_timeout_s",
         "worker_create_topics",
+        "live_values_per_tenant",
+        "quota_stale_after_s",
     ):
         env[f"TOKENMETER_{name.upper()}"] = str(getattr(settings, name))
     return env

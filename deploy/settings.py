@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     worker_stall_timeout_s: float = Field(default=120.0, ge=2.0)
     # The worker creates missing topics at start-up; false: a missing topic is a fatal one-line error.
     worker_create_topics: bool = True
+    # Bounded live state (streams/live.py): per tenant, the most recently active users, features,
+    # environments and models (each) that get Redis spend and stage-2 windows, besides those a budget names.
+    live_values_per_tenant: int = Field(default=1000, ge=1)
 
     # Prometheus metrics of the worker (both stages) at http://<host>:<port>/metrics; port 0 turns them off.
     metrics_host: str = "127.0.0.1"

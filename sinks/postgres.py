@@ -43,16 +43,18 @@ _COLUMN_LIST = ", ".join(_COLUMNS)
 
 GRANULARITIES = ("minute", "hour", "day", "week", "month")
 DIMENSIONS = ("tenant", "feature", "model", "user", "environment")
-# Dimension values: '' for the tenant itself and for events without that attribute.
+# Dimension values: '' for the tenant itself and for events without that attribute. No minute windows
+# per user or environment: nothing reads them, and they were the most rows of all (one per user and
+# minute; state must stay bounded under many users).
 _WINDOWS_AND_DIMENSIONS = """
 CROSS JOIN (VALUES ('minute'), ('hour'), ('day'), ('week'), ('month')) AS g(granularity)
-CROSS JOIN LATERAL (VALUES
+CROSS JOIN LATERAL (SELECT * FROM (VALUES
     ('tenant', ''),
     ('feature', coalesce({src}.feature, '')),
     ('model', {src}.provider || '/' || {src}.model),
     ('user', coalesce({src}.user_id, '')),
     ('environment', coalesce({src}.environment, ''))
-) AS d(dimension, value)
+) AS v(dimension, value) WHERE g.granularity <> 'minute' OR v.dimension NOT IN ('user', 'environment')) AS d
 """
 _ROLLUP_COLUMNS = (
     "r.tenant_id, r.granularity, r.window_start, r.dimension, r.dimension_value, r.calls, r.unpriced_calls,"

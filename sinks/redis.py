@@ -17,7 +17,7 @@ percent-escaped, so no two scopes share a key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -73,8 +73,17 @@ return #KEYS
 _CHUNK = 5000
 
 
-def write_spend(client: redis.Redis, rollups: Iterable[Rollup], now: datetime | None = None) -> int:
-    """Mirror the rollups' absolute spend into Redis (SET with expiry, one script call per 5,000 keys)."""
+def forget_keys(scopes: Iterable[tuple[str, str, str]]) -> list[str]:
+    """The spend keys of (tenant, dimension, value) scopes that lost their live state (``streams/live.py``)."""
+    return [spend_key(t, d, v, p) for t, d, v in scopes if d in SCOPE_DIMENSIONS for p in PERIODS]
+
+
+def write_spend(client: redis.Redis, rollups: Iterable[Rollup], now: datetime | None = None,
+                forget: Sequence[str] = ()) -> int:  # fmt: skip
+    """Mirror the rollups' absolute spend into Redis (SET with expiry, one script call per 5,000 keys);
+    delete the ``forget`` keys first."""
+    for first in range(0, len(forget), _CHUNK):
+        client.delete(*forget[first : first + _CHUNK])
     now = now or datetime.now(UTC)
     writes = list(spend_writes(rollups, now).items())
     set_all = client.register_script(_SET_ALL)

@@ -102,8 +102,9 @@ class ConversationRates:
     """Calls per minute of each conversation (session, else trace) over the last few minutes, bounded:
     minutes older than ``keep_minutes`` are dropped, so state is (active conversations × minutes)."""
 
-    def __init__(self, keep_minutes: int = 10) -> None:
+    def __init__(self, keep_minutes: int = 10, max_counts: int = 200_000) -> None:
         self.keep_minutes = keep_minutes
+        self.max_counts = max_counts  # bounded whatever the number of conversations: oldest minutes go first
         self._counts: dict[tuple[str, str, int], int] = {}
 
     def observe(self, calls: Sequence[tuple[str, str | None, int]]) -> list[tuple[str, str, int, Finding]]:
@@ -123,7 +124,11 @@ class ConversationRates:
         oldest_kept = max(minute for _, _, minute in touched) - self.keep_minutes
         for key in [k for k in self._counts if k[2] < oldest_kept]:
             del self._counts[key]
-        recent = [key for key in touched if key[2] >= oldest_kept]
+        if len(self._counts) > self.max_counts:
+            by_age = sorted(self._counts, key=lambda k: k[2])
+            for key in by_age[: len(self._counts) - self.max_counts]:
+                del self._counts[key]
+        recent = [key for key in touched if key in self._counts and key[2] >= oldest_kept]
         recent_set = set(recent)
         others = [n for k, n in self._counts.items() if k not in recent_set]
         typical = Decimal(sorted(others)[len(others) // 2]) if others else Decimal(1)  # the median conversation

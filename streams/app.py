@@ -5,12 +5,12 @@ Stage 1, ``streams/meter.py``: usage.raw in batches → validate, de-duplicate, 
 window totals). It runs in a child process (started and restarted by a Faust task, killed with the
 worker), so the two stages use both cores.
 
-Stage 2, the Faust agent below: metering.rollups → the windowed ``rollups`` table (hour, day, ISO
-week and month windows per tenant and per tenant × feature / model / user / environment, and minute
-windows per tenant, feature and model; ``streams.meter.streamed``),
-which expires old windows, and the alerts that follow from it: budget thresholds → ``alerts.budget``;
-unknown models and the anomaly rules of ``streams/anomaly.py`` → ``alerts.anomaly``; each alert once,
-remembered in the ``alerted`` table and keyed in Postgres by its deterministic id.
+Stage 2, the Faust agent below: metering.rollups (hour, day, ISO week and month windows per tenant and
+per tenant × feature / model / user / environment of the live scopes, ``streams/live.py``) → the
+windowed ``rollups`` table (day windows, kept 8 days: the anomaly rules' history), and the alerts that
+follow: budget thresholds → ``alerts.budget``; unknown models and the anomaly rules of
+``streams/anomaly.py`` → ``alerts.anomaly``; each alert once, keyed in Postgres by its deterministic id
+(recent ids are remembered in memory to save Postgres the lookup).
 
 Exactly once, end to end: stage 1 commits a batch's offsets only after Postgres, Redis and Kafka
 hold its results. Postgres de-duplicates by ``event_id`` (the ledger's primary key, forever), and
@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -57,14 +58,14 @@ from streams.periods import local_date, local_midnight
 
 log = logging.getLogger("tokenmeter.worker")
 
-# How long the worker's table keeps a window after it ends (Postgres keeps everything).
-TABLE_RETENTION = {
-    "minute": timedelta(hours=2),
-    "hour": timedelta(days=8),
-    "day": timedelta(days=35),
-    "week": timedelta(days=35),
-    "month": timedelta(days=400),
-}
+# The windows the worker's table keeps, and how long after they end (Postgres keeps everything): the
+# anomaly rules read the 7 days before a window; budgets and the rest use the absolute values that
+# arrive with each batch, so no other window needs keeping. Keys of other granularities (from older
+# versions) count as expired.
+TABLE_RETENTION = {"day": timedelta(days=8)}
+# Alert ids this process has stored lately, so a threshold that stays crossed batch after batch is not
+# sent to Postgres each time; Postgres is what keeps each alert once, so forgetting one costs a lookup.
+RECENT_ALERTS = 100_000
 _WINDOW_LENGTH = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1),
                   "week": timedelta(days=7), "month": timedelta(days=31)}  # fmt: skip
 _SEP = "\x1f"  # cannot occur in ids (control characters are not sent by services; if one is, keys stay distinct)
@@ -92,6 +93,8 @@ def expired(key: str, now: datetime) -> bool:
     (written by an older version, or corrupt) counts as expired, so it can never stop the timer."""
     try:
         _tenant, granularity, start, *_ = key.split(_SEP)
+        if granularity not in TABLE_RETENTION:
+            return True  # a granularity the table no longer keeps
         ends = datetime.fromisoformat(start) + _WINDOW_LENGTH[granularity]
         return ends + TABLE_RETENTION[granularity] < now
     except (ValueError, KeyError, TypeError, OverflowError):
@@ -245,7 +248,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
     # Keys spread by hash (use_partitioner): a batch mixes tenants, and each key is written once per batch.
     # No defaults: a Faust table with a default writes one to its changelog on every missed lookup.
     rollups = app.Table("rollups", partitions=settings.topic_partitions, use_partitioner=True)
-    alerted = app.Table("alerted", partitions=settings.topic_partitions, use_partitioner=True)
+    alerted: OrderedDict[str, None] = OrderedDict()  # bounded: see RECENT_ALERTS
 
     def window(key: str) -> dict[str, Any] | None:
         return rollups[key] if key in rollups else None  # noqa: SIM401 (.get would write a default)
@@ -339,11 +342,10 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         return [alert for alert in fired if alert["alert_id"] not in alerted]
 
     def remember(alert_id: str) -> None:
-        """The ``alerted`` table only saves Postgres a lookup: Postgres is what keeps an alert once."""
-        try:
-            alerted[alert_id] = True
-        except Exception as exc:  # e.g. the changelog topic's metadata not loaded yet right after start
-            log.info("not remembering alert %s in the table now: %r", alert_id, exc)
+        alerted[alert_id] = None
+        alerted.move_to_end(alert_id)
+        while len(alerted) > RECENT_ALERTS:
+            alerted.popitem(last=False)
 
     async def send_alerts(fresh: list[dict[str, Any]]) -> None:
         # Stored first: Postgres keeps each alert_id once, whatever a crash or a lost table entry repeats;
@@ -375,7 +377,8 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
             for attempt in range(3):
                 try:
                     for key, r in latest.items():
-                        rollups[key] = table_value(r)
+                        if r.granularity in TABLE_RETENTION:
+                            rollups[key] = table_value(r)
                     fresh = alerts_of(latest, datetime.now(UTC))
                     if fresh:
                         await send_alerts(fresh)

@@ -52,11 +52,14 @@ from schemas import codec
 from schemas.events import UsageEvent
 from sinks.alerts import store_alerts
 from sinks.postgres import BatchResult, PricedEvent, Rollup, money, write_batch
-from sinks.redis import prune_freshness, write_freshness, write_spend
+from sinks.redis import forget_keys, prune_freshness, write_freshness, write_spend
 from sinks.retry import with_backoff
 from streams import metrics
 from streams.anomaly import ConversationRates
+from streams.budgets import parse_config_record
+from streams.config_topic import ConfigFollower
 from streams.health import StageStatus
+from streams.live import LiveScopes
 from streams.overrides import override_follower
 from streams.pipeline import Deduplicator, RawMessage, Rejected, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
@@ -124,13 +127,10 @@ def rollup_from_record(record: dict[str, Any], time_zone: str = "UTC") -> Rollup
     )  # fmt: skip
 
 
-# Minute windows per user or environment are the bulk of all windows and nothing downstream reads
-# them live (Postgres has them for reports); the others go to metering.rollups and stage 2's table.
-_NO_MINUTE_STREAM = frozenset({"user", "environment"})
-
-
 def streamed(r: Rollup) -> bool:
-    return r.granularity != "minute" or r.dimension not in _NO_MINUTE_STREAM
+    """Stage 2 reads hour and day windows (anomaly rules), day/week/month (budgets) and model months
+    (unknown models); minute windows are the bulk of all and it reads none of them."""
+    return r.granularity != "minute"
 
 
 def meter_group(settings: Settings) -> str:
@@ -225,25 +225,29 @@ class Sinks:
         if self._pg is not None:
             self._pg.close()
 
-    def write(self, priced: Sequence[PricedEvent], should_stop: Callable[[], bool] | None = None) -> BatchResult:
-        """Postgres, then Redis; each retried while down. A Redis retry does not rewrite Postgres."""
+    def write(self, priced: Sequence[PricedEvent], should_stop: Callable[[], bool] | None = None,
+              live: Callable[[Sequence[Rollup], list[str]], list[Rollup]] | None = None) -> BatchResult:  # fmt: skip
+        """Postgres, then Redis (the windows ``live`` selects); each retried while down. A Redis retry does
+        not rewrite Postgres."""
         started = time.perf_counter()
         result = with_backoff(lambda: write_batch(self._postgres(), priced), (psycopg.Error,), "Postgres",
                               on_failure=self._drop_postgres, should_stop=should_stop, retry_if=postgres_transient,
                               note=self.note)  # fmt: skip
         written = time.perf_counter()
-        self.write_spend(result.rollups, should_stop)
+        forget: list[str] = []
+        self.write_spend(result.rollups if live is None else live(result.rollups, forget), should_stop, forget)
         metrics.SINK_SECONDS.labels(sink="postgres").observe(written - started)
         metrics.SINK_SECONDS.labels(sink="redis").observe(time.perf_counter() - written)
         metrics.BATCH_SIZE.labels(sink="postgres").observe(len(priced))
         metrics.BATCH_SIZE.labels(sink="redis").observe(len(result.rollups))
         return result
 
-    def write_spend(self, rollups: Sequence[Rollup], should_stop: Callable[[], bool] | None = None) -> None:
+    def write_spend(self, rollups: Sequence[Rollup], should_stop: Callable[[], bool] | None = None,
+                    forget: Sequence[str] = ()) -> None:  # fmt: skip
         """Redis mirrors Postgres' absolute totals: retried while Redis is down; an error Redis answers
         (the batch is billed already) is logged and counted, and the next batch of these windows repairs it."""
         try:
-            with_backoff(lambda: write_spend(self.redis, rollups),
+            with_backoff(lambda: write_spend(self.redis, rollups, forget=forget),
                          (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError), "Redis",
                          should_stop=should_stop, note=self.note)  # fmt: skip
         except redis.ResponseError:
@@ -266,6 +270,7 @@ class Meter:
         self.book = book or PriceBook()
         self.dedup = Deduplicator()
         self.conversations = ConversationRates()
+        self.live = LiveScopes(settings.live_values_per_tenant)
         self.status = status
         self._in_flight = 0  # messages of the batch in hand: behind too, until committed
         self.sinks = Sinks(settings, note=self._note)
@@ -407,7 +412,8 @@ class Meter:
         fresh = self.dedup.fresh(events)
         priced = price_batch(self.book, fresh)
         sink_started = time.perf_counter()
-        result = self.sinks.write(priced, should_stop=lambda: self.stopping) if priced else BatchResult(0, [])
+        stopping = lambda: self.stopping  # noqa: E731
+        result = self.sinks.write(priced, stopping, self._live) if priced else BatchResult(0, [])
         sink_seconds = time.perf_counter() - sink_started
         # After the sinks: a batch that failed there is not counted twice by the runaway rule.
         none: list[dict[str, Any]] = []
@@ -423,6 +429,12 @@ class Meter:
         s.sink_seconds += sink_seconds
         s.busy_seconds += time.perf_counter() - started
         self._count(len(raw), rejected, len(events) - result.inserted, priced, result)
+
+    def _live(self, rollups: Sequence[Rollup], forget: list[str]) -> list[Rollup]:
+        """The windows of scopes with live structures (``streams/live.py``), after noting this batch's;
+        adds the spend keys of scopes that dropped out to ``forget``."""
+        forget += forget_keys(self.live.observe(rollups))
+        return [r for r in rollups if self.live.live(r)]
 
     def _runaway_alerts(self, fresh: Sequence[UsageEvent]) -> list[dict[str, Any]]:
         """Runaway conversations of this batch, stored once in Postgres; the ones new there."""
@@ -482,7 +494,7 @@ class Meter:
         for item in priced:
             self._produce(settings.topic_priced, item.event.tenant_id.encode(), write_priced(priced_record(item)))
         messages = 0
-        for tenant, zone, records in rollup_messages(rollups):  # per tenant and batch: Faust pays per message
+        for tenant, zone, records in rollup_messages(rollups, self.live.live):  # Faust pays per message
             batch = write_rollup_batch({"tenant_id": tenant, "time_zone": zone, "rollups": records})
             self._produce(settings.topic_rollups, tenant.encode(), batch)
             messages += 1
@@ -538,18 +550,29 @@ class Meter:
         self.sinks.close()
 
 
-def rollup_messages(rollups: Sequence[Rollup]) -> list[tuple[str, str, list[dict[str, Any]]]]:
-    """The streamed rollups as (tenant, time zone, records) messages: one per tenant, split so that none
-    holds more than ``ROLLUPS_PER_MESSAGE`` windows."""
+def rollup_messages(rollups: Sequence[Rollup], live: Callable[[Rollup], bool] | None = None,
+                    ) -> list[tuple[str, str, list[dict[str, Any]]]]:  # fmt: skip
+    """The windows stage 2 uses (``streamed``, of ``live`` scopes) as (tenant, time zone, records)
+    messages: one per tenant, split so that none holds more than ``ROLLUPS_PER_MESSAGE`` windows."""
     by_tenant: dict[str, list[dict[str, Any]]] = {}
     zones: dict[str, str] = {}
     for r in rollups:
-        if streamed(r):
+        if streamed(r) and (live is None or live(r)):
             by_tenant.setdefault(r.tenant_id, []).append(rollup_record(r))
             zones[r.tenant_id] = r.time_zone
     return [(tenant, zones[tenant], records[first : first + ROLLUPS_PER_MESSAGE])
             for tenant, records in by_tenant.items()
             for first in range(0, len(records), ROLLUPS_PER_MESSAGE)]  # fmt: skip
+
+
+def scope_follower(settings: Settings, named: set[tuple[str, str, str]]) -> ConfigFollower:
+    """Keeps ``named`` equal to the scopes config.budgets names (budgets and rate limits): they stay live."""
+
+    def apply(key: str, value: bytes | None) -> None:
+        record = parse_config_record(key, value)
+        (named.discard if record.item is None else named.add)(record.scope)
+
+    return ConfigFollower(settings.kafka_bootstrap, settings.topic_budgets, apply)
 
 
 def _die_with_parent() -> None:
@@ -578,12 +601,15 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None
     overrides = override_follower(settings, book)
     optional("price overrides", lambda: overrides.catch_up(5.0), 0)  # price nothing before the overrides are in
     meter = Meter(settings, book, status)
+    named = scope_follower(settings, meter.live.named)
+    optional("budget names", lambda: named.catch_up(5.0), 0)
     followed = time.monotonic()
     backoff = 1.0
     try:
         while not stop.is_set():
             if time.monotonic() - followed > 5.0:
                 optional("price overrides", lambda: overrides.catch_up(0.0), 0)
+                optional("budget names", lambda: named.catch_up(0.0), 0)
                 followed = time.monotonic()
             try:
                 done = meter.run_once(BATCH_WAIT_S)
@@ -606,3 +632,4 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None
     finally:
         meter.close()
         overrides.close()
+        named.close()
