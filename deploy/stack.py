@@ -70,6 +70,17 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _runs_as(user: str, args: list[str]) -> bool:
+    """Whether ``args`` runs and succeeds as ``user``: a probe of what that user can reach. Any OSError counts as
+    no: exec of a binary under a folder the user cannot enter (a venv in a 0700 home or ``mktemp -d``) fails in
+    the child with EACCES, which subprocess raises in the parent as PermissionError."""
+    try:
+        result = subprocess.run(args, user=user, capture_output=True, stdin=subprocess.DEVNULL)
+    except OSError:
+        return False
+    return result.returncode == 0
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split("\n", 1)[0].strip())
@@ -119,8 +130,7 @@ class LocalStack:
                 reachable = self.home  # folders created below it later get mode 755, so test what exists
                 while not reachable.exists():
                     reachable = reachable.parent
-                probe = subprocess.run(["test", "-x", str(reachable)], user=POSTGRES_SYSTEM_USER, capture_output=True)
-                if probe.returncode != 0:
+                if not _runs_as(POSTGRES_SYSTEM_USER, ["test", "-x", str(reachable)]):
                     digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
                     self._postgres_dir = Path("/var/lib/tokenmeter") / f"postgres-{digest}"
         return self._postgres_dir
@@ -315,7 +325,7 @@ class LocalStack:
         package = Path(next(iter(spec.submodule_search_locations)))
         shipped = package / "pginstall" / "bin"
         user = self._pg_user()
-        if user is None or self._pg_run([str(shipped / "postgres"), "--version"], user).returncode == 0:
+        if user is None or _runs_as(user, [str(shipped / "postgres"), "--version"]):
             return shipped
         # Under root the server runs as another user, who may not reach a virtualenv under a private home
         # folder; a world-readable copy (with the wheel's bundled libraries beside it, as its RPATH expects)

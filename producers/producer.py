@@ -39,6 +39,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from deploy.settings import Settings, get_settings
 from producers.context import apply_attribution
+from producers.kafka_logging import KafkaLogger, error_level
 from producers.spool import Spool, SpooledMessage, SpoolFullError
 from schemas import codec
 from schemas.events import InvalidEvent, UsageEvent, surely_valid, validate_event
@@ -84,8 +85,10 @@ class UsageProducer:
             "batch.num.messages": 10000,
             "queue.buffering.max.messages": 500_000,
             "message.timeout.ms": int(message_timeout_s * 1000),
+            # librdkafka's lines and errors go through logging (never straight to stderr), a broker's
+            # retried start-up conditions at INFO: a service's users see nothing unless it configures logging.
             "error_cb": self._on_error,
-            "logger": logging.getLogger("tokenmeter.kafka"),
+            "logger": KafkaLogger("tokenmeter.kafka"),
         }
         config.update(kafka_config or {})
         self._producer = Producer(config)
@@ -260,7 +263,7 @@ class UsageProducer:
             self._brokers_down = True
             # Our own spool can be redelivered once brokers are back.
             self._replay_pending = True
-        log.warning("kafka: %s", err)
+        log.log(error_level(err), "kafka: %s", err)
 
     def _write_spool(self) -> None:
         if not self._to_spool:
