@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from deploy.output import cell, csv_safe
+from deploy.output import cell, csv_safe, rounding_note, usd, usd_in_text
 from deploy.settings import Settings, get_settings
 from deploy.stack import LocalStack, StackError
 
@@ -271,11 +271,12 @@ def quota_check(tenant: str, feature: str | None, user: str | None, environment:
         click.echo(json.dumps(decision.as_json()))
         return
     verdict = click.style("allowed", fg="green") if decision.allowed else click.style("blocked", fg="red")
-    click.echo(f"{verdict}: {decision.reason}")
+    click.echo(f"{verdict}: {usd_in_text(decision.reason)}")
     click.echo(
-        f"scope {decision.scope}, {decision.period}: spent ${decision.spent}"
-        + ("" if decision.limit is None else f" of ${decision.limit} (remaining ${decision.remaining})")
+        f"scope {decision.scope}, {decision.period}: spent {usd(decision.spent)}"
+        + ("" if decision.limit is None else f" of {usd(decision.limit)} (remaining {usd(decision.remaining or 0)})")
     )
+    click.secho(rounding_note("json"), dim=True)
 
 
 @cli.group()
@@ -305,7 +306,9 @@ def _budget_scope(feature: str | None, user: str | None, environment: str | None
 def _send_config(topic: str, key: str, value: bytes | None) -> None:
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": _settings().kafka_bootstrap, "enable.idempotence": True})
+    from producers.kafka_logging import logged
+
+    producer = Producer({"bootstrap.servers": _settings().kafka_bootstrap, "enable.idempotence": True, **logged()})
     producer.produce(topic, key=key.encode(), value=value)
     if producer.flush(15) != 0:
         _fail(f"could not write to {topic} at {_settings().kafka_bootstrap} (is the stack up?)")
@@ -385,12 +388,13 @@ def budget_list(tenant: str | None, fmt: str) -> None:
         click.echo(json.dumps([json.loads(b.to_json()) for b in budgets]))
         return
     table = Table(title="budgets")
-    for column in ("scope", "period", "limit (USD)", "hard", "thresholds"):
-        table.add_column(column)
+    for column in ("scope", "period", "limit", "hard", "thresholds"):
+        table.add_column(column, justify="right" if column == "limit" else "left")
     for b in budgets:
         thresholds = ",".join(map(str, b.thresholds))
-        table.add_row(cell(b.scope_label), cell(b.period), f"{b.limit}", "yes" if b.hard else "no", thresholds)
+        table.add_row(cell(b.scope_label), cell(b.period), usd(b.limit), "yes" if b.hard else "no", thresholds)
     Console().print(table)
+    click.secho(rounding_note("json"), dim=True)
 
 
 @cli.group("limit")
@@ -458,8 +462,10 @@ def alerts_list(tenant: str | None, max_rows: int, fmt: str) -> None:
     for column in ("when", "kind", "tenant", "message"):
         table.add_column(column, overflow="fold")
     for a in rows:
-        table.add_row(cell(a["created_at"][:19]), cell(a["kind"]), cell(a["tenant_id"]), cell(a["message"]))
+        message = usd_in_text(a["message"])  # a budget alert carries the spend at the ledger's precision
+        table.add_row(cell(a["created_at"][:19]), cell(a["kind"]), cell(a["tenant_id"]), cell(message))
     Console().print(table)
+    click.secho(rounding_note("json"), dim=True)
 
 
 @cli.command("report")
@@ -518,14 +524,36 @@ def report_cmd(tenant: str | None, period: str, fmt: str, output: str | None, to
 @click.option("--duration", default=60.0, show_default=True, help="Seconds of traffic.")
 @click.option("--rate", default=600, show_default=True, help="Model calls per second across all services.")
 @click.option("--keep-running", is_flag=True, help="Keep traffic flowing until Ctrl-C.")
-def demo(duration: float, rate: int, keep_running: bool) -> None:
-    """The main job, from nothing: stack, worker, budgets, live traffic, alerts, report."""
+@click.option("--dashboard-port", default=8050, show_default=True,
+              help="Serve the live dashboard on 127.0.0.1 at this port during the demo (0: none).")  # fmt: skip
+def demo(duration: float, rate: int, keep_running: bool, dashboard_port: int) -> None:
+    """The main job, from nothing: stack, worker, history, budgets, live traffic, alerts, report."""
     from deploy.demo import run_demo
 
     try:
-        run_demo(_settings(), None if keep_running else duration, rate, Console())
+        run_demo(_settings(), None if keep_running else duration, rate, Console(), dashboard_port=dashboard_port)
     except StackError as exc:
         _fail(str(exc))
+
+
+@cli.command("dashboard")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback: only you).")
+@click.option("--port", default=8050, show_default=True, help="TCP port (0: any free port).")
+def dashboard(host: str, port: int) -> None:
+    """A local page that refreshes spend per tenant, budgets, alerts and the pipeline's lag."""
+    from deploy.dashboard import make_server, url_of
+
+    try:
+        server = make_server(_settings(), host, port)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another with --port")
+    click.echo(f"tokenmeter dashboard at {url_of(server)} (refreshes every few seconds; Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @cli.group()
@@ -651,10 +679,11 @@ def whatif_cmd(tenant: str, period: str, from_model: str, to_model: str, fmt: st
         click.echo(json.dumps(result))
         return
     click.echo(
-        f"{tenant}, {result['period']}: {result['calls']:,} calls of {from_model} cost ${result['actual_cost']};"
+        f"{tenant}, {result['period']}: {result['calls']:,} calls of {from_model} cost {usd(result['actual_cost'])};"
     )
-    click.echo(f"with {to_model} they would have cost ${result['whatif_cost']} "
-               f"(difference ${result['difference']}, ratio {result['ratio']})")  # fmt: skip
+    click.echo(f"with {to_model} they would have cost {usd(result['whatif_cost'])} "
+               f"(difference {usd(result['difference'])}, ratio {result['ratio']})")  # fmt: skip
+    click.secho(rounding_note("json"), dim=True)
 
 
 @cli.command("invoice")
@@ -711,9 +740,10 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
             counts = [line.calls, line.input_tokens, line.output_tokens]
             counts += [line.cache_read_tokens, line.cache_write_tokens]
             usage_of = line.usage_period + (" (adjustment)" if line.usage_period != bill.period else "")
-            table.add_row(cell(line.provider_model), cell(usage_of), *(f"{n:,}" for n in counts), f"{line.amount:.6f}")
-        table.add_row("TOTAL", "", f"{bill.calls:,}", "", "", "", "", f"{bill.total:.6f}", style="bold")
+            table.add_row(cell(line.provider_model), cell(usage_of), *(f"{n:,}" for n in counts), usd(line.amount))
+        table.add_row("TOTAL", "", f"{bill.calls:,}", "", "", "", "", usd(bill.total), style="bold")
         Console().print(table)
+        click.secho(rounding_note("json", "csv"), dim=True)
         if bill.unpriced_calls:
             click.secho(f"{bill.unpriced_calls} unpriced calls (unknown models) are not in the total", fg="yellow")
 

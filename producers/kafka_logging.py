@@ -82,3 +82,14 @@ class KafkaLogger:
     def log(self, level: int, msg: str, *args: object) -> None:
         text = msg % args if args else msg
         self.logger.log(line_level(level, text), "%s", text)
+
+
+def logged(name: str = "tokenmeter.kafka") -> dict[str, object]:
+    """Config entries that send a client's librdkafka lines and errors through Python logging at the
+    levels above, instead of librdkafka's own stderr: merge into any confluent-kafka config."""
+    target = KafkaLogger(name)
+
+    def on_error(error: KafkaError) -> None:
+        target.logger.log(error_level(error), "kafka: %s", error)
+
+    return {"logger": target, "error_cb": on_error}

@@ -264,7 +264,7 @@ class QuotaClient:
             reason = f"rate limit of {scope}: {what.replace('_', ' ')} is {outcome[4]} ({outcome[3]} used)"
         return Reservation(reservation_id, False, estimated_cost, reason, held_keys)
 
-    def commit(self, reservation: Reservation, actual_cost: Decimal, *, settle_s: float = 5.0) -> None:
+    def commit(self, reservation: Reservation, actual_cost: Decimal, *, settle_s: float = 2.0) -> None:
         """After the call: hold its actual cost until the pipeline has counted it — until the spend data
         is caught up past this moment plus ``settle_s`` (the time within which the call's usage event is
         recorded), at most ``quota_hold_max_s`` — so no gap opens between the reservation and the spend,

@@ -42,7 +42,9 @@ def spend_spike(this_hour: Window, previous_days: Sequence[Window], factor: Deci
     history = [d for d in previous_days if d.calls]
     if len(history) < min_history_days or this_hour.cost < min_cost:
         return None
-    baseline = hourly_baseline(previous_days)
+    # Days without calls are missing history (a new tenant, windows expired), not quiet days: averaging
+    # them in would make a tenant's second day look like a spike.
+    baseline = hourly_baseline(history)
     if not baseline or this_hour.cost < factor * baseline:
         return None
     ratio = _ratio(this_hour.cost, baseline)
@@ -56,7 +58,7 @@ def daily_spend_spike(today: Window, previous_days: Sequence[Window], factor: De
     history = [d for d in previous_days if d.calls]
     if not history or today.cost < min_cost:
         return None
-    baseline = sum((d.cost for d in previous_days), Decimal(0)) / len(previous_days)
+    baseline = sum((d.cost for d in history), Decimal(0)) / len(history)  # days with calls: see spend_spike
     if not baseline or today.cost < factor * baseline:
         return None
     ratio = _ratio(today.cost, baseline)

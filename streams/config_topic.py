@@ -21,6 +21,7 @@ from typing import Any
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
+from producers.kafka_logging import logged
 from schemas.events import printable_problem
 from streams.metrics import CONFIG_REJECTED
 
@@ -111,8 +112,9 @@ class ConfigFollower:
 
     def _open(self) -> Consumer:
         if self._consumer is None:
-            consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "tokenmeter-config-unused",
-                                 "enable.auto.commit": False, "auto.offset.reset": "earliest"})  # fmt: skip
+            consumer = Consumer({**logged(), "bootstrap.servers": self.bootstrap,
+                                 "group.id": "tokenmeter-config-unused", "enable.auto.commit": False,
+                                 "auto.offset.reset": "earliest"})  # fmt: skip
             metadata = consumer.list_topics(self.topic, timeout=10).topics[self.topic]
             if metadata.error is not None:
                 consumer.close()

@@ -15,6 +15,7 @@ from typing import TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from deploy.settings import Settings
+from producers.kafka_logging import logged
 from streams.meter import meter_group
 
 T = TypeVar("T")
@@ -34,7 +35,8 @@ class PartitionLag:
 
 
 def _consumer(settings: Settings, group: str) -> Consumer:
-    return Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+    return Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False,
+                     **logged()})  # fmt: skip
 
 
 def with_broker_retries(call: Callable[[], T], attempts: int = 50) -> T:

@@ -48,6 +48,7 @@ import redis
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from deploy.settings import Settings
+from producers.kafka_logging import logged
 from schemas import codec
 from schemas.events import UsageEvent
 from sinks.alerts import store_alerts
@@ -277,7 +278,7 @@ class Meter:
         self.stats = MeterStats()
         self.stopping = False
         self.consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap, "group.id": meter_group(settings),
+            **logged(), "bootstrap.servers": settings.kafka_bootstrap, "group.id": meter_group(settings),
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "partition.assignment.strategy": "cooperative-sticky",
             "fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 65536,
@@ -285,7 +286,7 @@ class Meter:
         })  # fmt: skip
         self.consumer.subscribe([settings.topic_raw])
         self.producer = Producer({
-            "bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all",
+            **logged(), "bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all",
             "compression.type": "lz4", "linger.ms": 5, "batch.num.messages": 10000,
             # murmur2 like Kafka's Java clients and aiokafka, so Faust's stage 2 sees each tenant on the
             # partition its tables expect.

@@ -99,3 +99,13 @@ def test_a_batch_spanning_months_of_sessions_is_counted_without_error() -> None:
     assert [(tenant, conversation) for tenant, conversation, _minute, _finding in findings] == [("acme", "agent-7")]
     assert all(minute >= start + 99 * 1_300 - 10 for _t, _c, minute in rates._counts)  # old minutes dropped
     assert rates.observe(list(reversed(calls))) != []  # same batch again, newest first: still no error
+
+
+def test_days_without_calls_are_missing_history_not_quiet_days() -> None:
+    """A tenant's second day: one day of history, six empty ones. $2 in an hour after a $24 day is 2×
+    its hourly average, not 14× (averaging the empty days in made every new tenant spike)."""
+    history = [Window(Decimal(24), 100)] + [Window(Decimal(0), 0)] * 6
+    assert spend_spike(Window(Decimal(2), 10), history) is None
+    assert spend_spike(Window(Decimal(3), 10), history) is not None  # 3× the average hour of the day it had
+    assert daily_spend_spike(Window(Decimal(30), 10), history) is None
+    assert daily_spend_spike(Window(Decimal(80), 10), history) is not None
