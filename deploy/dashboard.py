@@ -38,7 +38,7 @@ from deploy.output import usd, usd_in_text
 from deploy.settings import Settings
 from producers.quota import decide
 from sinks.alerts import ALERT_FIELDS
-from sinks.redis import FRESHNESS_KEY, caught_up_ms, spend_key, spend_value
+from sinks.redis import caught_up_ms, freshness_key, spend_key, spend_value
 from streams.lag import measure_lag
 
 REFRESH_S = 3.0  # how often the page asks for a new summary
@@ -181,7 +181,7 @@ class Summary:
 
         def data_age() -> float | None:
             now_ms = int(now.timestamp() * 1000)
-            beats: dict[bytes, bytes] = self.redis.hgetall(FRESHNESS_KEY)  # type: ignore[assignment]
+            beats: dict[bytes, bytes] = self.redis.hgetall(freshness_key(self.settings.worker_id))  # type: ignore[assignment]
             caught_up = caught_up_ms(beats, now_ms)
             return None if caught_up is None else round(max(0, now_ms - caught_up) / 1000, 1)
 

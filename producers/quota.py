@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from deploy.settings import Settings, get_settings
-from sinks.redis import FRESHNESS_KEY, LIVE_WITHIN_MS, caught_up_ms, spend_key, spend_value
+from sinks.redis import LIVE_WITHIN_MS, caught_up_ms, freshness_key, spend_key, spend_value
 from sinks.redis import _escape as escape_key_part
 from streams.periods import PERIODS
 
@@ -200,7 +200,7 @@ class QuotaClient:
         keys += [key for d, v in scopes for key in rate_counter_keys(tenant_id, d, v, now)]
         pipe = self.redis.pipeline(transaction=False)  # one round trip: MGET + the freshness hash
         pipe.mget(keys)
-        pipe.hgetall(FRESHNESS_KEY)
+        pipe.hgetall(freshness_key(self.settings.worker_id))
         values, beats = pipe.execute()
         now_ms = int(now.timestamp() * 1000)
         caught_up = caught_up_ms(beats, now_ms)
@@ -239,7 +239,7 @@ class QuotaClient:
             keys.append(held_key(tenant_id, d, v))
             keys.append(rate_limit_key(tenant_id, d, v))
             keys += rate_counter_keys(tenant_id, d, v, now)
-        keys.append(FRESHNESS_KEY)
+        keys.append(freshness_key(self.settings.worker_id))
         amount = int((estimated_cost * NANO).to_integral_value())
         now_ms, ttl_ms = int(now.timestamp() * 1000), int(ttl_s * 1000)
         reservation_id = uuid.uuid4().hex

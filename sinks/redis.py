@@ -98,17 +98,22 @@ def write_spend(client: redis.Redis, rollups: Iterable[Rollup], now: datetime | 
 
 # ---------------------------------------------------------------- freshness of the spend data
 # Each stage-1 process records how current the spend it wrote is: "<caught up to, Unix ms> <heartbeat,
-# Unix ms>" in one hash field per process. "Caught up to T" means every usage event produced before T
-# is in these spend values. The data is as old as the least current live process; a process whose
-# heartbeat stopped no longer counts, unless none is live (then the newest of them says how old it is).
-FRESHNESS_KEY = "tm:freshness"
+# Unix ms>" in one hash field per process, in one hash per worker group (``TOKENMETER_WORKER_ID``: the
+# quota clients of a deployment share it with its workers). "Caught up to T" means every usage event
+# produced before T is in these spend values. The data is as old as the least current live process; a
+# process whose heartbeat stopped no longer counts, unless none is live (then the newest of them says
+# how old it is).
 LIVE_WITHIN_MS = 30_000
 
 
-def write_freshness(client: redis.Redis, member: str, caught_up_ms: int, now_ms: int) -> None:
+def freshness_key(worker_id: str) -> str:
+    return f"tm:freshness:{_escape(worker_id)}"
+
+
+def write_freshness(client: redis.Redis, key: str, member: str, caught_up_ms: int, now_ms: int) -> None:
     pipe = client.pipeline(transaction=False)
-    pipe.hset(FRESHNESS_KEY, member, f"{caught_up_ms} {now_ms}")
-    pipe.pexpire(FRESHNESS_KEY, 86_400_000)
+    pipe.hset(key, member, f"{caught_up_ms} {now_ms}")
+    pipe.pexpire(key, 86_400_000)
     pipe.execute()
 
 
@@ -131,12 +136,12 @@ def caught_up_ms(entries: dict[bytes, bytes] | dict[str, str], now_ms: int) -> i
     return max(every) if every else None
 
 
-def prune_freshness(client: redis.Redis, now_ms: int, older_than_ms: int = 3_600_000) -> None:
+def prune_freshness(client: redis.Redis, key: str, now_ms: int, older_than_ms: int = 3_600_000) -> None:
     """Forget processes that stopped reporting an hour ago (each restart adds a field)."""
     stale = []
-    for field, raw in client.hgetall(FRESHNESS_KEY).items():
+    for field, raw in client.hgetall(key).items():
         beat = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(" ")[2]
         if not beat.isdigit() or now_ms - int(beat) > older_than_ms:
             stale.append(field)
     if stale:
-        client.hdel(FRESHNESS_KEY, *stale)
+        client.hdel(key, *stale)

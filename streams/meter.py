@@ -53,7 +53,7 @@ from schemas import codec
 from schemas.events import UsageEvent
 from sinks.alerts import store_alerts
 from sinks.postgres import BatchResult, PricedEvent, Rollup, money, write_batch
-from sinks.redis import forget_keys, prune_freshness, write_freshness, write_spend
+from sinks.redis import forget_keys, freshness_key, prune_freshness, write_freshness, write_spend
 from sinks.retry import with_backoff
 from streams import metrics
 from streams.anomaly import ConversationRates
@@ -296,9 +296,10 @@ class Meter:
         self._lag_measured = 0.0
         self.caught_up_ms = 0  # every event produced before this is in the sinks (0: not known yet)
         self._freshness_reported = 0.0
-        self.member = f"{socket.gethostname()}/{settings.worker_id}/{os.getpid()}"
+        self.member = f"{socket.gethostname()}/{os.getpid()}"
+        self.freshness = freshness_key(settings.worker_id)
         try:
-            prune_freshness(self.sinks.redis, int(time.time() * 1000))
+            prune_freshness(self.sinks.redis, self.freshness, int(time.time() * 1000))
         except redis.RedisError as exc:
             log.info("could not prune old freshness entries: %s", exc)
 
@@ -354,27 +355,23 @@ class Meter:
         return len(raw)
 
     def report_freshness(self) -> None:
-        """Tell quota clients how current the spend in Redis is (``sinks.redis.FRESHNESS_KEY``), at most
+        """Tell quota clients how current the spend in Redis is (``sinks.redis.freshness_key``), at most
         four times a second; a Redis error here is left to the next batch's Redis write to report."""
         now = time.monotonic()
         if now - self._freshness_reported < 0.25 or not self.caught_up_ms:
             return
         self._freshness_reported = now
         try:
-            write_freshness(self.sinks.redis, self.member, self.caught_up_ms, int(time.time() * 1000))
+            write_freshness(self.sinks.redis, self.freshness, self.member, self.caught_up_ms, int(time.time() * 1000))
         except redis.RedisError as exc:
             log.debug("freshness not written: %s", exc)
 
     def _isolating(self, raw: Sequence[RawMessage]) -> None:
         """Process ``raw``; if it fails for a reason that is not transient, split it in halves until the
         record that cannot be processed is alone, and dead-letter that one."""
-        try:
-            self._process(raw)
+        failure = self._attempt(raw)
+        if failure is None:
             return
-        except Exception as exc:
-            if transient_reason(exc) is not None or self.stopping:
-                raise
-            failure = exc
         if len(raw) > 1:
             log.warning("a batch of %d messages failed (%s: %s); splitting it to find the record",
                         len(raw), type(failure).__name__, str(failure)[:300])  # fmt: skip
@@ -384,14 +381,21 @@ class Meter:
             self._isolating(raw[middle:])
             return
         for _again in range(2):  # alone now: make sure it is the record, not a passing fault
-            try:
-                self._process(raw)
+            again = self._attempt(raw)
+            if again is None:
                 return
-            except Exception as exc:
-                if transient_reason(exc) is not None or self.stopping:
-                    raise
-                failure = exc
+            failure = again
         self._dead_letter_unprocessable(raw[0], failure)
+
+    def _attempt(self, raw: Sequence[RawMessage]) -> BaseException | None:
+        """``_process``; a failure about some record is returned, a transient one raised."""
+        try:
+            self._process(raw)
+            return None
+        except Exception as exc:
+            if transient_reason(exc) is not None or self.stopping:
+                raise
+            return exc
 
     def _dead_letter_unprocessable(self, message: RawMessage, failure: BaseException) -> None:
         reason = f"cannot be processed: {type(failure).__name__}: {failure}"
@@ -548,6 +552,10 @@ class Meter:
         self.stopping = True
         self.consumer.close()
         self.producer.flush(5.0)
+        try:  # a stopped process no longer speaks for the spend's freshness
+            self.sinks.redis.hdel(self.freshness, self.member)
+        except redis.RedisError as exc:
+            log.info("freshness entry not removed: %s", exc)
         self.sinks.close()
 
 
@@ -603,7 +611,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None
     optional("price overrides", lambda: overrides.catch_up(5.0), 0)  # price nothing before the overrides are in
     meter = Meter(settings, book, status)
     named = scope_follower(settings, meter.live.named)
-    optional("budget names", lambda: named.catch_up(5.0), 0)
+    optional("budget names", lambda: named.catch_up(1.0), 0)  # only bounds state: no need to wait long
     followed = time.monotonic()
     backoff = 1.0
     try:

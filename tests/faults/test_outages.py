@@ -188,38 +188,30 @@ def test_postgres_down_for_30s_under_traffic(stack: LocalStack, running: tuple[S
     )
 
 
-def test_redis_down_for_15s_under_traffic(stack: LocalStack, running: tuple[Settings, WorkerProcess]) -> None:
+def outage_under_traffic(running: tuple[Settings, WorkerProcess], name: str, stop: Callable[[], None],
+                         start: Callable[[], None], seconds: float) -> None:  # fmt: skip
     own, worker = running
-    tenants = [f"rd-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
+    tenants = [f"{name[:8]}-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
     with Traffic(own, tenants) as traffic:
         time.sleep(3)
-        outage(lambda: stack.stop_redis(progress=lambda _m: None),
-               lambda: stack.start_redis(progress=lambda _m: None), 15)  # fmt: skip
+        outage(stop, start, seconds)
         restarted = time.monotonic()
-        time.sleep(2)
+        time.sleep(3)
     drained = check_invariants(own, traffic, worker)
-    print(
-        f"\nredis outage: {len(traffic.sent)} events; drained {drained:.1f}s after traffic stopped, "
-        f"{time.monotonic() - restarted:.1f}s after Redis came back"
-    )
+    print(f"\n{name}: {len(traffic.sent)} events; drained {drained:.1f}s after traffic stopped, "
+          f"{time.monotonic() - restarted:.1f}s after the service came back")  # fmt: skip
+
+
+def test_redis_down_for_15s_under_traffic(stack: LocalStack, running: tuple[Settings, WorkerProcess]) -> None:
+    outage_under_traffic(running, "redis outage", lambda: stack.stop_redis(progress=lambda _m: None),
+                         lambda: stack.start_redis(progress=lambda _m: None), 15)  # fmt: skip
 
 
 def test_kafka_broker_killed_and_restarted_under_traffic(
     stack: LocalStack, running: tuple[Settings, WorkerProcess]
 ) -> None:
-    own, worker = running
-    tenants = [f"kf-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
-    with Traffic(own, tenants) as traffic:
-        time.sleep(3)
-        outage(lambda: stack.stop_kafka(progress=lambda _m: None, kill=True),
-               lambda: stack.start_kafka(progress=lambda _m: None), 10)  # fmt: skip
-        restarted = time.monotonic()
-        time.sleep(3)
-    drained = check_invariants(own, traffic, worker)
-    print(
-        f"\nbroker kill -9: {len(traffic.sent)} events; drained {drained:.1f}s after traffic stopped, "
-        f"{time.monotonic() - restarted:.1f}s after the broker came back"
-    )
+    outage_under_traffic(running, "broker kill -9", lambda: stack.stop_kafka(progress=lambda _m: None, kill=True),
+                         lambda: stack.start_kafka(progress=lambda _m: None), 10)  # fmt: skip
 
 
 def test_redis_down_when_the_worker_starts(stack: LocalStack, settings: Settings, tmp_path: Path) -> None:
@@ -232,7 +224,12 @@ def test_redis_down_when_the_worker_starts(stack: LocalStack, settings: Settings
     try:
         worker.start()
         with Traffic(own, tenants, rate=50) as traffic:
-            time.sleep(12)
+            deadline = time.monotonic() + 90
+            while "Redis unavailable" not in "".join(p.read_text() for p in worker.logs):  # visible, not silent
+                assert time.monotonic() < deadline, worker.output()
+                assert worker.alive(), worker.output()
+                time.sleep(0.5)
+            time.sleep(3)
             assert worker.alive(), worker.output()
             stack.start_redis(progress=lambda _m: None)
             time.sleep(2)
@@ -240,6 +237,5 @@ def test_redis_down_when_the_worker_starts(stack: LocalStack, settings: Settings
         stack.start_redis(progress=lambda _m: None)
     try:
         check_invariants(own, traffic, worker)
-        assert "Redis unavailable" in "".join(p.read_text() for p in worker.logs)  # visible, not silent
     finally:
         worker.stop()

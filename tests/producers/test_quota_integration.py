@@ -14,7 +14,7 @@ import redis
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.quota import QuotaClient, budget_key, estimate_cost, rate_limit_key
-from sinks.redis import FRESHNESS_KEY, spend_key, write_freshness
+from sinks.redis import freshness_key, spend_key, write_freshness
 from streams.periods import period_end, period_start
 
 
@@ -52,7 +52,8 @@ def own_redis(settings: Settings, db: int) -> Settings:
 def pipeline_caught_up(client: QuotaClient, behind_s: float = 0.0) -> None:
     """Write what a stage-1 process writes after a batch: the spend is complete up to now - behind_s."""
     now_ms = int(time.time() * 1000)
-    write_freshness(client.redis, "test-stage-1", now_ms - int(behind_s * 1000), now_ms)
+    key = freshness_key(client.settings.worker_id)
+    write_freshness(client.redis, key, "test-stage-1", now_ms - int(behind_s * 1000), now_ms)
 
 
 def test_fifty_concurrent_reservers_overrun_by_at_most_what_is_in_flight(stack: LocalStack, settings: Settings) -> None:
@@ -116,7 +117,7 @@ def test_stale_spend_data_follows_each_hard_budgets_policy(stack: LocalStack, se
     assert client.reserve("stale-allow_reserved", Decimal("0.01")).allowed
     refused = client.reserve("stale-block", Decimal("0.01"))
     assert not refused.allowed and "stale" in refused.reason and "61s old" in refused.reason
-    client.redis.delete(FRESHNESS_KEY)  # no worker has ever reported: as stale as it gets
+    client.redis.delete(freshness_key(client.settings.worker_id))  # no worker ever reported: as stale as it gets
     unknown = client.check("stale-block")
     assert unknown.stale and unknown.data_age_s is None and not unknown.allowed
 
