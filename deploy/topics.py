@@ -14,6 +14,7 @@ from confluent_kafka.admin import (
 )
 
 from deploy.settings import Settings
+from producers.kafka_logging import logged
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class TopicChange:
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]:
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, **logged()})
     existing = admin.list_topics(timeout=timeout).topics
     specs = topic_specs(settings)
     changes: list[TopicChange] = []
@@ -104,7 +105,7 @@ class TopicsMissing(RuntimeError):
 def verify_topics(settings: Settings, create: bool, timeout: float = 30.0) -> list[TopicChange]:
     """Before a worker starts: every topic it reads or writes must exist. Missing ones are created
     when ``create`` (the default setting); otherwise, or if creating fails, ``TopicsMissing`` names them."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, **logged()})
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except Exception as exc:

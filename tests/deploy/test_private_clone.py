@@ -112,6 +112,13 @@ def test_dev_up_in_a_private_folder(clone: Clone) -> None:
             assert row is not None and row[0] >= 1
         if os.geteuid() == 0:  # the server's user cannot enter the clone: its data and binaries live outside
             assert "postgres   ready on" in up.stdout and "(log /var/lib/tokenmeter/postgres-" in up.stdout, up.stdout
+        # The README's first command, in the private clone (shortened live part; the history is the same).
+        demo = clone.tokenmeter("demo", "--duration", "5", "--rate", "100", "--dashboard-port", "0")
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        noise = [line for line in demo.stderr.splitlines() if line.startswith("%") or "Traceback" in line
+                 or "Warning" in line]  # fmt: skip
+        assert noise == [], noise
+        assert "globex" in demo.stdout and (clone.path / ".tokenmeter" / "report.html").exists()
     finally:
         down = clone.tokenmeter("dev", "down", "--purge")
     assert down.returncode == 0, down.stdout + down.stderr
