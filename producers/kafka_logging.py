@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from confluent_kafka import KafkaError
 
@@ -84,7 +85,7 @@ class KafkaLogger:
         self.logger.log(line_level(level, text), "%s", text)
 
 
-def logged(name: str = "tokenmeter.kafka") -> dict[str, object]:
+def logged(name: str = "tokenmeter.kafka") -> dict[str, Any]:
     """Config entries that send a client's librdkafka lines and errors through Python logging at the
     levels above, instead of librdkafka's own stderr: merge into any confluent-kafka config."""
     target = KafkaLogger(name)

@@ -12,6 +12,7 @@ a raised limit or a new period unblocks a scope without anybody having to clear 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -23,7 +24,16 @@ from typing import Any
 import redis
 
 from deploy.settings import Settings, get_settings
-from sinks.redis import LIVE_WITHIN_MS, caught_up_ms, freshness_key, spend_key, spend_value
+from sinks.redis import (
+    LIVE_WITHIN_MS,
+    STALE_CALLS_TTL_MS,
+    caught_up_ms,
+    freshness_key,
+    spend_key,
+    spend_value,
+    stale_calls_field,
+    stale_calls_key,
+)
 from sinks.redis import _escape as escape_key_part
 from streams.periods import PERIODS
 
@@ -144,7 +154,7 @@ for s = 0, scopes - 1 do
   redis.call('INCRBY', KEYS[k + 8], tokens); redis.call('EXPIRE', KEYS[k + 8], 120)
   redis.call('INCR', KEYS[k + 9]); redis.call('EXPIRE', KEYS[k + 9], 172800)
 end
-return {1}
+return {1, stale and 1 or 0}
 """
 
 
@@ -212,6 +222,8 @@ class QuotaClient:
         spend_raw = values[n : n + len(spend_scopes)]
         spend = {scope: spend_value(raw, now) for scope, raw in zip(spend_scopes, spend_raw, strict=True)}
         decision = decide(tenant_id, scopes, budgets, spend, stale=stale, data_age_s=age)
+        if stale and decision.allowed:
+            self._count_stale_calls(tenant_id, scopes, budgets, dict(zip(spend_scopes, spend_raw, strict=True)))
         limits = values[n + len(spend_scopes) : 2 * n + len(spend_scopes)]
         counters = values[2 * n + len(spend_scopes) :]
         for i, raw in enumerate(limits):
@@ -248,6 +260,11 @@ class QuotaClient:
                                   LIVE_WITHIN_MS, int(self.settings.quota_hold_max_s * 1000))  # fmt: skip
         held_keys = tuple(keys[4::_PER_SCOPE])
         if outcome[0] == 1:
+            if len(outcome) > 1 and outcome[1] == 1:  # allowed on stale data: remember it for the overrun alert
+                budgets = self.redis.mget([budget_key(tenant_id, d, v) for d, v in scopes])
+                spend_scopes = [(d, v, p) for d, v in scopes for p in PERIODS]
+                spend_raw = self.redis.mget([spend_key(tenant_id, d, v, p) for d, v, p in spend_scopes])
+                self._count_stale_calls(tenant_id, scopes, budgets, dict(zip(spend_scopes, spend_raw, strict=True)))
             return Reservation(reservation_id, True, estimated_cost, "reserved", held_keys)
         dimension, value = scopes[int(outcome[1])]
         scope = _label(tenant_id, dimension, value)
@@ -263,6 +280,25 @@ class QuotaClient:
         else:
             reason = f"rate limit of {scope}: {what.replace('_', ' ')} is {outcome[4]} ({outcome[3]} used)"
         return Reservation(reservation_id, False, estimated_cost, reason, held_keys)
+
+    def _count_stale_calls(self, tenant_id: str, scopes: list[tuple[str, str]], budgets: list[Any],
+                           spend_raw: dict[tuple[str, str, str], Any]) -> None:  # fmt: skip
+        """Count a call allowed while the spend data was stale, per hard budget with ``on_stale=allow``
+        (only during an outage, so the extra round trip costs nothing in normal operation)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for (dimension, value), raw in zip(scopes, budgets, strict=True):
+            budget = json.loads(raw) if raw else {}
+            if not budget.get("hard") or budget.get("on_stale", "allow") != "allow":
+                continue
+            spent = spend_raw.get((dimension, value, budget["period"]))
+            if not spent:
+                continue  # nothing spent in this period yet, so nothing to overrun
+            end_ms = int((spent.decode() if isinstance(spent, bytes) else str(spent)).partition(" ")[2])
+            key = stale_calls_key(tenant_id, dimension, value)
+            pipe.hincrby(key, stale_calls_field(budget["period"], end_ms), 1)
+            pipe.pexpire(key, STALE_CALLS_TTL_MS)
+        with contextlib.suppress(redis.RedisError):  # best effort: the decision stands either way
+            pipe.execute()
 
     def commit(self, reservation: Reservation, actual_cost: Decimal, *, settle_s: float = 2.0) -> None:
         """After the call: hold its actual cost until the pipeline has counted it — until the spend data

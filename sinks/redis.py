@@ -145,3 +145,17 @@ def prune_freshness(client: redis.Redis, key: str, now_ms: int, older_than_ms: i
             stale.append(field)
     if stale:
         client.hdel(key, *stale)
+
+
+# Calls a quota client let through under a hard budget whose spend data was stale (on_stale=allow):
+# tm:stale_calls:<tenant>:<dimension>:<value> → hash "<period>:<period end ms>" → count. Stage 2 reads it
+# when such a budget turns out overrun, to say the outage let the calls through.
+STALE_CALLS_TTL_MS = 40 * 86_400_000
+
+
+def stale_calls_key(tenant_id: str, dimension: str, value: str) -> str:
+    return f"tm:stale_calls:{_escape(tenant_id)}:{dimension}:{_escape(value)}"
+
+
+def stale_calls_field(period: str, end_ms: int) -> str:
+    return f"{period}:{end_ms}"

@@ -45,16 +45,17 @@ from producers.quota import budget_key, rate_limit_key
 from schemas import codec
 from sinks.alerts import store_alerts, top_contributors
 from sinks.postgres import Rollup, money
+from sinks.redis import stale_calls_field, stale_calls_key
 from sinks.retry import with_backoff
 from sinks.webhooks import deliver_pending
 from streams import metrics
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
-from streams.budgets import Budget, budget_alerts, parse_config_record
+from streams.budgets import Budget, budget_alerts, overrun_alerts, parse_config_record
 from streams.config_topic import ConfigFollower
 from streams.health import Health
 from streams.lag import measure_lag
 from streams.meter import SESSION_TIMEOUT_S, optional, rollup_from_record, run_stage_one
-from streams.periods import local_date, local_midnight
+from streams.periods import local_date, local_midnight, period_end
 
 log = logging.getLogger("tokenmeter.worker")
 
@@ -255,6 +256,18 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
 
     budgets: dict[str, Budget] = {}
     budget_config = budget_follower(settings, budgets)
+    quota_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0)
+
+    def stale_calls(budget: Budget, r: Rollup) -> int:
+        """Calls quota clients let through on stale data in this budget's window (``producers/quota.py``)."""
+        end_ms = int(period_end(budget.period, r.window_start, r.time_zone).timestamp() * 1000)
+        try:
+            raw = quota_redis.hget(stale_calls_key(r.tenant_id, r.dimension, r.dimension_value),
+                                   stale_calls_field(budget.period, end_ms))  # fmt: skip
+        except redis.RedisError:
+            return 0
+        return int(raw or 0)
+
     alert_sink = AlertSink(settings)
 
     @app.task
@@ -337,6 +350,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         fired = [
             *optional("unpriced model alerts", lambda: unpriced_model_alerts(latest.values(), now), none),
             *optional("budget alerts", lambda: budget_alerts(budgets, latest.values(), now), none),
+            *optional("overrun alerts", lambda: overrun_alerts(budgets, latest.values(), now, stale_calls), none),
             *optional("anomaly rules", lambda: anomaly_alerts(latest.values(), window, now), none),
         ]
         return [alert for alert in fired if alert["alert_id"] not in alerted]

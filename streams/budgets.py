@@ -14,7 +14,7 @@ counts a record that fails.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -173,6 +173,37 @@ def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: da
                             "window_start": r.window_start.isoformat(), "time_zone": r.time_zone},
                 "created_at": now,
             })  # fmt: skip
+    return alerts
+
+
+def overrun_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: datetime,
+                   stale_calls: Callable[[Budget, Rollup], int]) -> list[dict[str, Any]]:  # fmt: skip
+    """A hard budget with ``on_stale=allow`` that ended up over its limit after quota clients let
+    ``stale_calls(budget, window)`` calls through on stale spend data (an outage hid the spend): once per
+    scope, limit and period window (DESIGN §4.7)."""
+    alerts = []
+    for r in rollups:
+        budget = budgets.get(budget_id(r.tenant_id, r.dimension, r.dimension_value))
+        if (budget is None or budget.period != r.granularity or not budget.hard or budget.on_stale != "allow"
+                or r.cost <= budget.limit):  # fmt: skip
+            continue
+        calls = stale_calls(budget, r)
+        if calls <= 0:
+            continue
+        period = period_label(budget.period, r.window_start, r.time_zone)
+        over = r.cost - budget.limit
+        alerts.append({
+            "alert_id": f"budget.overrun_during_outage:{budget.key}:{budget.limit.normalize():f}:{period}",
+            "kind": "budget.overrun_during_outage", "tenant_id": r.tenant_id,
+            "scope": {"dimension": r.dimension, "value": r.dimension_value}, "period": period,
+            "threshold_percent": None, "current": r.cost, "baseline": None, "limit": budget.limit,
+            "message": (f"{budget.scope_label} overran its hard {budget.period} budget of "
+                        f"${budget.limit.normalize():f} by ${over.normalize():f}: {calls} calls were allowed "
+                        "while the spend data was stale (on_stale=allow)"),
+            "details": {"overrun": f"{over:f}", "stale_calls": str(calls), "window_start": r.window_start.isoformat(),
+                        "time_zone": r.time_zone, "hard": "true"},
+            "created_at": now,
+        })  # fmt: skip
     return alerts
 
 

@@ -158,6 +158,7 @@ def test_postgres_down_for_30s_under_traffic(stack: LocalStack, running: tuple[S
     assert done.returncode == 0, done.stderr
     quota = QuotaClient(own.model_copy(update={"quota_stale_after_s": 3.0}))
     seen: dict[str, object] = {}
+    lenient = tenants[1]  # a hard budget with on_stale=allow, set to run out during the outage
 
     def while_down() -> None:
         deadline = time.monotonic() + 25
@@ -165,13 +166,23 @@ def test_postgres_down_for_30s_under_traffic(stack: LocalStack, running: tuple[S
             answer = quota.check(guarded)
             if answer.stale:
                 seen["stale"] = answer
-                return
+                break
             time.sleep(0.2)
+        for _ in range(20):  # the lenient tenant's service keeps asking, and is let through on stale data
+            seen.setdefault("lenient", []).append(quota.check(lenient))  # type: ignore[union-attr]
+            time.sleep(0.5)
 
     with Traffic(own, tenants) as traffic:
         time.sleep(3)
         before = quota.check(guarded)
         assert before.allowed and not before.stale and before.limit == budget.limit, before
+        # ~15 s of its traffic (gpt-4o-mini, ~$0.03/s): crossed while Postgres is down
+        limit = quota.check(lenient).spent + Decimal("0.5")
+        command = [sys.executable, "-m", "deploy", "budget", "set", "--tenant", lenient, "--limit", str(limit),
+                   "--hard"]  # fmt: skip
+        done = subprocess.run(command, env=env_for(own), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        time.sleep(1.5)  # the worker mirrors budgets into Redis within a second
         outage(lambda: stack.stop_postgres(progress=lambda _m: None),
                lambda: stack.start_postgres(progress=lambda _m: None), 30, while_down)  # fmt: skip
         restarted = time.monotonic()
@@ -182,6 +193,19 @@ def test_postgres_down_for_30s_under_traffic(stack: LocalStack, running: tuple[S
     drained = check_invariants(own, traffic, worker)
     after = quota.check(guarded)
     assert after.allowed and not after.stale, after
+    lenient_answers = seen["lenient"]
+    assert all(a.allowed and a.stale for a in lenient_answers), lenient_answers  # type: ignore[attr-defined]
+
+    def overrun() -> list[tuple[str, str]]:
+        with psycopg.connect(own.database_url) as conn:
+            return conn.execute("SELECT kind, message FROM tokenmeter.alerts WHERE tenant_id = %s AND kind ="
+                                " 'budget.overrun_during_outage'", (lenient,)).fetchall()  # fmt: skip
+
+    deadline = time.monotonic() + 60
+    while not overrun() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    ((_kind, message),) = overrun()  # reported afterwards, once
+    assert "calls were allowed while the spend data was stale" in message, message
     print(
         f"\npostgres outage: {len(traffic.sent)} events; drained {drained:.1f}s after traffic stopped, "
         f"{time.monotonic() - restarted:.1f}s after Postgres came back"

@@ -236,3 +236,26 @@ def test_the_command_line_refuses_bad_budgets_and_limits_in_one_line(args: list[
     result = CliRunner().invoke(cli, args)  # fails before it would reach Kafka
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and reason in result.output
+
+
+def test_an_overrun_after_stale_allowed_calls_is_reported_once_per_window() -> None:
+    from datetime import UTC, datetime
+
+    from sinks.postgres import Rollup
+    from streams.budgets import overrun_alerts
+
+    month = datetime(2025, 7, 1, tzinfo=UTC)
+
+    def spent(cost: str) -> Rollup:
+        return Rollup("acme", "month", month, "tenant", "", 10, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal(cost))
+
+    hard = Budget("acme", "tenant", "", "month", Decimal(5), hard=True)
+    (alert,) = overrun_alerts({hard.key: hard}, [spent("7.5")], month, lambda _b, _r: 12)
+    assert alert["kind"] == "budget.overrun_during_outage" and alert["details"]["overrun"] == "2.5"
+    assert "12 calls were allowed while the spend data was stale" in alert["message"]
+    assert overrun_alerts({hard.key: hard}, [spent("4.9")], month, lambda _b, _r: 12) == []  # not over
+    assert overrun_alerts({hard.key: hard}, [spent("7.5")], month, lambda _b, _r: 0) == []  # no stale calls
+    soft = Budget("acme", "tenant", "", "month", Decimal(5))
+    blocking = Budget("acme", "tenant", "", "month", Decimal(5), hard=True, on_stale="block")
+    for other in (soft, blocking):  # only hard budgets that let stale calls through overrun that way
+        assert overrun_alerts({other.key: other}, [spent("7.5")], month, lambda _b, _r: 12) == []
