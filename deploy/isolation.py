@@ -3,6 +3,7 @@ subprocess. Used by the tests and by ``tokenmeter bench``, so neither touches th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -57,8 +58,10 @@ def env_for(settings: Settings) -> dict[str, str]:
         "worker_create_topics",
         "live_values_per_tenant",
         "quota_stale_after_s",
+        "webhook_urls",
     ):
-        env[f"TOKENMETER_{name.upper()}"] = str(getattr(settings, name))
+        value = getattr(settings, name)
+        env[f"TOKENMETER_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
     return env
 
 
