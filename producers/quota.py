@@ -110,6 +110,7 @@ local function held(key)
   return total
 end
 local function count(key) return tonumber(redis.call('GET', key) or '0') end
+local cleaned = {}
 for s = 0, scopes - 1 do
   local k = s * 9
   local raw = redis.call('GET', KEYS[k + 1])
@@ -126,6 +127,7 @@ for s = 0, scopes - 1 do
         if ends and tonumber(ends) > now then spent = math.floor(tonumber(amount_text) * 1e9 + 0.5) end
       end
       local holding = held(KEYS[k + 5])
+      cleaned[s] = true
       if spent + holding + amount > math.floor(tonumber(budget['limit']) * 1e9 + 0.5) then
         return {0, s, 'budget', spent, holding}
       end
@@ -148,6 +150,7 @@ for s = 0, scopes - 1 do
 end
 for s = 0, scopes - 1 do
   local k = s * 9
+  if not cleaned[s] then held(KEYS[k + 5]) end  -- scopes without a hard budget are kept small too
   redis.call('HSET', KEYS[k + 5], id, entry)
   redis.call('PEXPIRE', KEYS[k + 5], math.max(ttl * 2, tonumber(ARGV[9])))
   redis.call('INCR', KEYS[k + 7]); redis.call('EXPIRE', KEYS[k + 7], 120)

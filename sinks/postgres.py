@@ -208,3 +208,16 @@ def set_time_zone(conn: psycopg.Connection, tenant_id: str, time_zone: str) -> l
             (tenant_id,),
         ).fetchall()
     return [Rollup(*row) for row in rows]
+
+
+def scope_rollups(conn: psycopg.Connection, tenant_id: str, dimension: str, value: str) -> list[Rollup]:
+    """The newest day, week and month window of one scope (the Redis mirror keeps only open ones)."""
+    rows = conn.execute(
+        f"SELECT DISTINCT ON (r.granularity) {_ROLLUP_COLUMNS} FROM tokenmeter.rollups AS r"
+        " LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = r.tenant_id"
+        " WHERE r.tenant_id = %s AND r.dimension = %s AND r.dimension_value = %s"
+        " AND r.granularity IN ('day', 'week', 'month') ORDER BY r.granularity, r.window_start DESC",
+        (tenant_id, dimension, value),
+    ).fetchall()
+    conn.commit()
+    return [Rollup(*row) for row in rows]

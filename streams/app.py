@@ -303,8 +303,10 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
     async def measure_windows_lag() -> None:
         """Stage 2's progress: behind = what its consumer group has not committed on metering.rollups."""
 
-        def behind() -> int:
-            return sum(p.lag for p in measure_lag(settings, settings.topic_rollups, group=settings.worker_id))
+        def behind() -> int:  # this worker's partitions only: another worker's backlog is not its stall
+            own = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_rollups}
+            lags = measure_lag(settings, settings.topic_rollups, group=settings.worker_id)
+            return sum(p.lag for p in lags if p.partition in own)
 
         lag = await asyncio.to_thread(optional, "stage 2 lag", behind, -1)
         if lag >= 0:

@@ -117,10 +117,10 @@ class Health:
 
     def stuck(self) -> str | None:
         """Why the worker must exit now, or None."""
-        for name, process in self.processes.items():
+        for name, process in list(self.processes.items()):  # copies: the HTTP threads read while the worker stops
             if process is not None and process.exitcode is not None:
                 return f"{name} process exited with code {process.exitcode}"
-        for name, status in self.stages.items():
+        for name, status in list(self.stages.items()):
             if status.behind > 0 and status.seconds_since_progress > self.stall_timeout_s:
                 why = f": {status.last_error}" if status.last_error else ""
                 return (f"{name} made no progress for {status.seconds_since_progress:.0f}s with {status.behind} "
@@ -131,7 +131,7 @@ class Health:
         found = [self.fatal] if self.fatal else []
         if time.time() - self.loop_tick > LOOP_SILENCE_S:
             found.append(f"the worker's event loop has not run for {time.time() - self.loop_tick:.0f}s")
-        for name, process in self.processes.items():
+        for name, process in list(self.processes.items()):
             if process is None or not process.is_alive():
                 found.append(f"{name} process is not running")
         if not ready:
@@ -152,7 +152,7 @@ class Health:
         body = {
             "status": "ok" if not problems else "unavailable", "problems": problems,
             "stages": {name: status.describe() for name, status in self.stages.items()},
-            "pids": {name: p.pid if p is not None else None for name, p in self.processes.items()},
+            "pids": {name: p.pid if p is not None else None for name, p in list(self.processes.items())},
             "stall_timeout_s": self.stall_timeout_s,
         }  # fmt: skip
         return (200 if not problems else 503), body

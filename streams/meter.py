@@ -52,7 +52,7 @@ from producers.kafka_logging import logged
 from schemas import codec
 from schemas.events import UsageEvent
 from sinks.alerts import store_alerts
-from sinks.postgres import BatchResult, PricedEvent, Rollup, money, write_batch
+from sinks.postgres import BatchResult, PricedEvent, Rollup, money, scope_rollups, write_batch
 from sinks.redis import forget_keys, freshness_key, prune_freshness, write_freshness, write_spend
 from sinks.retry import with_backoff
 from streams import metrics
@@ -219,7 +219,9 @@ class Sinks:
 
     def _postgres(self) -> psycopg.Connection:
         if self._pg is None or self._pg.closed:
-            self._pg = psycopg.connect(self.settings.database_url, connect_timeout=5)
+            # A statement that hangs (a half-open connection) must end as an error the batch retries.
+            self._pg = psycopg.connect(self.settings.database_url, connect_timeout=5, keepalives=1,
+                                       keepalives_idle=30, options="-c statement_timeout=120000")  # fmt: skip
         return self._pg
 
     def _drop_postgres(self) -> None:
@@ -254,6 +256,12 @@ class Sinks:
         except redis.ResponseError:
             log.exception("Redis refused the spend of %d windows; they stay stale until their next batch", len(rollups))
             metrics.BATCH_FAILURES.labels(reason="redis_refused").inc()
+
+    def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None:
+        """Write the open windows of these scopes from Postgres to Redis (one query and write each)."""
+        for tenant_id, dimension, value in scopes:
+            rollups = scope_rollups(self._postgres(), tenant_id, dimension, value)
+            write_spend(self.redis, rollups)
 
     def store_alerts(self, alerts: Sequence[dict[str, Any]]) -> set[str]:
         return with_backoff(lambda: store_alerts(self._postgres(), alerts), (psycopg.Error,), "Postgres (alerts)",
@@ -295,6 +303,8 @@ class Meter:
         self._delivery_errors: list[KafkaError] = []
         self._lag_measured = 0.0
         self.caught_up_ms = 0  # every event produced before this is in the sinks (0: not known yet)
+        self._partition_caught_up: dict[tuple[str, int], int] = {}
+        self._committed_cache: dict[tuple[str, int], tuple[int, float]] = {}
         self._freshness_reported = 0.0
         self.member = f"{socket.gethostname()}/{os.getpid()}"
         self.freshness = freshness_key(settings.worker_id)
@@ -305,6 +315,7 @@ class Meter:
 
     def _note(self, failure: str) -> None:
         """A sink is retrying: tell supervision why, and how much waits meanwhile."""
+        metrics.BATCH_FAILURES.labels(reason="redis" if failure.startswith("Redis") else "postgres").inc()
         if self.status is not None:
             self.status.failed(failure)
             self.status.alive(self.measure_lag() + self._in_flight)
@@ -331,10 +342,11 @@ class Meter:
             raw.append(RawMessage(topic, partition, offset, m.key(), m.value(), m.timestamp()[1]))
         consumed_ms = int(time.time() * 1000)
         if not raw:
-            if self.behind() == 0:
-                self.caught_up_ms = consumed_ms  # nothing waiting: the spend is current
+            self._advance_freshness(raw, consumed_ms)
             return 0
         self._in_flight = len(raw)
+        if self.status is not None:  # a batch in hand is behind too: a hang from here on shows as a stall
+            self.status.alive(self.measure_lag() + len(raw))
         try:
             self._isolating(raw)
             self._commit(raw)
@@ -344,15 +356,61 @@ class Meter:
         finally:
             self._in_flight = 0
         self.stats.batches += 1
-        if self.behind() == 0:
-            self.caught_up_ms = consumed_ms
-        else:  # behind: complete up to the newest message of this batch on its slowest partition
-            newest: dict[tuple[str, int], int] = {}
-            for message in raw:
-                where = (message.topic, message.partition)
-                newest[where] = max(newest.get(where, 0), message.timestamp_ms)
-            self.caught_up_ms = max(self.caught_up_ms, min(newest.values()))
+        self._advance_freshness(raw, consumed_ms)
         return len(raw)
+
+    def _advance_freshness(self, committed: Sequence[RawMessage], consumed_ms: int) -> None:
+        """Up to when the spend is complete: per assigned partition, the consume time if nothing waits
+        there, else the newest message committed from it; the oldest of them. Unknown (no assignment
+        yet, a position or end not fetched, a backlog not yet read from) means no advance at all."""
+        for message in committed:
+            where = (message.topic, message.partition)
+            self._partition_caught_up[where] = max(self._partition_caught_up.get(where, 0), message.timestamp_ms)
+        lags = self.partition_lags()
+        if not lags:
+            return
+        for where in [w for w in self._partition_caught_up if w not in lags]:
+            del self._partition_caught_up[where]  # revoked
+        for where, lag in lags.items():
+            if lag == 0:
+                self._partition_caught_up[where] = consumed_ms
+        if all(self._partition_caught_up.get(where, 0) > 0 for where in lags):
+            self.caught_up_ms = max(self.caught_up_ms, min(self._partition_caught_up[w] for w in lags))
+
+    def partition_lags(self) -> dict[tuple[str, int], int] | None:
+        """Messages behind on each assigned partition; None while any of them is unknown. A partition this
+        process has not read from yet has no position: its committed offset stands in (asked at most
+        every 2 s)."""
+        assigned = self.consumer.assignment()
+        if not assigned:
+            return None
+        lags: dict[tuple[str, int], int] = {}
+        for position in self.consumer.position(assigned):
+            low, high = self.consumer.get_watermark_offsets(position, cached=True)
+            where = (position.topic, position.partition)
+            offset = position.offset
+            if offset < 0 and low >= 0 and low == high:
+                offset = high  # an empty partition: nothing to read
+            if offset < 0:
+                offset = self._committed_offset(position)
+            if offset < 0 or high < 0:
+                return None
+            lags[where] = max(high - offset, 0)
+        return lags
+
+    def _committed_offset(self, partition: TopicPartition) -> int:
+        where = (partition.topic, partition.partition)
+        known = self._committed_cache.get(where)
+        if known is not None and time.monotonic() - known[1] < 2.0:
+            return known[0]
+        try:
+            (committed,) = self.consumer.committed([TopicPartition(partition.topic, partition.partition)], timeout=2)
+            offset = committed.offset
+        except Exception as exc:  # the coordinator is busy: unknown for now
+            log.debug("committed offset of %s[%d] unknown: %s", partition.topic, partition.partition, exc)
+            offset = -1
+        self._committed_cache[where] = (offset, time.monotonic())
+        return offset
 
     def report_freshness(self) -> None:
         """Tell quota clients how current the spend in Redis is (``sinks.redis.freshness_key``), at most
@@ -420,7 +478,8 @@ class Meter:
         stopping = lambda: self.stopping  # noqa: E731
         result = self.sinks.write(priced, stopping, self._live) if priced else BatchResult(0, [])
         sink_seconds = time.perf_counter() - sink_started
-        # After the sinks: a batch that failed there is not counted twice by the runaway rule.
+        # After the sinks, so a batch that failed there is not counted twice by the runaway rule (a failed
+        # publish or a split still can: at worst an earlier runaway alert, never a money error).
         none: list[dict[str, Any]] = []
         runaways = optional("runaway detection", lambda: self._runaway_alerts(fresh), none)
         self._publish(priced, rejected, result.rollups, runaways)
@@ -574,12 +633,23 @@ def rollup_messages(rollups: Sequence[Rollup], live: Callable[[Rollup], bool] | 
             for first in range(0, len(records), ROLLUPS_PER_MESSAGE)]  # fmt: skip
 
 
-def scope_follower(settings: Settings, named: set[tuple[str, str, str]]) -> ConfigFollower:
-    """Keeps ``named`` equal to the scopes config.budgets names (budgets and rate limits): they stay live."""
+def scope_follower(settings: Settings, named: set[tuple[str, str, str]],
+                   budgeted: list[tuple[str, str, str]]) -> ConfigFollower:  # fmt: skip
+    """Keeps ``named`` equal to the scopes config.budgets names (by a budget, a rate limit or both): they
+    stay live. Scopes that get a budget are added to ``budgeted``, whose Redis spend the caller rewrites
+    from Postgres (a scope that was not live has no spend there, and a new hard budget must not read $0)."""
+    kinds: dict[tuple[str, str, str], set[str]] = {}
 
     def apply(key: str, value: bytes | None) -> None:
         record = parse_config_record(key, value)
-        (named.discard if record.item is None else named.add)(record.scope)
+        held = kinds.setdefault(record.scope, set())
+        if record.item is None:
+            held.discard(record.kind)
+        else:
+            if record.kind == "budget" and record.scope not in named:
+                budgeted.append(record.scope)
+            held.add(record.kind)
+        (named.add if held else named.discard)(record.scope)
 
     return ConfigFollower(settings.kafka_bootstrap, settings.topic_budgets, apply)
 
@@ -604,13 +674,22 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None
     _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] [stage 1] %(levelname)s %(message)s")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stopping: list[Meter] = []
+
+    def on_signal(*_: object) -> None:  # also cut short a sink's retries: the batch is replayed by the next start
+        stop.set()
+        for meter_to_stop in stopping:
+            meter_to_stop.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     book = PriceBook()
     overrides = override_follower(settings, book)
     optional("price overrides", lambda: overrides.catch_up(5.0), 0)  # price nothing before the overrides are in
     meter = Meter(settings, book, status)
-    named = scope_follower(settings, meter.live.named)
+    stopping.append(meter)
+    budgeted: list[tuple[str, str, str]] = []
+    named = scope_follower(settings, meter.live.named, budgeted)
     optional("budget names", lambda: named.catch_up(1.0), 0)  # only bounds state: no need to wait long
     followed = time.monotonic()
     backoff = 1.0
@@ -619,6 +698,9 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None
             if time.monotonic() - followed > 5.0:
                 optional("price overrides", lambda: overrides.catch_up(0.0), 0)
                 optional("budget names", lambda: named.catch_up(0.0), 0)
+            if budgeted:
+                optional("spend of newly budgeted scopes", lambda: meter.sinks.refresh_spend(budgeted), None)
+                budgeted.clear()
                 followed = time.monotonic()
             try:
                 done = meter.run_once(BATCH_WAIT_S)
