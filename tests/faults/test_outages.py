@@ -170,6 +170,8 @@ def test_postgres_down_for_60s_under_traffic(stack: LocalStack, running: tuple[S
             time.sleep(0.2)
         for _ in range(20):  # the lenient tenant's service keeps asking, and is let through on stale data
             seen.setdefault("lenient", []).append(quota.check(lenient))  # type: ignore[union-attr]
+            seen.setdefault("guarded", []).append(quota.check(guarded))  # type: ignore[union-attr]
+            seen.setdefault("reserved", []).append(quota.reserve(guarded, Decimal("0.01")))  # type: ignore[union-attr]
             time.sleep(0.5)
 
     with Traffic(own, tenants, rate=500) as traffic:
@@ -193,6 +195,9 @@ def test_postgres_down_for_60s_under_traffic(stack: LocalStack, running: tuple[S
     drained = check_invariants(own, traffic, worker)
     after = quota.check(guarded)
     assert after.allowed and not after.stale, after
+    # once stale, the block policy lets no call through, neither checked nor reserved
+    assert not any(a.allowed for a in seen["guarded"]), seen["guarded"]  # type: ignore[attr-defined]
+    assert not any(r.allowed for r in seen["reserved"]), seen["reserved"]  # type: ignore[attr-defined]
     lenient_answers = seen["lenient"]
     assert all(a.allowed and a.stale for a in lenient_answers), lenient_answers  # type: ignore[attr-defined]
 
