@@ -286,12 +286,14 @@ def budget() -> None:
 
 def _scope_options(command: Any) -> Any:
     """--tenant and at most one of --feature / --user / --environment: the scope of a budget or limit."""
-    for option in reversed([
-        click.option("--tenant", required=True, help="The tenant."),
-        click.option("--feature", default=None, help="One feature of the tenant."),
-        click.option("--user", default=None, help="One user of the tenant."),
-        click.option("--environment", default=None, help="One environment (prod, staging…) of the tenant."),
-    ]):  # fmt: skip
+    for option in reversed(
+        [
+            click.option("--tenant", required=True, help="The tenant."),
+            click.option("--feature", default=None, help="One feature of the tenant."),
+            click.option("--user", default=None, help="One user of the tenant."),
+            click.option("--environment", default=None, help="One environment (prod, staging…) of the tenant."),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -320,11 +322,26 @@ def _send_config(topic: str, key: str, value: bytes | None) -> None:
 @click.option("--period", type=click.Choice(["day", "week", "month"]), default="month", show_default=True)
 @click.option("--hard", is_flag=True, help="Block calls (quota check says not allowed) once the limit is spent.")
 @click.option("--thresholds", default="50,80,100", show_default=True, help="Alert at these percentages.")
-@click.option("--on-stale", "on_stale", type=click.Choice(["allow", "allow_reserved", "block"]), default="allow",
-              show_default=True, help="A hard budget while the spend data is stale (pipeline behind): decide on the "
-              "data as it is, let only reserve() calls through, or block every call.")  # fmt: skip
-def budget_set(tenant: str, feature: str | None, user: str | None, environment: str | None, limit_usd: str,
-               period: str, hard: bool, thresholds: str, on_stale: str) -> None:  # fmt: skip
+@click.option(
+    "--on-stale",
+    "on_stale",
+    type=click.Choice(["allow", "allow_reserved", "block"]),
+    default="allow",
+    show_default=True,
+    help="A hard budget while the spend data is stale (pipeline behind): decide on the "
+    "data as it is, let only reserve() calls through, or block every call.",
+)
+def budget_set(
+    tenant: str,
+    feature: str | None,
+    user: str | None,
+    environment: str | None,
+    limit_usd: str,
+    period: str,
+    hard: bool,
+    thresholds: str,
+    on_stale: str,
+) -> None:
     """Set (or replace) the budget of a scope; workers apply it within a second."""
     from streams.budgets import MAX_BUDGET, Budget
     from streams.config_topic import config_amount
@@ -342,8 +359,9 @@ def budget_set(tenant: str, feature: str | None, user: str | None, environment: 
     _send_config(_settings().topic_budgets, new.key, new.to_json())
     kind = "hard" if hard else "soft"
     stale = f"; while spend data is stale: {on_stale}" if hard else ""
-    click.echo(f"{kind} {period} budget of ${limit} for {new.scope_label}; alerts at "
-               f"{', '.join(map(str, levels))}%{stale}")  # fmt: skip
+    click.echo(
+        f"{kind} {period} budget of ${limit} for {new.scope_label}; alerts at {', '.join(map(str, levels))}%{stale}"
+    )
 
 
 @budget.command("delete")
@@ -407,9 +425,15 @@ def rate_limit() -> None:
 @click.option("--calls-per-minute", type=int, default=None)
 @click.option("--tokens-per-minute", type=int, default=None)
 @click.option("--calls-per-day", type=int, default=None)
-def rate_limit_set(tenant: str, feature: str | None, user: str | None, environment: str | None,
-                   calls_per_minute: int | None, tokens_per_minute: int | None,
-                   calls_per_day: int | None) -> None:  # fmt: skip
+def rate_limit_set(
+    tenant: str,
+    feature: str | None,
+    user: str | None,
+    environment: str | None,
+    calls_per_minute: int | None,
+    tokens_per_minute: int | None,
+    calls_per_day: int | None,
+) -> None:
     """Set (or replace) the rate limits of a scope; workers apply them within a second."""
     from streams.budgets import RateLimit
 
@@ -470,10 +494,12 @@ def alerts_list(tenant: str | None, max_rows: int, fmt: str) -> None:
 
 @cli.command("report")
 @click.option("--tenant", default=None, help="One tenant (default: all tenants).")
-@click.option("--period", default="month", show_default=True,
-              help="today, week, month, YYYY-MM or YYYY-MM-DD..YYYY-MM-DD (UTC).")  # fmt: skip
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "html"]), default="table",
-              show_default=True)  # fmt: skip
+@click.option(
+    "--period", default="month", show_default=True, help="today, week, month, YYYY-MM or YYYY-MM-DD..YYYY-MM-DD (UTC)."
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "csv", "html"]), default="table", show_default=True
+)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
 @click.option("--top", default=10, show_default=True, help="How many top requests and conversations.")
 def report_cmd(tenant: str | None, period: str, fmt: str, output: str | None, top: int) -> None:
@@ -524,8 +550,12 @@ def report_cmd(tenant: str | None, period: str, fmt: str, output: str | None, to
 @click.option("--duration", default=60.0, show_default=True, help="Seconds of traffic.")
 @click.option("--rate", default=600, show_default=True, help="Model calls per second across all services.")
 @click.option("--keep-running", is_flag=True, help="Keep traffic flowing until Ctrl-C.")
-@click.option("--dashboard-port", default=8050, show_default=True,
-              help="Serve the live dashboard on 127.0.0.1 at this port during the demo (0: none).")  # fmt: skip
+@click.option(
+    "--dashboard-port",
+    default=8050,
+    show_default=True,
+    help="Serve the live dashboard on 127.0.0.1 at this port during the demo (0: none).",
+)
 def demo(duration: float, rate: int, keep_running: bool, dashboard_port: int) -> None:
     """The main job, from nothing: stack, worker, history, budgets, live traffic, alerts, report."""
     from deploy.demo import run_demo
@@ -620,9 +650,13 @@ def ratecard() -> None:
 @click.option("--tenant", required=True)
 @click.option("--pass-through", "pass_through", is_flag=True, help="Bill what the calls cost.")
 @click.option("--markup", default=None, help="Cost plus this percentage, e.g. 20.")
-@click.option("--rates", "rates_file", type=click.File("r"), default=None,
-              help='JSON: {"openai/gpt-4o": {"input_mtok": "3", "output_mtok": "12"}, …}; '
-                   "other models at cost.")  # fmt: skip
+@click.option(
+    "--rates",
+    "rates_file",
+    type=click.File("r"),
+    default=None,
+    help='JSON: {"openai/gpt-4o": {"input_mtok": "3", "output_mtok": "12"}, …}; other models at cost.',
+)
 def ratecard_set(tenant: str, pass_through: bool, markup: str | None, rates_file: TextIO | None) -> None:
     """Set a tenant's rate card (applies to every invoice made from now on)."""
     import json
@@ -681,8 +715,10 @@ def whatif_cmd(tenant: str, period: str, from_model: str, to_model: str, fmt: st
     click.echo(
         f"{tenant}, {result['period']}: {result['calls']:,} calls of {from_model} cost {usd(result['actual_cost'])};"
     )
-    click.echo(f"with {to_model} they would have cost {usd(result['whatif_cost'])} "
-               f"(difference {usd(result['difference'])}, ratio {result['ratio']})")  # fmt: skip
+    click.echo(
+        f"with {to_model} they would have cost {usd(result['whatif_cost'])} "
+        f"(difference {usd(result['difference'])}, ratio {result['ratio']})"
+    )
     click.secho(rounding_note("json"), dim=True)
 
 
@@ -690,8 +726,9 @@ def whatif_cmd(tenant: str, period: str, from_model: str, to_model: str, fmt: st
 @click.option("--tenant", required=True, help="Tenant id to bill.")
 @click.option("--period", required=True, help="Billing month, YYYY-MM (in the tenant's time zone).")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv", "table"]), default="table", show_default=True)
-@click.option("--finalize", is_flag=True,
-              help="Freeze this ended month's invoice; its late usage goes on the next open invoice.")  # fmt: skip
+@click.option(
+    "--finalize", is_flag=True, help="Freeze this ended month's invoice; its late usage goes on the next open invoice."
+)
 def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
     """A tenant's invoice for one month, from the Postgres metering tables, under its rate card.
 
@@ -721,8 +758,18 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
     if fmt == "json":
         click.echo(json.dumps(document, indent=2))
     elif fmt == "csv":
-        columns = ["provider_model", "usage_period", "calls", "unpriced_calls", "input_tokens", "output_tokens",
-                   "cache_read_tokens", "cache_write_tokens", "cost", "amount"]  # fmt: skip
+        columns = [
+            "provider_model",
+            "usage_period",
+            "calls",
+            "unpriced_calls",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "cost",
+            "amount",
+        ]
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
         # From the typed lines, not the JSON document: numbers stay numbers, names are neutralised (csv_safe).
@@ -733,8 +780,16 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
     else:
         title = f"Invoice {bill.tenant_id} {bill.period} ({bill.currency}, {bill.status}, {bill.time_zone})"
         table = Table(title=cell(title))
-        for column in ("provider/model", "usage of", "calls", "input tok", "output tok", "cache read", "cache write",
-                       "amount"):  # fmt: skip
+        for column in (
+            "provider/model",
+            "usage of",
+            "calls",
+            "input tok",
+            "output tok",
+            "cache read",
+            "cache write",
+            "amount",
+        ):
             table.add_column(column, justify="left" if column in ("provider/model", "usage of") else "right")
         for line in bill.lines + bill.adjustments:
             counts = [line.calls, line.input_tokens, line.output_tokens]
@@ -814,8 +869,14 @@ def _bench_pipeline(settings: Settings, events: int, record_calls: int) -> dict[
         "record_p99_us_idle_caller": figures["idle 5000/s"]["p99_us"],
         "record_latency": figures,
     }
-    for key in ("pipeline_events_per_s", "bare_consume_events_per_s", "naive_postgres_events_per_s",
-                "p99_event_to_quota_ms", "quota_check_p99_us", "p99_budget_alert_ms"):  # fmt: skip
+    for key in (
+        "pipeline_events_per_s",
+        "bare_consume_events_per_s",
+        "naive_postgres_events_per_s",
+        "p99_event_to_quota_ms",
+        "quota_check_p99_us",
+        "p99_budget_alert_ms",
+    ):
         click.echo(f"{key:>28}: {summary[key]:,}", err=True)
     return summary
 

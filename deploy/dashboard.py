@@ -92,16 +92,21 @@ def budgets(client: redis.Redis, now: datetime) -> list[dict[str, Any]]:
             continue  # not a key this version writes
         scopes.append((key, _unescape(parts[2]), parts[3], _unescape(parts[4])))
     raw_budgets = client.mget([key for key, *_ in scopes]) if scopes else []
-    spend_keys = [spend_key(tenant, dimension, value, period) for _, tenant, dimension, value in scopes
-                  for period in ("day", "week", "month")]  # fmt: skip
+    spend_keys = [
+        spend_key(tenant, dimension, value, period)
+        for _, tenant, dimension, value in scopes
+        for period in ("day", "week", "month")
+    ]
     raw_spend = client.mget(spend_keys) if spend_keys else []
     rows = []
     for i, ((_, tenant, dimension, value), raw) in enumerate(zip(scopes, raw_budgets, strict=True)):
         if not raw:
             continue
         try:
-            spend = {(dimension, value, period): spend_value(raw_spend[3 * i + j], now)
-                     for j, period in enumerate(("day", "week", "month"))}  # fmt: skip
+            spend = {
+                (dimension, value, period): spend_value(raw_spend[3 * i + j], now)
+                for j, period in enumerate(("day", "week", "month"))
+            }
             decision = decide(tenant, [(dimension, value)], [raw], spend)
             hard = bool(json.loads(raw).get("hard"))
         except (ValueError, KeyError, TypeError, ArithmeticError):
@@ -109,11 +114,20 @@ def budgets(client: redis.Redis, now: datetime) -> list[dict[str, Any]]:
         if decision.limit is None:
             continue
         percent = decision.spent * 100 / decision.limit if decision.limit else Decimal(0)
-        rows.append({
-            "tenant_id": tenant, "dimension": dimension, "value": value, "scope": decision.scope,
-            "period": decision.period, "hard": hard, "limit": money(decision.limit), "spent": money(decision.spent),
-            "percent": f"{percent.quantize(Decimal('0.1'), rounding=ROUND_HALF_UP)}", "allowed": decision.allowed,
-        })  # fmt: skip
+        rows.append(
+            {
+                "tenant_id": tenant,
+                "dimension": dimension,
+                "value": value,
+                "scope": decision.scope,
+                "period": decision.period,
+                "hard": hard,
+                "limit": money(decision.limit),
+                "spent": money(decision.spent),
+                "percent": f"{percent.quantize(Decimal('0.1'), rounding=ROUND_HALF_UP)}",
+                "allowed": decision.allowed,
+            }
+        )
     rows.sort(key=lambda row: (-Decimal(str(row["percent"])), str(row["scope"])))
     return rows
 
@@ -128,8 +142,15 @@ def latest_alerts(conn: psycopg.Connection, limit: int = ALERTS) -> list[dict[st
     for row in rows:
         alert = dict(zip(ALERT_FIELDS, row, strict=True))
         when = alert["created_at"].astimezone(UTC).isoformat(timespec="seconds")
-        alerts.append({"created_at": when, "kind": alert["kind"], "tenant_id": alert["tenant_id"],
-                       "message": alert["message"], "message_shown": usd_in_text(alert["message"])})  # fmt: skip
+        alerts.append(
+            {
+                "created_at": when,
+                "kind": alert["kind"],
+                "tenant_id": alert["tenant_id"],
+                "message": alert["message"],
+                "message_shown": usd_in_text(alert["message"]),
+            }
+        )
     return alerts
 
 

@@ -69,13 +69,18 @@ def service_call(rng: random.Random, elapsed: float = 0.0, tenant: str | None = 
         input_tokens += int(elapsed * 400)  # a prompt template that keeps growing
     cached = rng.randint(0, input_tokens // 2) if rng.random() < 0.5 else 0
     return {
-        "tenant_id": tenant, "provider": provider, "model": model, "feature": feature,
+        "tenant_id": tenant,
+        "provider": provider,
+        "model": model,
+        "feature": feature,
         "user_id": f"{tenant[:2]}-user-{int(rng.paretovariate(1.1)) % 300}",
         "environment": "prod" if rng.random() < 0.85 else "staging",
-        "session_id": f"{tenant}-s{rng.randint(1, 2000)}", "input_tokens": input_tokens,
-        "cache_read_tokens": cached, "output_tokens": min(int(rng.lognormvariate(5.3, 0.7)) + 5, MAX_OUTPUT_TOKENS),
+        "session_id": f"{tenant}-s{rng.randint(1, 2000)}",
+        "input_tokens": input_tokens,
+        "cache_read_tokens": cached,
+        "output_tokens": min(int(rng.lognormvariate(5.3, 0.7)) + 5, MAX_OUTPUT_TOKENS),
         "latency_ms": int(rng.lognormvariate(6.8, 0.5)),
-    }  # fmt: skip
+    }
 
 
 @dataclass
@@ -90,10 +95,19 @@ class Traffic:
         elapsed = now - self.started
         if elapsed > 15 and rng.random() < 0.12:
             # initech's agent is stuck: the same session calls o3 again and again, its context growing
-            return {"tenant_id": "initech", "provider": "openai", "model": "o3", "feature": "agent",
-                    "session_id": "agent-run-7731", "user_id": "svc-agent", "environment": "prod",
-                    "input_tokens": 6000 + int(elapsed * 120), "output_tokens": 900, "latency_ms": 9000,
-                    "cache_read_tokens": 4096}  # fmt: skip
+            return {
+                "tenant_id": "initech",
+                "provider": "openai",
+                "model": "o3",
+                "feature": "agent",
+                "session_id": "agent-run-7731",
+                "user_id": "svc-agent",
+                "environment": "prod",
+                "input_tokens": 6000 + int(elapsed * 120),
+                "output_tokens": 900,
+                "latency_ms": 9000,
+                "cache_read_tokens": 4096,
+            }
         return service_call(rng, elapsed)
 
 
@@ -137,13 +151,22 @@ def incident(day: date) -> list[dict[str, Any]]:
     UTC: about 20× its usual day, and a cost per call of its ``classify`` feature far above normal."""
     rng = random.Random(f"tokenmeter-demo-incident-{day.isoformat()}")
     start = datetime(day.year, day.month, day.day, 14, tzinfo=UTC)
-    return [{
-        "event_id": f"demo-{day.isoformat()}-rerun-{i}",
-        "timestamp": start + timedelta(seconds=7200 * i / INCIDENT_CALLS),
-        "tenant_id": "initech", "provider": "openai", "model": "o3", "feature": "classify", "user_id": "svc-batch",
-        "environment": "prod", "input_tokens": int(rng.lognormvariate(9.4, 0.3)),
-        "output_tokens": rng.randint(900, 1800), "latency_ms": int(rng.lognormvariate(8.5, 0.4)),
-    } for i in range(INCIDENT_CALLS)]  # fmt: skip
+    return [
+        {
+            "event_id": f"demo-{day.isoformat()}-rerun-{i}",
+            "timestamp": start + timedelta(seconds=7200 * i / INCIDENT_CALLS),
+            "tenant_id": "initech",
+            "provider": "openai",
+            "model": "o3",
+            "feature": "classify",
+            "user_id": "svc-batch",
+            "environment": "prod",
+            "input_tokens": int(rng.lognormvariate(9.4, 0.3)),
+            "output_tokens": rng.randint(900, 1800),
+            "latency_ms": int(rng.lognormvariate(8.5, 0.4)),
+        }
+        for i in range(INCIDENT_CALLS)
+    ]
 
 
 def history(now: datetime) -> list[dict[str, Any]]:
@@ -237,9 +260,10 @@ def _set_budgets(settings: Settings, quota: QuotaClient, rate: int, duration: fl
     budgets = [
         Budget("globex", "tenant", "", "month", (spent("globex") + max(globex, Decimal(1))).quantize(cents), hard=True),
         Budget("acme", "tenant", "", "month", (spent("acme") + max(acme, Decimal(1))).quantize(cents)),
-        Budget("initech", "feature", "agent", "month",
-               (spent("initech", "agent") + max(agent, Decimal(1))).quantize(cents)),
-    ]  # fmt: skip
+        Budget(
+            "initech", "feature", "agent", "month", (spent("initech", "agent") + max(agent, Decimal(1))).quantize(cents)
+        ),
+    ]
     # librdkafka's lines go through logging (producers/kafka_logging.py), not onto the demo's screen.
     config = {"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "logger": KafkaLogger()}
     producer = Producer(config)
@@ -253,8 +277,12 @@ def _alerts_since(settings: Settings, since: datetime) -> list[dict[str, Any]]:
     """The demo tenants' alerts created since ``since``, oldest first."""
     try:
         with psycopg.connect(settings.database_url, connect_timeout=3) as conn:
-            found = [a for tenant in TENANTS for a in list_alerts(conn, tenant, limit=100_000)
-                     if a["created_at"] >= since.isoformat()]  # fmt: skip
+            found = [
+                a
+                for tenant in TENANTS
+                for a in list_alerts(conn, tenant, limit=100_000)
+                if a["created_at"] >= since.isoformat()
+            ]
     except psycopg.OperationalError:
         return []
     return sorted(found, key=lambda a: (a["created_at"], a["alert_id"]))
@@ -293,16 +321,23 @@ class Services:
         provider, model, prompt = event["provider"], event["model"], event["input_tokens"]
         output_cap = max(MAX_OUTPUT_TOKENS, event["output_tokens"])
         estimate = estimate_cost(provider, model, prompt, output_cap) or Decimal(0)
-        reservation = self.quota.reserve(tenant, estimate, event.get("feature"), event.get("user_id"),
-                                         environment=event.get("environment"), tokens=prompt + output_cap)  # fmt: skip
+        reservation = self.quota.reserve(
+            tenant,
+            estimate,
+            event.get("feature"),
+            event.get("user_id"),
+            environment=event.get("environment"),
+            tokens=prompt + output_cap,
+        )
         if not reservation.allowed:
             self.refused[tenant] += 1
             self.last_refusal[tenant] = reservation.reason
             return False
         actual = estimate_cost(provider, model, prompt, event["output_tokens"], event.get("cache_read_tokens", 0))
         self.made += 1
-        heapq.heappush(self.in_flight, _Call(now + event["latency_ms"] / 1000, self.made, event, reservation,
-                                             actual or Decimal(0)))  # fmt: skip
+        heapq.heappush(
+            self.in_flight, _Call(now + event["latency_ms"] / 1000, self.made, event, reservation, actual or Decimal(0))
+        )
         self.held[tenant] = self.held.get(tenant, Decimal(0)) + estimate
         self.calls_in_flight[tenant] += 1
         if self.held[tenant] > self.most_held.get(tenant, (Decimal(0), 0))[0]:
@@ -332,11 +367,21 @@ class Services:
         self.calls_in_flight[call.event["tenant_id"]] -= 1
 
 
-def _panel(sent: int, rate: float, elapsed: float, duration: float | None, spend: dict[str, Any],
-           alerts: list[dict[str, Any]], services: Services) -> Group:  # fmt: skip
+def _panel(
+    sent: int,
+    rate: float,
+    elapsed: float,
+    duration: float | None,
+    spend: dict[str, Any],
+    alerts: list[dict[str, Any]],
+    services: Services,
+) -> Group:
     head = f"{elapsed:5.0f}s" + (f" / {duration:.0f}s" if duration else " (Ctrl-C to stop)")
-    table = Table(title=f"live spend this month — {sent:,} calls made, {rate:,.0f} calls/s, {head}",
-                  title_justify="left", expand=True)  # fmt: skip
+    table = Table(
+        title=f"live spend this month — {sent:,} calls made, {rate:,.0f} calls/s, {head}",
+        title_justify="left",
+        expand=True,
+    )
     for column in ("tenant", "spent", "budget", "reserved in flight", "reserve()"):
         table.add_column(column)
     for tenant, decision in spend.items():
@@ -366,8 +411,15 @@ def _paced_calls(rate: int, duration: float | None) -> Iterator[float]:
 
 
 # What a person should see first in the list of live alerts: budgets, the planted incidents, then spikes.
-_ALERT_ORDER = ("budget.blocked", "budget.threshold", "anomaly.runaway_loop", "anomaly.cost_per_call_jump",
-                "anomaly.daily_spend_spike", "anomaly.spend_spike", "anomaly.user_spike")  # fmt: skip
+_ALERT_ORDER = (
+    "budget.blocked",
+    "budget.threshold",
+    "anomaly.runaway_loop",
+    "anomaly.cost_per_call_jump",
+    "anomaly.daily_spend_spike",
+    "anomaly.spend_spike",
+    "anomaly.user_spike",
+)
 
 
 def _print_alerts(console: Console, alerts: list[dict[str, Any]], limit: int = 20) -> None:
@@ -380,8 +432,10 @@ def _print_alerts(console: Console, alerts: list[dict[str, Any]], limit: int = 2
     if len(alerts) > limit:
         console.print(f"  … and {len(alerts) - limit} more (tokenmeter alerts list)")
     if counts["anomaly.user_spike"] or counts["anomaly.spend_spike"]:
-        console.print("  [dim](the live part plays hundreds of calls a second against a history of a few "
-                      "thousand a day: the hourly and daily rules flag it, for tenants and busy users)[/]")  # fmt: skip
+        console.print(
+            "  [dim](the live part plays hundreds of calls a second against a history of a few "
+            "thousand a day: the hourly and daily rules flag it, for tenants and busy users)[/]"
+        )
 
 
 def _start_dashboard(settings: Settings, port: int, console: Console) -> Any:
@@ -392,15 +446,17 @@ def _start_dashboard(settings: Settings, port: int, console: Console) -> Any:
     try:
         server = start_in_background(settings, "127.0.0.1", port)
     except OSError as exc:
-        console.print(f"    [dim]no dashboard: port {port} is taken ({exc.strerror}); "
-                      "try tokenmeter dashboard --port N[/]")  # fmt: skip
+        console.print(
+            f"    [dim]no dashboard: port {port} is taken ({exc.strerror}); try tokenmeter dashboard --port N[/]"
+        )
         return None
     console.print(f"    live dashboard while the demo runs: [bold]{url_of(server)}[/]")
     return server
 
 
-def run_demo(settings: Settings, duration: float | None, rate: int, console: Console,
-             dashboard_port: int = 8050) -> Path:  # fmt: skip
+def run_demo(
+    settings: Settings, duration: float | None, rate: int, console: Console, dashboard_port: int = 8050
+) -> Path:
     console.rule("[bold]tokenmeter demo")
     stack = LocalStack(settings)
     console.print("1/6 local stack (Kafka, Postgres, Redis) …")
@@ -415,21 +471,36 @@ def run_demo(settings: Settings, duration: float | None, rate: int, console: Con
     worker.start(loglevel="warning")
     dashboard = _start_dashboard(settings, dashboard_port, console)
     try:
-        console.print(f"3/6 history: {HISTORY_DAYS} days of the four tenants' traffic, oldest first, backfilled "
-                      "through the pipeline …")  # fmt: skip
+        console.print(
+            f"3/6 history: {HISTORY_DAYS} days of the four tenants' traffic, oldest first, backfilled "
+            "through the pipeline …"
+        )
         backfill = backfill_history(settings, console, datetime.now(UTC))
-        console.print(f"    {backfill.events:,} calls over {HISTORY_DAYS} days metered in {backfill.seconds:.0f}s; "
-                      f"anomalies the rules found in the history ({len(backfill.anomalies)}):")  # fmt: skip
+        console.print(
+            f"    {backfill.events:,} calls over {HISTORY_DAYS} days metered in {backfill.seconds:.0f}s; "
+            f"anomalies the rules found in the history ({len(backfill.anomalies)}):"
+        )
         for a in backfill.anomalies:
             day = _window_day(a)
-            console.print(Text.assemble("    ", cell(f"{day} ", style="dim"), cell(f"{a['kind']:<28}", style="yellow"),
-                                        " ", cell(usd_in_text(a["message"]))))  # fmt: skip
+            console.print(
+                Text.assemble(
+                    "    ",
+                    cell(f"{day} ", style="dim"),
+                    cell(f"{a['kind']:<28}", style="yellow"),
+                    " ",
+                    cell(usd_in_text(a["message"])),
+                )
+            )
         quota = QuotaClient(settings)
         budgets = _set_budgets(settings, quota, rate, duration)
-        console.print("4/6 budgets: " + "; ".join(f"{b.scope_label} ${b.limit}/{b.period}"
-                                                  f"{' hard' if b.hard else ''}" for b in budgets))  # fmt: skip
-        console.print(f"5/6 traffic: {rate} calls/s from 4 tenants' services, each call reserve() → call → commit()"
-                      + (f" for {duration:.0f}s" if duration else " until Ctrl-C"))  # fmt: skip
+        console.print(
+            "4/6 budgets: "
+            + "; ".join(f"{b.scope_label} ${b.limit}/{b.period}{' hard' if b.hard else ''}" for b in budgets)
+        )
+        console.print(
+            f"5/6 traffic: {rate} calls/s from 4 tenants' services, each call reserve() → call → commit()"
+            + (f" for {duration:.0f}s" if duration else " until Ctrl-C")
+        )
         started_at = datetime.now(UTC)
         traffic = Traffic(time.monotonic())
         window: list[float] = []
@@ -449,8 +520,17 @@ def run_demo(settings: Settings, duration: float | None, rate: int, console: Con
                         spend = {tenant: quota.check(tenant) for tenant in TENANTS}
                         if int(now) % 2 == 0:
                             alerts = _alerts_since(settings, started_at)
-                        live.update(_panel(services.made, len(window) / 2.0, now - traffic.started, duration, spend,
-                                           alerts, services))  # fmt: skip
+                        live.update(
+                            _panel(
+                                services.made,
+                                len(window) / 2.0,
+                                now - traffic.started,
+                                duration,
+                                spend,
+                                alerts,
+                                services,
+                            )
+                        )
                 services.returned(None)  # time is up: the calls in flight return
             except KeyboardInterrupt:
                 console.print("stopping traffic …")
@@ -477,9 +557,11 @@ def run_demo(settings: Settings, duration: float | None, rate: int, console: Con
     html_path.write_text(render_html(report), encoding="utf-8")
     console.rule()
     console.print(f"HTML report with charts: {html_path}")
-    console.print("The stack is still up. Try: tokenmeter dashboard · tokenmeter report --tenant initech · "
-                  "tokenmeter quota check --tenant globex · tokenmeter invoice --tenant acme --period "
-                  f"{started_at:%Y-%m} · tokenmeter alerts list · tokenmeter dev down")  # fmt: skip
+    console.print(
+        "The stack is still up. Try: tokenmeter dashboard · tokenmeter report --tenant initech · "
+        "tokenmeter quota check --tenant globex · tokenmeter invoice --tenant acme --period "
+        f"{started_at:%Y-%m} · tokenmeter alerts list · tokenmeter dev down"
+    )
     return html_path
 
 

@@ -25,8 +25,16 @@ from deploy.topics import ensure_topics
 from sinks.migrate import migrate
 from streams.lag import measure_lag
 
-TOPIC_FIELDS = ("topic_raw", "topic_priced", "topic_dlq", "topic_alerts_budget", "topic_alerts_anomaly",
-                "topic_rollups", "topic_budgets", "topic_price_overrides")  # fmt: skip
+TOPIC_FIELDS = (
+    "topic_raw",
+    "topic_priced",
+    "topic_dlq",
+    "topic_alerts_budget",
+    "topic_alerts_anomaly",
+    "topic_rollups",
+    "topic_budgets",
+    "topic_price_overrides",
+)
 
 
 def isolated(settings: Settings, unique: str, **extra: object) -> Settings:
@@ -98,9 +106,11 @@ class WorkerProcess:
         self.logs.append(log)
         with log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "deploy", "worker", "--loglevel", loglevel], env=env_for(self.settings),
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [sys.executable, "-m", "deploy", "worker", "--loglevel", loglevel],
+                env=env_for(self.settings),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def kill(self) -> None:
         assert self.process is not None

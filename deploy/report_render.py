@@ -28,16 +28,26 @@ def print_report(report: dict[str, Any], console: Console | None = None, rows: i
     )
     trend = "  ".join(f"{d['date'][5:]} {usd(d['cost'])}" for d in report["trend_7d"])
     console.print(f"   last 7 days: {trend}")
-    sections = [("2. By provider", "by_provider"), ("2. By model", "by_model"), ("3. By feature", "by_feature"),
-                ("3. By environment", "by_environment"), ("4. By user", "by_user")]  # fmt: skip
+    sections = [
+        ("2. By provider", "by_provider"),
+        ("2. By model", "by_model"),
+        ("3. By feature", "by_feature"),
+        ("3. By environment", "by_environment"),
+        ("4. By user", "by_user"),
+    ]
     for title, key in sections:
         table = Table(title=title, title_justify="left", show_edge=False)
         for column in ("name", "cost", "calls", "share %", "avg/call"):
             table.add_column(column, justify="left" if column == "name" else "right")
         for row in report[key][:rows]:
             average = row.get("avg_cost_per_call")
-            table.add_row(cell(row["name"]), usd(row["cost"]), f"{row['calls']:,}", row["share"],
-                          "" if average is None else usd(average, "per_call"))  # fmt: skip
+            table.add_row(
+                cell(row["name"]),
+                usd(row["cost"]),
+                f"{row['calls']:,}",
+                row["share"],
+                "" if average is None else usd(average, "per_call"),
+            )
         if len(report[key]) > rows:
             table.add_row(f"… {len(report[key]) - rows} more", "", "", "", "")
         console.print(table)
@@ -46,8 +56,14 @@ def print_report(report: dict[str, Any], console: Console | None = None, rows: i
     for column in ("cost", "tenant", "model", "feature", "user", "when"):
         top.add_column(column, justify="right" if column == "cost" else "left")
     for r in report["top_requests"][:5]:
-        top.add_row(usd(r["cost"], "per_call"), cell(r["tenant_id"]), cell(r["model"]), cell(r["feature"]),
-                    cell(r["user_id"]), r["timestamp"][:19])  # fmt: skip
+        top.add_row(
+            usd(r["cost"], "per_call"),
+            cell(r["tenant_id"]),
+            cell(r["model"]),
+            cell(r["feature"]),
+            cell(r["user_id"]),
+            r["timestamp"][:19],
+        )
     console.print(top)
     if report["top_conversations"]:
         conv = Table(title="4. Most expensive conversations (session or trace)", title_justify="left", show_edge=False)
@@ -112,8 +128,12 @@ def _columns(days: list[dict[str, Any]], width: int = 560, height: int = 200) ->
     return "".join(parts)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], limit: int = 15,
-           money: dict[str, Literal["total", "per_call"]] | None = None) -> str:  # fmt: skip
+def _table(
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str, str]],
+    limit: int = 15,
+    money: dict[str, Literal["total", "per_call"]] | None = None,
+) -> str:
     """An HTML table; the columns named in ``money`` are amounts, rounded as ``usd`` does for that kind."""
 
     def shown(row: dict[str, Any], key: str) -> str:
@@ -135,14 +155,23 @@ def render_html(report: dict[str, Any]) -> str:
     who = html.escape(report["tenant_id"] or "all tenants")
     cards = "".join(
         f"<div class='card'><div class='k'>{label}</div><div class='v'>{html.escape(value)}</div></div>"
-        for label, value in [("period total", usd(t["cost"])), ("calls", f"{t['calls']:,}"),
-                             ("today", usd(t["today"])), ("this week", usd(t["this_week"])),
-                             ("this month", usd(t["this_month"])),
-                             ("avg per call", usd(report["avg_cost_per_call"]["overall"], "per_call")),
-                             ("unpriced calls", f"{t['unpriced_calls']:,}")]
-    )  # fmt: skip
-    money_columns = [("name", "name"), ("cost", "cost"), ("calls", "calls"), ("share %", "share"),
-                     ("avg per call", "avg_cost_per_call")]  # fmt: skip
+        for label, value in [
+            ("period total", usd(t["cost"])),
+            ("calls", f"{t['calls']:,}"),
+            ("today", usd(t["today"])),
+            ("this week", usd(t["this_week"])),
+            ("this month", usd(t["this_month"])),
+            ("avg per call", usd(report["avg_cost_per_call"]["overall"], "per_call")),
+            ("unpriced calls", f"{t['unpriced_calls']:,}"),
+        ]
+    )
+    money_columns = [
+        ("name", "name"),
+        ("cost", "cost"),
+        ("calls", "calls"),
+        ("share %", "share"),
+        ("avg per call", "avg_cost_per_call"),
+    ]
     breakdown: dict[str, Literal["total", "per_call"]] = {"cost": "total", "avg_cost_per_call": "per_call"}
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tokenmeter report — {who}</title>

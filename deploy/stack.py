@@ -536,16 +536,25 @@ class LocalStack:
         log = self.redis_dir / "redis.log"
         args = [
             str(self._redis_bin()),
-            "--port", str(s.redis_port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.redis_dir),
-            "--daemonize", "yes",
-            "--pidfile", str(self.redis_dir / "redis.pid"),
-            "--logfile", str(log),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-        ]  # fmt: skip
+            "--port",
+            str(s.redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.redis_dir),
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(self.redis_dir / "redis.pid"),
+            "--logfile",
+            str(log),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+        ]
         result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0 or not _wait_until(self._redis_answers, 15):
             raise StackError(f"Redis did not start: {result.stderr.strip() or 'no answer'}; see {log}")

@@ -34,8 +34,16 @@ def record_latency(
     caches, not the library.
     """
     producer = UsageProducer(settings, topic=topic)
-    event = {"tenant_id": "bench", "provider": "openai", "model": "gpt-4o", "input_tokens": 1200,
-             "cache_read_tokens": 1024, "output_tokens": 300, "feature": "search", "user_id": "u-1"}  # fmt: skip
+    event = {
+        "tenant_id": "bench",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "input_tokens": 1200,
+        "cache_read_tokens": 1024,
+        "output_tokens": 300,
+        "feature": "search",
+        "user_id": "u-1",
+    }
     gap = int(1e9 / rate_per_s) if rate_per_s else 0
     samples: list[int] = []
     next_at = time.perf_counter_ns()

@@ -169,8 +169,11 @@ def rate_counter_keys(tenant_id: str, dimension: str, value: str, now: datetime)
     """Calls this minute, tokens this minute, calls today (UTC) — counted by ``reserve``."""
     scope = f"{escape_key_part(tenant_id)}:{dimension}:{escape_key_part(value)}"
     minute = int(now.timestamp()) // 60
-    return [f"tm:rate:{scope}:calls:m{minute}", f"tm:rate:{scope}:tokens:m{minute}",
-            f"tm:rate:{scope}:calls:d{now:%Y%m%d}"]  # fmt: skip
+    return [
+        f"tm:rate:{scope}:calls:m{minute}",
+        f"tm:rate:{scope}:tokens:m{minute}",
+        f"tm:rate:{scope}:calls:d{now:%Y%m%d}",
+    ]
 
 
 def held_key(tenant_id: str, dimension: str, value: str) -> str:
@@ -200,9 +203,14 @@ class QuotaClient:
         self.redis = client or redis.Redis.from_url(self.settings.redis_url, socket_timeout=1.0)
 
     def check(
-        self, tenant_id: str, feature: str | None = None, user_id: str | None = None, *,
-        environment: str | None = None, now: datetime | None = None,
-    ) -> QuotaDecision:  # fmt: skip
+        self,
+        tenant_id: str,
+        feature: str | None = None,
+        user_id: str | None = None,
+        *,
+        environment: str | None = None,
+        now: datetime | None = None,
+    ) -> QuotaDecision:
         """Allowed unless an exhausted hard budget or a reached rate limit of the tenant, feature, user or
         environment says no; reports the tightest budget. One MGET."""
         now = now or datetime.now(UTC)
@@ -233,15 +241,31 @@ class QuotaClient:
             reached = rate_limit_reached(raw, counters[3 * i : 3 * i + 3])
             if reached and decision.allowed:
                 scope = _label(tenant_id, *scopes[i])
-                return QuotaDecision(False, decision.spent, decision.limit, decision.remaining,
-                                     f"rate limit of {scope}: {reached}", decision.scope, decision.period,
-                                     stale, age)  # fmt: skip
+                return QuotaDecision(
+                    False,
+                    decision.spent,
+                    decision.limit,
+                    decision.remaining,
+                    f"rate limit of {scope}: {reached}",
+                    decision.scope,
+                    decision.period,
+                    stale,
+                    age,
+                )
         return decision
 
     def reserve(
-        self, tenant_id: str, estimated_cost: Decimal, feature: str | None = None, user_id: str | None = None,
-        *, environment: str | None = None, tokens: int = 0, ttl_s: float = 300.0, now: datetime | None = None,
-    ) -> Reservation:  # fmt: skip
+        self,
+        tenant_id: str,
+        estimated_cost: Decimal,
+        feature: str | None = None,
+        user_id: str | None = None,
+        *,
+        environment: str | None = None,
+        tokens: int = 0,
+        ttl_s: float = 300.0,
+        now: datetime | None = None,
+    ) -> Reservation:
         """Before a model call: hold ``estimated_cost`` against every hard budget of the tenant, feature
         and user and count the call (and its ``tokens``) against their rate limits — or refuse, if any
         of them would be exceeded. Atomic across any number of service replicas."""
@@ -258,9 +282,20 @@ class QuotaClient:
         amount = int((estimated_cost * NANO).to_integral_value())
         now_ms, ttl_ms = int(now.timestamp() * 1000), int(ttl_s * 1000)
         reservation_id = uuid.uuid4().hex
-        outcome = self.redis.eval(_RESERVE, len(keys), *keys, now_ms, amount, f"{amount}:{now_ms + ttl_ms}",
-                                  reservation_id, ttl_ms, tokens, int(self.settings.quota_stale_after_s * 1000),
-                                  LIVE_WITHIN_MS, int(self.settings.quota_hold_max_s * 1000))  # fmt: skip
+        outcome = self.redis.eval(
+            _RESERVE,
+            len(keys),
+            *keys,
+            now_ms,
+            amount,
+            f"{amount}:{now_ms + ttl_ms}",
+            reservation_id,
+            ttl_ms,
+            tokens,
+            int(self.settings.quota_stale_after_s * 1000),
+            LIVE_WITHIN_MS,
+            int(self.settings.quota_hold_max_s * 1000),
+        )
         held_keys = tuple(keys[4::_PER_SCOPE])
         if outcome[0] == 1:
             if len(outcome) > 1 and outcome[1] == 1:  # allowed on stale data: remember it for the overrun alert
@@ -274,18 +309,27 @@ class QuotaClient:
         what = outcome[2].decode() if isinstance(outcome[2], bytes) else str(outcome[2])
         if what == "stale":
             age_text = "no worker has reported" if int(outcome[3]) < 0 else f"it is {int(outcome[3]) / 1000:.0f}s old"
-            reason = (f"hard budget of {scope} blocks while its spend data is stale ({age_text}, bound "
-                      f"{self.settings.quota_stale_after_s:g}s): the pipeline is behind")  # fmt: skip
+            reason = (
+                f"hard budget of {scope} blocks while its spend data is stale ({age_text}, bound "
+                f"{self.settings.quota_stale_after_s:g}s): the pipeline is behind"
+            )
         elif what == "budget":
             spent, holding = Decimal(outcome[3]) / NANO, Decimal(outcome[4]) / NANO
-            reason = (f"hard budget of {scope} cannot take ${estimated_cost}: "
-                      f"${spent.normalize():f} spent and ${holding.normalize():f} held by calls in flight")  # fmt: skip
+            reason = (
+                f"hard budget of {scope} cannot take ${estimated_cost}: "
+                f"${spent.normalize():f} spent and ${holding.normalize():f} held by calls in flight"
+            )
         else:
             reason = f"rate limit of {scope}: {what.replace('_', ' ')} is {outcome[4]} ({outcome[3]} used)"
         return Reservation(reservation_id, False, estimated_cost, reason, held_keys)
 
-    def _count_stale_calls(self, tenant_id: str, scopes: list[tuple[str, str]], budgets: list[Any],
-                           spend_raw: dict[tuple[str, str, str], Any]) -> None:  # fmt: skip
+    def _count_stale_calls(
+        self,
+        tenant_id: str,
+        scopes: list[tuple[str, str]],
+        budgets: list[Any],
+        spend_raw: dict[tuple[str, str, str], Any],
+    ) -> None:
         """Count a call allowed while the spend data was stale, per hard budget with ``on_stale=allow``
         (only during an outage, so the extra round trip costs nothing in normal operation)."""
         pipe = self.redis.pipeline(transaction=False)
@@ -395,8 +439,9 @@ def decide(
 _BOOK: Any = None
 
 
-def estimate_cost(provider: str, model: str, input_tokens: int, max_output_tokens: int = 0,
-                  cache_read_tokens: int = 0) -> Decimal | None:  # fmt: skip
+def estimate_cost(
+    provider: str, model: str, input_tokens: int, max_output_tokens: int = 0, cache_read_tokens: int = 0
+) -> Decimal | None:
     """The most a call can cost, before making it (for ``reserve``): today's price of ``model`` for the
     prompt's input tokens and the request's output cap. None for an unknown model."""
     global _BOOK
@@ -405,8 +450,15 @@ def estimate_cost(provider: str, model: str, input_tokens: int, max_output_token
 
     if _BOOK is None:
         _BOOK = PriceBook()
-    event = UsageEvent(event_id="estimate", timestamp=datetime.now(UTC), tenant_id="estimate", provider=provider,
-                       model=model, input_tokens=input_tokens, output_tokens=max_output_tokens,
-                       cache_read_tokens=cache_read_tokens)  # fmt: skip
+    event = UsageEvent(
+        event_id="estimate",
+        timestamp=datetime.now(UTC),
+        tenant_id="estimate",
+        provider=provider,
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=max_output_tokens,
+        cache_read_tokens=cache_read_tokens,
+    )
     price = _BOOK.price(event)
     return price.total_cost if price.status == "priced" else None

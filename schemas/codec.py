@@ -212,8 +212,13 @@ def _record_writer_of(fields: list[dict[str, Any]], where: str) -> Writer:
 
 
 def _writer_for(field_type: Any, where: str) -> Writer:
-    simple: dict[str, Writer] = {"string": _write_string, "long": _zigzag, "int": _zigzag,
-                                 "boolean": _write_boolean, "bytes": _write_bytes}  # fmt: skip
+    simple: dict[str, Writer] = {
+        "string": _write_string,
+        "long": _zigzag,
+        "int": _zigzag,
+        "boolean": _write_boolean,
+        "bytes": _write_bytes,
+    }
     if isinstance(field_type, str) and field_type in simple:
         return simple[field_type]
     if isinstance(field_type, dict):

@@ -131,8 +131,11 @@ class UsageEvent(BaseModel):
                 for text, what in ((key, "tag key"), (value, "tag")):
                     problem = printable_problem(text) if type(text) is str else None
                     if problem is not None:
-                        raise PydanticCustomError("unprintable", "{what} {key}: {problem}",
-                                                  {"what": what, "key": repr(key), "problem": problem})  # fmt: skip
+                        raise PydanticCustomError(
+                            "unprintable",
+                            "{what} {key}: {problem}",
+                            {"what": what, "key": repr(key), "problem": problem},
+                        )
         return tags
 
     @field_validator("tags")
@@ -225,12 +228,20 @@ _STRING_LIMITS = {
 }
 _INT_LIMITS = {
     **dict.fromkeys(
-        ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
-         "input_audio_tokens", "output_audio_tokens", "input_image_tokens"),
+        (
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "reasoning_tokens",
+            "input_audio_tokens",
+            "output_audio_tokens",
+            "input_image_tokens",
+        ),
         MAX_TOKENS,
     ),
     "latency_ms": 86_400_000,
-}  # fmt: skip
+}
 _OPTIONAL = frozenset(UsageEvent.model_fields) - frozenset(_REQUIRED)
 _NOT_NULL = frozenset(("timestamp", "cache_read_tokens", "cache_write_tokens", "estimated", "tags", *_REQUIRED))
 
@@ -268,8 +279,12 @@ def surely_valid(data: dict[str, Any]) -> bool:
             if name != "estimated":
                 return False
         elif kind is datetime:
-            if (name != "timestamp" or value.utcoffset() is None or value - datetime.now(UTC) > MAX_FUTURE_SKEW
-                    or value < MIN_TIMESTAMP):  # fmt: skip
+            if (
+                name != "timestamp"
+                or value.utcoffset() is None
+                or value - datetime.now(UTC) > MAX_FUTURE_SKEW
+                or value < MIN_TIMESTAMP
+            ):
                 return False
         elif kind is dict:
             if name != "tags" or not _tags_fit(value):

@@ -10,8 +10,20 @@ from typing import Any
 
 import psycopg
 
-ALERT_FIELDS = ("alert_id", "kind", "tenant_id", "scope", "period", "threshold_percent", "current", "baseline", "limit",
-           "message", "details", "created_at")  # fmt: skip
+ALERT_FIELDS = (
+    "alert_id",
+    "kind",
+    "tenant_id",
+    "scope",
+    "period",
+    "threshold_percent",
+    "current",
+    "baseline",
+    "limit",
+    "message",
+    "details",
+    "created_at",
+)
 
 
 def store_alerts(conn: psycopg.Connection, alerts: Sequence[dict[str, Any]]) -> set[str]:
@@ -20,20 +32,32 @@ def store_alerts(conn: psycopg.Connection, alerts: Sequence[dict[str, Any]]) -> 
     with conn.transaction():
         for alert in alerts:
             row = conn.execute(
-                'INSERT INTO tokenmeter.alerts (alert_id, kind, tenant_id, scope, period, threshold_percent, current,'
+                "INSERT INTO tokenmeter.alerts (alert_id, kind, tenant_id, scope, period, threshold_percent, current,"
                 ' baseline, "limit", message, details, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,'
                 " %s, %s) ON CONFLICT (alert_id) DO NOTHING RETURNING alert_id",
-                (alert["alert_id"], alert["kind"], alert["tenant_id"], json.dumps(alert["scope"]), alert["period"],
-                 alert["threshold_percent"], alert["current"], alert["baseline"], alert["limit"], alert["message"],
-                 json.dumps(alert["details"]), alert["created_at"]),
-            ).fetchone()  # fmt: skip
+                (
+                    alert["alert_id"],
+                    alert["kind"],
+                    alert["tenant_id"],
+                    json.dumps(alert["scope"]),
+                    alert["period"],
+                    alert["threshold_percent"],
+                    alert["current"],
+                    alert["baseline"],
+                    alert["limit"],
+                    alert["message"],
+                    json.dumps(alert["details"]),
+                    alert["created_at"],
+                ),
+            ).fetchone()
             if row:
                 new.add(row[0])
     return new
 
 
-def top_contributors(conn: psycopg.Connection, tenant_id: str, granularity: str, window_start: datetime,
-                     limit: int = 3) -> dict[str, str]:  # fmt: skip
+def top_contributors(
+    conn: psycopg.Connection, tenant_id: str, granularity: str, window_start: datetime, limit: int = 3
+) -> dict[str, str]:
     """The biggest features, users and models of a tenant's window, for an alert's details."""
     details = {}
     for dimension in ("feature", "user", "model"):

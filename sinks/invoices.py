@@ -51,8 +51,11 @@ class RateCard:
                 raise ValueError(f"{model}: input_mtok and output_mtok are required")
 
     def as_json(self) -> dict[str, Any]:
-        return {"mode": self.mode, "markup_percent": str(self.markup_percent),
-                "rates": {m: {k: str(v) for k, v in r.items()} for m, r in self.rates.items()}}  # fmt: skip
+        return {
+            "mode": self.mode,
+            "markup_percent": str(self.markup_percent),
+            "rates": {m: {k: str(v) for k, v in r.items()} for m, r in self.rates.items()},
+        }
 
     @classmethod
     def from_json(cls, tenant_id: str, data: dict[str, Any]) -> RateCard:
@@ -70,8 +73,9 @@ def set_rate_card(conn: psycopg.Connection, card: RateCard) -> None:
 
 
 def rate_card(conn: psycopg.Connection, tenant_id: str) -> RateCard:
-    row = conn.execute("SELECT mode, markup_percent, rates FROM tokenmeter.rate_cards WHERE tenant_id = %s",
-                       (tenant_id,)).fetchone()  # fmt: skip
+    row = conn.execute(
+        "SELECT mode, markup_percent, rates FROM tokenmeter.rate_cards WHERE tenant_id = %s", (tenant_id,)
+    ).fetchone()
     if row is None:
         return RateCard(tenant_id)
     return RateCard.from_json(tenant_id, {"mode": row[0], "markup_percent": str(row[1]), "rates": row[2]})
@@ -126,8 +130,12 @@ class InvoiceLine:
     output_cost: Decimal = Decimal(0)
 
 
-def bill_line(card: RateCard, model: str, tokens: tuple[int, int, int, int], costs: tuple[Decimal, Decimal],
-              ) -> tuple[Decimal, list[InvoiceItem]]:  # fmt: skip
+def bill_line(
+    card: RateCard,
+    model: str,
+    tokens: tuple[int, int, int, int],
+    costs: tuple[Decimal, Decimal],
+) -> tuple[Decimal, list[InvoiceItem]]:
     """Apply a rate card to one model's month: tokens (input, output, cache read, cache write) and
     pass-through costs (input, output). Exact: no rounding. Linear, so it bills adjustments too."""
     input_tokens, output_tokens, cache_read, cache_write = tokens
@@ -137,23 +145,45 @@ def bill_line(card: RateCard, model: str, tokens: tuple[int, int, int, int], cos
         read_rate = rates.get("cache_read_mtok", rates["input_mtok"])
         write_rate = rates.get("cache_write_mtok", rates["input_mtok"])
         uncached = input_tokens - cache_read - cache_write
-        kinds = [("input_uncached", uncached, rates["input_mtok"]), ("cache_read", cache_read, read_rate),
-                 ("cache_write", cache_write, write_rate), ("output", output_tokens, rates["output_mtok"])]  # fmt: skip
+        kinds = [
+            ("input_uncached", uncached, rates["input_mtok"]),
+            ("cache_read", cache_read, read_rate),
+            ("cache_write", cache_write, write_rate),
+            ("output", output_tokens, rates["output_mtok"]),
+        ]
         items = [InvoiceItem(kind, n, rate, rate * n / MTOK) for kind, n, rate in kinds if n]
         return sum((i.amount for i in items), Decimal(0)), items
     factor = 1 + card.markup_percent / 100 if card.mode == "cost_plus" else Decimal(1)
-    items = [InvoiceItem("input", input_tokens, None, input_cost * factor),
-             InvoiceItem("output", output_tokens, None, output_cost * factor)]  # fmt: skip
+    items = [
+        InvoiceItem("input", input_tokens, None, input_cost * factor),
+        InvoiceItem("output", output_tokens, None, output_cost * factor),
+    ]
     return (input_cost + output_cost) * factor, items
 
 
 def _line(card: RateCard, usage: Usage, usage_period: str) -> InvoiceLine:
     u = usage
-    amount, items = bill_line(card, u.provider_model, (u.input_tokens, u.output_tokens, u.cache_read_tokens,
-                                                      u.cache_write_tokens), (u.input_cost, u.output_cost))  # fmt: skip
-    return InvoiceLine(u.provider_model, u.calls, u.input_tokens, u.output_tokens, u.cache_read_tokens,
-                       u.cache_write_tokens, u.cost, amount, items, usage_period, u.unpriced_calls, u.input_cost,
-                       u.output_cost)  # fmt: skip
+    amount, items = bill_line(
+        card,
+        u.provider_model,
+        (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens),
+        (u.input_cost, u.output_cost),
+    )
+    return InvoiceLine(
+        u.provider_model,
+        u.calls,
+        u.input_tokens,
+        u.output_tokens,
+        u.cache_read_tokens,
+        u.cache_write_tokens,
+        u.cost,
+        amount,
+        items,
+        usage_period,
+        u.unpriced_calls,
+        u.input_cost,
+        u.output_cost,
+    )
 
 
 @dataclass(frozen=True)
@@ -186,26 +216,47 @@ class Invoice:
 
         def line_json(line: InvoiceLine) -> dict[str, Any]:
             return {
-                "provider_model": line.provider_model, "usage_period": line.usage_period, "calls": line.calls,
-                "unpriced_calls": line.unpriced_calls, "input_tokens": line.input_tokens,
-                "output_tokens": line.output_tokens, "cache_read_tokens": line.cache_read_tokens,
-                "cache_write_tokens": line.cache_write_tokens, "cost": str(line.cost), "amount": str(line.amount),
-                "items": [{"kind": i.kind, "quantity": i.quantity, "amount": str(i.amount),
-                           "unit_price_mtok": None if i.unit_price_mtok is None else str(i.unit_price_mtok)}
-                          for i in line.items],
-            }  # fmt: skip
+                "provider_model": line.provider_model,
+                "usage_period": line.usage_period,
+                "calls": line.calls,
+                "unpriced_calls": line.unpriced_calls,
+                "input_tokens": line.input_tokens,
+                "output_tokens": line.output_tokens,
+                "cache_read_tokens": line.cache_read_tokens,
+                "cache_write_tokens": line.cache_write_tokens,
+                "cost": str(line.cost),
+                "amount": str(line.amount),
+                "items": [
+                    {
+                        "kind": i.kind,
+                        "quantity": i.quantity,
+                        "amount": str(i.amount),
+                        "unit_price_mtok": None if i.unit_price_mtok is None else str(i.unit_price_mtok),
+                    }
+                    for i in line.items
+                ],
+            }
 
         return {
-            "tenant_id": self.tenant_id, "period": self.period, "currency": self.currency, "status": self.status,
+            "tenant_id": self.tenant_id,
+            "period": self.period,
+            "currency": self.currency,
+            "status": self.status,
             "finalized_at": self.finalized_at.isoformat() if self.finalized_at else None,
-            "time_zone": self.time_zone, "lines": [line_json(x) for x in self.lines],
-            "adjustments": [line_json(x) for x in self.adjustments], "total": str(self.total), "calls": self.calls,
-            "unpriced_calls": self.unpriced_calls, "rate_card": self.rate_card.as_json(),
-        }  # fmt: skip
+            "time_zone": self.time_zone,
+            "lines": [line_json(x) for x in self.lines],
+            "adjustments": [line_json(x) for x in self.adjustments],
+            "total": str(self.total),
+            "calls": self.calls,
+            "unpriced_calls": self.unpriced_calls,
+            "rate_card": self.rate_card.as_json(),
+        }
 
 
-_USAGE_COLUMNS = ("calls, unpriced_calls, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,"
-                  " input_cost, output_cost, cost")  # fmt: skip
+_USAGE_COLUMNS = (
+    "calls, unpriced_calls, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,"
+    " input_cost, output_cost, cost"
+)
 
 
 def month_usage(conn: psycopg.Connection, tenant_id: str, period: str, time_zone: str) -> dict[str, Usage]:
@@ -240,8 +291,10 @@ def _check_period(period: str) -> None:
 
 
 def _frozen(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice | None:
-    row = conn.execute("SELECT rate_card, time_zone, finalized_at FROM tokenmeter.invoices"
-                       " WHERE tenant_id = %s AND period = %s", (tenant_id, period)).fetchone()  # fmt: skip
+    row = conn.execute(
+        "SELECT rate_card, time_zone, finalized_at FROM tokenmeter.invoices WHERE tenant_id = %s AND period = %s",
+        (tenant_id, period),
+    ).fetchone()
     if row is None:
         return None
     card = RateCard.from_json(tenant_id, row[0])
@@ -268,8 +321,9 @@ def invoice(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice:
     zone = tenant_time_zone(conn, tenant_id)
     lines = [_line(card, u, period) for u in month_usage(conn, tenant_id, period, zone).values()]
     adjustments = []
-    earlier = conn.execute("SELECT period FROM tokenmeter.invoices WHERE tenant_id = %s AND period < %s",
-                           (tenant_id, period)).fetchall()  # fmt: skip
+    earlier = conn.execute(
+        "SELECT period FROM tokenmeter.invoices WHERE tenant_id = %s AND period < %s", (tenant_id, period)
+    ).fetchall()
     for (finalized,) in earlier:
         billed = _billed_usage(conn, tenant_id, finalized)
         for model, usage in month_usage(conn, tenant_id, finalized, zone).items():
@@ -290,8 +344,9 @@ def finalize(conn: psycopg.Connection, tenant_id: str, period: str, now: datetim
         if _frozen(conn, tenant_id, period) is not None:
             raise InvoiceError(f"the invoice of {tenant_id} for {period} is already finalized")
         draft = invoice(conn, tenant_id, period)
-        ends = period_end("month", local_midnight(datetime.strptime(period, "%Y-%m").date(), draft.time_zone),
-                          draft.time_zone)  # fmt: skip
+        ends = period_end(
+            "month", local_midnight(datetime.strptime(period, "%Y-%m").date(), draft.time_zone), draft.time_zone
+        )
         if now < ends:
             raise InvoiceError(f"{period} has not ended yet for {tenant_id} (it ends {ends.isoformat()})")
         conn.execute(
@@ -303,10 +358,25 @@ def finalize(conn: psycopg.Connection, tenant_id: str, period: str, now: datetim
             cursor.executemany(
                 f"INSERT INTO tokenmeter.invoice_usage (tenant_id, period, usage_period, provider_model,"
                 f" {_USAGE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                [(tenant_id, period, x.usage_period, x.provider_model, x.calls, x.unpriced_calls, x.input_tokens,
-                  x.output_tokens, x.cache_read_tokens, x.cache_write_tokens, x.input_cost, x.output_cost, x.cost)
-                 for x in draft.lines + draft.adjustments],
-            )  # fmt: skip
+                [
+                    (
+                        tenant_id,
+                        period,
+                        x.usage_period,
+                        x.provider_model,
+                        x.calls,
+                        x.unpriced_calls,
+                        x.input_tokens,
+                        x.output_tokens,
+                        x.cache_read_tokens,
+                        x.cache_write_tokens,
+                        x.input_cost,
+                        x.output_cost,
+                        x.cost,
+                    )
+                    for x in draft.lines + draft.adjustments
+                ],
+            )
     frozen = _frozen(conn, tenant_id, period)
     assert frozen is not None
     return frozen

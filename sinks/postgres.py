@@ -34,11 +34,33 @@ class PricedEvent:
 
 
 _COLUMNS = (
-    "event_id", "ts", "tenant_id", "provider", "model", "user_id", "feature", "environment", "trace_id",
-    "session_id", "team_id", "request_id", "input_tokens", "output_tokens", "cache_read_tokens",
-    "cache_write_tokens", "reasoning_tokens", "latency_ms", "status", "estimated", "tags", "price_status",
-    "input_cost", "output_cost", "total_cost", "price_source",
-)  # fmt: skip
+    "event_id",
+    "ts",
+    "tenant_id",
+    "provider",
+    "model",
+    "user_id",
+    "feature",
+    "environment",
+    "trace_id",
+    "session_id",
+    "team_id",
+    "request_id",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "latency_ms",
+    "status",
+    "estimated",
+    "tags",
+    "price_status",
+    "input_cost",
+    "output_cost",
+    "total_cost",
+    "price_source",
+)
 _COLUMN_LIST = ", ".join(_COLUMNS)
 
 GRANULARITIES = ("minute", "hour", "day", "week", "month")
@@ -155,11 +177,33 @@ LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = r.tenant_id
 def _row(item: PricedEvent) -> tuple[object, ...]:
     e, p = item.event, item.price
     return (
-        e.event_id, e.timestamp, e.tenant_id, e.provider, e.model, e.user_id, e.feature, e.environment, e.trace_id,
-        e.session_id, e.team_id, e.request_id, e.input_tokens, e.output_tokens, e.cache_read_tokens,
-        e.cache_write_tokens, e.reasoning_tokens, e.latency_ms, e.status, e.estimated, json.dumps(e.tags),
-        p.status, p.input_cost, p.output_cost, p.total_cost, p.source,
-    )  # fmt: skip
+        e.event_id,
+        e.timestamp,
+        e.tenant_id,
+        e.provider,
+        e.model,
+        e.user_id,
+        e.feature,
+        e.environment,
+        e.trace_id,
+        e.session_id,
+        e.team_id,
+        e.request_id,
+        e.input_tokens,
+        e.output_tokens,
+        e.cache_read_tokens,
+        e.cache_write_tokens,
+        e.reasoning_tokens,
+        e.latency_ms,
+        e.status,
+        e.estimated,
+        json.dumps(e.tags),
+        p.status,
+        p.input_cost,
+        p.output_cost,
+        p.total_cost,
+        p.source,
+    )
 
 
 def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> BatchResult:

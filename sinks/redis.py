@@ -78,8 +78,9 @@ def forget_keys(scopes: Iterable[tuple[str, str, str]]) -> list[str]:
     return [spend_key(t, d, v, p) for t, d, v in scopes if d in SCOPE_DIMENSIONS for p in PERIODS]
 
 
-def write_spend(client: redis.Redis, rollups: Iterable[Rollup], now: datetime | None = None,
-                forget: Sequence[str] = ()) -> int:  # fmt: skip
+def write_spend(
+    client: redis.Redis, rollups: Iterable[Rollup], now: datetime | None = None, forget: Sequence[str] = ()
+) -> int:
     """Mirror the rollups' absolute spend into Redis (SET with expiry, one script call per 5,000 keys);
     delete the ``forget`` keys first."""
     for first in range(0, len(forget), _CHUNK):

@@ -38,8 +38,7 @@ def parse_period(text: str, now: datetime | None = None, time_zone: str = "UTC")
     """``today``, ``week`` (ISO, this week), ``month`` (this month), ``YYYY-MM``, or ``YYYY-MM-DD..YYYY-MM-DD``
     (inclusive days), as calendar periods in ``time_zone`` (a tenant's; UTC across tenants)."""
     now = now or datetime.now(UTC)
-    named = {"today": "day", "day": "day", "week": "week", "this-week": "week", "month": "month",
-             "this-month": "month"}  # fmt: skip
+    named = {"today": "day", "day": "day", "week": "week", "this-week": "week", "month": "month", "this-month": "month"}
     if text in named:
         kind = named[text]
         start = period_start(kind, now, time_zone)
@@ -84,8 +83,9 @@ def _spend(conn: psycopg.Connection, tenant_id: str | None, start: datetime, end
     return Decimal(row[0]), int(row[1]), int(row[2])
 
 
-def _breakdown(conn: psycopg.Connection, tenant_id: str | None, period: Period, dimension: str,
-               total: Decimal, limit: int) -> list[dict[str, Any]]:  # fmt: skip
+def _breakdown(
+    conn: psycopg.Connection, tenant_id: str | None, period: Period, dimension: str, total: Decimal, limit: int
+) -> list[dict[str, Any]]:
     where, params = _tenant_filter(tenant_id)
     rows = conn.execute(
         "SELECT dimension_value, sum(cost), sum(calls), sum(input_tokens), sum(output_tokens)"
@@ -95,15 +95,22 @@ def _breakdown(conn: psycopg.Connection, tenant_id: str | None, period: Period, 
         {"dimension": dimension, "start": period.start, "end": period.end, "limit": limit, **params},
     ).fetchall()
     return [
-        {"name": name or "(none)", "cost": _money(cost), "calls": int(calls), "input_tokens": int(tin),
-         "output_tokens": int(tout), "share": f"{cost * 100 / total:.1f}" if total else "0.0",
-         "avg_cost_per_call": _average(cost, calls)}
+        {
+            "name": name or "(none)",
+            "cost": _money(cost),
+            "calls": int(calls),
+            "input_tokens": int(tin),
+            "output_tokens": int(tout),
+            "share": f"{cost * 100 / total:.1f}" if total else "0.0",
+            "avg_cost_per_call": _average(cost, calls),
+        }
         for name, cost, calls, tin, tout in rows
-    ]  # fmt: skip
+    ]
 
 
-def build_report(conn: psycopg.Connection, tenant_id: str | None, period: Period, top: int = 10,
-                 now: datetime | None = None) -> dict[str, Any]:  # fmt: skip
+def build_report(
+    conn: psycopg.Connection, tenant_id: str | None, period: Period, top: int = 10, now: datetime | None = None
+) -> dict[str, Any]:
     now = now or datetime.now(UTC)
     total, calls, unpriced = _spend(conn, tenant_id, period.start, period.end)
     zone = period.time_zone
@@ -147,11 +154,15 @@ def build_report(conn: psycopg.Connection, tenant_id: str | None, period: Period
         entry["cost"] += Decimal(row["cost"])
         entry["calls"] += row["calls"]
     report["by_provider"] = [
-        {"name": p["name"], "cost": _money(p["cost"]), "calls": p["calls"],
-         "share": f"{p['cost'] * 100 / total:.1f}" if total else "0.0",
-         "avg_cost_per_call": _average(p["cost"], p["calls"])}
+        {
+            "name": p["name"],
+            "cost": _money(p["cost"]),
+            "calls": p["calls"],
+            "share": f"{p['cost'] * 100 / total:.1f}" if total else "0.0",
+            "avg_cost_per_call": _average(p["cost"], p["calls"]),
+        }
         for p in sorted(providers.values(), key=lambda p: (-p["cost"], p["name"]))
-    ]  # fmt: skip
+    ]
     report["avg_cost_per_call"] = {
         "overall": _average(total, calls),
         "by_feature": {row["name"]: row["avg_cost_per_call"] for row in report["by_feature"]},
@@ -160,34 +171,52 @@ def build_report(conn: psycopg.Connection, tenant_id: str | None, period: Period
     where, params = _tenant_filter(tenant_id)
     window = {"start": period.start, "end": period.end, "top": top, **params}
     report["top_requests"] = [
-        {"event_id": r[0], "tenant_id": r[1], "timestamp": r[2].isoformat(), "model": f"{r[3]}/{r[4]}",
-         "feature": r[5], "user_id": r[6], "trace_id": r[7], "input_tokens": r[8], "output_tokens": r[9],
-         "cost": _money(r[10])}
+        {
+            "event_id": r[0],
+            "tenant_id": r[1],
+            "timestamp": r[2].isoformat(),
+            "model": f"{r[3]}/{r[4]}",
+            "feature": r[5],
+            "user_id": r[6],
+            "trace_id": r[7],
+            "input_tokens": r[8],
+            "output_tokens": r[9],
+            "cost": _money(r[10]),
+        }
         for r in conn.execute(
             "SELECT event_id, tenant_id, ts, provider, model, feature, user_id, trace_id, input_tokens, output_tokens,"
             f" total_cost FROM tokenmeter.ledger WHERE ts >= %(start)s AND ts < %(end)s {where}"
-            " ORDER BY total_cost DESC, event_id LIMIT %(top)s", window,
+            " ORDER BY total_cost DESC, event_id LIMIT %(top)s",
+            window,
         )
-    ]  # fmt: skip
+    ]
     report["top_conversations"] = [
-        {"tenant_id": r[0], "conversation": r[1], "calls": int(r[2]), "cost": _money(r[3]),
-         "first": r[4].isoformat(), "last": r[5].isoformat()}
+        {
+            "tenant_id": r[0],
+            "conversation": r[1],
+            "calls": int(r[2]),
+            "cost": _money(r[3]),
+            "first": r[4].isoformat(),
+            "last": r[5].isoformat(),
+        }
         for r in conn.execute(
             "SELECT tenant_id, coalesce(session_id, trace_id), count(*), sum(total_cost), min(ts), max(ts)"
             f" FROM tokenmeter.ledger WHERE ts >= %(start)s AND ts < %(end)s {where}"
             " AND coalesce(session_id, trace_id) IS NOT NULL GROUP BY 1, 2"
-            " ORDER BY sum(total_cost) DESC, 2 LIMIT %(top)s", window,
+            " ORDER BY sum(total_cost) DESC, 2 LIMIT %(top)s",
+            window,
         )
-    ]  # fmt: skip
+    ]
     report["latency_by_model"] = [
         {"model": f"{r[0]}/{r[1]}", "calls": int(r[2]), "p50_ms": int(r[3]), "p95_ms": int(r[4])}
         for r in conn.execute(
             "SELECT provider, model, count(*), percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms),"
             " percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) FROM tokenmeter.ledger"
             f" WHERE ts >= %(start)s AND ts < %(end)s AND latency_ms IS NOT NULL {where}"
-            " GROUP BY 1, 2 ORDER BY 3 DESC", window,
+            " GROUP BY 1, 2 ORDER BY 3 DESC",
+            window,
         )
-    ]  # fmt: skip
+    ]
     return report
 
 
@@ -208,8 +237,9 @@ def report_rows(report: dict[str, Any]) -> list[list[str | int | Decimal]]:
     return rows
 
 
-def whatif(conn: psycopg.Connection, book: Any, tenant_id: str, period: Period, from_model: str,
-           to_model: str) -> dict[str, Any]:  # fmt: skip
+def whatif(
+    conn: psycopg.Connection, book: Any, tenant_id: str, period: Period, from_model: str, to_model: str
+) -> dict[str, Any]:
     """Reprice every call of ``from_model`` ("provider/model") in the period as if ``to_model`` had
     served it: same tokens, the other model's price at each call's own time (tiers included)."""
     from schemas.events import UsageEvent
@@ -233,11 +263,19 @@ def whatif(conn: psycopg.Connection, book: Any, tenant_id: str, period: Period, 
             calls += 1
             actual += cost
             event = UsageEvent.model_construct(
-                event_id="whatif", timestamp=ts, tenant_id=tenant_id, provider=to_provider, model=to_name,
-                input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read,
-                cache_write_tokens=cache_write, input_audio_tokens=None, output_audio_tokens=None,
+                event_id="whatif",
+                timestamp=ts,
+                tenant_id=tenant_id,
+                provider=to_provider,
+                model=to_name,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cache_read_tokens=cache_read,
+                cache_write_tokens=cache_write,
+                input_audio_tokens=None,
+                output_audio_tokens=None,
                 input_image_tokens=None,
-            )  # fmt: skip
+            )
             price = book.price(event)
             if price.status != "priced":
                 unpriced += 1
@@ -245,7 +283,13 @@ def whatif(conn: psycopg.Connection, book: Any, tenant_id: str, period: Period, 
     if unpriced:
         raise ValueError(f"{to_model} has no price for {unpriced} of the calls")
     return {
-        "tenant_id": tenant_id, "period": period.label, "from": from_model, "to": to_model, "calls": calls,
-        "actual_cost": _money(actual), "whatif_cost": _money(alternative), "difference": _money(alternative - actual),
+        "tenant_id": tenant_id,
+        "period": period.label,
+        "from": from_model,
+        "to": to_model,
+        "calls": calls,
+        "actual_cost": _money(actual),
+        "whatif_cost": _money(alternative),
+        "difference": _money(alternative - actual),
         "ratio": f"{alternative / actual:.4f}" if actual else None,
-    }  # fmt: skip
+    }

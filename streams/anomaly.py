@@ -36,8 +36,13 @@ def hourly_baseline(days: Sequence[Window]) -> Decimal:
     return sum((d.cost for d in days), Decimal(0)) / (HOURS_PER_DAY * len(days)) if days else Decimal(0)
 
 
-def spend_spike(this_hour: Window, previous_days: Sequence[Window], factor: Decimal = Decimal(3),
-                min_cost: Decimal = Decimal(1), min_history_days: int = 1) -> Finding | None:  # fmt: skip
+def spend_spike(
+    this_hour: Window,
+    previous_days: Sequence[Window],
+    factor: Decimal = Decimal(3),
+    min_cost: Decimal = Decimal(1),
+    min_history_days: int = 1,
+) -> Finding | None:
     """Spend in the current hour at least ``factor`` × the average hour of the previous days."""
     history = [d for d in previous_days if d.calls]
     if len(history) < min_history_days or this_hour.cost < min_cost:
@@ -52,8 +57,9 @@ def spend_spike(this_hour: Window, previous_days: Sequence[Window], factor: Deci
     return Finding("spend_spike", this_hour.cost, baseline, ratio, message)
 
 
-def daily_spend_spike(today: Window, previous_days: Sequence[Window], factor: Decimal = Decimal(3),
-                      min_cost: Decimal = Decimal(5)) -> Finding | None:  # fmt: skip
+def daily_spend_spike(
+    today: Window, previous_days: Sequence[Window], factor: Decimal = Decimal(3), min_cost: Decimal = Decimal(5)
+) -> Finding | None:
     """Spend today at least ``factor`` × the average of the previous days."""
     history = [d for d in previous_days if d.calls]
     if not history or today.cost < min_cost:
@@ -62,12 +68,18 @@ def daily_spend_spike(today: Window, previous_days: Sequence[Window], factor: De
     if not baseline or today.cost < factor * baseline:
         return None
     ratio = _ratio(today.cost, baseline)
-    return Finding("daily_spend_spike", today.cost, baseline, ratio,
-                   f"spent ${today.cost:.2f} today, {ratio}× the 7-day daily average of ${baseline:.2f}")  # fmt: skip
+    return Finding(
+        "daily_spend_spike",
+        today.cost,
+        baseline,
+        ratio,
+        f"spent ${today.cost:.2f} today, {ratio}× the 7-day daily average of ${baseline:.2f}",
+    )
 
 
-def cost_per_call_jump(this_hour: Window, previous_days: Sequence[Window], factor: Decimal = Decimal(4),
-                       min_calls: int = 20) -> Finding | None:  # fmt: skip
+def cost_per_call_jump(
+    this_hour: Window, previous_days: Sequence[Window], factor: Decimal = Decimal(4), min_calls: int = 20
+) -> Finding | None:
     """A feature's average cost per call this hour at least ``factor`` × its 7-day average."""
     calls = sum(d.calls for d in previous_days)
     if this_hour.calls < min_calls or calls < min_calls:
@@ -81,8 +93,12 @@ def cost_per_call_jump(this_hour: Window, previous_days: Sequence[Window], facto
     return Finding("cost_per_call_jump", current, baseline, ratio, message)
 
 
-def user_spike(this_hour: Window, previous_days: Sequence[Window], increase_percent: Decimal = Decimal(200),
-               min_cost: Decimal = Decimal("0.5")) -> Finding | None:  # fmt: skip
+def user_spike(
+    this_hour: Window,
+    previous_days: Sequence[Window],
+    increase_percent: Decimal = Decimal(200),
+    min_cost: Decimal = Decimal("0.5"),
+) -> Finding | None:
     """A user's spend this hour above their hourly baseline by at least ``increase_percent``."""
     finding = spend_spike(this_hour, previous_days, factor=1 + increase_percent / 100, min_cost=min_cost)
     if finding is None:
@@ -90,14 +106,20 @@ def user_spike(this_hour: Window, previous_days: Sequence[Window], increase_perc
     return Finding("user_spike", finding.current, finding.baseline, finding.ratio, finding.message)
 
 
-def runaway_loop(calls_this_minute: int, typical_per_minute: Decimal, factor: Decimal = Decimal(10),
-                 min_calls: int = 30) -> Finding | None:  # fmt: skip
+def runaway_loop(
+    calls_this_minute: int, typical_per_minute: Decimal, factor: Decimal = Decimal(10), min_calls: int = 30
+) -> Finding | None:
     """One trace or session calling far above the norm of a conversation (calls per minute)."""
     if calls_this_minute < min_calls or calls_this_minute < factor * max(typical_per_minute, Decimal(1)):
         return None
     ratio = _ratio(Decimal(calls_this_minute), max(typical_per_minute, Decimal(1)))
-    return Finding("runaway_loop", Decimal(calls_this_minute), typical_per_minute, ratio,
-                   f"{calls_this_minute} calls in one minute, {ratio}× a typical conversation")  # fmt: skip
+    return Finding(
+        "runaway_loop",
+        Decimal(calls_this_minute),
+        typical_per_minute,
+        ratio,
+        f"{calls_this_minute} calls in one minute, {ratio}× a typical conversation",
+    )
 
 
 class ConversationRates:

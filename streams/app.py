@@ -67,8 +67,13 @@ TABLE_RETENTION = {"day": timedelta(days=8)}
 # Alert ids this process has stored lately, so a threshold that stays crossed batch after batch is not
 # sent to Postgres each time; Postgres is what keeps each alert once, so forgetting one costs a lookup.
 RECENT_ALERTS = 100_000
-_WINDOW_LENGTH = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1),
-                  "week": timedelta(days=7), "month": timedelta(days=31)}  # fmt: skip
+_WINDOW_LENGTH = {
+    "minute": timedelta(minutes=1),
+    "hour": timedelta(hours=1),
+    "day": timedelta(days=1),
+    "week": timedelta(days=7),
+    "month": timedelta(days=31),
+}
 _SEP = "\x1f"  # cannot occur in ids (control characters are not sent by services; if one is, keys stay distinct)
 
 
@@ -83,10 +88,14 @@ def table_key(r: Rollup) -> str:
 
 def table_value(r: Rollup) -> dict[str, Any]:
     return {
-        "calls": r.calls, "unpriced_calls": r.unpriced_calls, "input_tokens": r.input_tokens,
-        "output_tokens": r.output_tokens, "cache_read_tokens": r.cache_read_tokens,
-        "cache_write_tokens": r.cache_write_tokens, "cost": str(r.cost),
-    }  # fmt: skip
+        "calls": r.calls,
+        "unpriced_calls": r.unpriced_calls,
+        "input_tokens": r.input_tokens,
+        "output_tokens": r.output_tokens,
+        "cache_read_tokens": r.cache_read_tokens,
+        "cache_write_tokens": r.cache_write_tokens,
+        "cost": str(r.cost),
+    }
 
 
 def expired(key: str, now: datetime) -> bool:
@@ -110,13 +119,22 @@ def unpriced_model_alerts(rollups: Iterable[Rollup], now: datetime) -> list[dict
         if r.granularity != "month" or r.dimension != "model" or r.unpriced_calls == 0:
             continue
         period = local_date(r.window_start, r.time_zone).strftime("%Y-%m")
-        alerts.append({
-            "alert_id": f"anomaly.unpriced_model:{r.tenant_id}:{r.dimension_value}:{period}",
-            "kind": "anomaly.unpriced_model", "tenant_id": r.tenant_id, "scope": {"model": r.dimension_value},
-            "period": period, "threshold_percent": None, "current": Decimal(0), "baseline": None, "limit": None,
-            "message": f"{r.dimension_value} has no price: its calls are counted as unpriced, not billed",
-            "details": {"unpriced_calls": str(r.unpriced_calls)}, "created_at": now,
-        })  # fmt: skip
+        alerts.append(
+            {
+                "alert_id": f"anomaly.unpriced_model:{r.tenant_id}:{r.dimension_value}:{period}",
+                "kind": "anomaly.unpriced_model",
+                "tenant_id": r.tenant_id,
+                "scope": {"model": r.dimension_value},
+                "period": period,
+                "threshold_percent": None,
+                "current": Decimal(0),
+                "baseline": None,
+                "limit": None,
+                "message": f"{r.dimension_value} has no price: its calls are counted as unpriced, not billed",
+                "details": {"unpriced_calls": str(r.unpriced_calls)},
+                "created_at": now,
+            }
+        )
     return alerts
 
 
@@ -138,8 +156,13 @@ class AlertSink:
 
     def store(self, alerts: list[dict[str, Any]]) -> set[str]:
         """Store the alerts; return the ids that are new (Postgres keeps each id once)."""
-        return with_backoff(lambda: self._store(alerts), (psycopg.OperationalError,), "Postgres (alerts)",
-                            on_failure=self._drop, first_delay=0.5)  # fmt: skip
+        return with_backoff(
+            lambda: self._store(alerts),
+            (psycopg.OperationalError,),
+            "Postgres (alerts)",
+            on_failure=self._drop,
+            first_delay=0.5,
+        )
 
     def _store(self, alerts: list[dict[str, Any]]) -> set[str]:
         conn = self._connection()
@@ -189,8 +212,9 @@ _RULES: dict[tuple[str, str], Callable[[Window, list[Window]], Finding | None]] 
 }
 
 
-def anomaly_alerts(latest: Iterable[Rollup], lookup: Callable[[str], dict[str, Any] | None],
-                   now: datetime) -> list[dict[str, Any]]:  # fmt: skip
+def anomaly_alerts(
+    latest: Iterable[Rollup], lookup: Callable[[str], dict[str, Any] | None], now: datetime
+) -> list[dict[str, Any]]:
     """Run the anomaly rules on this batch's hour/day windows against the previous 7 days from the
     table (``lookup(table_key)``); one alert per rule, scope and window."""
     alerts = []
@@ -209,16 +233,23 @@ def anomaly_alerts(latest: Iterable[Rollup], lookup: Callable[[str], dict[str, A
         if finding is None:
             continue
         scope = r.tenant_id if r.dimension == "tenant" else f"{r.tenant_id}/{r.dimension}={r.dimension_value}"
-        alerts.append({
-            "alert_id": f"anomaly.{finding.rule}:{r.tenant_id}:{r.dimension}:{r.dimension_value}:"
-                        f"{r.window_start.isoformat()}",
-            "kind": f"anomaly.{finding.rule}", "tenant_id": r.tenant_id,
-            "scope": {"dimension": r.dimension, "value": r.dimension_value},
-            "period": f"{r.granularity}:{r.window_start.isoformat()}", "threshold_percent": None,
-            "current": money(finding.current), "baseline": money(finding.baseline),
-            "limit": None, "message": f"{scope}: {finding.message}",
-            "details": {"ratio": str(finding.ratio), "rule": finding.rule}, "created_at": now,
-        })  # fmt: skip
+        alerts.append(
+            {
+                "alert_id": f"anomaly.{finding.rule}:{r.tenant_id}:{r.dimension}:{r.dimension_value}:"
+                f"{r.window_start.isoformat()}",
+                "kind": f"anomaly.{finding.rule}",
+                "tenant_id": r.tenant_id,
+                "scope": {"dimension": r.dimension, "value": r.dimension_value},
+                "period": f"{r.granularity}:{r.window_start.isoformat()}",
+                "threshold_percent": None,
+                "current": money(finding.current),
+                "baseline": money(finding.baseline),
+                "limit": None,
+                "message": f"{scope}: {finding.message}",
+                "details": {"ratio": str(finding.ratio), "rule": finding.rule},
+                "created_at": now,
+            }
+        )
     return alerts
 
 
@@ -262,8 +293,9 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         """Calls quota clients let through on stale data in this budget's window (``producers/quota.py``)."""
         end_ms = int(period_end(budget.period, r.window_start, r.time_zone).timestamp() * 1000)
         try:
-            raw = quota_redis.hget(stale_calls_key(r.tenant_id, r.dimension, r.dimension_value),
-                                   stale_calls_field(budget.period, end_ms))  # fmt: skip
+            raw = quota_redis.hget(
+                stale_calls_key(r.tenant_id, r.dimension, r.dimension_value), stale_calls_field(budget.period, end_ms)
+            )
         except redis.RedisError:
             return 0
         return int(raw or 0)
@@ -286,8 +318,11 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
                 reason = health.stuck()
                 if reason is not None:
                     health.fatal = reason
-                    log.critical("stopping the worker: %s; exit status 3 (restart it; offsets not committed "
-                                 "are replayed, nothing is lost)", reason)  # fmt: skip
+                    log.critical(
+                        "stopping the worker: %s; exit status 3 (restart it; offsets not committed "
+                        "are replayed, nothing is lost)",
+                        reason,
+                    )
                     for handler in logging.getLogger().handlers:
                         handler.flush()
                     sys.stderr.flush()

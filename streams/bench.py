@@ -42,8 +42,14 @@ from schemas import codec
 from streams.budgets import Budget
 from streams.lag import wait_for_sinks, with_broker_retries
 
-MODELS = [("openai", "gpt-4o", 30), ("openai", "gpt-4o-mini", 30), ("anthropic", "claude-sonnet-4-5", 15),
-          ("google", "gemini-2.5-flash", 15), ("openai", "o3", 5), ("anthropic", "claude-haiku-4-5", 5)]  # fmt: skip
+MODELS = [
+    ("openai", "gpt-4o", 30),
+    ("openai", "gpt-4o-mini", 30),
+    ("anthropic", "claude-sonnet-4-5", 15),
+    ("google", "gemini-2.5-flash", 15),
+    ("openai", "o3", 5),
+    ("anthropic", "claude-haiku-4-5", 5),
+]
 
 
 def workload(count: int, seed: int = 1, tenants: int = 20, start: datetime | None = None) -> list[dict[str, Any]]:
@@ -59,12 +65,15 @@ def workload(count: int, seed: int = 1, tenants: int = 20, start: datetime | Non
             "event_id": uuid.UUID(int=rng.getrandbits(128)).hex,
             "timestamp": start + timedelta(milliseconds=i),
             "tenant_id": f"tenant-{min(int(rng.paretovariate(1.2)), tenants)}",
-            "provider": provider, "model": model, "input_tokens": input_tokens,
+            "provider": provider,
+            "model": model,
+            "input_tokens": input_tokens,
             "cache_read_tokens": rng.randint(0, input_tokens // 2) if rng.random() < 0.4 else 0,
             "output_tokens": int(rng.lognormvariate(5.5, 0.8)) + 1,
             "feature": rng.choice(["search", "chat", "summarize", "agent", "classify"]),
-            "user_id": f"user-{rng.randint(1, 500)}", "environment": "prod" if rng.random() < 0.9 else "staging",
-        }  # fmt: skip
+            "user_id": f"user-{rng.randint(1, 500)}",
+            "environment": "prod" if rng.random() < 0.9 else "staging",
+        }
         events.append(event)
         if rng.random() < 0.01:
             events.append(dict(event))  # a producer retry
@@ -72,8 +81,15 @@ def workload(count: int, seed: int = 1, tenants: int = 20, start: datetime | Non
 
 
 def produce_all(settings: Settings, payloads: list[tuple[bytes, bytes]]) -> None:
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20, "compression.type": "lz4",
-                         "enable.idempotence": True, "batch.num.messages": 10000})  # fmt: skip
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "linger.ms": 20,
+            "compression.type": "lz4",
+            "enable.idempotence": True,
+            "batch.num.messages": 10000,
+        }
+    )
     for key, value in payloads:
         while True:
             try:
@@ -89,8 +105,13 @@ def encode(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
 
 
 def bare_consume(settings: Settings, expected: int) -> float:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"bench-bare-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"bench-bare-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
     topic = settings.topic_raw
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
@@ -108,8 +129,10 @@ def bare_consume(settings: Settings, expected: int) -> float:
 
 def naive_postgres(settings: Settings, events: list[dict[str, Any]]) -> float:
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        conn.execute("CREATE TEMP TABLE naive (LIKE tokenmeter.ledger INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
-                     " INCLUDING INDEXES)")  # fmt: skip
+        conn.execute(
+            "CREATE TEMP TABLE naive (LIKE tokenmeter.ledger INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
+            " INCLUDING INDEXES)"
+        )
         started = time.perf_counter()
         for e in events:
             conn.execute(
@@ -117,9 +140,19 @@ def naive_postgres(settings: Settings, events: list[dict[str, Any]]) -> float:
                 " output_tokens, cache_read_tokens, cache_write_tokens, price_status, input_cost, output_cost,"
                 " total_cost, price_source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, 'priced', 0, 0, 0, '')"
                 " ON CONFLICT DO NOTHING",
-                (e["event_id"], e["timestamp"], e["tenant_id"], e["provider"], e["model"], e["user_id"],
-                 e["feature"], e["input_tokens"], e["output_tokens"], e["cache_read_tokens"]),
-            )  # fmt: skip
+                (
+                    e["event_id"],
+                    e["timestamp"],
+                    e["tenant_id"],
+                    e["provider"],
+                    e["model"],
+                    e["user_id"],
+                    e["feature"],
+                    e["input_tokens"],
+                    e["output_tokens"],
+                    e["cache_read_tokens"],
+                ),
+            )
         return len(events) / (time.perf_counter() - started)
 
 
@@ -170,8 +203,16 @@ def quota_latency(
             expected = Decimal(0)
             for i in range(probes):
                 started = time.perf_counter()
-                producer.record({"tenant_id": tenant, "provider": "openai", "model": "gpt-4o", "input_tokens": 1000,
-                                 "output_tokens": 100, "user_id": f"probe-{i}"})  # fmt: skip
+                producer.record(
+                    {
+                        "tenant_id": tenant,
+                        "provider": "openai",
+                        "model": "gpt-4o",
+                        "input_tokens": 1000,
+                        "output_tokens": 100,
+                        "user_id": f"probe-{i}",
+                    }
+                )
                 expected += Decimal("0.0035")
                 while True:
                     if client.check(tenant).spent >= expected:
@@ -206,13 +247,19 @@ def alert_latency(settings: Settings, probes: int, spool: Path) -> list[float]:
         if time.monotonic() > deadline:
             raise TimeoutError("the worker did not apply the bench budgets")
         time.sleep(0.1)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"bench-alerts-{run}",
-                         "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"bench-alerts-{run}", "enable.auto.commit": False}
+    )
     topic = settings.topic_alerts_budget
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    ends = [TopicPartition(topic, p, with_broker_retries(partial(consumer.get_watermark_offsets,
-                                                                 TopicPartition(topic, p), timeout=10))[1])
-            for p in partitions]  # fmt: skip
+    ends = [
+        TopicPartition(
+            topic,
+            p,
+            with_broker_retries(partial(consumer.get_watermark_offsets, TopicPartition(topic, p), timeout=10))[1],
+        )
+        for p in partitions
+    ]
     consumer.assign(ends)  # from now on: only alerts fired after this point
     latencies = []
     with UsageProducer(settings.model_copy(update={"spool_dir": spool / "alerts"})) as producer:

@@ -94,16 +94,24 @@ class Budget:
         return self.tenant_id if self.dimension == "tenant" else f"{self.tenant_id}/{self.dimension}={self.value}"
 
     def to_json(self) -> bytes:
-        return json.dumps({
-            "tenant_id": self.tenant_id, "dimension": self.dimension, "value": self.value, "period": self.period,
-            "limit": str(self.limit), "hard": self.hard, "thresholds": list(self.thresholds),
-            "on_stale": self.on_stale,
-        }).encode()  # fmt: skip
+        return json.dumps(
+            {
+                "tenant_id": self.tenant_id,
+                "dimension": self.dimension,
+                "value": self.value,
+                "period": self.period,
+                "limit": str(self.limit),
+                "hard": self.hard,
+                "thresholds": list(self.thresholds),
+                "on_stale": self.on_stale,
+            }
+        ).encode()
 
     def redis_json(self) -> str:
         """What ``QuotaClient`` reads from ``tm:budget:…``."""
-        return json.dumps({"limit": str(self.limit), "period": self.period, "hard": self.hard,
-                           "on_stale": self.on_stale})  # fmt: skip
+        return json.dumps(
+            {"limit": str(self.limit), "period": self.period, "hard": self.hard, "on_stale": self.on_stale}
+        )
 
 
 def budget_id(tenant_id: str, dimension: str, value: str) -> str:
@@ -130,12 +138,15 @@ def parse_budget(value: bytes) -> Budget:
     if "limit" not in data:
         raise ValueError("limit is required")
     return Budget(
-        tenant_id=config_text(data, "tenant_id", max_len=MAX_ID_LEN), dimension=config_text(data, "dimension"),
-        value=config_text(data, "value", max_len=MAX_ID_LEN, allow_empty=True), period=config_text(data, "period"),
-        limit=config_amount(data["limit"], "limit", positive=True, below=MAX_BUDGET), hard=data.get("hard", False),
+        tenant_id=config_text(data, "tenant_id", max_len=MAX_ID_LEN),
+        dimension=config_text(data, "dimension"),
+        value=config_text(data, "value", max_len=MAX_ID_LEN, allow_empty=True),
+        period=config_text(data, "period"),
+        limit=config_amount(data["limit"], "limit", positive=True, below=MAX_BUDGET),
+        hard=data.get("hard", False),
         thresholds=tuple(sorted(set(thresholds))),
         on_stale=config_text(data, "on_stale") if "on_stale" in data else "allow",
-    )  # fmt: skip
+    )
 
 
 def crossed(budget: Budget, spent: Decimal) -> list[int]:
@@ -157,53 +168,83 @@ def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: da
         period = period_label(budget.period, r.window_start, r.time_zone)
         for threshold in crossed(budget, r.cost):
             blocked = budget.hard and threshold >= 100
-            alerts.append({
-                # The limit is part of the id: a changed limit re-arms its thresholds.
-                "alert_id": f"budget:{budget.key}:{budget.limit.normalize():f}:{period}:{threshold}",
-                "kind": "budget.blocked" if blocked else "budget.threshold",
-                "tenant_id": r.tenant_id, "scope": {"dimension": r.dimension, "value": r.dimension_value},
-                "period": period, "threshold_percent": threshold, "current": r.cost, "baseline": None,
-                "limit": budget.limit,
-                "message": (
-                    f"{budget.scope_label} has spent ${r.cost.normalize():f} of its {budget.period} budget of "
-                    f"${budget.limit.normalize():f} ({r.cost * 100 / budget.limit:.1f}%, threshold {threshold}%)"
-                    + ("; calls are now blocked" if blocked else "")
-                ),
-                "details": {"hard": str(budget.hard).lower(), "percent": f"{r.cost * 100 / budget.limit:.2f}",
-                            "window_start": r.window_start.isoformat(), "time_zone": r.time_zone},
-                "created_at": now,
-            })  # fmt: skip
+            alerts.append(
+                {
+                    # The limit is part of the id: a changed limit re-arms its thresholds.
+                    "alert_id": f"budget:{budget.key}:{budget.limit.normalize():f}:{period}:{threshold}",
+                    "kind": "budget.blocked" if blocked else "budget.threshold",
+                    "tenant_id": r.tenant_id,
+                    "scope": {"dimension": r.dimension, "value": r.dimension_value},
+                    "period": period,
+                    "threshold_percent": threshold,
+                    "current": r.cost,
+                    "baseline": None,
+                    "limit": budget.limit,
+                    "message": (
+                        f"{budget.scope_label} has spent ${r.cost.normalize():f} of its {budget.period} budget of "
+                        f"${budget.limit.normalize():f} ({r.cost * 100 / budget.limit:.1f}%, threshold {threshold}%)"
+                        + ("; calls are now blocked" if blocked else "")
+                    ),
+                    "details": {
+                        "hard": str(budget.hard).lower(),
+                        "percent": f"{r.cost * 100 / budget.limit:.2f}",
+                        "window_start": r.window_start.isoformat(),
+                        "time_zone": r.time_zone,
+                    },
+                    "created_at": now,
+                }
+            )
     return alerts
 
 
-def overrun_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: datetime,
-                   stale_calls: Callable[[Budget, Rollup], int]) -> list[dict[str, Any]]:  # fmt: skip
+def overrun_alerts(
+    budgets: dict[str, Budget], rollups: Iterable[Rollup], now: datetime, stale_calls: Callable[[Budget, Rollup], int]
+) -> list[dict[str, Any]]:
     """A hard budget with ``on_stale=allow`` that ended up over its limit after quota clients let
     ``stale_calls(budget, window)`` calls through on stale spend data (an outage hid the spend): once per
     scope, limit and period window (DESIGN §4.7)."""
     alerts = []
     for r in rollups:
         budget = budgets.get(budget_id(r.tenant_id, r.dimension, r.dimension_value))
-        if (budget is None or budget.period != r.granularity or not budget.hard or budget.on_stale != "allow"
-                or r.cost <= budget.limit):  # fmt: skip
+        if (
+            budget is None
+            or budget.period != r.granularity
+            or not budget.hard
+            or budget.on_stale != "allow"
+            or r.cost <= budget.limit
+        ):
             continue
         calls = stale_calls(budget, r)
         if calls <= 0:
             continue
         period = period_label(budget.period, r.window_start, r.time_zone)
         over = r.cost - budget.limit
-        alerts.append({
-            "alert_id": f"budget.overrun_during_outage:{budget.key}:{budget.limit.normalize():f}:{period}",
-            "kind": "budget.overrun_during_outage", "tenant_id": r.tenant_id,
-            "scope": {"dimension": r.dimension, "value": r.dimension_value}, "period": period,
-            "threshold_percent": None, "current": r.cost, "baseline": None, "limit": budget.limit,
-            "message": (f"{budget.scope_label} overran its hard {budget.period} budget of "
-                        f"${budget.limit.normalize():f} by ${over.normalize():f}: {calls} calls were allowed "
-                        "while the spend data was stale (on_stale=allow)"),
-            "details": {"overrun": f"{over:f}", "stale_calls": str(calls), "window_start": r.window_start.isoformat(),
-                        "time_zone": r.time_zone, "hard": "true"},
-            "created_at": now,
-        })  # fmt: skip
+        alerts.append(
+            {
+                "alert_id": f"budget.overrun_during_outage:{budget.key}:{budget.limit.normalize():f}:{period}",
+                "kind": "budget.overrun_during_outage",
+                "tenant_id": r.tenant_id,
+                "scope": {"dimension": r.dimension, "value": r.dimension_value},
+                "period": period,
+                "threshold_percent": None,
+                "current": r.cost,
+                "baseline": None,
+                "limit": budget.limit,
+                "message": (
+                    f"{budget.scope_label} overran its hard {budget.period} budget of "
+                    f"${budget.limit.normalize():f} by ${over.normalize():f}: {calls} calls were allowed "
+                    "while the spend data was stale (on_stale=allow)"
+                ),
+                "details": {
+                    "overrun": f"{over:f}",
+                    "stale_calls": str(calls),
+                    "window_start": r.window_start.isoformat(),
+                    "time_zone": r.time_zone,
+                    "hard": "true",
+                },
+                "created_at": now,
+            }
+        )
     return alerts
 
 
@@ -235,8 +276,11 @@ class RateLimit:
         return json.dumps(self.__dict__).encode()
 
     def redis_json(self) -> str:
-        limits = {"calls_per_minute": self.calls_per_minute, "tokens_per_minute": self.tokens_per_minute,
-                  "calls_per_day": self.calls_per_day}  # fmt: skip
+        limits = {
+            "calls_per_minute": self.calls_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+            "calls_per_day": self.calls_per_day,
+        }
         return json.dumps({name: limit for name, limit in limits.items() if limit is not None})
 
 
@@ -249,11 +293,13 @@ def parse_rate_limit(value: bytes) -> RateLimit:
     if unknown:
         raise ValueError(f"unknown rate limit fields: {', '.join(sorted(map(repr, unknown)))}")
     return RateLimit(
-        tenant_id=config_text(data, "tenant_id", max_len=MAX_ID_LEN), dimension=config_text(data, "dimension"),
+        tenant_id=config_text(data, "tenant_id", max_len=MAX_ID_LEN),
+        dimension=config_text(data, "dimension"),
         value=config_text(data, "value", max_len=MAX_ID_LEN, allow_empty=True),
-        calls_per_minute=data.get("calls_per_minute"), tokens_per_minute=data.get("tokens_per_minute"),
+        calls_per_minute=data.get("calls_per_minute"),
+        tokens_per_minute=data.get("tokens_per_minute"),
         calls_per_day=data.get("calls_per_day"),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)

@@ -112,9 +112,15 @@ class ConfigFollower:
 
     def _open(self) -> Consumer:
         if self._consumer is None:
-            consumer = Consumer({**logged(), "bootstrap.servers": self.bootstrap,
-                                 "group.id": "tokenmeter-config-unused", "enable.auto.commit": False,
-                                 "auto.offset.reset": "earliest"})  # fmt: skip
+            consumer = Consumer(
+                {
+                    **logged(),
+                    "bootstrap.servers": self.bootstrap,
+                    "group.id": "tokenmeter-config-unused",
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                }
+            )
             metadata = consumer.list_topics(self.topic, timeout=10).topics[self.topic]
             if metadata.error is not None:
                 consumer.close()
@@ -150,13 +156,25 @@ class ConfigFollower:
                     try:
                         self.apply(key, message.value())
                     except TRANSIENT_ERRORS as exc:
-                        log.warning("%s: cannot apply %r (partition %s, offset %s) now, will retry: %s",
-                                    self.topic, key, message.partition(), message.offset(), exc)  # fmt: skip
+                        log.warning(
+                            "%s: cannot apply %r (partition %s, offset %s) now, will retry: %s",
+                            self.topic,
+                            key,
+                            message.partition(),
+                            message.offset(),
+                            exc,
+                        )
                         self._rewind(consumer, messages[index:])
                         return applied
                     except Exception as exc:
-                        log.error("%s: skipping record %r (partition %s, offset %s): %s",
-                                  self.topic, key, message.partition(), message.offset(), exc)  # fmt: skip
+                        log.error(
+                            "%s: skipping record %r (partition %s, offset %s): %s",
+                            self.topic,
+                            key,
+                            message.partition(),
+                            message.offset(),
+                            exc,
+                        )
                         CONFIG_REJECTED.labels(topic=self.topic).inc()
                         self.rejected += 1
                         continue

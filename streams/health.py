@@ -93,10 +93,12 @@ class StageStatus:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "started": self.started, "behind": self.behind,
-            "seconds_since_progress": round(self.seconds_since_progress, 1), "failures": self.failures,
+            "started": self.started,
+            "behind": self.behind,
+            "seconds_since_progress": round(self.seconds_since_progress, 1),
+            "failures": self.failures,
             "last_error": self.last_error or None,
-        }  # fmt: skip
+        }
 
 
 @dataclass
@@ -123,8 +125,10 @@ class Health:
         for name, status in list(self.stages.items()):
             if status.behind > 0 and status.seconds_since_progress > self.stall_timeout_s:
                 why = f": {status.last_error}" if status.last_error else ""
-                return (f"{name} made no progress for {status.seconds_since_progress:.0f}s with {status.behind} "
-                        f"messages behind{why}")  # fmt: skip
+                return (
+                    f"{name} made no progress for {status.seconds_since_progress:.0f}s with {status.behind} "
+                    f"messages behind{why}"
+                )
         return None
 
     def problems(self, ready: bool) -> list[str]:
@@ -143,18 +147,21 @@ class Health:
                 found.append(f"{name} has not started yet")
             elif status.behind > 0 and status.seconds_since_progress > self.stall_timeout_s / 2:
                 why = f" ({status.last_error})" if status.last_error else ""
-                found.append(f"{name} stalled: no progress for {status.seconds_since_progress:.0f}s with "
-                             f"{status.behind} messages behind{why}")  # fmt: skip
+                found.append(
+                    f"{name} stalled: no progress for {status.seconds_since_progress:.0f}s with "
+                    f"{status.behind} messages behind{why}"
+                )
         return found
 
     def report(self, ready: bool) -> tuple[int, dict[str, Any]]:
         problems = self.problems(ready)
         body = {
-            "status": "ok" if not problems else "unavailable", "problems": problems,
+            "status": "ok" if not problems else "unavailable",
+            "problems": problems,
             "stages": {name: status.describe() for name, status in self.stages.items()},
             "pids": {name: p.pid if p is not None else None for name, p in list(self.processes.items())},
             "stall_timeout_s": self.stall_timeout_s,
-        }  # fmt: skip
+        }
         return (200 if not problems else 503), body
 
     def metrics_text(self) -> str:
@@ -163,10 +170,15 @@ class Health:
             "# HELP tokenmeter_seconds_since_progress Seconds since a stage last committed a batch or was idle",
             "# TYPE tokenmeter_seconds_since_progress gauge",
         ]
-        lines += [f'tokenmeter_seconds_since_progress{{stage="{name}"}} {s.seconds_since_progress:.3f}'
-                  for name, s in self.stages.items()]  # fmt: skip
-        lines += ["# HELP tokenmeter_ready 1 when /readyz answers 200", "# TYPE tokenmeter_ready gauge",
-                  f"tokenmeter_ready {0 if self.problems(ready=True) else 1}"]  # fmt: skip
+        lines += [
+            f'tokenmeter_seconds_since_progress{{stage="{name}"}} {s.seconds_since_progress:.3f}'
+            for name, s in self.stages.items()
+        ]
+        lines += [
+            "# HELP tokenmeter_ready 1 when /readyz answers 200",
+            "# TYPE tokenmeter_ready gauge",
+            f"tokenmeter_ready {0 if self.problems(ready=True) else 1}",
+        ]
         return "\n".join(lines) + "\n"
 
 

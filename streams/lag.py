@@ -35,8 +35,9 @@ class PartitionLag:
 
 
 def _consumer(settings: Settings, group: str) -> Consumer:
-    return Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False,
-                     **logged()})  # fmt: skip
+    return Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False, **logged()}
+    )
 
 
 def with_broker_retries(call: Callable[[], T], attempts: int = 50) -> T:
@@ -52,9 +53,14 @@ def with_broker_retries(call: Callable[[], T], attempts: int = 50) -> T:
     raise AssertionError("unreachable")
 
 
-_TRANSIENT = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
-              KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-              KafkaError.UNKNOWN_TOPIC_OR_PART)  # fmt: skip
+_TRANSIENT = (
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+)
 
 
 def measure_lag(settings: Settings, topic: str | None = None, group: str | None = None) -> list[PartitionLag]:

@@ -84,14 +84,22 @@ def runaway_alerts(rates: ConversationRates, events: Sequence[UsageEvent], now: 
     alerts = []
     for tenant, conversation, minute, finding in rates.observe(calls):
         hour = datetime.fromtimestamp(minute // 60 * 3600, UTC)
-        alerts.append({
-            "alert_id": f"anomaly.runaway_loop:{tenant}:{conversation}:{hour.isoformat()}",
-            "kind": "anomaly.runaway_loop", "tenant_id": tenant, "scope": {"conversation": conversation},
-            "period": f"minute:{datetime.fromtimestamp(minute * 60, UTC).isoformat()}", "threshold_percent": None,
-            "current": finding.current, "baseline": money(finding.baseline), "limit": None,
-            "message": f"{tenant}/{conversation}: {finding.message} — a loop?",
-            "details": {"ratio": str(finding.ratio), "rule": finding.rule}, "created_at": now,
-        })  # fmt: skip
+        alerts.append(
+            {
+                "alert_id": f"anomaly.runaway_loop:{tenant}:{conversation}:{hour.isoformat()}",
+                "kind": "anomaly.runaway_loop",
+                "tenant_id": tenant,
+                "scope": {"conversation": conversation},
+                "period": f"minute:{datetime.fromtimestamp(minute * 60, UTC).isoformat()}",
+                "threshold_percent": None,
+                "current": finding.current,
+                "baseline": money(finding.baseline),
+                "limit": None,
+                "message": f"{tenant}/{conversation}: {finding.message} — a loop?",
+                "details": {"ratio": str(finding.ratio), "rule": finding.rule},
+                "created_at": now,
+            }
+        )
     return alerts
 
 
@@ -110,22 +118,39 @@ def priced_record(item: PricedEvent) -> dict[str, Any]:
 
 def rollup_record(r: Rollup) -> dict[str, Any]:
     return {
-        "tenant_id": r.tenant_id, "dimension": r.dimension, "dimension_value": r.dimension_value,
-        "granularity": r.granularity, "window_start": r.window_start, "calls": r.calls,
-        "unpriced_calls": r.unpriced_calls, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
-        "cache_read_tokens": r.cache_read_tokens, "cache_write_tokens": r.cache_write_tokens, "cost": r.cost,
-    }  # fmt: skip
+        "tenant_id": r.tenant_id,
+        "dimension": r.dimension,
+        "dimension_value": r.dimension_value,
+        "granularity": r.granularity,
+        "window_start": r.window_start,
+        "calls": r.calls,
+        "unpriced_calls": r.unpriced_calls,
+        "input_tokens": r.input_tokens,
+        "output_tokens": r.output_tokens,
+        "cache_read_tokens": r.cache_read_tokens,
+        "cache_write_tokens": r.cache_write_tokens,
+        "cost": r.cost,
+    }
 
 
 def rollup_from_record(record: dict[str, Any], time_zone: str = "UTC") -> Rollup:
     return Rollup(
-        tenant_id=record["tenant_id"], granularity=record["granularity"], window_start=record["window_start"],
-        dimension=record["dimension"], dimension_value=record["dimension_value"], calls=record["calls"],
-        unpriced_calls=record["unpriced_calls"], input_tokens=record["input_tokens"],
-        output_tokens=record["output_tokens"], cache_read_tokens=record["cache_read_tokens"],
-        cache_write_tokens=record["cache_write_tokens"], input_cost=Decimal(0), output_cost=Decimal(0),
-        cost=record["cost"], time_zone=time_zone,
-    )  # fmt: skip
+        tenant_id=record["tenant_id"],
+        granularity=record["granularity"],
+        window_start=record["window_start"],
+        dimension=record["dimension"],
+        dimension_value=record["dimension_value"],
+        calls=record["calls"],
+        unpriced_calls=record["unpriced_calls"],
+        input_tokens=record["input_tokens"],
+        output_tokens=record["output_tokens"],
+        cache_read_tokens=record["cache_read_tokens"],
+        cache_write_tokens=record["cache_write_tokens"],
+        input_cost=Decimal(0),
+        output_cost=Decimal(0),
+        cost=record["cost"],
+        time_zone=time_zone,
+    )
 
 
 def streamed(r: Rollup) -> bool:
@@ -220,22 +245,37 @@ class Sinks:
     def _postgres(self) -> psycopg.Connection:
         if self._pg is None or self._pg.closed:
             # A statement that hangs (a half-open connection) must end as an error the batch retries.
-            self._pg = psycopg.connect(self.settings.database_url, connect_timeout=5, keepalives=1,
-                                       keepalives_idle=30, options="-c statement_timeout=120000")  # fmt: skip
+            self._pg = psycopg.connect(
+                self.settings.database_url,
+                connect_timeout=5,
+                keepalives=1,
+                keepalives_idle=30,
+                options="-c statement_timeout=120000",
+            )
         return self._pg
 
     def _drop_postgres(self) -> None:
         if self._pg is not None:
             self._pg.close()
 
-    def write(self, priced: Sequence[PricedEvent], should_stop: Callable[[], bool] | None = None,
-              live: Callable[[Sequence[Rollup], list[str]], list[Rollup]] | None = None) -> BatchResult:  # fmt: skip
+    def write(
+        self,
+        priced: Sequence[PricedEvent],
+        should_stop: Callable[[], bool] | None = None,
+        live: Callable[[Sequence[Rollup], list[str]], list[Rollup]] | None = None,
+    ) -> BatchResult:
         """Postgres, then Redis (the windows ``live`` selects); each retried while down. A Redis retry does
         not rewrite Postgres."""
         started = time.perf_counter()
-        result = with_backoff(lambda: write_batch(self._postgres(), priced), (psycopg.Error,), "Postgres",
-                              on_failure=self._drop_postgres, should_stop=should_stop, retry_if=postgres_transient,
-                              note=self.note)  # fmt: skip
+        result = with_backoff(
+            lambda: write_batch(self._postgres(), priced),
+            (psycopg.Error,),
+            "Postgres",
+            on_failure=self._drop_postgres,
+            should_stop=should_stop,
+            retry_if=postgres_transient,
+            note=self.note,
+        )
         written = time.perf_counter()
         forget: list[str] = []
         self.write_spend(result.rollups if live is None else live(result.rollups, forget), should_stop, forget)
@@ -245,14 +285,19 @@ class Sinks:
         metrics.BATCH_SIZE.labels(sink="redis").observe(len(result.rollups))
         return result
 
-    def write_spend(self, rollups: Sequence[Rollup], should_stop: Callable[[], bool] | None = None,
-                    forget: Sequence[str] = ()) -> None:  # fmt: skip
+    def write_spend(
+        self, rollups: Sequence[Rollup], should_stop: Callable[[], bool] | None = None, forget: Sequence[str] = ()
+    ) -> None:
         """Redis mirrors Postgres' absolute totals: retried while Redis is down; an error Redis answers
         (the batch is billed already) is logged and counted, and the next batch of these windows repairs it."""
         try:
-            with_backoff(lambda: write_spend(self.redis, rollups, forget=forget),
-                         (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError), "Redis",
-                         should_stop=should_stop, note=self.note)  # fmt: skip
+            with_backoff(
+                lambda: write_spend(self.redis, rollups, forget=forget),
+                (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError),
+                "Redis",
+                should_stop=should_stop,
+                note=self.note,
+            )
         except redis.ResponseError:
             log.exception("Redis refused the spend of %d windows; they stay stale until their next batch", len(rollups))
             metrics.BATCH_FAILURES.labels(reason="redis_refused").inc()
@@ -264,8 +309,14 @@ class Sinks:
             write_spend(self.redis, rollups)
 
     def store_alerts(self, alerts: Sequence[dict[str, Any]]) -> set[str]:
-        return with_backoff(lambda: store_alerts(self._postgres(), alerts), (psycopg.Error,), "Postgres (alerts)",
-                            on_failure=self._drop_postgres, retry_if=postgres_transient, note=self.note)  # fmt: skip
+        return with_backoff(
+            lambda: store_alerts(self._postgres(), alerts),
+            (psycopg.Error,),
+            "Postgres (alerts)",
+            on_failure=self._drop_postgres,
+            retry_if=postgres_transient,
+            note=self.note,
+        )
 
     def close(self) -> None:
         if self._pg is not None:
@@ -285,21 +336,35 @@ class Meter:
         self.sinks = Sinks(settings, note=self._note)
         self.stats = MeterStats()
         self.stopping = False
-        self.consumer = Consumer({
-            **logged(), "bootstrap.servers": settings.kafka_bootstrap, "group.id": meter_group(settings),
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "partition.assignment.strategy": "cooperative-sticky",
-            "fetch.wait.max.ms": 50, "queued.max.messages.kbytes": 65536,
-            "session.timeout.ms": SESSION_TIMEOUT_S * 1000, "heartbeat.interval.ms": 2000,
-        })  # fmt: skip
+        self.consumer = Consumer(
+            {
+                **logged(),
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": meter_group(settings),
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "fetch.wait.max.ms": 50,
+                "queued.max.messages.kbytes": 65536,
+                "session.timeout.ms": SESSION_TIMEOUT_S * 1000,
+                "heartbeat.interval.ms": 2000,
+            }
+        )
         self.consumer.subscribe([settings.topic_raw])
-        self.producer = Producer({
-            **logged(), "bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all",
-            "compression.type": "lz4", "linger.ms": 5, "batch.num.messages": 10000,
-            # murmur2 like Kafka's Java clients and aiokafka, so Faust's stage 2 sees each tenant on the
-            # partition its tables expect.
-            "partitioner": "murmur2_random",
-        })  # fmt: skip
+        self.producer = Producer(
+            {
+                **logged(),
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "compression.type": "lz4",
+                "linger.ms": 5,
+                "batch.num.messages": 10000,
+                # murmur2 like Kafka's Java clients and aiokafka, so Faust's stage 2 sees each tenant on the
+                # partition its tables expect.
+                "partitioner": "murmur2_random",
+            }
+        )
         self._delivery_errors: list[KafkaError] = []
         self._lag_measured = 0.0
         self.caught_up_ms = 0  # every event produced before this is in the sinks (0: not known yet)
@@ -431,8 +496,12 @@ class Meter:
         if failure is None:
             return
         if len(raw) > 1:
-            log.warning("a batch of %d messages failed (%s: %s); splitting it to find the record",
-                        len(raw), type(failure).__name__, str(failure)[:300])  # fmt: skip
+            log.warning(
+                "a batch of %d messages failed (%s: %s); splitting it to find the record",
+                len(raw),
+                type(failure).__name__,
+                str(failure)[:300],
+            )
             metrics.BATCH_FAILURES.labels(reason="record_split").inc()
             middle = len(raw) // 2
             self._isolating(raw[:middle])
@@ -457,8 +526,14 @@ class Meter:
 
     def _dead_letter_unprocessable(self, message: RawMessage, failure: BaseException) -> None:
         reason = f"cannot be processed: {type(failure).__name__}: {failure}"
-        log.error("dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason[:500],
-                  exc_info=failure)  # fmt: skip
+        log.error(
+            "dead letter %s[%d]@%d: %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            reason[:500],
+            exc_info=failure,
+        )
         record = dead_letter_record(Rejected(message, reason, "process"), datetime.now().astimezone())
         self._produce(self.settings.topic_dlq, message.key, write_dead_letter(record))
         self._flush()
@@ -508,8 +583,14 @@ class Meter:
         new = self.sinks.store_alerts(alerts)  # once per alert id, whatever replays repeat
         return [alert for alert in alerts if alert["alert_id"] in new]
 
-    def _count(self, consumed: int, rejected: Sequence[Rejected], duplicates: int, priced: Sequence[PricedEvent],
-               result: BatchResult) -> None:  # fmt: skip
+    def _count(
+        self,
+        consumed: int,
+        rejected: Sequence[Rejected],
+        duplicates: int,
+        priced: Sequence[PricedEvent],
+        result: BatchResult,
+    ) -> None:
         metrics.EVENTS_IN.labels(stage="meter").inc(consumed)
         for bad in rejected:
             metrics.DEAD_LETTERS.labels(reason=bad.stage).inc()
@@ -537,8 +618,13 @@ class Meter:
                 behind += max(high - position.offset, 0)
         return behind
 
-    def _publish(self, priced: Sequence[PricedEvent], rejected: Sequence[Rejected], rollups: Sequence[Rollup],
-                 alerts: Sequence[dict[str, Any]] = ()) -> None:  # fmt: skip
+    def _publish(
+        self,
+        priced: Sequence[PricedEvent],
+        rejected: Sequence[Rejected],
+        rollups: Sequence[Rollup],
+        alerts: Sequence[dict[str, Any]] = (),
+    ) -> None:
         settings = self.settings
         for alert in alerts:
             metrics.ALERTS.labels(kind=alert["kind"]).inc()
@@ -552,8 +638,13 @@ class Meter:
             )
         now = datetime.now().astimezone()
         for bad in rejected:
-            log.info("dead letter %s[%d]@%d: %s", bad.message.topic, bad.message.partition, bad.message.offset,
-                     bad.reason[:200])  # fmt: skip
+            log.info(
+                "dead letter %s[%d]@%d: %s",
+                bad.message.topic,
+                bad.message.partition,
+                bad.message.offset,
+                bad.reason[:200],
+            )
             self._produce(settings.topic_dlq, bad.message.key, write_dead_letter(dead_letter_record(bad, now)))
         for item in priced:
             self._produce(settings.topic_priced, item.event.tenant_id.encode(), write_priced(priced_record(item)))
@@ -578,8 +669,9 @@ class Meter:
             refused = [e for e in errors if e.code() in _KAFKA_RECORD_ERRORS]
             if refused:
                 raise OutputRefused(f"Kafka refused {len(refused)} outputs: {refused[0]}")
-            raise OutputsNotDelivered(f"{len(errors)} outputs were not delivered: {errors[0]}; "
-                                      "the batch will be replayed")  # fmt: skip
+            raise OutputsNotDelivered(
+                f"{len(errors)} outputs were not delivered: {errors[0]}; the batch will be replayed"
+            )
 
     def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
         while True:
@@ -618,8 +710,10 @@ class Meter:
         self.sinks.close()
 
 
-def rollup_messages(rollups: Sequence[Rollup], live: Callable[[Rollup], bool] | None = None,
-                    ) -> list[tuple[str, str, list[dict[str, Any]]]]:  # fmt: skip
+def rollup_messages(
+    rollups: Sequence[Rollup],
+    live: Callable[[Rollup], bool] | None = None,
+) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """The windows stage 2 uses (``streamed``, of ``live`` scopes) as (tenant, time zone, records)
     messages: one per tenant, split so that none holds more than ``ROLLUPS_PER_MESSAGE`` windows."""
     by_tenant: dict[str, list[dict[str, Any]]] = {}
@@ -628,13 +722,16 @@ def rollup_messages(rollups: Sequence[Rollup], live: Callable[[Rollup], bool] | 
         if streamed(r) and (live is None or live(r)):
             by_tenant.setdefault(r.tenant_id, []).append(rollup_record(r))
             zones[r.tenant_id] = r.time_zone
-    return [(tenant, zones[tenant], records[first : first + ROLLUPS_PER_MESSAGE])
-            for tenant, records in by_tenant.items()
-            for first in range(0, len(records), ROLLUPS_PER_MESSAGE)]  # fmt: skip
+    return [
+        (tenant, zones[tenant], records[first : first + ROLLUPS_PER_MESSAGE])
+        for tenant, records in by_tenant.items()
+        for first in range(0, len(records), ROLLUPS_PER_MESSAGE)
+    ]
 
 
-def scope_follower(settings: Settings, named: set[tuple[str, str, str]],
-                   budgeted: list[tuple[str, str, str]]) -> ConfigFollower:  # fmt: skip
+def scope_follower(
+    settings: Settings, named: set[tuple[str, str, str]], budgeted: list[tuple[str, str, str]]
+) -> ConfigFollower:
     """Keeps ``named`` equal to the scopes config.budgets names (by a budget, a rate limit or both): they
     stay live. Scopes that get a budget are added to ``budgeted``, whose Redis spend the caller rewrites
     from Postgres (a scope that was not live has no spend there, and a new hard budget must not read $0)."""
@@ -716,8 +813,13 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None
                 if status is not None:
                     status.failed(f"{reason}: {str(exc)[:300]}")
                     status.alive(meter.measure_lag())
-                log.error("batch failed (%s: %s); retrying in %.0fs", reason, str(exc)[:300], backoff,
-                          exc_info=transient_reason(exc) is None)  # fmt: skip
+                log.error(
+                    "batch failed (%s: %s); retrying in %.0fs",
+                    reason,
+                    str(exc)[:300],
+                    backoff,
+                    exc_info=transient_reason(exc) is None,
+                )
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
     finally:

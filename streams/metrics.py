@@ -23,34 +23,53 @@ log = logging.getLogger("tokenmeter.metrics")
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_TENANT_SERIES = 200
 
-EVENTS_IN = Counter("tokenmeter_events_in", "Messages consumed, per stage (meter: usage.raw; windows: rollups)",
-                    ["stage"])  # fmt: skip
-EVENTS_OUT = Counter("tokenmeter_events_out", "Messages produced, per stage and output topic",
-                     ["stage", "output"])  # fmt: skip
-DEAD_LETTERS = Counter("tokenmeter_dead_letters",
-                       "Rejected raw messages sent to usage.dlq, per reason (decode, validate, process)",
-                       ["reason"])  # fmt: skip
-BATCH_FAILURES = Counter("tokenmeter_batch_failures",
-                         "Failed stage-1 batches, per reason (postgres, redis, kafka: retried; record_split: a "
-                         "batch split to isolate a record; redis_refused; other: the exception's type)",
-                         ["reason"])  # fmt: skip
-OPTIONAL_FAILURES = Counter("tokenmeter_optional_stage_failures",
-                            "Failures of stages that bill nothing (anomaly rules, runaway detection, webhooks), "
-                            "skipped", ["stage"])  # fmt: skip
+EVENTS_IN = Counter(
+    "tokenmeter_events_in", "Messages consumed, per stage (meter: usage.raw; windows: rollups)", ["stage"]
+)
+EVENTS_OUT = Counter("tokenmeter_events_out", "Messages produced, per stage and output topic", ["stage", "output"])
+DEAD_LETTERS = Counter(
+    "tokenmeter_dead_letters",
+    "Rejected raw messages sent to usage.dlq, per reason (decode, validate, process)",
+    ["reason"],
+)
+BATCH_FAILURES = Counter(
+    "tokenmeter_batch_failures",
+    "Failed stage-1 batches, per reason (postgres, redis, kafka: retried; record_split: a "
+    "batch split to isolate a record; redis_refused; other: the exception's type)",
+    ["reason"],
+)
+OPTIONAL_FAILURES = Counter(
+    "tokenmeter_optional_stage_failures",
+    "Failures of stages that bill nothing (anomaly rules, runaway detection, webhooks), skipped",
+    ["stage"],
+)
 DUPLICATES = Counter("tokenmeter_duplicate_events", "Events whose event_id was already counted")
 UNPRICED = Counter("tokenmeter_unpriced_events", "Events of models without a price (pricing misses)")
-CONFIG_REJECTED = Counter("tokenmeter_config_records_rejected",
-                          "Config records (budgets, price overrides) that could not be applied, per topic",
-                          ["topic"])  # fmt: skip
+CONFIG_REJECTED = Counter(
+    "tokenmeter_config_records_rejected",
+    "Config records (budgets, price overrides) that could not be applied, per topic",
+    ["topic"],
+)
 ALERTS = Counter("tokenmeter_alerts", "Alerts fired, per kind", ["kind"])
-SPEND = Counter("tokenmeter_spend_usd", "Priced spend of new events, per tenant (bounded; see module doc)",
-                ["tenant"])  # fmt: skip
-LAG = Gauge("tokenmeter_consumer_lag_messages", "Messages behind the end of usage.raw (stage 1's partitions)",
-            ["stage"], multiprocess_mode="livesum")  # fmt: skip
-BATCH_SIZE = Histogram("tokenmeter_sink_batch_events", "Events per sink batch", ["sink"],
-                       buckets=(1, 10, 50, 100, 500, 1000, 2500, 5000, 10000))  # fmt: skip
-SINK_SECONDS = Histogram("tokenmeter_sink_seconds", "Time to write one batch, per sink", ["sink"],
-                         buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))  # fmt: skip
+SPEND = Counter("tokenmeter_spend_usd", "Priced spend of new events, per tenant (bounded; see module doc)", ["tenant"])
+LAG = Gauge(
+    "tokenmeter_consumer_lag_messages",
+    "Messages behind the end of usage.raw (stage 1's partitions)",
+    ["stage"],
+    multiprocess_mode="livesum",
+)
+BATCH_SIZE = Histogram(
+    "tokenmeter_sink_batch_events",
+    "Events per sink batch",
+    ["sink"],
+    buckets=(1, 10, 50, 100, 500, 1000, 2500, 5000, 10000),
+)
+SINK_SECONDS = Histogram(
+    "tokenmeter_sink_seconds",
+    "Time to write one batch, per sink",
+    ["sink"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 
 _tenants: set[str] = set()
 

@@ -63,12 +63,15 @@ def parse_override(override_id: str, value: bytes) -> PriceOverride:
 def override_message(override: PriceOverride) -> tuple[bytes, bytes]:
     r = override.rates
     body = {
-        "tenant_id": override.tenant_id, "provider": override.provider, "model": override.model,
-        "effective_from": override.effective_from.isoformat(), "input_mtok": str(r.input_mtok),
+        "tenant_id": override.tenant_id,
+        "provider": override.provider,
+        "model": override.model,
+        "effective_from": override.effective_from.isoformat(),
+        "input_mtok": str(r.input_mtok),
         "output_mtok": str(r.output_mtok),
         "cache_read_mtok": None if r.cache_read_mtok is None else str(r.cache_read_mtok),
         "cache_write_mtok": None if r.cache_write_mtok is None else str(r.cache_write_mtok),
-    }  # fmt: skip
+    }
     return override.override_id.encode(), json.dumps(body).encode()
 
 

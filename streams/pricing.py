@@ -103,9 +103,11 @@ class _FastPrice:
         output_rate = _rate_at(self.output_mtok, input_tokens)
         assert input_rate is not None and output_rate is not None
         return TokenRates(
-            input_rate, output_rate, _rate_at(self.cache_read_mtok, input_tokens),
+            input_rate,
+            output_rate,
+            _rate_at(self.cache_read_mtok, input_tokens),
             _rate_at(self.cache_write_mtok, input_tokens),
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -173,9 +175,11 @@ class PriceBook:
         simple = token_rates <= _FAST_KEYS and all(isinstance(values[k], Decimal | TieredPrices) for k in token_rates)
         if simple and "input_mtok" in values and "output_mtok" in values:
             fast: _FastPrice | None = _FastPrice(
-                values["input_mtok"], values["output_mtok"], values.get("cache_read_mtok"),
+                values["input_mtok"],
+                values["output_mtok"],
+                values.get("cache_read_mtok"),
                 values.get("cache_write_mtok"),
-            )  # fmt: skip
+            )
         else:
             fast = None
         self._fast[key] = (price, fast)

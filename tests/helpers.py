@@ -19,17 +19,20 @@ def create_topic(settings: Settings, name: str, partitions: int = 2) -> None:
 
 def read_all(settings: Settings, topic: str, expect: int | None = None, timeout: float = 30.0) -> list[bytes]:
     """Every committed message of a topic from the beginning (stops at `expect` or when caught up)."""
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "group.id": f"reader-{time.monotonic_ns()}",
-        "enable.auto.commit": False,
-        "isolation.level": "read_committed",
-    })  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"reader-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
-        ends = {p.partition: with_broker_retries(partial(consumer.get_watermark_offsets, p, timeout=10))[1]
-                for p in parts}  # fmt: skip
+        ends = {
+            p.partition: with_broker_retries(partial(consumer.get_watermark_offsets, p, timeout=10))[1] for p in parts
+        }
         consumer.assign(parts)
         values: list[bytes] = []
         deadline = time.monotonic() + timeout

@@ -19,8 +19,15 @@ def test_produce_reports_bad_lines_and_publishes_good_ones(
 ) -> None:
     topic = f"test.produce.{unique}"
     create_topic(settings, topic)
-    good = {"event_id": f"p-{unique}", "timestamp": "2025-05-01T00:00:00Z", "tenant_id": "t1", "provider": "openai",
-            "model": "o3", "input_tokens": 100, "output_tokens": 10}  # fmt: skip
+    good = {
+        "event_id": f"p-{unique}",
+        "timestamp": "2025-05-01T00:00:00Z",
+        "tenant_id": "t1",
+        "provider": "openai",
+        "model": "o3",
+        "input_tokens": 100,
+        "output_tokens": 10,
+    }
     lines = [
         json.dumps(good),
         "not json",
@@ -32,8 +39,9 @@ def test_produce_reports_bad_lines_and_publishes_good_ones(
     source = tmp_path / "events.jsonl"
     source.write_text("\n".join(lines) + "\n")
     env = {**os.environ, "TOKENMETER_TOPIC_RAW": topic, "TOKENMETER_SPOOL_DIR": str(tmp_path / "spool")}
-    done = subprocess.run([sys.executable, "-m", "deploy", "produce", str(source)], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy", "produce", str(source)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1
     assert "line 2: malformed JSON" in done.stderr
     assert "line 3: tenant_id: String should have at most 200 characters" in done.stderr
@@ -44,6 +52,12 @@ def test_produce_reports_bad_lines_and_publishes_good_ones(
 
     clean = tmp_path / "clean.jsonl"
     clean.write_text(json.dumps({**good, "event_id": "p5"}) + "\n")
-    done = subprocess.run([sys.executable, "-m", "deploy", "produce", "-"], env=env, input=clean.read_text(),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy", "produce", "-"],
+        env=env,
+        input=clean.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr

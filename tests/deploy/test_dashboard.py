@@ -60,19 +60,28 @@ def seed_today_and_month(conn: psycopg.Connection, client: redis.Redis, tenant: 
     items = []
     for i in range(24):
         when = max(today, now - timedelta(minutes=i)) if i % 3 else month + timedelta(hours=i)
-        event = validate_event({
-            "event_id": f"{tenant}-{i}", "timestamp": min(when, now), "tenant_id": tenant, "provider": "openai",
-            "model": "gpt-4o", "input_tokens": 400_000 + 7_919 * i, "output_tokens": 20_000 + 13 * i,
-            "feature": "search", "user_id": f"u{i % 3}",
-        })  # fmt: skip
+        event = validate_event(
+            {
+                "event_id": f"{tenant}-{i}",
+                "timestamp": min(when, now),
+                "tenant_id": tenant,
+                "provider": "openai",
+                "model": "gpt-4o",
+                "input_tokens": 400_000 + 7_919 * i,
+                "output_tokens": 20_000 + 13 * i,
+                "feature": "search",
+                "user_id": f"u{i % 3}",
+            }
+        )
         items.append(PricedEvent(event, book.price(event)))
     result = write_batch(conn, items)
     write_spend(client, result.rollups, now)
 
 
 def ledger_sum(conn: psycopg.Connection, tenant: str, since: datetime) -> Decimal:
-    row = conn.execute("SELECT coalesce(sum(total_cost), 0) FROM tokenmeter.ledger WHERE tenant_id = %s AND ts >= %s",
-                       (tenant, since)).fetchone()  # fmt: skip
+    row = conn.execute(
+        "SELECT coalesce(sum(total_cost), 0) FROM tokenmeter.ledger WHERE tenant_id = %s AND ts >= %s", (tenant, since)
+    ).fetchone()
     assert row is not None
     return Decimal(row[0])
 
@@ -85,8 +94,9 @@ def cents(value: Decimal) -> str:
 def dashboard(stack: LocalStack, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     log = (tmp_path / "dashboard.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "deploy", "dashboard", "--port", str(port)], stdout=log,
-                               stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deploy", "dashboard", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -126,12 +136,25 @@ def test_dashboard_serves_live_numbers_that_add_up_and_chromium_shows_them(
     limit = Decimal("2500")
     client.set(budget_key(hostile, "tenant", ""), Budget(hostile, "tenant", "", "month", limit, hard=True).redis_json())
     message = f"{hostile}: spent $9.99 this hour, 5.00× the 7-day hourly average of $2.00"
-    store_alerts(conn, [{
-        "alert_id": f"anomaly.spend_spike:{unique}", "kind": "anomaly.spend_spike", "tenant_id": hostile,
-        "scope": {"dimension": "tenant", "value": ""}, "period": f"hour:{now.isoformat()}", "threshold_percent": None,
-        "current": Decimal("9.99"), "baseline": Decimal("2"), "limit": None, "message": message,
-        "details": {}, "created_at": now,
-    }])  # fmt: skip
+    store_alerts(
+        conn,
+        [
+            {
+                "alert_id": f"anomaly.spend_spike:{unique}",
+                "kind": "anomaly.spend_spike",
+                "tenant_id": hostile,
+                "scope": {"dimension": "tenant", "value": ""},
+                "period": f"hour:{now.isoformat()}",
+                "threshold_percent": None,
+                "current": Decimal("9.99"),
+                "baseline": Decimal("2"),
+                "limit": None,
+                "message": message,
+                "details": {},
+                "created_at": now,
+            }
+        ],
+    )
     conn.commit()
 
     status, headers, body = get(dashboard + "/api/summary")
@@ -163,10 +186,20 @@ def test_dashboard_serves_live_numbers_that_add_up_and_chromium_shows_them(
     assert get(dashboard + "/nope")[0] == 404
 
     shown = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--virtual-time-budget=5000",
-         "--dump-dom", dashboard + "/"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            dashboard + "/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0, shown.stderr[-2000:]
     dom = shown.stdout
     artifact = Path(os.environ["TOKENMETER_HOME"]) / "artifacts" / "dashboard.html"

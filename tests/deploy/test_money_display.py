@@ -114,8 +114,9 @@ def test_report_table_rounds_and_json_and_csv_are_exact(conn: psycopg.Connection
     assert usd(expected["top_requests"][0]["cost"], "per_call") in table
 
 
-def test_report_html_rounds_and_keeps_exact_amounts_in_tooltips(conn: psycopg.Connection, tenant: str,
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_report_html_rounds_and_keeps_exact_amounts_in_tooltips(
+    conn: psycopg.Connection, tenant: str, tmp_path: Path
+) -> None:
     page = tmp_path / "report.html"
     cli("report", "--tenant", tenant, "--period", "2025-07", "--format", "html", "--output", str(page))
     text = page.read_text()
@@ -137,14 +138,16 @@ def test_invoice_table_rounds_and_json_and_csv_are_exact(conn: psycopg.Connectio
     assert usd(bill.total) in next(row for row in table.splitlines() if "TOTAL" in row)
     as_json = json.loads(cli("invoice", "--tenant", tenant, "--period", "2025-07", "--format", "json").stdout)
     assert as_json == json.loads(json.dumps(bill.as_json()))
-    *lines, total = csv.DictReader(io.StringIO(cli("invoice", "--tenant", tenant, "--period", "2025-07",
-                                                   "--format", "csv").stdout))  # fmt: skip
+    *lines, total = csv.DictReader(
+        io.StringIO(cli("invoice", "--tenant", tenant, "--period", "2025-07", "--format", "csv").stdout)
+    )
     assert [Decimal(line["amount"]) for line in lines] == [line.amount for line in bill.lines]
     assert total["amount"] == f"{bill.total:f}"
 
 
-def test_budgets_alerts_quota_and_whatif_round_in_tables_only(conn: psycopg.Connection, tenant: str,
-                                                               settings: Settings) -> None:  # fmt: skip
+def test_budgets_alerts_quota_and_whatif_round_in_tables_only(
+    conn: psycopg.Connection, tenant: str, settings: Settings
+) -> None:
     budget = Budget(tenant, "tenant", "", "month", Decimal("30.2412345"), True)
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
     producer.produce(settings.topic_budgets, key=budget.key.encode(), value=budget.to_json())
@@ -154,12 +157,25 @@ def test_budgets_alerts_quota_and_whatif_round_in_tables_only(conn: psycopg.Conn
     assert json.loads(cli("budget", "list", "--tenant", tenant, "--format", "json").stdout)[0]["limit"] == "30.2412345"
 
     message = f"{tenant} has spent $30.5012345678 of its month budget of $30.2412345 (100.9%)"
-    store_alerts(conn, [{
-        "alert_id": f"money-{tenant}", "kind": "budget.blocked", "tenant_id": tenant,
-        "scope": {"dimension": "tenant", "value": ""}, "period": "month:2025-07-01", "threshold_percent": 100,
-        "current": Decimal("30.5012345678"), "baseline": None, "limit": budget.limit, "message": message,
-        "details": {}, "created_at": datetime(2025, 7, 20, tzinfo=UTC),
-    }])  # fmt: skip
+    store_alerts(
+        conn,
+        [
+            {
+                "alert_id": f"money-{tenant}",
+                "kind": "budget.blocked",
+                "tenant_id": tenant,
+                "scope": {"dimension": "tenant", "value": ""},
+                "period": "month:2025-07-01",
+                "threshold_percent": 100,
+                "current": Decimal("30.5012345678"),
+                "baseline": None,
+                "limit": budget.limit,
+                "message": message,
+                "details": {},
+                "created_at": datetime(2025, 7, 20, tzinfo=UTC),
+            }
+        ],
+    )
     alerts = cli("alerts", "list", "--tenant", tenant, "--format", "table").stdout
     assert "has spent $30.50 of its month budget of $30.24 (100.9%)" in alerts and rounding_note("json") in alerts
     assert json.loads(cli("alerts", "list", "--tenant", tenant, "--format", "json").stdout)[0]["message"] == message
@@ -173,8 +189,11 @@ def test_budgets_alerts_quota_and_whatif_round_in_tables_only(conn: psycopg.Conn
     assert "is spent ($30.50)" in quota and "spent $30.50 of $30.24 (remaining -$0.26)" in quota, quota
     assert rounding_note("json") in quota
     decision = json.loads(cli("quota", "check", "--tenant", tenant, "--format", "json").stdout)
-    assert (decision["spent"], decision["limit"], decision["remaining"]) == ("30.5012345678", "30.2412345",
-                                                                            "-0.2600000678")  # fmt: skip
+    assert (decision["spent"], decision["limit"], decision["remaining"]) == (
+        "30.5012345678",
+        "30.2412345",
+        "-0.2600000678",
+    )
 
     models = ("--from", "openai/gpt-4o", "--to", "openai/gpt-4o-mini")
     exact = json.loads(cli("whatif", "--tenant", tenant, "--period", "2025-07", *models, "--format", "json").stdout)
@@ -186,20 +205,55 @@ def test_budgets_alerts_quota_and_whatif_round_in_tables_only(conn: psycopg.Conn
 
 def big_report() -> dict[str, Any]:
     """A report whose labels are as long as they get: millions of dollars, a 100 % share, long names."""
-    rows = [{"name": f"{'very-long-model-name-' * 2}{i}", "cost": f"{1234567.891234567 / (i + 1):.9f}",
-             "calls": 10_000_000, "share": "100.0" if i == 0 else "64.3", "avg_cost_per_call": "0.123456789012"}
-            for i in range(8)]  # fmt: skip
+    rows = [
+        {
+            "name": f"{'very-long-model-name-' * 2}{i}",
+            "cost": f"{1234567.891234567 / (i + 1):.9f}",
+            "calls": 10_000_000,
+            "share": "100.0" if i == 0 else "64.3",
+            "avg_cost_per_call": "0.123456789012",
+        }
+        for i in range(8)
+    ]
     days = [{"date": f"2025-07-{d:02d}", "cost": "1234567.891234567", "calls": 1} for d in range(14, 21)]
-    totals = {"cost": "9876543.21", "calls": 80_000_000, "unpriced_calls": 0, "today": "1", "this_week": "1",
-              "this_month": "1"}  # fmt: skip
-    issue = [{"name": "openai/gpt-4o", "cost": "258.524070655", "calls": 29_000, "share": "64.3",  # issue 17
-              "avg_cost_per_call": "0.008916142884"},
-             {"name": "anthropic/claude-sonnet-4-5", "cost": "143.5", "calls": 9_000, "share": "35.7",
-              "avg_cost_per_call": "0.015944444444"}]  # fmt: skip
-    return {"tenant_id": "acme", "period": {"label": "2025-07"}, "totals": totals, "trend_7d": days,
-            "by_model": issue, "by_provider": rows, "by_feature": rows, "by_environment": rows, "by_user": rows,
-            "avg_cost_per_call": {"overall": "0.123456789012"}, "top_requests": [],
-            "top_conversations": []}  # fmt: skip
+    totals = {
+        "cost": "9876543.21",
+        "calls": 80_000_000,
+        "unpriced_calls": 0,
+        "today": "1",
+        "this_week": "1",
+        "this_month": "1",
+    }
+    issue = [
+        {
+            "name": "openai/gpt-4o",
+            "cost": "258.524070655",
+            "calls": 29_000,
+            "share": "64.3",  # issue 17
+            "avg_cost_per_call": "0.008916142884",
+        },
+        {
+            "name": "anthropic/claude-sonnet-4-5",
+            "cost": "143.5",
+            "calls": 9_000,
+            "share": "35.7",
+            "avg_cost_per_call": "0.015944444444",
+        },
+    ]
+    return {
+        "tenant_id": "acme",
+        "period": {"label": "2025-07"},
+        "totals": totals,
+        "trend_7d": days,
+        "by_model": issue,
+        "by_provider": rows,
+        "by_feature": rows,
+        "by_environment": rows,
+        "by_user": rows,
+        "avg_cost_per_call": {"overall": "0.123456789012"},
+        "top_requests": [],
+        "top_conversations": [],
+    }
 
 
 # Measures every chart text in the browser's own layout and writes the ones that leave their chart.
@@ -225,9 +279,20 @@ def test_no_chart_label_runs_past_its_chart_in_headless_chromium(tmp_path: Path)
     page = tmp_path / "report.html"
     page.write_text(render_html(big_report()).replace("</body>", MEASURE + "</body>"), encoding="utf-8")
     dumped = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1280,2400",
-         "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--window-size=1280,2400",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dumped.returncode == 0, dumped.stderr[-2000:]
     found = re.search(r"<pre id=\"outside\">(.*?)</pre>", dumped.stdout, re.S)
     assert found, dumped.stdout[-2000:]

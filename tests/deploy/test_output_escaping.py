@@ -29,8 +29,17 @@ from sinks.postgres import PricedEvent, write_batch
 from streams.budgets import Budget
 from streams.pricing import PriceBook
 
-HOSTILE = ["[/bold]", "[red]x[/red]", '=HYPERLINK("http://evil")', "+1", "-2+3", "@SUM(A1)", "\tfoo",
-           "<script>alert(1)</script>", ":warning:"]  # fmt: skip
+HOSTILE = [
+    "[/bold]",
+    "[red]x[/red]",
+    '=HYPERLINK("http://evil")',
+    "+1",
+    "-2+3",
+    "@SUM(A1)",
+    "\tfoo",
+    "<script>alert(1)</script>",
+    ":warning:",
+]
 JULY = datetime(2025, 7, 3, 12, tzinfo=UTC)
 
 
@@ -65,19 +74,41 @@ def tenant(conn: psycopg.Connection, unique: str) -> str:
     for i, name in enumerate(HOSTILE):
         for j, (provider, model) in enumerate([("openai", "gpt-4o"), (name, name)]):
             event = UsageEvent.model_construct(
-                event_id=f"{name}{unique}-{i}-{j}", timestamp=JULY + timedelta(hours=i), tenant_id=tenant_id,
-                provider=provider, model=model, input_tokens=1000 * (i + 1), output_tokens=100, feature=name,
-                user_id=name, environment=name, session_id=name, latency_ms=200,
-            )  # fmt: skip
+                event_id=f"{name}{unique}-{i}-{j}",
+                timestamp=JULY + timedelta(hours=i),
+                tenant_id=tenant_id,
+                provider=provider,
+                model=model,
+                input_tokens=1000 * (i + 1),
+                output_tokens=100,
+                feature=name,
+                user_id=name,
+                environment=name,
+                session_id=name,
+                latency_ms=200,
+            )
             items.append(PricedEvent(event, book.price(event)))
     write_batch(conn, items)
-    store_alerts(conn, [
-        {"alert_id": f"esc-{unique}-{i}", "kind": "budget.threshold", "tenant_id": tenant_id,
-         "scope": {"dimension": "feature", "value": name}, "period": "month:2025-07-01", "threshold_percent": 50,
-         "current": Decimal("1.5"), "baseline": None, "limit": Decimal(3), "message": f"{name} has spent $1.5",
-         "details": {}, "created_at": JULY + timedelta(minutes=i)}
-        for i, name in enumerate(HOSTILE)
-    ])  # fmt: skip
+    store_alerts(
+        conn,
+        [
+            {
+                "alert_id": f"esc-{unique}-{i}",
+                "kind": "budget.threshold",
+                "tenant_id": tenant_id,
+                "scope": {"dimension": "feature", "value": name},
+                "period": "month:2025-07-01",
+                "threshold_percent": 50,
+                "current": Decimal("1.5"),
+                "baseline": None,
+                "limit": Decimal(3),
+                "message": f"{name} has spent $1.5",
+                "details": {},
+                "created_at": JULY + timedelta(minutes=i),
+            }
+            for i, name in enumerate(HOSTILE)
+        ],
+    )
     return tenant_id
 
 
@@ -100,8 +131,11 @@ def test_report_csv_neutralises_formulas_and_keeps_numbers(tenant: str) -> None:
         assert set(found) == {in_csv(name) for name in HOSTILE}, section
         for entry in report[section]:  # numbers as the JSON report has them, never prefixed
             _, _, cost, calls, share = found[in_csv(entry["name"])]
-            assert (Decimal(cost), int(calls), Decimal(share)) == (Decimal(entry["cost"]), entry["calls"],
-                                                                   Decimal(entry["share"]))  # fmt: skip
+            assert (Decimal(cost), int(calls), Decimal(share)) == (
+                Decimal(entry["cost"]),
+                entry["calls"],
+                Decimal(entry["share"]),
+            )
     assert {in_csv(f"{n}/{n}") for n in HOSTILE} <= {row[1] for row in rows if row[0] == "by_model"}
     assert all(row[1].startswith("'") for row in rows if row[0] == "top_requests" and row[1][0] in "'=+-@")
     for row in rows[1:]:
@@ -168,7 +202,15 @@ def test_cell_is_never_markup_emoji_or_terminal_control() -> None:
 
 def test_csv_safe_decides_by_type() -> None:
     assert [csv_safe(v) for v in ("=1+2", "+1", "-2+3", "@SUM(A1)", "\tfoo", "\rfoo", "acme", "")] == [
-        "'=1+2", "'+1", "'-2+3", "'@SUM(A1)", "'\tfoo", "'\rfoo", "acme", ""]  # fmt: skip
+        "'=1+2",
+        "'+1",
+        "'-2+3",
+        "'@SUM(A1)",
+        "'\tfoo",
+        "'\rfoo",
+        "acme",
+        "",
+    ]
     assert csv_safe(Decimal("-0.5")) == "-0.5" and csv_safe(-3) == "-3" and csv_safe(None) == ""
     assert csv_safe(Decimal("1E-7")) == "0.0000001"  # plain notation, as the ledger holds it
     assert csv_safe("-0.5") == "'-0.5"  # a name that looks like a number is still a name

@@ -61,8 +61,12 @@ def run_tokenmeter(path: Path, env: dict[str, str], *args: str) -> subprocess.Co
 
 def copy_working_tree(destination: Path) -> None:
     """Tracked and untracked (not ignored) files as they are now; deleted ones are skipped."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout  # fmt: skip
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
     for name in filter(None, listed.decode().split("\0")):
         source = ROOT / name
         if source.is_file():
@@ -94,11 +98,17 @@ def test_install_prints_no_warnings(clone: Clone) -> None:
     said = clone.bootstrap.stderr.splitlines()
     assert said == ["installing tokenmeter and its dependencies into .venv..."], clone.bootstrap.stderr
     installed = subprocess.run(
-        [str(clone.path / ".venv" / "bin" / "python"), "-c",
-         "import deploy.stack, sys; from importlib import resources as r;"
-         "print(deploy.stack.__file__); sys.exit(not r.files('deploy').joinpath('kafka/log4j2.properties').is_file())"],
-        capture_output=True, text=True, cwd="/",
-    )  # fmt: skip
+        [
+            str(clone.path / ".venv" / "bin" / "python"),
+            "-c",
+            "import deploy.stack, sys; from importlib import resources as r;"
+            "print(deploy.stack.__file__);"
+            "sys.exit(not r.files('deploy').joinpath('kafka/log4j2.properties').is_file())",
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     assert installed.returncode == 0 and installed.stdout.startswith(str(clone.path)), installed
 
 
@@ -115,8 +125,11 @@ def test_dev_up_in_a_private_folder(clone: Clone) -> None:
         # The README's first command, in the private clone (shortened live part; the history is the same).
         demo = clone.tokenmeter("demo", "--duration", "5", "--rate", "100", "--dashboard-port", "0")
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-        noise = [line for line in demo.stderr.splitlines() if line.startswith("%") or "Traceback" in line
-                 or "Warning" in line]  # fmt: skip
+        noise = [
+            line
+            for line in demo.stderr.splitlines()
+            if line.startswith("%") or "Traceback" in line or "Warning" in line
+        ]
         assert noise == [], noise
         assert "globex" in demo.stdout and (clone.path / ".tokenmeter" / "report.html").exists()
     finally:
@@ -126,16 +139,39 @@ def test_dev_up_in_a_private_folder(clone: Clone) -> None:
 
 
 def test_a_regular_wheel_carries_the_data_files(clone: Clone, tmp_path: Path) -> None:
-    built = subprocess.run([str(clone.path / ".venv" / "bin" / "pip"), "wheel", "--no-deps", "-w", str(tmp_path),
-                            str(clone.path)], capture_output=True, text=True, timeout=180)  # fmt: skip
+    built = subprocess.run(
+        [str(clone.path / ".venv" / "bin" / "pip"), "wheel", "--no-deps", "-w", str(tmp_path), str(clone.path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert built.returncode == 0, built.stderr
     assert "warning" not in (built.stdout + built.stderr).lower(), built.stdout + built.stderr
     (wheel,) = tmp_path.glob("tokenmeter-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    tracked = subprocess.run(["git", "ls-files", "schemas/*.avsc", "sinks/migrations/*.sql", "deploy/kafka/*",
-                              "schemas/*.py", "producers/*.py", "streams/*.py", "sinks/*.py", "deploy/*.py"],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-    assert {"deploy/kafka/jars.lock", "deploy/kafka/log4j2.properties", "sinks/migrations/0001_schema_baseline.sql",
-            "schemas/usage_event.v2.avsc"} <= set(tracked)  # fmt: skip
+    tracked = subprocess.run(
+        [
+            "git",
+            "ls-files",
+            "schemas/*.avsc",
+            "sinks/migrations/*.sql",
+            "deploy/kafka/*",
+            "schemas/*.py",
+            "producers/*.py",
+            "streams/*.py",
+            "sinks/*.py",
+            "deploy/*.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert {
+        "deploy/kafka/jars.lock",
+        "deploy/kafka/log4j2.properties",
+        "sinks/migrations/0001_schema_baseline.sql",
+        "schemas/usage_event.v2.avsc",
+    } <= set(tracked)
     assert set(tracked) <= names, sorted(set(tracked) - names)
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]

@@ -44,8 +44,9 @@ def chart_bands(image: Image.Image, left: int, right: int) -> list[tuple[int, in
     return bands
 
 
-def test_html_report_charts_render_in_headless_chromium(conn: psycopg.Connection, unique: str, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_html_report_charts_render_in_headless_chromium(
+    conn: psycopg.Connection, unique: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is missing: deploy/test installs it before running the tests"
     tenant = f"html-{unique}"
@@ -69,10 +70,21 @@ def test_html_report_charts_render_in_headless_chromium(conn: psycopg.Connection
     shot.parent.mkdir(parents=True, exist_ok=True)
     shot.unlink(missing_ok=True)
     shown = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-         f"--window-size={WIDTH},{HEIGHT}", f"--screenshot={shot}", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            f"--window-size={WIDTH},{HEIGHT}",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0 and shot.exists(), shown.stderr[-2000:]
     with capsys.disabled():
         print(f"\n  report screenshot: {shot}")

@@ -52,13 +52,28 @@ def test_two_hundred_thousand_users_of_one_tenant(stack: LocalStack, settings: S
         done = subprocess.run(command, env=env_for(own), capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         at = datetime.now(UTC)
-        producer = Producer({"bootstrap.servers": own.kafka_bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
-                             "compression.type": "lz4"})  # fmt: skip
+        producer = Producer(
+            {
+                "bootstrap.servers": own.kafka_bootstrap,
+                "linger.ms": 20,
+                "batch.num.messages": 10000,
+                "compression.type": "lz4",
+            }
+        )
         started = time.monotonic()
         for i in range(USERS):
-            event = {"event_id": f"{tenant}-{i}", "tenant_id": tenant, "provider": "openai", "model": "gpt-4o-mini",
-                     "timestamp": at.isoformat(), "input_tokens": 1200, "output_tokens": 300,
-                     "user_id": f"u-{i}", "feature": f"feature-{i % 50}", "session_id": f"s-{i}"}  # fmt: skip
+            event = {
+                "event_id": f"{tenant}-{i}",
+                "tenant_id": tenant,
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "timestamp": at.isoformat(),
+                "input_tokens": 1200,
+                "output_tokens": 300,
+                "user_id": f"u-{i}",
+                "feature": f"feature-{i % 50}",
+                "session_id": f"s-{i}",
+            }
             while True:
                 try:
                     producer.produce(own.topic_raw, key=tenant.encode(), value=json.dumps(event).encode())
@@ -73,20 +88,42 @@ def test_two_hundred_thousand_users_of_one_tenant(stack: LocalStack, settings: S
             stage_one = json.loads(response.read())["pids"]["stage 1 (metering)"]
         assert worker.process is not None
         memory = {"stage 1": rss_mib(stage_one), "stage 2 (worker)": rss_mib(worker.process.pid)}
-        print(f"\n{USERS:,} users metered in {metered:.0f}s; RSS MiB: " +
-              ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))  # fmt: skip
+        print(
+            f"\n{USERS:,} users metered in {metered:.0f}s; RSS MiB: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in memory.items())
+        )
         assert all(v < RSS_BOUND_MIB for v in memory.values()), memory
 
-        unit = genai_prices.calc_price(genai_prices.Usage(input_tokens=1200, output_tokens=300), "gpt-4o-mini",
-                                       provider_id="openai", genai_request_timestamp=at).total_price  # fmt: skip
+        unit = genai_prices.calc_price(
+            genai_prices.Usage(input_tokens=1200, output_tokens=300),
+            "gpt-4o-mini",
+            provider_id="openai",
+            genai_request_timestamp=at,
+        ).total_price
         with psycopg.connect(own.database_url) as conn:
             total, calls, users = conn.execute(
                 "SELECT sum(total_cost), count(*), count(DISTINCT user_id) FROM tokenmeter.ledger WHERE tenant_id = %s",
-                (tenant,)).fetchone()  # fmt: skip
+                (tenant,),
+            ).fetchone()
         assert (total, calls, users) == (money(unit) * USERS, USERS, USERS)  # the ledger keeps every call
-        invoice = subprocess.run([sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period",
-                                  at.strftime("%Y-%m"), "--format", "json"], env=env_for(own), capture_output=True,
-                                 text=True, timeout=120)  # fmt: skip
+        invoice = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deploy",
+                "invoice",
+                "--tenant",
+                tenant,
+                "--period",
+                at.strftime("%Y-%m"),
+                "--format",
+                "json",
+            ],
+            env=env_for(own),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert invoice.returncode == 0, invoice.stderr
         assert Decimal(json.loads(invoice.stdout)["total"]) == money(unit) * USERS
 

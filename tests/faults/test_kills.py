@@ -113,9 +113,14 @@ def killed_and_restarted(own: Settings, worker: WorkerProcess, tenants: list[str
 
     def delivered() -> tuple[list[str], Counter[tuple[int, str]]]:
         with psycopg.connect(own.database_url) as conn:
-            ids = [row[0] for row in conn.execute(
-                "SELECT alert_id FROM tokenmeter.alerts WHERE tenant_id = %s AND kind LIKE 'budget%%'"
-                " ORDER BY threshold_percent", (tenants[0],)).fetchall()]  # fmt: skip
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT alert_id FROM tokenmeter.alerts WHERE tenant_id = %s AND kind LIKE 'budget%%'"
+                    " ORDER BY threshold_percent",
+                    (tenants[0],),
+                ).fetchall()
+            ]
         return ids, Counter(post for post in Hook.posts if post[1] in ids)
 
     deadline = time.monotonic() + 60
@@ -130,8 +135,9 @@ def killed_and_restarted(own: Settings, worker: WorkerProcess, tenants: list[str
 
 
 @pytest.fixture
-def pair(stack: LocalStack, settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, WorkerProcess,
-                                                                                   WorkerProcess]]:  # fmt: skip
+def pair(
+    stack: LocalStack, settings: Settings, tmp_path: Path
+) -> Iterator[tuple[Settings, WorkerProcess, WorkerProcess]]:
     own = isolated(settings, uuid.uuid4().hex[:10])
     first, second = WorkerProcess(own, tmp_path / "first"), WorkerProcess(own, tmp_path / "second")
     (tmp_path / "first").mkdir()

@@ -51,21 +51,30 @@ class Traffic:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        producer = Producer({"bootstrap.servers": self.settings.kafka_bootstrap, "enable.idempotence": True,
-                             "linger.ms": 5})  # fmt: skip
+        producer = Producer(
+            {"bootstrap.servers": self.settings.kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5}
+        )
         i = 0
         started = time.monotonic()
         while not self._stop.is_set():
             provider, model = MODELS[i % len(MODELS)]
-            event = {"event_id": uuid.uuid4().hex, "tenant_id": self.tenants[i % len(self.tenants)],
-                     "provider": provider, "model": model, "timestamp": datetime.now(UTC).isoformat(),
-                     "input_tokens": 1000 + i % 5000, "output_tokens": 10 + i % 700,
-                     "feature": f"f{i % 3}"}  # fmt: skip
-            producer.produce(self.settings.topic_raw, key=str(event["tenant_id"]).encode(),
-                             value=json.dumps(event).encode())  # fmt: skip
+            event = {
+                "event_id": uuid.uuid4().hex,
+                "tenant_id": self.tenants[i % len(self.tenants)],
+                "provider": provider,
+                "model": model,
+                "timestamp": datetime.now(UTC).isoformat(),
+                "input_tokens": 1000 + i % 5000,
+                "output_tokens": 10 + i % 700,
+                "feature": f"f{i % 3}",
+            }
+            producer.produce(
+                self.settings.topic_raw, key=str(event["tenant_id"]).encode(), value=json.dumps(event).encode()
+            )
             if i % 10 == 0:  # a producer retry: the same event again
-                producer.produce(self.settings.topic_raw, key=str(event["tenant_id"]).encode(),
-                                 value=json.dumps(event).encode())  # fmt: skip
+                producer.produce(
+                    self.settings.topic_raw, key=str(event["tenant_id"]).encode(), value=json.dumps(event).encode()
+                )
             self.sent.append(event)
             producer.poll(0)
             i += 1
@@ -85,11 +94,13 @@ def reference(sent: list[dict[str, object]]) -> dict[str, tuple[Decimal, int]]:
     """tenant → (total cost, calls) over distinct events, each priced by genai-prices at its time."""
     totals: dict[str, tuple[Decimal, int]] = {}
     for event in {e["event_id"]: e for e in sent}.values():
-        usage = genai_prices.Usage(input_tokens=int(str(event["input_tokens"])),
-                                   output_tokens=int(str(event["output_tokens"])))  # fmt: skip
+        usage = genai_prices.Usage(
+            input_tokens=int(str(event["input_tokens"])), output_tokens=int(str(event["output_tokens"]))
+        )
         at = datetime.fromisoformat(str(event["timestamp"]))
-        price = genai_prices.calc_price(usage, str(event["model"]), provider_id=str(event["provider"]),
-                                        genai_request_timestamp=at)  # fmt: skip
+        price = genai_prices.calc_price(
+            usage, str(event["model"]), provider_id=str(event["provider"]), genai_request_timestamp=at
+        )
         cost, calls = totals.get(str(event["tenant_id"]), (Decimal(0), 0))
         totals[str(event["tenant_id"])] = (cost + money(price.total_price), calls + 1)
     return totals
@@ -102,13 +113,20 @@ def check_invariants(settings: Settings, traffic: Traffic, worker: WorkerProcess
     drained = time.monotonic() - started
     expected = reference(traffic.sent)
     with psycopg.connect(settings.database_url) as conn:
-        billed = {tenant: (cost, calls) for tenant, cost, calls in conn.execute(
-            "SELECT tenant_id, sum(total_cost), count(*) FROM tokenmeter.ledger WHERE tenant_id = ANY(%s)"
-            " GROUP BY tenant_id", (traffic.tenants,)).fetchall()}  # fmt: skip
+        billed = {
+            tenant: (cost, calls)
+            for tenant, cost, calls in conn.execute(
+                "SELECT tenant_id, sum(total_cost), count(*) FROM tokenmeter.ledger WHERE tenant_id = ANY(%s)"
+                " GROUP BY tenant_id",
+                (traffic.tenants,),
+            ).fetchall()
+        }
         windows = conn.execute(
             "SELECT tenant_id, granularity, cost FROM tokenmeter.rollups WHERE tenant_id = ANY(%s)"
             " AND dimension = 'tenant' AND granularity IN ('day', 'week', 'month')"
-            " AND window_start = date_trunc(granularity, now(), 'UTC')", (traffic.tenants,)).fetchall()  # fmt: skip
+            " AND window_start = date_trunc(granularity, now(), 'UTC')",
+            (traffic.tenants,),
+        ).fetchall()
     assert billed == expected  # exactly once, at genai-prices' price, to the last decimal
     client = redis.Redis.from_url(settings.redis_url)
     now = datetime.now(UTC)
@@ -135,8 +153,9 @@ def running(stack: LocalStack, settings: Settings, tmp_path: Path) -> Iterator[t
     worker.stop()
 
 
-def outage(stop: Callable[[], None], start: Callable[[], None], seconds: float,
-           during: Callable[[], None] | None = None) -> None:  # fmt: skip
+def outage(
+    stop: Callable[[], None], start: Callable[[], None], seconds: float, during: Callable[[], None] | None = None
+) -> None:
     stop()
     try:
         deadline = time.monotonic() + seconds
@@ -152,8 +171,20 @@ def test_postgres_down_for_60s_under_traffic(stack: LocalStack, running: tuple[S
     tenants = [f"pg-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
     guarded = tenants[0]
     budget = Budget(guarded, "tenant", "", "month", Decimal(1000), hard=True, on_stale="block")
-    command = [sys.executable, "-m", "deploy", "budget", "set", "--tenant", guarded, "--limit", "1000", "--hard",
-               "--on-stale", "block"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "deploy",
+        "budget",
+        "set",
+        "--tenant",
+        guarded,
+        "--limit",
+        "1000",
+        "--hard",
+        "--on-stale",
+        "block",
+    ]
     done = subprocess.run(command, env=env_for(own), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     quota = QuotaClient(own.model_copy(update={"quota_stale_after_s": 3.0}))
@@ -180,13 +211,27 @@ def test_postgres_down_for_60s_under_traffic(stack: LocalStack, running: tuple[S
         assert before.allowed and not before.stale and before.limit == budget.limit, before
         # ~15 s of its traffic (gpt-4o-mini, ~$0.08/s at 500 events/s): crossed while Postgres is down
         limit = quota.check(lenient).spent + Decimal("1.2")
-        command = [sys.executable, "-m", "deploy", "budget", "set", "--tenant", lenient, "--limit", str(limit),
-                   "--hard"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "deploy",
+            "budget",
+            "set",
+            "--tenant",
+            lenient,
+            "--limit",
+            str(limit),
+            "--hard",
+        ]
         done = subprocess.run(command, env=env_for(own), capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         time.sleep(1.5)  # the worker mirrors budgets into Redis within a second
-        outage(lambda: stack.stop_postgres(progress=lambda _m: None),
-               lambda: stack.start_postgres(progress=lambda _m: None), 60, while_down)  # fmt: skip
+        outage(
+            lambda: stack.stop_postgres(progress=lambda _m: None),
+            lambda: stack.start_postgres(progress=lambda _m: None),
+            60,
+            while_down,
+        )
         restarted = time.monotonic()
         time.sleep(2)
     stale = seen.get("stale")
@@ -203,8 +248,11 @@ def test_postgres_down_for_60s_under_traffic(stack: LocalStack, running: tuple[S
 
     def overrun() -> list[tuple[str, str]]:
         with psycopg.connect(own.database_url) as conn:
-            return conn.execute("SELECT kind, message FROM tokenmeter.alerts WHERE tenant_id = %s AND kind ="
-                                " 'budget.overrun_during_outage'", (lenient,)).fetchall()  # fmt: skip
+            return conn.execute(
+                "SELECT kind, message FROM tokenmeter.alerts WHERE tenant_id = %s AND kind ="
+                " 'budget.overrun_during_outage'",
+                (lenient,),
+            ).fetchall()
 
     deadline = time.monotonic() + 60
     while not overrun() and time.monotonic() < deadline:
@@ -217,8 +265,13 @@ def test_postgres_down_for_60s_under_traffic(stack: LocalStack, running: tuple[S
     )
 
 
-def outage_under_traffic(running: tuple[Settings, WorkerProcess], name: str, stop: Callable[[], None],
-                         start: Callable[[], None], seconds: float) -> None:  # fmt: skip
+def outage_under_traffic(
+    running: tuple[Settings, WorkerProcess],
+    name: str,
+    stop: Callable[[], None],
+    start: Callable[[], None],
+    seconds: float,
+) -> None:
     own, worker = running
     tenants = [f"{name[:8]}-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
     with Traffic(own, tenants) as traffic:
@@ -227,20 +280,32 @@ def outage_under_traffic(running: tuple[Settings, WorkerProcess], name: str, sto
         restarted = time.monotonic()
         time.sleep(3)
     drained = check_invariants(own, traffic, worker)
-    print(f"\n{name}: {len(traffic.sent)} events; drained {drained:.1f}s after traffic stopped, "
-          f"{time.monotonic() - restarted:.1f}s after the service came back")  # fmt: skip
+    print(
+        f"\n{name}: {len(traffic.sent)} events; drained {drained:.1f}s after traffic stopped, "
+        f"{time.monotonic() - restarted:.1f}s after the service came back"
+    )
 
 
 def test_redis_down_for_30s_under_traffic(stack: LocalStack, running: tuple[Settings, WorkerProcess]) -> None:
-    outage_under_traffic(running, "redis outage", lambda: stack.stop_redis(progress=lambda _m: None),
-                         lambda: stack.start_redis(progress=lambda _m: None), 30)  # fmt: skip
+    outage_under_traffic(
+        running,
+        "redis outage",
+        lambda: stack.stop_redis(progress=lambda _m: None),
+        lambda: stack.start_redis(progress=lambda _m: None),
+        30,
+    )
 
 
 def test_kafka_broker_killed_and_restarted_under_traffic(
     stack: LocalStack, running: tuple[Settings, WorkerProcess]
 ) -> None:
-    outage_under_traffic(running, "broker kill -9", lambda: stack.stop_kafka(progress=lambda _m: None, kill=True),
-                         lambda: stack.start_kafka(progress=lambda _m: None), 10)  # fmt: skip
+    outage_under_traffic(
+        running,
+        "broker kill -9",
+        lambda: stack.stop_kafka(progress=lambda _m: None, kill=True),
+        lambda: stack.start_kafka(progress=lambda _m: None),
+        10,
+    )
 
 
 def test_redis_down_when_the_worker_starts(stack: LocalStack, settings: Settings, tmp_path: Path) -> None:

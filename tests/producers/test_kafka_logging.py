@@ -17,13 +17,19 @@ from deploy.stack import LocalStack
 from producers.kafka_logging import KafkaLogger, error_level, from_syslog, line_level
 from producers.producer import UsageProducer
 
-GETPID = ("Failed to acquire idempotence PID from broker 127.0.0.1:29092/1: Broker: Coordinator load in progress:"
-          " retrying")  # fmt: skip
+GETPID = (
+    "Failed to acquire idempotence PID from broker 127.0.0.1:29092/1: Broker: Coordinator load in progress: retrying"
+)
 
 
 def test_syslog_levels_map_to_logging_levels() -> None:
     assert [from_syslog(level) for level in range(8)] == [logging.CRITICAL] * 3 + [
-        logging.ERROR, logging.WARNING, logging.INFO, logging.INFO, logging.DEBUG]  # fmt: skip
+        logging.ERROR,
+        logging.WARNING,
+        logging.INFO,
+        logging.INFO,
+        logging.DEBUG,
+    ]
     assert from_syslog(42) == logging.DEBUG
 
 
@@ -80,8 +86,9 @@ def test_a_producer_on_a_fresh_broker_prints_nothing_and_logs_the_retry_at_info(
     caplog.set_level(logging.DEBUG, logger="tokenmeter")
     with UsageProducer(fresh_kafka, topic="usage.fresh", replay_spool=False) as producer:
         for i in range(20):
-            producer.record({"tenant_id": "acme", "provider": "openai", "model": "gpt-4o", "input_tokens": i,
-                             "output_tokens": 1})  # fmt: skip
+            producer.record(
+                {"tenant_id": "acme", "provider": "openai", "model": "gpt-4o", "input_tokens": i, "output_tokens": 1}
+            )
     assert producer.stats.delivered == 20 and producer.stats.spooled == 0
     assert capfd.readouterr().err == ""  # librdkafka wrote nothing to the process's stderr itself
     kafka = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "tokenmeter.kafka"]

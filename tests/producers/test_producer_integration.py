@@ -19,8 +19,9 @@ from schemas.events import InvalidEvent, decode_usage
 from tests.helpers import create_topic, read_all
 
 
-def test_recorded_events_reach_the_raw_topic(stack: LocalStack, settings: Settings, unique: str,
-                                              tmp_path: Path) -> None:  # fmt: skip
+def test_recorded_events_reach_the_raw_topic(
+    stack: LocalStack, settings: Settings, unique: str, tmp_path: Path
+) -> None:
     topic = f"test.raw.{unique}"
     create_topic(settings, topic)
     own = settings.model_copy(update={"spool_dir": tmp_path})

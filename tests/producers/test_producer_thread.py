@@ -63,8 +63,15 @@ class FakeKafka:
 
 
 def usage(event_id: str, **extra: Any) -> dict[str, Any]:
-    return {"event_id": event_id, "tenant_id": "acme", "provider": "openai", "model": "gpt-4o",
-            "input_tokens": 10, "output_tokens": 2, **extra}  # fmt: skip
+    return {
+        "event_id": event_id,
+        "tenant_id": "acme",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "input_tokens": 10,
+        "output_tokens": 2,
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -122,8 +129,9 @@ def test_an_event_that_even_json_cannot_carry_reaches_the_pipeline_as_a_dead_let
 @pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")
 def test_an_event_without_a_json_form_is_dropped_and_counted(producer: UsageProducer) -> None:
     broken = UsageEvent.model_construct(**{**usage("odd"), "timestamp": producer_module._EPOCH, "tags": {1: 2}})
-    broken_too = UsageEvent.model_construct(**{**usage("odder"), "timestamp": producer_module._EPOCH,
-                                               "tags": {("a", "b"): "c"}})  # fmt: skip
+    broken_too = UsageEvent.model_construct(
+        **{**usage("odder"), "timestamp": producer_module._EPOCH, "tags": {("a", "b"): "c"}}
+    )
     producer.record(broken)
     producer.record(broken_too)
     producer.record(usage("fine"))

@@ -89,21 +89,43 @@ class FakeSdkObject:
 
 
 CASES: list[tuple[Any, dict[str, Any]]] = [
-    (lambda: from_openai_chat(OPENAI_CHAT),
-     {"model": "gpt-4o", "input_tokens": 1200, "cache_read_tokens": 1024, "output_tokens": 300}),
-    (lambda: from_openai_chat(FakeSdkObject(OPENAI_CHAT)),
-     {"model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300}),
-    (lambda: from_openai_responses(OPENAI_RESPONSES),
-     {"model": "o3", "input_tokens": 2000, "cache_read_tokens": 500, "output_tokens": 900, "reasoning_tokens": 700}),
-    (lambda: from_anthropic(ANTHROPIC),
-     {"model": "claude-sonnet-4-5", "input_tokens": 1000, "cache_read_tokens": 600, "cache_write_tokens": 300,
-      "output_tokens": 50}),
-    (lambda: from_gemini(GEMINI),
-     {"model": "gemini-2.5-flash", "input_tokens": 1000, "cache_read_tokens": 200, "output_tokens": 140,
-      "reasoning_tokens": 40}),
-    (lambda: from_bedrock_converse(BEDROCK_CONVERSE, model="anthropic.claude-3-5-sonnet-20240620-v1:0"),
-     {"input_tokens": 1000, "cache_read_tokens": 600, "cache_write_tokens": 300, "output_tokens": 50}),
-]  # fmt: skip
+    (
+        lambda: from_openai_chat(OPENAI_CHAT),
+        {"model": "gpt-4o", "input_tokens": 1200, "cache_read_tokens": 1024, "output_tokens": 300},
+    ),
+    (
+        lambda: from_openai_chat(FakeSdkObject(OPENAI_CHAT)),
+        {"model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300},
+    ),
+    (
+        lambda: from_openai_responses(OPENAI_RESPONSES),
+        {"model": "o3", "input_tokens": 2000, "cache_read_tokens": 500, "output_tokens": 900, "reasoning_tokens": 700},
+    ),
+    (
+        lambda: from_anthropic(ANTHROPIC),
+        {
+            "model": "claude-sonnet-4-5",
+            "input_tokens": 1000,
+            "cache_read_tokens": 600,
+            "cache_write_tokens": 300,
+            "output_tokens": 50,
+        },
+    ),
+    (
+        lambda: from_gemini(GEMINI),
+        {
+            "model": "gemini-2.5-flash",
+            "input_tokens": 1000,
+            "cache_read_tokens": 200,
+            "output_tokens": 140,
+            "reasoning_tokens": 40,
+        },
+    ),
+    (
+        lambda: from_bedrock_converse(BEDROCK_CONVERSE, model="anthropic.claude-3-5-sonnet-20240620-v1:0"),
+        {"input_tokens": 1000, "cache_read_tokens": 600, "cache_write_tokens": 300, "output_tokens": 50},
+    ),
+]
 
 
 @pytest.mark.parametrize(("build", "expected"), CASES)

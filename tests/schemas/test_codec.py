@@ -110,9 +110,20 @@ def test_undecodable_bytes_raise_with_reason(data: bytes, reason: str) -> None:
 
 
 def test_truncated_and_padded_records_are_rejected() -> None:
-    record = {"tenant_id": "t", "dimension": "tenant", "dimension_value": "t", "granularity": "day",
-              "window_start": datetime(2025, 1, 1, tzinfo=UTC), "calls": 1, "unpriced_calls": 0, "input_tokens": 1,
-              "output_tokens": 1, "cache_read_tokens": 0, "cache_write_tokens": 0, "cost": Decimal("1.5")}  # fmt: skip
+    record = {
+        "tenant_id": "t",
+        "dimension": "tenant",
+        "dimension_value": "t",
+        "granularity": "day",
+        "window_start": datetime(2025, 1, 1, tzinfo=UTC),
+        "calls": 1,
+        "unpriced_calls": 0,
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "cache_read_tokens": 0,
+        "cache_write_tokens": 0,
+        "cost": Decimal("1.5"),
+    }
     data = codec.encode("rollup", record)
     with pytest.raises(codec.SchemaDecodeError, match="corrupt"):
         codec.decode("rollup", data[:-3])
@@ -136,8 +147,15 @@ def test_fast_writer_writes_the_same_bytes_as_fastavro(name: str) -> None:
 
 def test_fast_writer_fills_defaults_and_refuses_missing_fields() -> None:
     write = codec.record_writer("usage_event")
-    minimal = {"event_id": "e", "timestamp": 1_700_000_000_000_000, "tenant_id": "t", "provider": "p",
-               "model": "m", "input_tokens": 3, "output_tokens": 1}  # fmt: skip
+    minimal = {
+        "event_id": "e",
+        "timestamp": 1_700_000_000_000_000,
+        "tenant_id": "t",
+        "provider": "p",
+        "model": "m",
+        "input_tokens": 3,
+        "output_tokens": 1,
+    }
     assert write(minimal) == codec.encode("usage_event", minimal)
     with pytest.raises(ValueError, match="'event_id' is required"):
         write({})

@@ -110,13 +110,31 @@ def test_other_offsets_compare_equal_after_normalising() -> None:
 
 
 # ---------------------------------------------------------------- printable text
-STRING_FIELDS = ["event_id", "tenant_id", "provider", "model", "user_id", "feature", "environment", "trace_id",
-                 "request_id", "status", "session_id", "team_id"]  # fmt: skip
+STRING_FIELDS = [
+    "event_id",
+    "tenant_id",
+    "provider",
+    "model",
+    "user_id",
+    "feature",
+    "environment",
+    "trace_id",
+    "request_id",
+    "status",
+    "session_id",
+    "team_id",
+]
 # (character, how the reason names it); pairs, not a dict literal: ruff cannot tell lone surrogates apart.
-UNPRINTABLE_CASES = [("\x00", "control character U+0000"), ("\x1f", "control character U+001F"),
-                     ("\n", "control character U+000A"), ("\x7f", "control character U+007F"),
-                     ("\x85", "control character U+0085"), ("\x9f", "control character U+009F"),
-                     ("\ud800", "lone surrogate U+D800"), ("\udfff", "lone surrogate U+DFFF")]  # fmt: skip
+UNPRINTABLE_CASES = [
+    ("\x00", "control character U+0000"),
+    ("\x1f", "control character U+001F"),
+    ("\n", "control character U+000A"),
+    ("\x7f", "control character U+007F"),
+    ("\x85", "control character U+0085"),
+    ("\x9f", "control character U+009F"),
+    ("\ud800", "lone surrogate U+D800"),
+    ("\udfff", "lone surrogate U+DFFF"),
+]
 UNPRINTABLE = dict(UNPRINTABLE_CASES)
 # Odd but printable: non-ASCII spaces, a line separator, joiners, a BOM, emoji, right-to-left text.
 ODD_BUT_FINE = ["a\u00a0b", "a\u2028b", "\U0001f469\u200d\U0001f4bb", "\ufeffx", "\u05e9\u05dc\u05d5\u05dd", "a b", "é"]
@@ -168,10 +186,14 @@ def test_unknown_field_with_an_unprintable_name_gives_a_printable_reason() -> No
 
 @pytest.mark.parametrize(
     ("escaped", "reason"),
-    [("\\u0000", r"event_id: control character U\+0000 at position 1"),
-     ("\\u009f", r"event_id: control character U\+009F at position 1"),
-     ("\\ud800", "malformed JSON"), ("\\udc00", "malformed JSON"), ("\x01", "malformed JSON")],
-)  # fmt: skip
+    [
+        ("\\u0000", r"event_id: control character U\+0000 at position 1"),
+        ("\\u009f", r"event_id: control character U\+009F at position 1"),
+        ("\\ud800", "malformed JSON"),
+        ("\\udc00", "malformed JSON"),
+        ("\x01", "malformed JSON"),
+    ],
+)
 def test_json_escapes_of_unprintable_characters_are_rejected_with_a_reason(escaped: str, reason: str) -> None:
     body = json.dumps(event(event_id="e@")).replace("@", escaped)
     with pytest.raises(InvalidEvent, match=reason):
@@ -195,13 +217,22 @@ _AWARE = st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-
 # Everyday text, any code point (lone surrogates included) and short mixes of the odd characters above.
 _ODD_CHARS = st.sampled_from([*UNPRINTABLE, "\u00a0", "\u2028", "\u200d", "\ufeff", "\U0001f600", "\t", " "])
 _TEXT = st.one_of(
-    st.text(max_size=210), st.text(st.characters(exclude_categories=()), max_size=210),
+    st.text(max_size=210),
+    st.text(st.characters(exclude_categories=()), max_size=210),
     st.lists(st.one_of(_ODD_CHARS, st.characters(codec="ascii")), max_size=12).map("".join),
-)  # fmt: skip
+)
 _ANY_VALUE = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 10**13), _TEXT, _TEXT, _AWARE, st.datetimes(),
-    st.dictionaries(_TEXT, _TEXT, max_size=34), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10**13),
+    _TEXT,
+    _TEXT,
+    _AWARE,
+    st.datetimes(),
+    st.dictionaries(_TEXT, _TEXT, max_size=34),
+    st.floats(allow_nan=False),
+    st.lists(st.integers(), max_size=2),
+)
 _FIELDS = [*UsageEvent.model_fields, "unknown_field"]
 
 
@@ -217,9 +248,12 @@ def test_surely_valid_accepts_only_what_the_model_accepts(mutations: dict[str, A
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"user_id": "u-1", "feature": "search", "tags": {"team": "ml"}, "latency_ms": 812, "estimated": True},
-     {"reasoning_tokens": 100, "session_id": "s-1", "environment": "prod"}],
-)  # fmt: skip
+    [
+        {},
+        {"user_id": "u-1", "feature": "search", "tags": {"team": "ml"}, "latency_ms": 812, "estimated": True},
+        {"reasoning_tokens": 100, "session_id": "s-1", "environment": "prod"},
+    ],
+)
 def test_everyday_library_events_take_the_fast_path(overrides: dict[str, Any]) -> None:
     data = {**event(timestamp=datetime(2025, 7, 1, tzinfo=UTC)), **overrides}
     assert surely_valid(data)

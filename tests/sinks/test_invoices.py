@@ -31,9 +31,18 @@ def calls(tenant: str, name: str, at: datetime, count: int = 1, model: str = "gp
     book = PriceBook()
     items = []
     for i in range(count):
-        event = validate_event({"event_id": f"{tenant}-{name}-{i}", "timestamp": at, "tenant_id": tenant,
-                                "provider": "openai", "model": model, "input_tokens": 1200 + i,
-                                "cache_read_tokens": 200, "output_tokens": 90 + i})  # fmt: skip
+        event = validate_event(
+            {
+                "event_id": f"{tenant}-{name}-{i}",
+                "timestamp": at,
+                "tenant_id": tenant,
+                "provider": "openai",
+                "model": model,
+                "input_tokens": 1200 + i,
+                "cache_read_tokens": 200,
+                "output_tokens": 90 + i,
+            }
+        )
         items.append(PricedEvent(event, book.price(event)))
     return items
 
@@ -42,8 +51,9 @@ def cost(items: list[PricedEvent]) -> Decimal:
     return sum((i.price.total_cost for i in items), Decimal(0))
 
 
-def test_late_usage_after_finalization_is_an_adjustment_on_the_next_invoice(conn: psycopg.Connection,
-                                                                           unique: str) -> None:  # fmt: skip
+def test_late_usage_after_finalization_is_an_adjustment_on_the_next_invoice(
+    conn: psycopg.Connection, unique: str
+) -> None:
     tenant = f"inv-{unique}"
     june = calls(tenant, "june", datetime(2025, 6, 10, tzinfo=UTC), 3)
     write_batch(conn, june)
@@ -81,9 +91,23 @@ def test_late_usage_after_finalization_is_an_adjustment_on_the_next_invoice(conn
     assert invoice(conn, tenant, "2025-07").total == (cost(july) + cost(late)) * Decimal("1.2")
 
     shown = subprocess.run(
-        [sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", "2025-08", "--finalize",
-         "--format", "json"], capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "deploy",
+            "invoice",
+            "--tenant",
+            tenant,
+            "--period",
+            "2025-08",
+            "--finalize",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert shown.returncode == 0, shown.stderr
     document = json.loads(shown.stdout)
     assert document["status"] == "finalized" and document["lines"] == []
@@ -91,6 +115,8 @@ def test_late_usage_after_finalization_is_an_adjustment_on_the_next_invoice(conn
     assert document["adjustments"][0]["usage_period"] == "2025-06"
     repeat = subprocess.run(
         [sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", "2025-08", "--finalize"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert repeat.returncode != 0 and "already finalized" in repeat.stderr

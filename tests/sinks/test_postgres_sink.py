@@ -31,11 +31,20 @@ def workload(tenant: str, count: int) -> list[PricedEvent]:
     start = datetime(2025, 6, 30, 20, tzinfo=UTC)  # crosses the June/July month boundary
     for i in range(count):
         provider, model = models[i % len(models)]
-        event = validate_event({
-            "event_id": f"{tenant}-{i}", "timestamp": start + timedelta(minutes=7 * i), "tenant_id": tenant,
-            "provider": provider, "model": model, "input_tokens": 1000 + i, "cache_read_tokens": i % 500,
-            "output_tokens": 50 + i, "feature": f"f{i % 3}", "user_id": f"u{i % 5}",
-        })  # fmt: skip
+        event = validate_event(
+            {
+                "event_id": f"{tenant}-{i}",
+                "timestamp": start + timedelta(minutes=7 * i),
+                "tenant_id": tenant,
+                "provider": provider,
+                "model": model,
+                "input_tokens": 1000 + i,
+                "cache_read_tokens": i % 500,
+                "output_tokens": 50 + i,
+                "feature": f"f{i % 3}",
+                "user_id": f"u{i % 5}",
+            }
+        )
         items.append(PricedEvent(event, book.price(event)))
     return items
 
@@ -106,15 +115,21 @@ def test_invoice_command_json(conn: psycopg.Connection, settings: Settings, uniq
     write_batch(conn, items)
     done = subprocess.run(
         [sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", "2025-06", "--format", "json"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     bill = json.loads(done.stdout)
     assert set(bill) >= {"tenant_id", "period", "currency", "lines", "total", "calls", "unpriced_calls"}
     assert Decimal(bill["total"]) == expected_total(items, 6)
     assert bill["calls"] == sum(1 for i in items if i.event.timestamp.month == 6)
-    bad = subprocess.run([sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", "June"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", "June"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode != 0 and "YYYY-MM" in bad.stderr
 
 
@@ -130,8 +145,9 @@ def test_rate_cards_markup_and_custom_rates_exactly(conn: psycopg.Connection, un
     assert marked.total == at_cost.total * Decimal("1.175")  # exactly, no rounding
     assert [line.amount for line in marked.lines] == [line.cost * Decimal("1.175") for line in at_cost.lines]
     assert all(sum(i.amount for i in line.items) == line.amount for line in marked.lines)
-    rates = {"openai/gpt-4o": {"input_mtok": Decimal("3"), "output_mtok": Decimal("12"),
-                               "cache_read_mtok": Decimal("0.5")}}  # fmt: skip
+    rates = {
+        "openai/gpt-4o": {"input_mtok": Decimal("3"), "output_mtok": Decimal("12"), "cache_read_mtok": Decimal("0.5")}
+    }
     set_rate_card(conn, RateCard(tenant, "custom", rates=rates))
     custom = invoice(conn, tenant, "2025-06")
     line = next(line for line in custom.lines if line.provider_model == "openai/gpt-4o")

@@ -18,20 +18,26 @@ def test_keys_escape_separators_so_scopes_never_collide() -> None:
     assert budget_key("t:1", "user", "") != budget_key("t", "user", "1:")
 
 
-def _rollup(granularity: str, start: datetime, dimension: str = "tenant", cost: str = "2.5",
-            time_zone: str = "UTC") -> Rollup:  # fmt: skip
-    return Rollup("acme", granularity, start, dimension, "", 1, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal(cost),
-                  time_zone)  # fmt: skip
+def _rollup(
+    granularity: str, start: datetime, dimension: str = "tenant", cost: str = "2.5", time_zone: str = "UTC"
+) -> Rollup:
+    return Rollup(
+        "acme", granularity, start, dimension, "", 1, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal(cost), time_zone
+    )
 
 
 def test_spend_writes_cover_open_periods_of_quota_scopes_only() -> None:
     now = datetime(2025, 7, 2, 12, tzinfo=UTC)
-    writes = spend_writes([
-        _rollup("day", datetime(2025, 7, 2, tzinfo=UTC)), _rollup("month", datetime(2025, 7, 1, tzinfo=UTC)),
-        _rollup("day", datetime(2025, 6, 1, tzinfo=UTC)),  # ended: not written
-        _rollup("hour", datetime(2025, 7, 2, 11, tzinfo=UTC)),
-        _rollup("day", datetime(2025, 7, 2, tzinfo=UTC), "model"),
-    ], now)  # fmt: skip
+    writes = spend_writes(
+        [
+            _rollup("day", datetime(2025, 7, 2, tzinfo=UTC)),
+            _rollup("month", datetime(2025, 7, 1, tzinfo=UTC)),
+            _rollup("day", datetime(2025, 6, 1, tzinfo=UTC)),  # ended: not written
+            _rollup("hour", datetime(2025, 7, 2, 11, tzinfo=UTC)),
+            _rollup("day", datetime(2025, 7, 2, tzinfo=UTC), "model"),
+        ],
+        now,
+    )
     assert sorted(writes) == ["tm:spend:acme:tenant::day", "tm:spend:acme:tenant::month"]
     value, ttl = writes["tm:spend:acme:tenant::day"]
     end = datetime(2025, 7, 3, tzinfo=UTC)

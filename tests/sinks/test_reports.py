@@ -38,12 +38,22 @@ def seed(conn: psycopg.Connection, tenant: str) -> list[PricedEvent]:
     items = []
     for i in range(90):
         provider, model = models[i % 3]
-        event = validate_event({
-            "event_id": f"{tenant}-{i}", "timestamp": NOW - timedelta(hours=5 * i), "tenant_id": tenant,
-            "provider": provider, "model": model, "input_tokens": 2000 + 37 * i, "output_tokens": 100 + i,
-            "feature": ["search", "chat"][i % 2], "user_id": f"u{i % 7}", "environment": "prod" if i % 4 else None,
-            "session_id": f"s{i % 5}", "latency_ms": 300 + i,
-        })  # fmt: skip
+        event = validate_event(
+            {
+                "event_id": f"{tenant}-{i}",
+                "timestamp": NOW - timedelta(hours=5 * i),
+                "tenant_id": tenant,
+                "provider": provider,
+                "model": model,
+                "input_tokens": 2000 + 37 * i,
+                "output_tokens": 100 + i,
+                "feature": ["search", "chat"][i % 2],
+                "user_id": f"u{i % 7}",
+                "environment": "prod" if i % 4 else None,
+                "session_id": f"s{i % 5}",
+                "latency_ms": 300 + i,
+            }
+        )
         items.append(PricedEvent(event, book.price(event)))
     write_batch(conn, items)
     return items
@@ -72,24 +82,37 @@ def test_report_answers_the_four_questions_and_adds_up(conn: psycopg.Connection,
         and costs[0] == max(i.price.total_cost for i in in_july)
     )
     assert report["top_conversations"][0]["conversation"].startswith("s")
-    assert {r["model"] for r in report["latency_by_model"]} == {"openai/gpt-4o", "anthropic/claude-sonnet-4-5",
-                                                                "google/gemini-2.5-flash"}  # fmt: skip
+    assert {r["model"] for r in report["latency_by_model"]} == {
+        "openai/gpt-4o",
+        "anthropic/claude-sonnet-4-5",
+        "google/gemini-2.5-flash",
+    }
     rows = report_rows(report)
     assert rows[0] == ["section", "name", "cost", "calls", "share_percent"]
     page = render_html(report)
     assert page.count("<svg") == 6 and "spend-over-time" in page and "model-mix" in page
 
 
-def test_report_command_formats(stack: LocalStack, conn: psycopg.Connection, settings: Settings, unique: str,
-                                tmp_path: Path) -> None:  # fmt: skip
+def test_report_command_formats(
+    stack: LocalStack, conn: psycopg.Connection, settings: Settings, unique: str, tmp_path: Path
+) -> None:
     tenant = f"repcli-{unique}"
     seed(conn, tenant)
     base = [sys.executable, "-m", "deploy", "report", "--tenant", tenant, "--period", "2025-07-01..2025-07-31"]
     shown = subprocess.run([*base, "--format", "json"], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
-    assert {"totals", "trend_7d", "by_provider", "by_model", "by_feature", "by_environment", "by_user",
-            "avg_cost_per_call", "top_requests"} <= set(report)  # fmt: skip
+    assert {
+        "totals",
+        "trend_7d",
+        "by_provider",
+        "by_model",
+        "by_feature",
+        "by_environment",
+        "by_user",
+        "avg_cost_per_call",
+        "top_requests",
+    } <= set(report)
     assert all(isinstance(r["cost"], str) for r in report["by_model"])
     table = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "By model" in table.stdout and "openai/gpt-4o" in table.stdout
@@ -97,8 +120,9 @@ def test_report_command_formats(stack: LocalStack, conn: psycopg.Connection, set
     rows = list(csv.reader(io.StringIO(as_csv.stdout)))
     assert rows[1][0] == "totals" and Decimal(rows[1][2]) == Decimal(report["totals"]["cost"])
     page = tmp_path / "report.html"
-    written = subprocess.run([*base, "--format", "html", "--output", str(page)], capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
+    written = subprocess.run(
+        [*base, "--format", "html", "--output", str(page)], capture_output=True, text=True, timeout=60
+    )
     assert written.returncode == 0 and "<svg" in page.read_text()
     bad = subprocess.run([*base[:-2], "--period", "last-tuesday"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "YYYY-MM" in bad.stderr
@@ -114,16 +138,18 @@ def test_periods() -> None:
         parse_period("2025-07-09..2025-07-01")
 
 
-def test_whatif_reprices_the_same_tokens_with_another_model(conn: psycopg.Connection, stack: LocalStack,
-                                                             unique: str) -> None:  # fmt: skip
+def test_whatif_reprices_the_same_tokens_with_another_model(
+    conn: psycopg.Connection, stack: LocalStack, unique: str
+) -> None:
     tenant = f"whatif-{unique}"
     items = seed(conn, tenant)
     period = parse_period("2025-07")
     mine = [i for i in items if i.event.model == "gpt-4o" and i.event.timestamp.month == 7]
     book = PriceBook()
     result = whatif(conn, book, tenant, period, "openai/gpt-4o", "openai/gpt-4o-mini")
-    expected = sum((book.price(i.event.model_copy(update={"model": "gpt-4o-mini"})).total_cost for i in mine),
-                   Decimal(0))  # fmt: skip
+    expected = sum(
+        (book.price(i.event.model_copy(update={"model": "gpt-4o-mini"})).total_cost for i in mine), Decimal(0)
+    )
     assert result["calls"] == len(mine) and Decimal(result["whatif_cost"]) == expected
     assert Decimal(result["actual_cost"]) == sum((i.price.total_cost for i in mine), Decimal(0))
     assert Decimal(result["ratio"]) < Decimal("0.1")  # mini is ~16x cheaper

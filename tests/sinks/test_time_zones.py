@@ -33,8 +33,17 @@ def conn(stack: LocalStack, settings: Settings) -> Iterator[psycopg.Connection]:
 
 
 def priced(tenant: str, name: str, at: datetime) -> PricedEvent:
-    event = validate_event({"event_id": f"{tenant}-{name}", "timestamp": at, "tenant_id": tenant, "provider": "openai",
-                            "model": "gpt-4o", "input_tokens": 1000, "output_tokens": 100})  # fmt: skip
+    event = validate_event(
+        {
+            "event_id": f"{tenant}-{name}",
+            "timestamp": at,
+            "tenant_id": tenant,
+            "provider": "openai",
+            "model": "gpt-4o",
+            "input_tokens": 1000,
+            "output_tokens": 100,
+        }
+    )
     return PricedEvent(event, PriceBook().price(event))
 
 
@@ -47,8 +56,11 @@ def test_rollups_invoices_and_reports_follow_the_tenants_calendar(conn: psycopg.
     result = write_batch(conn, [october, november, december])
     assert result.inserted == 3 and {r.time_zone for r in result.rollups} == {"Asia/Tokyo"}
     months = {r.window_start: r.calls for r in result.rollups if r.granularity == "month" and r.dimension == "tenant"}
-    assert months == {datetime(2025, 9, 30, 15, tzinfo=UTC): 1, datetime(2025, 10, 31, 15, tzinfo=UTC): 1,
-                      datetime(2025, 11, 30, 15, tzinfo=UTC): 1}  # fmt: skip
+    assert months == {
+        datetime(2025, 9, 30, 15, tzinfo=UTC): 1,
+        datetime(2025, 10, 31, 15, tzinfo=UTC): 1,
+        datetime(2025, 11, 30, 15, tzinfo=UTC): 1,
+    }
 
     bill = invoice(conn, tenant, "2025-11")
     assert bill.calls == 1 and bill.total == november.price.total_cost

@@ -48,10 +48,20 @@ def webhook() -> Iterator[str]:
 
 
 def alert(alert_id: str) -> dict[str, Any]:
-    return {"alert_id": alert_id, "kind": "budget.blocked", "tenant_id": "acme", "scope": {"dimension": "tenant"},
-            "period": "month:2025-07-01", "threshold_percent": 100, "current": Decimal("10.25"), "baseline": None,
-            "limit": Decimal(10), "message": "acme has spent $10.25 of $10", "details": {},
-            "created_at": datetime.now(UTC)}  # fmt: skip
+    return {
+        "alert_id": alert_id,
+        "kind": "budget.blocked",
+        "tenant_id": "acme",
+        "scope": {"dimension": "tenant"},
+        "period": "month:2025-07-01",
+        "threshold_percent": 100,
+        "current": Decimal("10.25"),
+        "baseline": None,
+        "limit": Decimal(10),
+        "message": "acme has spent $10.25 of $10",
+        "details": {},
+        "created_at": datetime.now(UTC),
+    }
 
 
 def test_failed_posts_are_retried_and_delivered_once(stack: LocalStack, settings: Settings, webhook: str) -> None:
@@ -66,8 +76,9 @@ def test_failed_posts_are_retried_and_delivered_once(stack: LocalStack, settings
         conn.execute("UPDATE tokenmeter.alerts SET next_attempt_at = now() WHERE alert_id IN (%s, %s)", (first, second))
         assert deliver_pending(conn, [webhook]) == 1
         assert deliver_pending(conn, [webhook]) == 0
-        row = conn.execute("SELECT delivery_attempts, last_error FROM tokenmeter.alerts WHERE alert_id = %s",
-                           (first,)).fetchone()  # fmt: skip
+        row = conn.execute(
+            "SELECT delivery_attempts, last_error FROM tokenmeter.alerts WHERE alert_id = %s", (first,)
+        ).fetchone()
     keys = [key for key, _ in Receiver.received]
     assert sorted(keys) == sorted([first, first, second])  # one failed attempt, then exactly one success each
     assert row == (2, None)
@@ -117,8 +128,9 @@ def not_http(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def _delivery(conn: psycopg.Connection, alert_id: str) -> tuple[Any, ...]:
-    row = conn.execute("SELECT delivery_attempts, delivered_at, last_error FROM tokenmeter.alerts WHERE alert_id = %s",
-                       (alert_id,)).fetchone()  # fmt: skip
+    row = conn.execute(
+        "SELECT delivery_attempts, delivered_at, last_error FROM tokenmeter.alerts WHERE alert_id = %s", (alert_id,)
+    ).fetchone()
     assert row is not None
     return tuple(row)
 
@@ -131,8 +143,9 @@ def _fresh_alert(conn: psycopg.Connection, prefix: str) -> str:
     return alert_id
 
 
-def test_an_endpoint_that_is_not_http_is_a_failed_delivery(stack: LocalStack, settings: Settings,
-                                                            not_http: str) -> None:  # fmt: skip
+def test_an_endpoint_that_is_not_http_is_a_failed_delivery(
+    stack: LocalStack, settings: Settings, not_http: str
+) -> None:
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         alert_id = _fresh_alert(conn, "nh")
         assert deliver_pending(conn, [not_http]) == 0  # and does not raise
@@ -151,8 +164,9 @@ def test_garbage_reply_is_not_an_os_error() -> None:
     assert not isinstance(raised.value, OSError | ValueError)
 
 
-def test_malformed_urls_and_any_exception_fail_that_url_only(stack: LocalStack, settings: Settings,
-                                                              webhook: str) -> None:  # fmt: skip
+def test_malformed_urls_and_any_exception_fail_that_url_only(
+    stack: LocalStack, settings: Settings, webhook: str
+) -> None:
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         alert_id = _fresh_alert(conn, "bad-url")
         bad = ["not a url", "ftp://x/T000/B000/secret", "file:///etc/passwd", "http://[::1"]

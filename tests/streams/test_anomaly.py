@@ -73,8 +73,16 @@ def test_a_runaway_conversation_is_found_among_normal_ones() -> None:
     at = datetime(2025, 7, 20, 15, 4, 10, tzinfo=UTC)
 
     def call(i: int, session: str | None) -> Any:
-        fields = {"event_id": f"e{i}", "timestamp": at, "tenant_id": "acme", "provider": "openai", "model": "gpt-4o",
-                  "input_tokens": 10, "output_tokens": 1, "session_id": session}  # fmt: skip
+        fields = {
+            "event_id": f"e{i}",
+            "timestamp": at,
+            "tenant_id": "acme",
+            "provider": "openai",
+            "model": "gpt-4o",
+            "input_tokens": 10,
+            "output_tokens": 1,
+            "session_id": session,
+        }
         return validate_event(fields)
 
     normal = [call(i, f"s{i % 40}") for i in range(80)] + [call(1000 + i, None) for i in range(50)]

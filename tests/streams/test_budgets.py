@@ -28,10 +28,19 @@ def test_thresholds_crossed_at_each_level() -> None:
 
 
 def test_budget_alerts_have_stable_ids_per_scope_period_and_threshold() -> None:
-    budgets = {b.key: b for b in [Budget("acme", "tenant", "", "month", Decimal(10), hard=True),
-                                  Budget("acme", "feature", "search", "day", Decimal(1))]}  # fmt: skip
-    windows = [spend("10.25"), spend("0.6", "feature", "search"), spend("0.6", "feature", "search", "day"),
-               spend("99", "user", "u1")]  # fmt: skip
+    budgets = {
+        b.key: b
+        for b in [
+            Budget("acme", "tenant", "", "month", Decimal(10), hard=True),
+            Budget("acme", "feature", "search", "day", Decimal(1)),
+        ]
+    }
+    windows = [
+        spend("10.25"),
+        spend("0.6", "feature", "search"),
+        spend("0.6", "feature", "search", "day"),
+        spend("99", "user", "u1"),
+    ]
     alerts = budget_alerts(budgets, windows, MONTH)
     ids = [a["alert_id"] for a in alerts]
     assert len(ids) == len(set(ids)) == 4
@@ -49,18 +58,39 @@ def test_budgets_round_trip_and_reject_nonsense() -> None:
     budget = Budget("acme", "user", "u:1", "week", Decimal("12.50"), thresholds=(25, 100))
     assert parse_budget(budget.to_json()) == budget
     assert budget.key == budget_id("acme", "user", "u:1")
-    for bad in [dict(dimension="team", value="x"), dict(period="year"), dict(limit=Decimal(0)),
-                dict(dimension="tenant", value="x"), dict(thresholds=())]:  # fmt: skip
+    for bad in [
+        dict(dimension="team", value="x"),
+        dict(period="year"),
+        dict(limit=Decimal(0)),
+        dict(dimension="tenant", value="x"),
+        dict(thresholds=()),
+    ]:
         with pytest.raises(ValueError):
-            Budget(**{**dict(tenant_id="acme", dimension="feature", value="f", period="month", limit=Decimal(1)),
-                      **bad})  # type: ignore[arg-type]  # fmt: skip
+            Budget(
+                **{**dict(tenant_id="acme", dimension="feature", value="f", period="month", limit=Decimal(1)), **bad}
+            )  # type: ignore[arg-type]
 
 
 def test_budget_periods_are_named_by_the_tenants_local_calendar() -> None:
     budgets = {b.key: b for b in [Budget("acme", "tenant", "", "month", Decimal(10))]}
     november_in_tokyo = datetime(2025, 10, 31, 15, tzinfo=UTC)  # 1 November, 00:00 in Tokyo
-    window = Rollup("acme", "month", november_in_tokyo, "tenant", "", 1, 0, 1, 1, 0, 0, Decimal(0), Decimal(0),
-                    Decimal(6), "Asia/Tokyo")  # fmt: skip
+    window = Rollup(
+        "acme",
+        "month",
+        november_in_tokyo,
+        "tenant",
+        "",
+        1,
+        0,
+        1,
+        1,
+        0,
+        0,
+        Decimal(0),
+        Decimal(0),
+        Decimal(6),
+        "Asia/Tokyo",
+    )
     (alert,) = budget_alerts(budgets, [window], november_in_tokyo)
     assert alert["period"] == "month:2025-11-01" and alert["details"]["time_zone"] == "Asia/Tokyo"
     assert alert["details"]["window_start"] == november_in_tokyo.isoformat()
@@ -81,8 +111,15 @@ def test_config_records_are_budgets_or_rate_limits_and_none_when_deleted() -> No
 
 # ---------------------------------------------------------------- records from config.budgets, whoever wrote them
 def budget_record(**changes: Any) -> bytes:
-    body: dict[str, Any] = {"tenant_id": "acme", "dimension": "feature", "value": "search", "period": "month",
-                            "limit": "10", "hard": False, "thresholds": [50, 80, 100]}  # fmt: skip
+    body: dict[str, Any] = {
+        "tenant_id": "acme",
+        "dimension": "feature",
+        "value": "search",
+        "period": "month",
+        "limit": "10",
+        "hard": False,
+        "thresholds": [50, 80, 100],
+    }
     body.update(changes)
     return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
 
@@ -133,10 +170,16 @@ def test_bad_budget_records_are_value_errors_with_a_reason(changes: dict[str, An
 
 @pytest.mark.parametrize(
     ("value", "reason"),
-    [(b"\xff\xfe", "not JSON"), (b"{", "not JSON"), (b"", "not JSON"), (b"[" * 100_000, "not JSON"),
-     (b"[]", "JSON object, got list"),
-     (b"12", "JSON object, got int"), (b'{"tenant_id": "acme", "limit": NaN}', "tenant_id|limit|dimension")],
-)  # fmt: skip
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"{", "not JSON"),
+        (b"", "not JSON"),
+        (b"[" * 100_000, "not JSON"),
+        (b"[]", "JSON object, got list"),
+        (b"12", "JSON object, got int"),
+        (b'{"tenant_id": "acme", "limit": NaN}', "tenant_id|limit|dimension"),
+    ],
+)
 def test_bytes_that_are_not_a_budget_object_are_value_errors(value: bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_budget(value)
@@ -155,9 +198,14 @@ def test_budget_records_keep_exact_limits_that_alerts_can_encode() -> None:
 
 def test_budgets_built_in_code_follow_the_same_rules() -> None:
     scope = dict(tenant_id="acme", dimension="tenant", value="", period="month")
-    for limit, reason in [(Decimal("NaN"), "finite"), (Decimal("Infinity"), "finite"),
-                          (Decimal("1e-13"), "decimal places"), (Decimal(10**15), "below"),
-                          (10, "must be a Decimal"), (10.5, "must be a Decimal")]:  # fmt: skip
+    for limit, reason in [
+        (Decimal("NaN"), "finite"),
+        (Decimal("Infinity"), "finite"),
+        (Decimal("1e-13"), "decimal places"),
+        (Decimal(10**15), "below"),
+        (10, "must be a Decimal"),
+        (10.5, "must be a Decimal"),
+    ]:
         with pytest.raises(ValueError, match=reason):
             Budget(**scope, limit=limit)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="whole percentages"):
@@ -168,13 +216,20 @@ def test_budgets_built_in_code_follow_the_same_rules() -> None:
 
 @pytest.mark.parametrize(
     ("changes", "reason"),
-    [({"calls_per_minute": 0}, "each a whole number from 1"), ({"calls_per_minute": -5}, "each a whole number from 1"),
-     ({"calls_per_minute": 1.5}, "each a whole number"), ({"calls_per_minute": True}, "each a whole number"),
-     ({"calls_per_minute": "60"}, "each a whole number"), ({"tokens_per_minute": 10**13}, "each a whole number"),
-     ({"calls_per_minute": None}, "give at least one limit"), ({"burst": 5}, "unknown rate limit fields: 'burst'"),
-     ({"tenant_id": None}, "tenant_id must be a string"), ({"dimension": "team"}, "scope must be one of"),
-     ({"tenant_id": "a\x7f"}, "tenant_id: control character U+007F")],
-)  # fmt: skip
+    [
+        ({"calls_per_minute": 0}, "each a whole number from 1"),
+        ({"calls_per_minute": -5}, "each a whole number from 1"),
+        ({"calls_per_minute": 1.5}, "each a whole number"),
+        ({"calls_per_minute": True}, "each a whole number"),
+        ({"calls_per_minute": "60"}, "each a whole number"),
+        ({"tokens_per_minute": 10**13}, "each a whole number"),
+        ({"calls_per_minute": None}, "give at least one limit"),
+        ({"burst": 5}, "unknown rate limit fields: 'burst'"),
+        ({"tenant_id": None}, "tenant_id must be a string"),
+        ({"dimension": "team"}, "scope must be one of"),
+        ({"tenant_id": "a\x7f"}, "tenant_id: control character U+007F"),
+    ],
+)
 def test_bad_rate_limit_records_are_value_errors_with_a_reason(changes: dict[str, Any], reason: str) -> None:
     from streams.budgets import parse_rate_limit
 
@@ -189,14 +244,21 @@ def test_bad_rate_limit_records_are_value_errors_with_a_reason(changes: dict[str
 
 @pytest.mark.parametrize(
     ("key", "reason"),
-    [("acme", "is not a JSON list"), ("", "is not a JSON list"), ('"abc"', "is not a JSON list"),
-     ("[" * 100_000, "is not a JSON list"),
-     ('["acme", "tenant"]', "is not a JSON list"), ('["acme", "tenant", 1]', "is not a JSON list"),
-     ('{"tenant": "acme"}', "is not a JSON list"), ("ratelimit:nope", "is not a JSON list"),
-     ('["acme", "team", "x"]', "scope must be one of"), ('["ac\\u0000me", "tenant", ""]', "control character U+0000"),
-     ('["acme", "tenant", ""]', "the key names scope ['acme', 'tenant', '']"),
-     ('ratelimit:["acme", "feature", "chat"]', "unknown rate limit fields")],
-)  # fmt: skip
+    [
+        ("acme", "is not a JSON list"),
+        ("", "is not a JSON list"),
+        ('"abc"', "is not a JSON list"),
+        ("[" * 100_000, "is not a JSON list"),
+        ('["acme", "tenant"]', "is not a JSON list"),
+        ('["acme", "tenant", 1]', "is not a JSON list"),
+        ('{"tenant": "acme"}', "is not a JSON list"),
+        ("ratelimit:nope", "is not a JSON list"),
+        ('["acme", "team", "x"]', "scope must be one of"),
+        ('["ac\\u0000me", "tenant", ""]', "control character U+0000"),
+        ('["acme", "tenant", ""]', "the key names scope ['acme', 'tenant', '']"),
+        ('ratelimit:["acme", "feature", "chat"]', "unknown rate limit fields"),
+    ],
+)
 def test_config_record_keys_are_json_scopes_that_match_their_value(key: str, reason: str) -> None:
     from streams.budgets import parse_config_record
 
@@ -217,17 +279,24 @@ def test_deleting_needs_only_a_key_of_the_right_shape() -> None:
 
 @pytest.mark.parametrize(
     ("args", "reason"),
-    [(["budget", "set", "--tenant", "acme", "--limit", "3,5"], "--limit: '3,5' is not a decimal number"),
-     (["budget", "set", "--tenant", "acme", "--limit", "NaN"], "--limit must be a finite amount"),
-     (["budget", "set", "--tenant", "acme", "--limit", "-1"], "--limit must be more than zero"),
-     (["budget", "set", "--tenant", "acme", "--limit", "0.0000000000001"], "--limit has more than 12 decimal places"),
-     (["budget", "set", "--tenant", "acme", "--limit", "1e20"], "--limit must be below"),
-     (["budget", "set", "--tenant", "acme", "--limit", "5", "--thresholds", "50,x"], "--thresholds: '50,x'"),
-     (["budget", "set", "--tenant", "ac\x01me", "--limit", "5"], "tenant: control character U+0001"),
-     (["limit", "set", "--tenant", "acme", "--calls-per-minute", "0"], "each a whole number from 1"),
-     (["limit", "set", "--tenant", "acme", "--feature", "a\x85", "--calls-per-minute", "5"],
-      "feature: control character U+0085")],
-)  # fmt: skip
+    [
+        (["budget", "set", "--tenant", "acme", "--limit", "3,5"], "--limit: '3,5' is not a decimal number"),
+        (["budget", "set", "--tenant", "acme", "--limit", "NaN"], "--limit must be a finite amount"),
+        (["budget", "set", "--tenant", "acme", "--limit", "-1"], "--limit must be more than zero"),
+        (
+            ["budget", "set", "--tenant", "acme", "--limit", "0.0000000000001"],
+            "--limit has more than 12 decimal places",
+        ),
+        (["budget", "set", "--tenant", "acme", "--limit", "1e20"], "--limit must be below"),
+        (["budget", "set", "--tenant", "acme", "--limit", "5", "--thresholds", "50,x"], "--thresholds: '50,x'"),
+        (["budget", "set", "--tenant", "ac\x01me", "--limit", "5"], "tenant: control character U+0001"),
+        (["limit", "set", "--tenant", "acme", "--calls-per-minute", "0"], "each a whole number from 1"),
+        (
+            ["limit", "set", "--tenant", "acme", "--feature", "a\x85", "--calls-per-minute", "5"],
+            "feature: control character U+0085",
+        ),
+    ],
+)
 def test_the_command_line_refuses_bad_budgets_and_limits_in_one_line(args: list[str], reason: str) -> None:
     from click.testing import CliRunner
 

@@ -36,8 +36,15 @@ def rejected(topic: str) -> float:
 
 
 def override(tenant: str, **changes: Any) -> bytes:
-    body = {"tenant_id": tenant, "provider": "openai", "model": "gpt-4o", "effective_from": "2025-01-01T00:00:00Z",
-            "input_mtok": "1", "output_mtok": "2", **changes}  # fmt: skip
+    body = {
+        "tenant_id": tenant,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "effective_from": "2025-01-01T00:00:00Z",
+        "input_mtok": "1",
+        "output_mtok": "2",
+        **changes,
+    }
     return json.dumps(body).encode()
 
 
@@ -46,23 +53,27 @@ def test_bad_override_records_are_skipped_and_counted_and_the_good_ones_apply(
 ) -> None:
     own = isolated(settings, unique)
     topic = own.topic_price_overrides
-    produce(own, topic, [
-        (b"ovr-good", override("acme")),
-        (b"ovr-comma", override("beta", input_mtok="3,5")),  # used to raise decimal.InvalidOperation
-        (b"ovr-nan", override("beta", output_mtok="NaN")),
-        (b"ovr-inf", override("beta", output_mtok="Infinity")),
-        (b"ovr-negative", override("beta", output_mtok="-1")),
-        (b"ovr-places", override("beta", output_mtok="0.0000000000001")),
-        (b"ovr-huge", override("beta", output_mtok="1e40")),
-        (b"ovr-control", override("be\x00ta")),
-        (b"ovr-missing", json.dumps({"tenant_id": "beta"}).encode()),
-        (b"ovr-bytes", b"\x00\xff not json"),
-        (b"ovr-list", b"[1, 2, 3]"),
-        (b"", override("beta")),  # no key
-        (b"ovr-later", override("gamma", input_mtok="0.5")),
-        (b"ovr-gone", override("delta")),
-        (b"ovr-gone", None),  # tombstone
-    ])  # fmt: skip
+    produce(
+        own,
+        topic,
+        [
+            (b"ovr-good", override("acme")),
+            (b"ovr-comma", override("beta", input_mtok="3,5")),  # used to raise decimal.InvalidOperation
+            (b"ovr-nan", override("beta", output_mtok="NaN")),
+            (b"ovr-inf", override("beta", output_mtok="Infinity")),
+            (b"ovr-negative", override("beta", output_mtok="-1")),
+            (b"ovr-places", override("beta", output_mtok="0.0000000000001")),
+            (b"ovr-huge", override("beta", output_mtok="1e40")),
+            (b"ovr-control", override("be\x00ta")),
+            (b"ovr-missing", json.dumps({"tenant_id": "beta"}).encode()),
+            (b"ovr-bytes", b"\x00\xff not json"),
+            (b"ovr-list", b"[1, 2, 3]"),
+            (b"", override("beta")),  # no key
+            (b"ovr-later", override("gamma", input_mtok="0.5")),
+            (b"ovr-gone", override("delta")),
+            (b"ovr-gone", None),  # tombstone
+        ],
+    )
     book = PriceBook()
     follower = override_follower(own, book)
     try:
@@ -73,9 +84,17 @@ def test_bad_override_records_are_skipped_and_counted_and_the_good_ones_apply(
         follower.close()
 
     def source(tenant: str) -> str:
-        event = validate_event({"event_id": "e", "timestamp": datetime(2025, 7, 1, tzinfo=UTC),
-                                "tenant_id": tenant, "provider": "openai", "model": "gpt-4o",
-                                "input_tokens": 10**6, "output_tokens": 0})  # fmt: skip
+        event = validate_event(
+            {
+                "event_id": "e",
+                "timestamp": datetime(2025, 7, 1, tzinfo=UTC),
+                "tenant_id": tenant,
+                "provider": "openai",
+                "model": "gpt-4o",
+                "input_tokens": 10**6,
+                "output_tokens": 0,
+            }
+        )
         return book.price(event).source
 
     assert source("acme") == "override:ovr-good" and source("gamma") == "override:ovr-later"
@@ -89,16 +108,24 @@ def test_any_exception_from_apply_is_skipped_and_budgets_keep_following(
     topic = own.topic_budgets
     acme = Budget("acme", "tenant", "", "month", Decimal(10))
     limit = RateLimit("acme", "tenant", "", calls_per_minute=60)
-    produce(own, topic, [
-        (acme.key.encode(), acme.to_json()),
-        (b"not a json key", acme.to_json()),
-        (b'["beta", "tenant", ""]', json.dumps({"tenant_id": "beta", "dimension": "tenant", "value": "",
-                                                "period": "month", "limit": "1e-13"}).encode()),
-        (b'["beta", "tenant", ""]', b"{broken"),
-        (b'["gamma", "tenant", ""]', acme.to_json()),  # a key and a value that disagree
-        (b'["boom", "tenant", ""]', b"{}"),
-        (limit.key.encode(), limit.to_json()),
-    ])  # fmt: skip
+    produce(
+        own,
+        topic,
+        [
+            (acme.key.encode(), acme.to_json()),
+            (b"not a json key", acme.to_json()),
+            (
+                b'["beta", "tenant", ""]',
+                json.dumps(
+                    {"tenant_id": "beta", "dimension": "tenant", "value": "", "period": "month", "limit": "1e-13"}
+                ).encode(),
+            ),
+            (b'["beta", "tenant", ""]', b"{broken"),
+            (b'["gamma", "tenant", ""]', acme.to_json()),  # a key and a value that disagree
+            (b'["boom", "tenant", ""]', b"{}"),
+            (limit.key.encode(), limit.to_json()),
+        ],
+    )
     budgets: dict[str, Budget] = {}
     limits: list[RateLimit] = []
 

@@ -22,8 +22,14 @@ from schemas.events import validate_event
 from sinks.postgres import money
 from streams.pricing import usage_of
 
-MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5"), ("openai", "o3"),
-          ("google", "gemini-2.5-flash"), ("acme-ai", "mystery-1")]  # fmt: skip
+MODELS = [
+    ("openai", "gpt-4o"),
+    ("openai", "gpt-4o-mini"),
+    ("anthropic", "claude-sonnet-4-5"),
+    ("openai", "o3"),
+    ("google", "gemini-2.5-flash"),
+    ("acme-ai", "mystery-1"),
+]
 TENANTS = ["alpha", "beta", "gamma"]
 
 
@@ -34,13 +40,21 @@ def workload(unique: str, distinct: int, duplicates: int, seed: int = 7) -> list
     for i in range(distinct):
         provider, model = MODELS[i % len(MODELS)]
         input_tokens = rng.randint(10, 30_000)
-        events.append({
-            "event_id": f"{unique}-{i}", "tenant_id": f"{rng.choice(TENANTS)}-{unique}", "provider": provider,
-            "model": model, "timestamp": (start + timedelta(seconds=rng.randint(0, 8 * 3600))).isoformat(),
-            "input_tokens": input_tokens, "cache_read_tokens": rng.randint(0, input_tokens // 2),
-            "output_tokens": rng.randint(1, 2_000), "feature": rng.choice(["search", "chat", "summarize"]),
-            "user_id": f"u{rng.randint(1, 40)}", "environment": rng.choice(["prod", "staging"]),
-        })  # fmt: skip
+        events.append(
+            {
+                "event_id": f"{unique}-{i}",
+                "tenant_id": f"{rng.choice(TENANTS)}-{unique}",
+                "provider": provider,
+                "model": model,
+                "timestamp": (start + timedelta(seconds=rng.randint(0, 8 * 3600))).isoformat(),
+                "input_tokens": input_tokens,
+                "cache_read_tokens": rng.randint(0, input_tokens // 2),
+                "output_tokens": rng.randint(1, 2_000),
+                "feature": rng.choice(["search", "chat", "summarize"]),
+                "user_id": f"u{rng.randint(1, 40)}",
+                "environment": rng.choice(["prod", "staging"]),
+            }
+        )
     events += rng.sample(events, duplicates)  # producer retries: the same event again, later
     rng.shuffle(events)  # out of order
     return events
@@ -56,20 +70,27 @@ def expected_invoices(events: list[dict[str, object]]) -> dict[tuple[str, str], 
         if event.provider == "acme-ai":
             row[2] += 1
             continue
-        price = genai_prices.calc_price(usage_of(event), event.model, provider_id=event.provider,
-                                        genai_request_timestamp=event.timestamp)  # fmt: skip
+        price = genai_prices.calc_price(
+            usage_of(event), event.model, provider_id=event.provider, genai_request_timestamp=event.timestamp
+        )
         row[0] += money(price.total_price)  # each ledger row holds its cost to 12 places
     return {k: (v[0], v[1], v[2]) for k, v in totals.items()}
 
 
-def test_two_sigkills_mid_stream_leave_invoices_exact(stack: LocalStack, settings: Settings, unique: str,
-                                                      tmp_path: Path) -> None:  # fmt: skip
+def test_two_sigkills_mid_stream_leave_invoices_exact(
+    stack: LocalStack, settings: Settings, unique: str, tmp_path: Path
+) -> None:
     own = isolated(settings, unique, worker_batch_size=400)
     events = workload(unique, distinct=12_000, duplicates=1_500)
     lines = tmp_path / "usage.jsonl"
     lines.write_text("".join(json.dumps(e) + "\n" for e in events))
-    produced = subprocess.run([sys.executable, "-m", "deploy", "produce", str(lines), "--quiet"],
-                              env=env_for(own), capture_output=True, text=True, timeout=300)  # fmt: skip
+    produced = subprocess.run(
+        [sys.executable, "-m", "deploy", "produce", str(lines), "--quiet"],
+        env=env_for(own),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert produced.returncode == 0, produced.stderr
     total = len(events)
 
@@ -83,16 +104,24 @@ def test_two_sigkills_mid_stream_leave_invoices_exact(stack: LocalStack, setting
             kills.append(done)
         assert all(0 < done < total for done in kills), f"kills were not mid-stream: {kills} of {total}"
         worker.start()
-        waited = subprocess.run([sys.executable, "-m", "deploy", "lag", "--wait", "--timeout", "180"],
-                                env=env_for(own), capture_output=True, text=True, timeout=240)  # fmt: skip
+        waited = subprocess.run(
+            [sys.executable, "-m", "deploy", "lag", "--wait", "--timeout", "180"],
+            env=env_for(own),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert waited.returncode == 0, waited.stderr + worker.output()
         assert committed_total(own) == total
 
         for (tenant, period), (amount, calls, unpriced) in expected_invoices(events).items():
             bill = subprocess.run(
                 [sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", period, "--format", "json"],
-                env=env_for(own), capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+                env=env_for(own),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert bill.returncode == 0, bill.stderr
             invoice = json.loads(bill.stdout)
             assert (Decimal(invoice["total"]), invoice["calls"], invoice["unpriced_calls"]) == (amount, calls, unpriced)

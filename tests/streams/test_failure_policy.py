@@ -46,9 +46,16 @@ def replace_model(event: UsageEvent, model: str) -> UsageEvent:
 
 
 def usage(tenant: str, **fields: object) -> dict[str, object]:
-    return {"event_id": uuid.uuid4().hex, "tenant_id": tenant, "provider": "openai", "model": "gpt-4o",
-            "timestamp": datetime.now(UTC).isoformat(), "input_tokens": 1000, "output_tokens": 100,
-            **fields}  # fmt: skip
+    return {
+        "event_id": uuid.uuid4().hex,
+        "tenant_id": tenant,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "input_tokens": 1000,
+        "output_tokens": 100,
+        **fields,
+    }
 
 
 def send(settings: Settings, events: list[dict[str, object]] | list[bytes]) -> None:
@@ -81,8 +88,9 @@ def meter(own: Settings) -> Iterator[Meter]:
 
 def ledger(settings: Settings, tenant: str) -> dict[str, tuple[Decimal, str]]:
     with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute("SELECT event_id, total_cost, price_status FROM tokenmeter.ledger WHERE tenant_id = %s",
-                            (tenant,)).fetchall()  # fmt: skip
+        rows = conn.execute(
+            "SELECT event_id, total_cost, price_status FROM tokenmeter.ledger WHERE tenant_id = %s", (tenant,)
+        ).fetchall()
     return {event_id: (cost, status) for event_id, cost, status in rows}
 
 
@@ -103,8 +111,11 @@ def test_a_record_no_stage_can_handle_is_dead_lettered_and_the_rest_of_its_batch
     assert any("ArithmeticError" in d["reason"] for d in letters)
     assert any("DataError" in d["reason"] or "NUL" in d["reason"] or "0x00" in d["reason"] for d in letters)
     with psycopg.connect(own.database_url) as conn:
-        calls = conn.execute("SELECT calls FROM tokenmeter.rollups WHERE tenant_id = %s AND granularity = 'month'"
-                             " AND dimension = 'tenant'", (tenant,)).fetchone()  # fmt: skip
+        calls = conn.execute(
+            "SELECT calls FROM tokenmeter.rollups WHERE tenant_id = %s AND granularity = 'month'"
+            " AND dimension = 'tenant'",
+            (tenant,),
+        ).fetchone()
     assert calls == (60,)
 
 
@@ -114,8 +125,10 @@ def test_a_backfill_of_sessions_over_three_months_in_one_batch_is_billed_in_its_
     """The batch that crashed the runaway rule (KeyError) and then looped stage 1 forever."""
     tenant = f"backfill-{uuid.uuid4().hex[:6]}"
     start = datetime(2025, 4, 3, 9, 0, tzinfo=UTC)
-    events = [usage(tenant, timestamp=(start + timedelta(hours=7 * i)).isoformat(), session_id=f"s{i % 9}",
-                    trace_id=f"t{i}") for i in range(300)]  # fmt: skip
+    events = [
+        usage(tenant, timestamp=(start + timedelta(hours=7 * i)).isoformat(), session_id=f"s{i % 9}", trace_id=f"t{i}")
+        for i in range(300)
+    ]
     events += [usage(tenant, session_id="agent-loop") for _ in range(40)]  # and a live loop among them
     send(own, events)
     drain(meter, len(events))
@@ -124,8 +137,9 @@ def test_a_backfill_of_sessions_over_three_months_in_one_batch_is_billed_in_its_
     expected: dict[str, Decimal] = {}
     for e in events:
         at = datetime.fromisoformat(str(e["timestamp"]))
-        price = calc_price(Usage(input_tokens=1000, output_tokens=100), "gpt-4o", provider_id="openai",
-                           genai_request_timestamp=at)  # fmt: skip
+        price = calc_price(
+            Usage(input_tokens=1000, output_tokens=100), "gpt-4o", provider_id="openai", genai_request_timestamp=at
+        )
         expected[at.strftime("%Y-%m")] = expected.get(at.strftime("%Y-%m"), Decimal(0)) + price.total_price
     with psycopg.connect(own.database_url) as conn:
         rows = conn.execute(
@@ -141,8 +155,25 @@ def test_a_backfill_of_sessions_over_three_months_in_one_batch_is_billed_in_its_
 
 def test_rollup_messages_of_a_tenant_with_thousands_of_users_stay_far_under_the_broker_limit() -> None:
     at = datetime(2025, 7, 1, tzinfo=UTC)
-    rollups = [Rollup("acme" * 50, "day", at, "user", f"user-{i:05d}" + "x" * 180, 1, 0, 10, 1, 0, 0, Decimal(0),
-                      Decimal(0), Decimal("0.000123456789")) for i in range(5000)]  # fmt: skip
+    rollups = [
+        Rollup(
+            "acme" * 50,
+            "day",
+            at,
+            "user",
+            f"user-{i:05d}" + "x" * 180,
+            1,
+            0,
+            10,
+            1,
+            0,
+            0,
+            Decimal(0),
+            Decimal(0),
+            Decimal("0.000123456789"),
+        )
+        for i in range(5000)
+    ]
     messages = rollup_messages(rollups)
     assert len(messages) == 5000 // ROLLUPS_PER_MESSAGE
     assert sum(len(records) for _, _, records in messages) == 5000

@@ -62,16 +62,32 @@ DRAIN_TIMEOUT_S = 120.0  # ~10 s of work for a healthy worker; a stuck batch nev
 STAGE_TWO_TIMEOUT_S = 60.0  # then stage 2 (Faust) must have read every rollup batch stage 1 wrote
 MAX_REASON_CHARS = 4096  # "a few KB"
 
-MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5"),
-          ("anthropic", "claude-3-5-haiku"), ("google", "gemini-2.5-flash")]  # fmt: skip
-UNKNOWN_MODELS = [("acme-ai", "mystery-9"), ("openai", "gpt-99-ultra"), ("anthropic", "claude-🦄-opus"),
-                  ("google", "gemini-∞"), ("mistral-ish", "m-42")]  # fmt: skip
+MODELS = [
+    ("openai", "gpt-4o"),
+    ("openai", "gpt-4o-mini"),
+    ("anthropic", "claude-sonnet-4-5"),
+    ("anthropic", "claude-3-5-haiku"),
+    ("google", "gemini-2.5-flash"),
+]
+UNKNOWN_MODELS = [
+    ("acme-ai", "mystery-9"),
+    ("openai", "gpt-99-ultra"),
+    ("anthropic", "claude-🦄-opus"),
+    ("google", "gemini-∞"),
+    ("mistral-ish", "m-42"),
+]
 CONTROL_CHARS = ["\u0000", "\x1f", "\x7f", "\x85"]
 NAME_FIELDS = ["tenant_id", "feature", "user_id", "model", "event_id", "provider"]
 TOKEN_FIELDS = ["input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"]
 REQUIRED = ["event_id", "timestamp", "tenant_id", "provider", "model", "input_tokens", "output_tokens"]
-OFFSETS = [timedelta(0), timedelta(hours=5, minutes=30), timedelta(hours=-8), timedelta(hours=14),
-           timedelta(hours=-12), timedelta(hours=1)]  # fmt: skip
+OFFSETS = [
+    timedelta(0),
+    timedelta(hours=5, minutes=30),
+    timedelta(hours=-8),
+    timedelta(hours=14),
+    timedelta(hours=-12),
+    timedelta(hours=1),
+]
 UNICODE_BITS = ["🦄💸", "שלום", "مرحبا\u200f", "租户", "テナント", "👩\u200d💻", "Ünïcødé", "ĳ-ß-ﬃ", "𝔘𝔫𝔦"]
 SCALE = Decimal("1e-12")  # the ledger keeps 12 decimal places (numeric(38, 12)), rounding half away from zero
 
@@ -129,9 +145,11 @@ _PRICE_CACHE: dict[tuple[Any, ...], Expected] = {}
 def genai_cost(event: UsageEvent) -> Expected:
     """The cost of one event straight from genai-prices at its own timestamp (not streams.pricing)."""
     counts: dict[str, int] = {
-        "input_tokens": event.input_tokens, "output_tokens": event.output_tokens,
-        "cache_read_tokens": event.cache_read_tokens, "cache_write_tokens": event.cache_write_tokens,
-    }  # fmt: skip
+        "input_tokens": event.input_tokens,
+        "output_tokens": event.output_tokens,
+        "cache_read_tokens": event.cache_read_tokens,
+        "cache_write_tokens": event.cache_write_tokens,
+    }
     for name in ("input_audio_tokens", "output_audio_tokens", "input_image_tokens"):
         if getattr(event, name):
             counts[name] = getattr(event, name)
@@ -139,8 +157,12 @@ def genai_cost(event: UsageEvent) -> Expected:
     if cache_key in _PRICE_CACHE:
         return _PRICE_CACHE[cache_key]
     try:
-        price = genai_prices.calc_price(genai_prices.Usage(**counts), event.model, provider_id=event.provider,
-                                        genai_request_timestamp=event.timestamp)  # fmt: skip
+        price = genai_prices.calc_price(
+            genai_prices.Usage(**counts),
+            event.model,
+            provider_id=event.provider,
+            genai_request_timestamp=event.timestamp,
+        )
         expected = Expected("priced", money(price.total_price))
     except LookupError as exc:  # an unknown provider or model: unpriced, $0, counted
         expected = Expected("unpriced", Decimal(0), f"unknown: {exc}")
@@ -235,8 +257,7 @@ class Fuzz:
             return {f"tag{i}": f"value-{r.randint(0, 99)}" for i in range(r.randint(1, 4))}
         return {}
 
-    def valid(self, tenant: str | None = None, moment: datetime | None = None, known: bool = False
-              ) -> dict[str, Any]:  # fmt: skip
+    def valid(self, tenant: str | None = None, moment: datetime | None = None, known: bool = False) -> dict[str, Any]:
         """A valid event as a JSON-ready dict (timestamp as text); ``known``: a priced model, no media tokens."""
         r = self.rng
         provider, model = r.choice(UNKNOWN_MODELS) if not known and r.random() < 0.05 else r.choice(MODELS)
@@ -247,24 +268,31 @@ class Fuzz:
         cache_write = r.randint(0, input_tokens - cache_read) if r.random() < 0.15 else 0
         output_tokens = self.tokens()
         event: dict[str, Any] = {
-            "event_id": self.event_id(), "timestamp": self.stamp(moment or self.when()),
-            "tenant_id": tenant or r.choice(self.tenants), "provider": provider, "model": model,
-            "input_tokens": input_tokens, "output_tokens": output_tokens,
-        }  # fmt: skip
+            "event_id": self.event_id(),
+            "timestamp": self.stamp(moment or self.when()),
+            "tenant_id": tenant or r.choice(self.tenants),
+            "provider": provider,
+            "model": model,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+        }
         if cache_read or r.random() < 0.1:
             event["cache_read_tokens"] = cache_read
         if cache_write or r.random() < 0.1:
             event["cache_write_tokens"] = cache_write
         optional: list[tuple[str, Callable[[], object]]] = [
-            ("user_id", lambda: self.label("user")), ("feature", lambda: self.label("feature")),
+            ("user_id", lambda: self.label("user")),
+            ("feature", lambda: self.label("feature")),
             ("environment", lambda: r.choice(["prod", "staging", "dev", "prød"])),
-            ("trace_id", lambda: f"trace-{r.randint(1, 500)}"), ("session_id", lambda: f"sess-{r.randint(1, 500)}"),
-            ("team_id", lambda: self.label("team")), ("request_id", lambda: uuid.UUID(int=r.getrandbits(128)).hex),
+            ("trace_id", lambda: f"trace-{r.randint(1, 500)}"),
+            ("session_id", lambda: f"sess-{r.randint(1, 500)}"),
+            ("team_id", lambda: self.label("team")),
+            ("request_id", lambda: uuid.UUID(int=r.getrandbits(128)).hex),
             ("latency_ms", lambda: r.choice([0, r.randint(1, 60_000), 86_400_000])),
             ("status", lambda: r.choice(["ok", "error", "timeout"])),
             ("reasoning_tokens", lambda: r.randint(0, output_tokens)),
             ("estimated", lambda: r.random() < 0.5),
-        ]  # fmt: skip
+        ]
         for name, make in optional:
             if r.random() < 0.35:
                 event[name] = make()
@@ -292,8 +320,9 @@ class Fuzz:
         items = list(event.items())
         r.shuffle(items)
         separators = r.choice([(",", ":"), (", ", ": ")])
-        text = json.dumps(dict(items), ensure_ascii=r.random() < 0.5, separators=separators,
-                          indent=2 if r.random() < 0.05 else None)  # fmt: skip
+        text = json.dumps(
+            dict(items), ensure_ascii=r.random() < 0.5, separators=separators, indent=2 if r.random() < 0.05 else None
+        )
         return text.encode("utf-8", "surrogatepass")
 
     @staticmethod
@@ -369,21 +398,46 @@ def _json_breakages(fz: Fuzz) -> list[tuple[str, Callable[[dict[str, Any]], obje
         e[r.choice([*TOKEN_FIELDS, "latency_ms"])] = r.choice([1.0, 1.5, 1e3, 0.0, float("nan"), float("inf")])
 
     def wrong_type(e: dict[str, Any]) -> None:
-        name, value = r.choice([
-            ("input_tokens", "100"), ("output_tokens", True), ("input_tokens", None), ("tenant_id", 123),
-            ("tenant_id", ["a"]), ("tenant_id", {"a": 1}), ("tenant_id", None), ("model", 4.0), ("tags", ["a", "b"]),
-            ("tags", {"a": 1}), ("tags", "a=b"), ("estimated", "yes"), ("estimated", 1), ("timestamp", {"t": 1}),
-            ("timestamp", None), ("cache_read_tokens", None), ("event_id", True), ("latency_ms", "fast"),
-        ])  # fmt: skip
+        name, value = r.choice(
+            [
+                ("input_tokens", "100"),
+                ("output_tokens", True),
+                ("input_tokens", None),
+                ("tenant_id", 123),
+                ("tenant_id", ["a"]),
+                ("tenant_id", {"a": 1}),
+                ("tenant_id", None),
+                ("model", 4.0),
+                ("tags", ["a", "b"]),
+                ("tags", {"a": 1}),
+                ("tags", "a=b"),
+                ("estimated", "yes"),
+                ("estimated", 1),
+                ("timestamp", {"t": 1}),
+                ("timestamp", None),
+                ("cache_read_tokens", None),
+                ("event_id", True),
+                ("latency_ms", "fast"),
+            ]
+        )
         e[name] = value
 
     def bad_timestamp(e: dict[str, Any]) -> None:
         future = fz.now + timedelta(hours=r.choice([25, 48, 24 * 400]))
-        e["timestamp"] = r.choice([
-            "2025-06-01T12:00:00", "2025-06-01", "yesterday", "", "2025-06-01T12:00:00+25:00",
-            "9999-12-31T23:59:59Z", "2025-13-01T00:00:00Z", "2025-02-30T00:00:00Z",
-            future.isoformat(), future.astimezone(timezone(timedelta(hours=-12))).isoformat(),
-        ])  # fmt: skip
+        e["timestamp"] = r.choice(
+            [
+                "2025-06-01T12:00:00",
+                "2025-06-01",
+                "yesterday",
+                "",
+                "2025-06-01T12:00:00+25:00",
+                "9999-12-31T23:59:59Z",
+                "2025-13-01T00:00:00Z",
+                "2025-02-30T00:00:00Z",
+                future.isoformat(),
+                future.astimezone(timezone(timedelta(hours=-12))).isoformat(),
+            ]
+        )
 
     def missing(e: dict[str, Any]) -> None:
         del e[r.choice(REQUIRED)]
@@ -392,18 +446,34 @@ def _json_breakages(fz: Fuzz) -> list[tuple[str, Callable[[dict[str, Any]], obje
         e[r.choice(["colour", "cost", "Tenant_id", "input tokens"])] = "blue"
 
     return [
-        ("control-char", control), ("negative-tokens", negative), ("too-many-tokens", too_many_tokens),
-        ("cache-over-input", cache_over_input), ("reasoning-over-output", reasoning_over_output),
-        ("over-200-chars", too_long), ("empty-name", empty_name), ("tags-out-of-bounds", too_many_tags),
-        ("float-for-int", float_for_int), ("wrong-type", wrong_type), ("bad-timestamp", bad_timestamp),
-        ("missing-field", missing), ("unknown-field", unknown_field),
+        ("control-char", control),
+        ("negative-tokens", negative),
+        ("too-many-tokens", too_many_tokens),
+        ("cache-over-input", cache_over_input),
+        ("reasoning-over-output", reasoning_over_output),
+        ("over-200-chars", too_long),
+        ("empty-name", empty_name),
+        ("tags-out-of-bounds", too_many_tags),
+        ("float-for-int", float_for_int),
+        ("wrong-type", wrong_type),
+        ("bad-timestamp", bad_timestamp),
+        ("missing-field", missing),
+        ("unknown-field", unknown_field),
         ("future-timestamp", setter("timestamp", lambda: (fz.now + timedelta(hours=r.uniform(25, 9000))).isoformat())),
-    ]  # fmt: skip
+    ]
 
 
 # Classes whose breakage survives Avro encoding (the record still fits the writer's types).
-AVRO_BREAKABLE = {"control-char", "negative-tokens", "cache-over-input", "reasoning-over-output", "over-200-chars",
-                  "empty-name", "tags-out-of-bounds", "future-timestamp"}  # fmt: skip
+AVRO_BREAKABLE = {
+    "control-char",
+    "negative-tokens",
+    "cache-over-input",
+    "reasoning-over-output",
+    "over-200-chars",
+    "empty-name",
+    "tags-out-of-bounds",
+    "future-timestamp",
+}
 
 
 def build_payloads(seed: int, tag: str, now: datetime) -> tuple[list[Payload], Fuzz]:
@@ -421,8 +491,9 @@ def build_payloads(seed: int, tag: str, now: datetime) -> tuple[list[Payload], F
     for _ in range(5_800):
         event = fz.valid()
         avro = r.random() < 0.4
-        p = add("valid.avro" if avro else "valid.json", fz.as_avro(event) if avro else fz.as_json(event),
-                event["tenant_id"])  # fmt: skip
+        p = add(
+            "valid.avro" if avro else "valid.json", fz.as_avro(event) if avro else fz.as_json(event), event["tenant_id"]
+        )
         valid_payloads.append((event, p))
     # odd but accepted: numeric timestamps, year 1, the v1 Avro schema (backward compatible)
     for _ in range(10):
@@ -493,8 +564,12 @@ def build_payloads(seed: int, tag: str, now: datetime) -> tuple[list[Payload], F
         event[name] = "QZQ"
         if i % 3 == 2:
             raw = fz.as_avro(event)
-            add("invalid.lone-surrogate.avro", raw.replace(b"QZQ", "\ud800".encode("utf-8", "surrogatepass")),
-                event["tenant_id"], must_reject=True)  # fmt: skip
+            add(
+                "invalid.lone-surrogate.avro",
+                raw.replace(b"QZQ", "\ud800".encode("utf-8", "surrogatepass")),
+                event["tenant_id"],
+                must_reject=True,
+            )
         else:
             escape = r.choice(["\\ud800", "\\udfff", "a\\ud83d", "\\ud83dx", "\\udc00\\ud800"])
             raw = json.dumps(event, separators=(",", ":")).encode().replace(b'"QZQ"', b'"' + escape.encode() + b'"')
@@ -507,9 +582,23 @@ def build_payloads(seed: int, tag: str, now: datetime) -> tuple[list[Payload], F
         add("unclear.control-char-in-tag.json", fz.as_json(event), event["tenant_id"])
 
     # not a JSON object, broken JSON, hostile JSON
-    for value in [b"[]", b"null", b"42", b"-1e999", b'"a string"', b"true", b"{}", b"[{}]",
-                  b"[" + fz.as_json(fz.valid()) + b"]", b"\xef\xbb\xbf" + fz.as_json(fz.valid()),
-                  fz.as_json(fz.valid()).decode().encode("utf-16"), b"{" * 10, b"}", b" ", b"\n\t"]:  # fmt: skip
+    for value in [
+        b"[]",
+        b"null",
+        b"42",
+        b"-1e999",
+        b'"a string"',
+        b"true",
+        b"{}",
+        b"[{}]",
+        b"[" + fz.as_json(fz.valid()) + b"]",
+        b"\xef\xbb\xbf" + fz.as_json(fz.valid()),
+        fz.as_json(fz.valid()).decode().encode("utf-16"),
+        b"{" * 10,
+        b"}",
+        b" ",
+        b"\n\t",
+    ]:
         for _ in range(4):
             add("invalid.not-an-object", value, None, must_reject=True)
     for _ in range(250):
@@ -520,8 +609,12 @@ def build_payloads(seed: int, tag: str, now: datetime) -> tuple[list[Payload], F
         at = data.index(b'"tenant_id": "') + len(b'"tenant_id": "')
         add("invalid.not-utf8.json", data[:at] + b"\xe9\xff" + data[at:], None, must_reject=True)
     add("invalid.deep-nesting-100k", b"[" * 100_000 + b"]" * 100_000, None, must_reject=True)
-    add("invalid.deep-nesting-100k-in-object", b'{"tags":' + b"[" * 100_000 + b"]" * 100_000 + b"}", None,
-        must_reject=True)  # fmt: skip
+    add(
+        "invalid.deep-nesting-100k-in-object",
+        b'{"tags":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        None,
+        must_reject=True,
+    )
     add("invalid.deep-nesting-30k", b'{"tags":' + b"[" * 30_000 + b"]" * 30_000 + b"}", None, must_reject=True)
     add("invalid.deep-nesting-objects", b'{"a":' * 6_000 + b"1" + b"}" * 6_000, None, must_reject=True)
     for _ in range(3):
@@ -530,10 +623,12 @@ def build_payloads(seed: int, tag: str, now: datetime) -> tuple[list[Payload], F
 
     # size: exactly at the limit (valid), one byte over, ~900 KB, and just under what the broker takes
     # (1,048,588 bytes by default): whatever usage.raw accepted must still fit on usage.dlq
-    for size, kind, reject in [(MAX_RAW_BYTES, "valid.json-at-size-limit", False),
-                               (MAX_RAW_BYTES + 1, "invalid.json-over-size-limit", True),
-                               (900 * 1024, "invalid.json-900k-whitespace", True),
-                               (1_040_000, "invalid.json-1m-near-broker-limit", True)]:  # fmt: skip
+    for size, kind, reject in [
+        (MAX_RAW_BYTES, "valid.json-at-size-limit", False),
+        (MAX_RAW_BYTES + 1, "invalid.json-over-size-limit", True),
+        (900 * 1024, "invalid.json-900k-whitespace", True),
+        (1_040_000, "invalid.json-1m-near-broker-limit", True),
+    ]:
         event = fz.valid()
         data = fz.as_json(event)
         add(kind, data[:1] + b" " * (size - len(data)) + data[1:], event["tenant_id"], must_reject=reject)
@@ -547,10 +642,20 @@ def build_payloads(seed: int, tag: str, now: datetime) -> tuple[list[Payload], F
         body = fz.as_avro(fz.valid())[codec.HEADER_LEN :]
         add("invalid.avro-unknown-fingerprint", codec.MAGIC + r.randbytes(8) + body, None, must_reject=True)
         add("invalid.avro-other-schema", codec.MAGIC + other + body, None, must_reject=True)
-        add("invalid.avro-truncated", (codec.MAGIC + codec.latest("usage_event").fingerprint + body)
-            [: r.randrange(codec.HEADER_LEN, codec.HEADER_LEN + len(body))], None, must_reject=True)  # fmt: skip
-        add("invalid.avro-trailing-bytes", codec.MAGIC + codec.latest("usage_event").fingerprint + body + b"\x00",
-            None, must_reject=True)  # fmt: skip
+        add(
+            "invalid.avro-truncated",
+            (codec.MAGIC + codec.latest("usage_event").fingerprint + body)[
+                : r.randrange(codec.HEADER_LEN, codec.HEADER_LEN + len(body))
+            ],
+            None,
+            must_reject=True,
+        )
+        add(
+            "invalid.avro-trailing-bytes",
+            codec.MAGIC + codec.latest("usage_event").fingerprint + body + b"\x00",
+            None,
+            must_reject=True,
+        )
     for value in [codec.MAGIC, codec.MAGIC + b"\x00" * 8, b"\xc3"]:
         add("invalid.avro-header-only", value, None, must_reject=True)
 
@@ -614,8 +719,14 @@ def payloads() -> tuple[list[Payload], Fuzz]:
 
 def produce_all(settings: Settings, items: list[Payload]) -> None:
     """Raw bytes onto the isolated usage.raw; records each payload's partition and offset."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True,
-                         "message.max.bytes": 4 * 1024 * 1024, "linger.ms": 20})  # fmt: skip
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "enable.idempotence": True,
+            "message.max.bytes": 4 * 1024 * 1024,
+            "linger.ms": 20,
+        }
+    )
     errors: list[str] = []
 
     def delivered(payload: Payload) -> Callable[[KafkaError | None, Message], None]:
@@ -632,8 +743,9 @@ def produce_all(settings: Settings, items: list[Payload]) -> None:
     for payload in items:
         while True:
             try:
-                producer.produce(settings.topic_raw, value=payload.value, key=payload.key,
-                                 on_delivery=delivered(payload))  # fmt: skip
+                producer.produce(
+                    settings.topic_raw, value=payload.value, key=payload.key, on_delivery=delivered(payload)
+                )
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -648,8 +760,11 @@ def read_ledger(settings: Settings, items: list[Payload], fz: Fuzz) -> list[Ledg
         return "\x00" not in text
 
     ids = sorted({p.event.event_id for p in items if p.event is not None and storable(p.event.event_id)})
-    tenants = sorted({p.event.tenant_id for p in items if p.event is not None and storable(p.event.tenant_id)}
-                     | set(fz.tenants) | {fz.control_tenant})  # fmt: skip
+    tenants = sorted(
+        {p.event.tenant_id for p in items if p.event is not None and storable(p.event.tenant_id)}
+        | set(fz.tenants)
+        | {fz.control_tenant}
+    )
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute(
             "SELECT event_id, tenant_id, provider, model, ts, input_tokens, output_tokens, cache_read_tokens,"
@@ -661,8 +776,12 @@ def read_ledger(settings: Settings, items: list[Payload], fz: Fuzz) -> list[Ledg
 
 
 @pytest.fixture(scope="module")
-def fuzz_run(stack: LocalStack, settings: Settings, payloads: tuple[list[Payload], Fuzz],
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzRun]:  # fmt: skip
+def fuzz_run(
+    stack: LocalStack,
+    settings: Settings,
+    payloads: tuple[list[Payload], Fuzz],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[FuzzRun]:
     items, fz = payloads
     own = isolated(settings, fz.tag)
     worker = WorkerProcess(own, tmp_path_factory.mktemp("fuzz-worker"))
@@ -676,8 +795,9 @@ def fuzz_run(stack: LocalStack, settings: Settings, payloads: tuple[list[Payload
         drain_seconds = time.monotonic() - started
         # Stage 2 reads what stage 1 wrote to metering.rollups: wait for it too, or its failures on
         # this input (tables, alert rules) would never reach the log before the worker is stopped.
-        stage_two = wait_for_sinks(own, timeout=STAGE_TWO_TIMEOUT_S if drained else 10.0, topic=own.topic_rollups,
-                                   group=own.worker_id)  # fmt: skip
+        stage_two = wait_for_sinks(
+            own, timeout=STAGE_TWO_TIMEOUT_S if drained else 10.0, topic=own.topic_rollups, group=own.worker_id
+        )
         alive = worker.alive()
         exit_code = None if worker.process is None else worker.process.poll()
         letters_raw = read_all(own, own.topic_dlq, timeout=60)
@@ -686,10 +806,26 @@ def fuzz_run(stack: LocalStack, settings: Settings, payloads: tuple[list[Payload
     finally:
         worker.stop()
     log_text = "\n".join(path.read_text(errors="replace") for path in worker.logs)
-    print(f"fuzz: produced {len(items)} in {produced:.1f}s, drained={drained} after {drain_seconds:.1f}s, stage 2 "
-          f"caught up={stage_two}; {len(ledger)} ledger rows, {len(letters)} dead letters")  # fmt: skip
-    yield FuzzRun(own, items, fz, produced, drained, drain_seconds, stage_two, alive, worker.starts, exit_code,
-                  log_text, ledger, letters, [len(v) for v in letters_raw])  # fmt: skip
+    print(
+        f"fuzz: produced {len(items)} in {produced:.1f}s, drained={drained} after {drain_seconds:.1f}s, stage 2 "
+        f"caught up={stage_two}; {len(ledger)} ledger rows, {len(letters)} dead letters"
+    )
+    yield FuzzRun(
+        own,
+        items,
+        fz,
+        produced,
+        drained,
+        drain_seconds,
+        stage_two,
+        alive,
+        worker.starts,
+        exit_code,
+        log_text,
+        ledger,
+        letters,
+        [len(v) for v in letters_raw],
+    )
 
 
 # ---------------------------------------------------------------- reporting helpers
@@ -712,8 +848,9 @@ def log_excerpt(text: str) -> str:
             i += 1
             continue
         end = i + 1
-        while end < len(lines) and (lines[end].startswith((" ", "During handling", "The above", "Traceback"))
-                                    or not lines[end].strip()):  # fmt: skip
+        while end < len(lines) and (
+            lines[end].startswith((" ", "During handling", "The above", "Traceback")) or not lines[end].strip()
+        ):
             end += 1
         last = lines[end] if end < len(lines) else "(end of log)"
         entry = found.setdefault(last[:300], [0, [lines[i - 1] if i else "", *lines[i : end + 1]]])
@@ -723,8 +860,9 @@ def log_excerpt(text: str) -> str:
     for last, (count, block) in found.items():
         out.append(f"--- {count} × {last}")
         out += [line[:300] for line in [*block[:8], "  …", *block[-14:]]] if len(block) > 22 else block
-    restarts = Counter(line.split("]", 2)[-1].strip()[:160] for line in lines
-                       if "stage 1 exited" in line or "Restarting dead" in line)  # fmt: skip
+    restarts = Counter(
+        line.split("]", 2)[-1].strip()[:160] for line in lines if "stage 1 exited" in line or "Restarting dead" in line
+    )
     out += [f"--- {n} × {line}" for line, n in restarts.items()]
     return "\n".join(out)
 
@@ -741,17 +879,23 @@ def test_payloads_built_to_break_a_rule_are_rejected_by_the_rules(payloads: tupl
     if accepted:
         problems.append("accepted although they break a rule of DESIGN.md §1:\n" + by_kind(accepted, 6))
     if crashed:
-        problems.append("decode_usage raised something other than InvalidEvent:\n" + "\n".join(
-            f"{p.oracle_crash} ← {p.describe()}" for p in crashed[:6]))  # fmt: skip
+        problems.append(
+            "decode_usage raised something other than InvalidEvent:\n"
+            + "\n".join(f"{p.oracle_crash} ← {p.describe()}" for p in crashed[:6])
+        )
     assert not problems, "\n\n".join(problems)
 
 
 def run_summary(run: FuzzRun) -> str:
-    counts = {marker: run.log_text.count(marker) for marker in ("stage 1 exited", "batch failed", "splitting it to",
-                                                                 "stopping the worker", "Traceback")}  # fmt: skip
-    return (f"alive={run.alive} (exit code {run.exit_code}), starts={run.starts}, drained={run.drained} in "
-            f"{run.drain_seconds:.0f}s, stage 2 caught up={run.stage_two_caught_up}; in the log: {counts}\n"
-            + (log_excerpt(run.log_text) or run.log_text[-3000:]))  # fmt: skip
+    counts = {
+        marker: run.log_text.count(marker)
+        for marker in ("stage 1 exited", "batch failed", "splitting it to", "stopping the worker", "Traceback")
+    }
+    return (
+        f"alive={run.alive} (exit code {run.exit_code}), starts={run.starts}, drained={run.drained} in "
+        f"{run.drain_seconds:.0f}s, stage 2 caught up={run.stage_two_caught_up}; in the log: {counts}\n"
+        + (log_excerpt(run.log_text) or run.log_text[-3000:])
+    )
 
 
 def test_worker_survives_the_fuzz_and_drains(fuzz_run: FuzzRun) -> None:
@@ -789,12 +933,15 @@ def test_each_payload_is_billed_once_or_dead_lettered_once(fuzz_run: FuzzRun) ->
         rows[row.event_id].append(row)
     missing = [sources[i][0] for i in candidates if i not in rows]
     if missing:
-        problems.append(f"{len(missing)} of {len(candidates)} distinct valid events are not in the ledger:\n"
-                        + by_kind(missing))  # fmt: skip
+        problems.append(
+            f"{len(missing)} of {len(candidates)} distinct valid events are not in the ledger:\n" + by_kind(missing)
+        )
     extra = [row for i, group in rows.items() if i not in candidates for row in group]
     if extra:
-        problems.append(f"{len(extra)} ledger rows of the fuzz tenants match no valid payload: "
-                        + "; ".join(f"{x.event_id!r}/{x.tenant_id!r}" for x in extra[:5]))  # fmt: skip
+        problems.append(
+            f"{len(extra)} ledger rows of the fuzz tenants match no valid payload: "
+            + "; ".join(f"{x.event_id!r}/{x.tenant_id!r}" for x in extra[:5])
+        )
     repeated = {i: len(group) for i, group in rows.items() if len(group) > 1}
     if repeated:
         problems.append(f"event ids in the ledger more than once: {list(repeated.items())[:5]}")
@@ -804,11 +951,30 @@ def test_each_payload_is_billed_once_or_dead_lettered_once(fuzz_run: FuzzRun) ->
         if event_id not in candidates:
             continue
         row = group[0]
-        matching = [e for e in candidates[event_id]
-                    if (e.tenant_id, e.provider, e.model, e.timestamp, e.input_tokens, e.output_tokens,
-                        e.cache_read_tokens, e.cache_write_tokens)
-                    == (row.tenant_id, row.provider, row.model, row.ts, row.input_tokens, row.output_tokens,
-                        row.cache_read_tokens, row.cache_write_tokens)]  # fmt: skip
+        matching = [
+            e
+            for e in candidates[event_id]
+            if (
+                e.tenant_id,
+                e.provider,
+                e.model,
+                e.timestamp,
+                e.input_tokens,
+                e.output_tokens,
+                e.cache_read_tokens,
+                e.cache_write_tokens,
+            )
+            == (
+                row.tenant_id,
+                row.provider,
+                row.model,
+                row.ts,
+                row.input_tokens,
+                row.output_tokens,
+                row.cache_read_tokens,
+                row.cache_write_tokens,
+            )
+        ]
         if not matching:
             wrong_kinds[sources[event_id][0].kind] += 1
             wrong.append(f"{event_id!r}: the ledger row {row} matches none of the events sent with this id")
@@ -817,13 +983,16 @@ def test_each_payload_is_billed_once_or_dead_lettered_once(fuzz_run: FuzzRun) ->
         if not any((x.status, x.total_cost) == (row.price_status, row.total_cost) for x in expected):
             wrong_kinds[sources[event_id][0].kind] += 1
             e = matching[0]
-            wrong.append(f"{event_id!r} {e.provider}/{e.model} at {e.timestamp.isoformat()} in={e.input_tokens} "
-                         f"out={e.output_tokens} cache_read={e.cache_read_tokens} cache_write={e.cache_write_tokens}"
-                         f" audio={e.input_audio_tokens}: ledger {row.price_status} {row.total_cost}, genai-prices "
-                         + " or ".join(f"{x.status} {x.total_cost} {x.note}" for x in expected))  # fmt: skip
+            wrong.append(
+                f"{event_id!r} {e.provider}/{e.model} at {e.timestamp.isoformat()} in={e.input_tokens} "
+                f"out={e.output_tokens} cache_read={e.cache_read_tokens} cache_write={e.cache_write_tokens}"
+                f" audio={e.input_audio_tokens}: ledger {row.price_status} {row.total_cost}, genai-prices "
+                + " or ".join(f"{x.status} {x.total_cost} {x.note}" for x in expected)
+            )
     if wrong:
-        problems.append(f"{len(wrong)} ledger rows differ from genai-prices ({dict(wrong_kinds)}):\n"
-                        + "\n".join(wrong[:8]))  # fmt: skip
+        problems.append(
+            f"{len(wrong)} ledger rows differ from genai-prices ({dict(wrong_kinds)}):\n" + "\n".join(wrong[:8])
+        )
     unpriced_expected = sum(1 for i, es in candidates.items() if genai_cost(es[0]).status == "unpriced")
     assert unpriced_expected > 0  # the mix must exercise unknown models
 
@@ -840,17 +1009,23 @@ def test_each_payload_is_billed_once_or_dead_lettered_once(fuzz_run: FuzzRun) ->
         problems.append(f"dead letters at positions nothing was sent to: {unknown[:5]}")
     lettered_valid = [by_position[pos] for pos in letters if pos in by_position and by_position[pos].event is not None]
     if lettered_valid:
-        problems.append(f"{len(lettered_valid)} valid payloads were dead-lettered:\n" + by_kind(lettered_valid)
-                        + "\n  reasons: " + "; ".join(letters[(p.partition, p.offset)][0]["reason"][:200]
-                                                      for p in lettered_valid[:5]))  # fmt: skip
+        problems.append(
+            f"{len(lettered_valid)} valid payloads were dead-lettered:\n"
+            + by_kind(lettered_valid)
+            + "\n  reasons: "
+            + "; ".join(letters[(p.partition, p.offset)][0]["reason"][:200] for p in lettered_valid[:5])
+        )
     not_lettered = [p for p in invalid if (p.partition, p.offset) not in letters]
     if not_lettered:
-        problems.append(f"{len(not_lettered)} of {len(invalid)} invalid payloads have no dead letter:\n"
-                        + by_kind(not_lettered))  # fmt: skip
+        problems.append(
+            f"{len(not_lettered)} of {len(invalid)} invalid payloads have no dead letter:\n" + by_kind(not_lettered)
+        )
     twice = {pos: len(same) for pos, same in letters.items() if len(same) > 1}
     if twice or len(run.dead_letters) != len(invalid):
-        problems.append(f"{len(run.dead_letters)} dead letters for {len(invalid)} invalid payloads; "
-                        f"positions dead-lettered more than once: {list(twice.items())[:5]}")  # fmt: skip
+        problems.append(
+            f"{len(run.dead_letters)} dead letters for {len(invalid)} invalid payloads; "
+            f"positions dead-lettered more than once: {list(twice.items())[:5]}"
+        )
     bad_letters: list[str] = []
     for pos, same in letters.items():
         payload = by_position.get(pos)
@@ -865,15 +1040,18 @@ def test_each_payload_is_billed_once_or_dead_lettered_once(fuzz_run: FuzzRun) ->
             value = payload.value
             if value is None or len(value) <= MAX_RAW_BYTES:
                 if original != value:
-                    bad_letters.append(f"original_value differs ({None if original is None else len(original)} B)"
-                                       f" for {payload.describe()}")  # fmt: skip
+                    bad_letters.append(
+                        f"original_value differs ({None if original is None else len(original)} B)"
+                        f" for {payload.describe()}"
+                    )
             else:  # over the size limit: the bytes, or a prefix that says what it cut
                 if original is None or not value.startswith(original):
                     bad_letters.append(f"original_value of a {len(value)} B payload is not a prefix of it")
                 elif len(original) < len(value):
                     if letter.get("truncated") is not True:
-                        bad_letters.append(f"a truncated original_value ({len(original)} of {len(value)} B) is not"
-                                           " marked truncated")  # fmt: skip
+                        bad_letters.append(
+                            f"a truncated original_value ({len(original)} of {len(value)} B) is not marked truncated"
+                        )
                     if letter.get("original_size") not in (None, len(value)):
                         bad_letters.append(f"original_size {letter.get('original_size')} != {len(value)}")
                     digest = letter.get("original_sha256")
@@ -884,8 +1062,10 @@ def test_each_payload_is_billed_once_or_dead_lettered_once(fuzz_run: FuzzRun) ->
     if bad_letters:
         problems.append(f"{len(bad_letters)} dead letter defects:\n" + "\n".join(bad_letters[:8]))
     biggest = max(run.dead_letter_bytes, default=0)
-    print(f"fuzz: {len(candidates)} distinct valid ids ({unpriced_expected} unpriced), {len(invalid)} invalid, "
-          f"{len(run.dead_letters)} dead letters, largest dead letter {biggest} B")  # fmt: skip
+    print(
+        f"fuzz: {len(candidates)} distinct valid ids ({unpriced_expected} unpriced), {len(invalid)} invalid, "
+        f"{len(run.dead_letters)} dead letters, largest dead letter {biggest} B"
+    )
     assert not problems, "\n\n".join(problems)
 
 
@@ -906,9 +1086,13 @@ def test_control_tenant_invoices_equal_genai_prices(fuzz_run: FuzzRun) -> None:
     assert len(expected) >= 3  # the backfill month and the last two
     got: dict[str, tuple[Decimal, int, int]] = {}
     for period in sorted(expected):
-        shown = subprocess.run([sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", period,
-                                "--format", "json"], env=env_for(run.settings), capture_output=True, text=True,
-                               timeout=60)  # fmt: skip
+        shown = subprocess.run(
+            [sys.executable, "-m", "deploy", "invoice", "--tenant", tenant, "--period", period, "--format", "json"],
+            env=env_for(run.settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert shown.returncode == 0, shown.stderr
         bill = json.loads(shown.stdout)
         got[period] = (Decimal(str(bill["total"])), bill["calls"], bill["unpriced_calls"])

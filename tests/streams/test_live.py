@@ -11,8 +11,22 @@ from streams.live import LiveScopes
 
 
 def day(tenant: str, dimension: str, value: str, granularity: str = "day") -> Rollup:
-    return Rollup(tenant, granularity, datetime(2025, 7, 1, tzinfo=UTC), dimension, value, 1, 0, 1, 1, 0, 0,
-                  Decimal(0), Decimal(0), Decimal("0.1"))  # fmt: skip
+    return Rollup(
+        tenant,
+        granularity,
+        datetime(2025, 7, 1, tzinfo=UTC),
+        dimension,
+        value,
+        1,
+        0,
+        1,
+        1,
+        0,
+        0,
+        Decimal(0),
+        Decimal(0),
+        Decimal("0.1"),
+    )
 
 
 def test_only_the_most_recent_values_of_each_tenant_stay_live_and_budgets_keep_theirs() -> None:

@@ -16,16 +16,29 @@ from streams.pricing import PriceOverride, TokenRates
 
 
 def record(**changes: Any) -> bytes:
-    body: dict[str, Any] = {"tenant_id": "acme", "provider": "openai", "model": "gpt-4o",
-                            "effective_from": "2025-08-01T00:00:00+00:00", "input_mtok": "1.25",
-                            "output_mtok": "10", "cache_read_mtok": None, "cache_write_mtok": None}  # fmt: skip
+    body: dict[str, Any] = {
+        "tenant_id": "acme",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "effective_from": "2025-08-01T00:00:00+00:00",
+        "input_mtok": "1.25",
+        "output_mtok": "10",
+        "cache_read_mtok": None,
+        "cache_write_mtok": None,
+    }
     body.update(changes)
     return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
 
 
 def test_an_override_round_trips() -> None:
-    override = PriceOverride("acme", "openai", "gpt-4o", datetime(2025, 8, 1, tzinfo=UTC),
-                             TokenRates(Decimal("1.25"), Decimal(10), Decimal("0.125"), None), "ovr-1")  # fmt: skip
+    override = PriceOverride(
+        "acme",
+        "openai",
+        "gpt-4o",
+        datetime(2025, 8, 1, tzinfo=UTC),
+        TokenRates(Decimal("1.25"), Decimal(10), Decimal("0.125"), None),
+        "ovr-1",
+    )
     key, value = override_message(override)
     assert parse_override(key.decode(), value) == override
 
@@ -76,11 +89,17 @@ def test_bad_values_are_value_errors_that_name_the_field(changes: dict[str, Any]
 
 @pytest.mark.parametrize(
     ("value", "reason"),
-    [(b"\xff\xfe not json", "not JSON"), (b"{", "not JSON"), (b"", "not JSON"), (b"[" * 100_000, "not JSON"),
-     (b"[1, 2]", "JSON object, got list"),
-     (b'"acme"', "JSON object, got str"), (b"null", "JSON object, got NoneType"),
-     (record()[:-1] + b', "input_mtok": NaN}', "input_mtok must be a finite amount")],  # Python's json reads NaN
-)  # fmt: skip
+    [
+        (b"\xff\xfe not json", "not JSON"),
+        (b"{", "not JSON"),
+        (b"", "not JSON"),
+        (b"[" * 100_000, "not JSON"),
+        (b"[1, 2]", "JSON object, got list"),
+        (b'"acme"', "JSON object, got str"),
+        (b"null", "JSON object, got NoneType"),
+        (record()[:-1] + b', "input_mtok": NaN}', "input_mtok must be a finite amount"),
+    ],  # Python's json reads NaN
+)
 def test_bytes_that_are_not_an_override_object_are_value_errors(value: bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_override("ovr-1", value)

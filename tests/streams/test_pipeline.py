@@ -16,8 +16,16 @@ from streams.pricing import PriceBook
 
 
 def usage(**overrides: object) -> dict[str, object]:
-    return {"event_id": "e-1", "timestamp": "2025-07-01T10:00:00Z", "tenant_id": "acme", "provider": "openai",
-            "model": "gpt-4o", "input_tokens": 100, "output_tokens": 10, **overrides}  # fmt: skip
+    return {
+        "event_id": "e-1",
+        "timestamp": "2025-07-01T10:00:00Z",
+        "tenant_id": "acme",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "input_tokens": 100,
+        "output_tokens": 10,
+        **overrides,
+    }
 
 
 def raw(value: bytes | None, offset: int = 0) -> RawMessage:
@@ -28,11 +36,18 @@ def test_decode_batch_separates_good_events_from_rejects_with_reasons() -> None:
     good_json = json.dumps(usage()).encode()
     good_avro = validate_event(usage(event_id="e-2")).to_avro()
     messages = [
-        raw(good_json, 0), raw(good_avro, 1), raw(b"not json", 2), raw(None, 3), raw(b"\x00\xff\xfe", 4),
-        raw(json.dumps(usage(input_tokens=-1)).encode(), 5), raw(json.dumps(usage(tenant_id="")).encode(), 6),
-        raw(json.dumps(usage(tenant_id="x" * 5000)).encode(), 7), raw(json.dumps(usage(output_tokens="9")).encode(), 8),
-        raw(codec.MAGIC + b"\x01" * 8 + b"junk", 9), raw(b"{" + b" " * 70_000 + b"}", 10),
-    ]  # fmt: skip
+        raw(good_json, 0),
+        raw(good_avro, 1),
+        raw(b"not json", 2),
+        raw(None, 3),
+        raw(b"\x00\xff\xfe", 4),
+        raw(json.dumps(usage(input_tokens=-1)).encode(), 5),
+        raw(json.dumps(usage(tenant_id="")).encode(), 6),
+        raw(json.dumps(usage(tenant_id="x" * 5000)).encode(), 7),
+        raw(json.dumps(usage(output_tokens="9")).encode(), 8),
+        raw(codec.MAGIC + b"\x01" * 8 + b"junk", 9),
+        raw(b"{" + b" " * 70_000 + b"}", 10),
+    ]
     events, rejected = decode_batch(messages)
     assert [e.event_id for e in events] == ["e-1", "e-2"]
     reasons = {r.message.offset: r.reason for r in rejected}
@@ -71,8 +86,9 @@ def test_priced_records_round_like_postgres_and_encode() -> None:
 def rollup(
     granularity: str, start: datetime, dimension: str = "model", value: str = "x/y", unpriced: int = 0
 ) -> Rollup:
-    return Rollup("acme", granularity, start, dimension, value, 3, unpriced, 30, 3, 0, 0, Decimal(0), Decimal(0),
-                  Decimal("1.5"))  # fmt: skip
+    return Rollup(
+        "acme", granularity, start, dimension, value, 3, unpriced, 30, 3, 0, 0, Decimal(0), Decimal(0), Decimal("1.5")
+    )
 
 
 def test_rollup_records_round_trip_and_table_windows_expire() -> None:
@@ -92,8 +108,12 @@ def test_rollup_records_round_trip_and_table_windows_expire() -> None:
 
 def test_unpriced_models_alert_once_per_month_scope() -> None:
     start = datetime(2025, 7, 1, tzinfo=UTC)
-    rollups = [rollup("month", start, unpriced=2), rollup("day", start, unpriced=2), rollup("month", start),
-               rollup("month", start, "feature", "f", unpriced=2)]  # fmt: skip
+    rollups = [
+        rollup("month", start, unpriced=2),
+        rollup("day", start, unpriced=2),
+        rollup("month", start),
+        rollup("month", start, "feature", "f", unpriced=2),
+    ]
     alerts = unpriced_model_alerts(rollups, start)
     assert [a["alert_id"] for a in alerts] == ["anomaly.unpriced_model:acme:x/y:2025-07"]
     assert codec.decode("alert", codec.encode("alert", alerts[0]))["kind"] == "anomaly.unpriced_model"

@@ -28,9 +28,14 @@ MODELS = [
 
 def make(provider: str = "openai", model: str = "gpt-4o", **overrides: Any) -> UsageEvent:
     data: dict[str, Any] = {
-        "event_id": "e", "timestamp": datetime(2025, 9, 1, tzinfo=UTC), "tenant_id": "acme",
-        "provider": provider, "model": model, "input_tokens": 1000, "output_tokens": 100,
-    }  # fmt: skip
+        "event_id": "e",
+        "timestamp": datetime(2025, 9, 1, tzinfo=UTC),
+        "tenant_id": "acme",
+        "provider": provider,
+        "model": model,
+        "input_tokens": 1000,
+        "output_tokens": 100,
+    }
     data.update(overrides)
     return validate_event(data)
 
@@ -57,8 +62,14 @@ def test_matches_genai_prices_exactly(
 ) -> None:
     read = int(input_tokens * cache_share[0])
     write = int((input_tokens - read) * cache_share[1])
-    event = make(*model, input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=read,
-                 cache_write_tokens=write, timestamp=datetime(day.year, day.month, day.day, tzinfo=UTC))  # fmt: skip
+    event = make(
+        *model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+        timestamp=datetime(day.year, day.month, day.day, tzinfo=UTC),
+    )
     result = BOOK.price(event)
     assert result.status == "priced"
     assert result.total_cost == independent(event)
@@ -66,10 +77,12 @@ def test_matches_genai_prices_exactly(
 
 
 def test_o3_is_priced_at_its_own_date() -> None:
-    may = BOOK.price(make(model="o3", input_tokens=1_000_000, output_tokens=1_000_000,
-                          timestamp=datetime(2025, 5, 20, tzinfo=UTC)))  # fmt: skip
-    july = BOOK.price(make(model="o3", input_tokens=1_000_000, output_tokens=1_000_000,
-                           timestamp=datetime(2025, 7, 20, tzinfo=UTC)))  # fmt: skip
+    may = BOOK.price(
+        make(model="o3", input_tokens=1_000_000, output_tokens=1_000_000, timestamp=datetime(2025, 5, 20, tzinfo=UTC))
+    )
+    july = BOOK.price(
+        make(model="o3", input_tokens=1_000_000, output_tokens=1_000_000, timestamp=datetime(2025, 7, 20, tzinfo=UTC))
+    )
     assert (may.input_cost, may.output_cost) == (Decimal(10), Decimal(40))
     assert (july.input_cost, july.output_cost) == (Decimal(2), Decimal(8))
 
@@ -81,17 +94,31 @@ def test_unknown_model_is_unpriced_not_zero_dollar_priced() -> None:
 
 
 def test_cache_tokens_are_not_counted_twice() -> None:
-    plain = BOOK.price(make(provider="anthropic", model="claude-sonnet-4-5", input_tokens=1_000_000,
-                            output_tokens=0))  # fmt: skip
-    cached = BOOK.price(make(provider="anthropic", model="claude-sonnet-4-5", input_tokens=1_000_000,
-                             output_tokens=0, cache_read_tokens=1_000_000))  # fmt: skip
+    plain = BOOK.price(make(provider="anthropic", model="claude-sonnet-4-5", input_tokens=1_000_000, output_tokens=0))
+    cached = BOOK.price(
+        make(
+            provider="anthropic",
+            model="claude-sonnet-4-5",
+            input_tokens=1_000_000,
+            output_tokens=0,
+            cache_read_tokens=1_000_000,
+        )
+    )
     assert cached.total_cost < plain.total_cost / 5  # cache reads cost a tenth of input
 
 
 def test_tenant_override_wins_from_its_effective_date() -> None:
     book = PriceBook()
-    book.set_override(PriceOverride("acme", "openai", "gpt-4o", datetime(2025, 8, 1, tzinfo=UTC),
-                                    TokenRates(Decimal("1"), Decimal("2")), "ovr-1"))  # fmt: skip
+    book.set_override(
+        PriceOverride(
+            "acme",
+            "openai",
+            "gpt-4o",
+            datetime(2025, 8, 1, tzinfo=UTC),
+            TokenRates(Decimal("1"), Decimal("2")),
+            "ovr-1",
+        )
+    )
     before = make(input_tokens=1_000_000, output_tokens=1_000_000, timestamp=datetime(2025, 7, 1, tzinfo=UTC))
     after = make(input_tokens=1_000_000, output_tokens=1_000_000)
     other_tenant = make(input_tokens=1_000_000, output_tokens=1_000_000, tenant_id="globex")

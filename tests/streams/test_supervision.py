@@ -36,9 +36,18 @@ def fresh_settings(settings: Settings, **extra: object) -> Settings:
 
 
 def usage(tenant: str, **fields: object) -> bytes:
-    return json.dumps({"event_id": uuid.uuid4().hex, "tenant_id": tenant, "provider": "openai", "model": "gpt-4o",
-                       "timestamp": "2025-07-10T10:00:00+00:00", "input_tokens": 1_000_000, "output_tokens": 0,
-                       **fields}).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "event_id": uuid.uuid4().hex,
+            "tenant_id": tenant,
+            "provider": "openai",
+            "model": "gpt-4o",
+            "timestamp": "2025-07-10T10:00:00+00:00",
+            "input_tokens": 1_000_000,
+            "output_tokens": 0,
+            **fields,
+        }
+    ).encode()
 
 
 def get(settings: Settings, path: str) -> tuple[int, dict[str, Any]]:
@@ -96,8 +105,9 @@ def test_a_worker_on_a_cluster_without_topics_creates_them_and_alerts_on_budgets
 
         def thresholds() -> list[int]:
             with psycopg.connect(own.database_url) as conn:
-                rows = conn.execute("SELECT threshold_percent FROM tokenmeter.alerts WHERE tenant_id = %s"
-                                    " ORDER BY 1", (tenant,)).fetchall()  # fmt: skip
+                rows = conn.execute(
+                    "SELECT threshold_percent FROM tokenmeter.alerts WHERE tenant_id = %s ORDER BY 1", (tenant,)
+                ).fetchall()
             return [row[0] for row in rows if row[0] is not None]
 
         assert wait_until(lambda: thresholds() == [50, 80, 100], 30, "budget alerts 50/80/100", worker)
@@ -111,8 +121,9 @@ def test_a_worker_that_may_not_create_topics_names_the_missing_one_and_exits(
     stack: LocalStack, settings: Settings
 ) -> None:
     own = fresh_settings(settings, worker_create_topics=False)
-    done = subprocess.run([sys.executable, "-m", "deploy", "worker"], env=env_for(own), capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy", "worker"], env=env_for(own), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: topic '{own.topic_raw}' does not exist")
     assert "Traceback" not in done.stderr
@@ -122,8 +133,9 @@ def test_a_stuck_stage_shows_in_readyz_and_then_the_worker_exits_non_zero(
     stack: LocalStack, settings: Settings, tmp_path: Path
 ) -> None:
     """Postgres unreachable for this worker: stage 1 retries (transient), reports why, then gives up."""
-    own = fresh_settings(settings, database_url="postgresql://postgres@127.0.0.1:9/tokenmeter",
-                         worker_stall_timeout_s=8.0)  # fmt: skip
+    own = fresh_settings(
+        settings, database_url="postgresql://postgres@127.0.0.1:9/tokenmeter", worker_stall_timeout_s=8.0
+    )
     worker = WorkerProcess(own, tmp_path)
     worker.start()
     try:
@@ -131,8 +143,12 @@ def test_a_stuck_stage_shows_in_readyz_and_then_the_worker_exits_non_zero(
         producer = Producer({"bootstrap.servers": own.kafka_bootstrap})
         producer.produce(own.topic_raw, value=usage("stuck"))
         assert producer.flush(30) == 0
-        _status, body = wait_until(lambda: (r := get(own, "/readyz"))[0] == 503 and "stalled" in str(r[1]) and r,
-                                   60, "readyz reporting the stall", worker)  # fmt: skip
+        _status, body = wait_until(
+            lambda: (r := get(own, "/readyz"))[0] == 503 and "stalled" in str(r[1]) and r,
+            60,
+            "readyz reporting the stall",
+            worker,
+        )
         stalled = [p for p in body["problems"] if "stage 1" in p and "stalled" in p]
         assert stalled and "Postgres unavailable" in stalled[0], body
         assert exit_code(worker, 60) == 3, worker.output()

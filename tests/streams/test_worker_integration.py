@@ -52,9 +52,16 @@ def send_raw(settings: Settings, payloads: list[bytes]) -> None:
 
 
 def usage(tenant: str, **fields: object) -> dict[str, object]:
-    return {"event_id": uuid.uuid4().hex, "tenant_id": tenant, "provider": "openai", "model": "gpt-4o",
-            "timestamp": datetime.now(UTC).isoformat(), "input_tokens": 1000, "output_tokens": 100,
-            **fields}  # fmt: skip
+    return {
+        "event_id": uuid.uuid4().hex,
+        "tenant_id": tenant,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "input_tokens": 1000,
+        "output_tokens": 100,
+        **fields,
+    }
 
 
 def record(settings: Settings, events: list[dict[str, object]], tmp_path: Path) -> None:
@@ -92,8 +99,9 @@ def test_malformed_payloads_become_dead_letters_and_the_worker_goes_on(running: 
 
 def test_unknown_model_is_unpriced_counted_and_alerted_once(running: Settings, tmp_path: Path) -> None:
     tenant = f"unknown-{uuid.uuid4().hex[:6]}"
-    record(running, [usage(tenant, provider="acme-ai", model="mystery-9") for _ in range(3)] + [usage(tenant)],
-           tmp_path)  # fmt: skip
+    record(
+        running, [usage(tenant, provider="acme-ai", model="mystery-9") for _ in range(3)] + [usage(tenant)], tmp_path
+    )
     with psycopg.connect(running.database_url) as conn:
         bill = invoice(conn, tenant, datetime.now(UTC).strftime("%Y-%m"))
     assert (bill.calls, bill.unpriced_calls) == (4, 3)
@@ -113,15 +121,24 @@ def test_o3_is_priced_at_the_price_of_its_own_date(running: Settings, tmp_path: 
     july = {**may, "event_id": uuid.uuid4().hex, "timestamp": "2025-07-15T12:00:00Z"}
     record(running, [may, july], tmp_path)
     with psycopg.connect(running.database_url) as conn:
-        costs = dict(conn.execute("SELECT to_char(ts, 'YYYY-MM'), total_cost FROM tokenmeter.ledger"
-                                  " WHERE tenant_id = %s", (tenant,)).fetchall())  # fmt: skip
+        costs = dict(
+            conn.execute(
+                "SELECT to_char(ts, 'YYYY-MM'), total_cost FROM tokenmeter.ledger WHERE tenant_id = %s", (tenant,)
+            ).fetchall()
+        )
     assert costs == {"2025-05": Decimal("50"), "2025-07": Decimal("10")}  # $10+$40 per M before June 2025, $2+$8 after
 
 
 def test_tenant_price_override_from_the_config_topic(running: Settings, tmp_path: Path) -> None:
     tenant = f"override-{uuid.uuid4().hex[:6]}"
-    override = PriceOverride(tenant, "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=UTC),
-                             TokenRates(Decimal("1"), Decimal("2")), f"card-{tenant}")  # fmt: skip
+    override = PriceOverride(
+        tenant,
+        "openai",
+        "gpt-4o",
+        datetime(2025, 1, 1, tzinfo=UTC),
+        TokenRates(Decimal("1"), Decimal("2")),
+        f"card-{tenant}",
+    )
     key, value = override_message(override)
     producer = Producer({"bootstrap.servers": running.kafka_bootstrap})
     producer.produce(running.topic_price_overrides, key=key, value=value)
@@ -129,8 +146,9 @@ def test_tenant_price_override_from_the_config_topic(running: Settings, tmp_path
     time.sleep(6)  # the worker follows the config topic every 5 s
     record(running, [usage(tenant, input_tokens=1_000_000, output_tokens=1_000_000)], tmp_path)
     with psycopg.connect(running.database_url) as conn:
-        ((cost, source),) = conn.execute("SELECT total_cost, price_source FROM tokenmeter.ledger WHERE tenant_id = %s",
-                                         (tenant,)).fetchall()  # fmt: skip
+        ((cost, source),) = conn.execute(
+            "SELECT total_cost, price_source FROM tokenmeter.ledger WHERE tenant_id = %s", (tenant,)
+        ).fetchall()
     assert cost == Decimal("3") and source == f"override:card-{tenant}"
 
 
@@ -150,20 +168,38 @@ def test_quota_check_sees_new_spend_within_a_second(running: Settings, tmp_path:
                 time.sleep(0.005)
             latencies.append(time.monotonic() - started)
     assert sorted(latencies)[len(latencies) // 2] < 1.0 and max(latencies) < 3.0, latencies  # tail: see the bench
-    shown = subprocess.run([sys.executable, "-m", "deploy", "quota", "check", "--tenant", tenant, "--format", "json"],
-                           env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+    shown = subprocess.run(
+        [sys.executable, "-m", "deploy", "quota", "check", "--tenant", tenant, "--format", "json"],
+        env=env_for(running),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert shown.returncode == 0, shown.stderr
     answer = json.loads(shown.stdout)
     assert 0 <= answer.pop("data_age_s") < 10  # the worker keeps telling how current the spend is
-    assert answer == {"allowed": True, "spent": "0.017500000000", "limit": None, "remaining": None,
-                      "reason": "no budget applies", "scope": tenant, "period": "month", "stale": False}  # fmt: skip
+    assert answer == {
+        "allowed": True,
+        "spent": "0.017500000000",
+        "limit": None,
+        "remaining": None,
+        "reason": "no budget applies",
+        "scope": tenant,
+        "period": "month",
+        "stale": False,
+    }
 
 
 def test_hard_budget_alerts_once_per_threshold_and_blocks_within_a_second(running: Settings, tmp_path: Path) -> None:
     tenant = f"budget-{uuid.uuid4().hex[:6]}"
     cli = [sys.executable, "-m", "deploy"]
-    done = subprocess.run([*cli, "budget", "set", "--tenant", tenant, "--limit", "10", "--period", "month", "--hard"],
-                          env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [*cli, "budget", "set", "--tenant", tenant, "--limit", "10", "--period", "month", "--hard"],
+        env=env_for(running),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     client = QuotaClient(running)
     deadline = time.monotonic() + 10
@@ -192,8 +228,13 @@ def test_hard_budget_alerts_once_per_threshold_and_blocks_within_a_second(runnin
     assert decision.reason.startswith("hard month budget") and decision.remaining == Decimal("-0.25")
     deadline = time.monotonic() + 20
     while True:
-        listed = subprocess.run([*cli, "alerts", "list", "--tenant", tenant, "--format", "json"],
-                                env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+        listed = subprocess.run(
+            [*cli, "alerts", "list", "--tenant", tenant, "--format", "json"],
+            env=env_for(running),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listed.returncode == 0, listed.stderr
         budget_alerts = [a for a in json.loads(listed.stdout) if a["kind"].startswith("budget")]
         if len(budget_alerts) >= 3 or time.monotonic() > deadline:
@@ -204,8 +245,13 @@ def test_hard_budget_alerts_once_per_threshold_and_blocks_within_a_second(runnin
     assert at_limit["kind"] == "budget.blocked" and "top_models" in at_limit["details"]
     on_topic = [codec.decode("alert", v) for v in read_all(running, running.topic_alerts_budget, timeout=5)]
     assert sorted(a["threshold_percent"] for a in on_topic if a["tenant_id"] == tenant) == [50, 80, 100]
-    raised = subprocess.run([*cli, "budget", "set", "--tenant", tenant, "--limit", "20", "--hard"],
-                            env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+    raised = subprocess.run(
+        [*cli, "budget", "set", "--tenant", tenant, "--limit", "20", "--hard"],
+        env=env_for(running),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert raised.returncode == 0, raised.stderr
     deadline = time.monotonic() + 10
     while not client.check(tenant).allowed:  # a raised limit unblocks
@@ -217,8 +263,11 @@ def test_a_spend_spike_raises_one_anomaly_alert(running: Settings, tmp_path: Pat
     tenant = f"spike-{uuid.uuid4().hex[:6]}"
     now = datetime.now(UTC)
     # a week of steady use: 24 calls a day at $0.10 each ($0.10 an hour on average)
-    history = [usage(tenant, timestamp=(now - timedelta(days=d, minutes=37 * i)).isoformat(), input_tokens=40_000)
-               for d in range(1, 8) for i in range(24)]  # fmt: skip
+    history = [
+        usage(tenant, timestamp=(now - timedelta(days=d, minutes=37 * i)).isoformat(), input_tokens=40_000)
+        for d in range(1, 8)
+        for i in range(24)
+    ]
     record(running, history, tmp_path / "history")
     time.sleep(2)  # stage 2 has the history in its table
     record(running, [usage(tenant, input_tokens=400_000) for _ in range(5)], tmp_path / "spike")  # $5 now
@@ -235,8 +284,13 @@ def test_a_spend_spike_raises_one_anomaly_alert(running: Settings, tmp_path: Pat
 
 def test_rate_limit_set_from_the_cli_is_enforced_by_reserve(running: Settings) -> None:
     tenant = f"limit-{uuid.uuid4().hex[:6]}"
-    done = subprocess.run([sys.executable, "-m", "deploy", "limit", "set", "--tenant", tenant, "--calls-per-day", "2"],
-                          env=env_for(running), capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy", "limit", "set", "--tenant", tenant, "--calls-per-day", "2"],
+        env=env_for(running),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     client = QuotaClient(running)
     deadline = time.monotonic() + 10
@@ -254,8 +308,11 @@ def scrape(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
     with urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_worker_serves_prometheus_metrics_of_both_stages(running: Settings) -> None:
@@ -272,8 +329,10 @@ def test_worker_serves_prometheus_metrics_of_both_stages(running: Settings) -> N
     deadline = time.monotonic() + 15
     while True:
         after = scrape(running)
-        settled = delta("tokenmeter_events_in_total", stage="meter") == 6 and delta(
-            "tokenmeter_events_in_total", stage="windows") >= 1  # fmt: skip
+        settled = (
+            delta("tokenmeter_events_in_total", stage="meter") == 6
+            and delta("tokenmeter_events_in_total", stage="windows") >= 1
+        )
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.5)
