@@ -604,9 +604,10 @@ def tenant_set(tenant_id: str, time_zone: str) -> None:
     import psycopg
     import redis
 
+    from schemas.periods import PERIODS, zone
+    from schemas.redis_keys import spend_key
     from sinks.postgres import set_time_zone
-    from sinks.redis import spend_key, write_spend
-    from streams.periods import PERIODS, zone
+    from sinks.redis import write_spend
 
     try:
         zone(time_zone)
@@ -831,7 +832,7 @@ def bench(events: int, record_calls: int, report_rows: int, no_pipeline: bool, a
     if not no_pipeline:
         summary.update(_bench_pipeline(settings, events, record_calls))
     if report_rows:
-        from sinks.report_bench import run_report_bench
+        from deploy.bench.reports import run_report_bench
 
         reports = asdict(run_report_bench(settings, report_rows, say=lambda m: click.echo(m, err=True)))
         for key, value in reports.items():
@@ -846,8 +847,8 @@ def _bench_pipeline(settings: Settings, events: int, record_calls: int) -> dict[
     from dataclasses import asdict
     from pathlib import Path
 
-    from producers.bench import record_latency
-    from streams.bench import run_pipeline_bench
+    from deploy.bench.pipeline import run_pipeline_bench
+    from deploy.bench.producer import record_latency
 
     figures = {}
     for rate, idle in ((None, False), (5000, False), (1000, False), (5000, True)):

@@ -5,11 +5,11 @@ Standard library only (``http.server``), no build step: ``/`` is a static page w
 data, so they are never parsed as HTML). The summary is what the rest of the product already reads:
 
 - spend per tenant today and this month, and budgets with the percentage used: the Redis values the
-  quota checks decide on (``sinks.redis`` keys, ``producers.quota.decide``), each period in the
+  quota checks decide on (``schemas.redis_keys``, ``producers.quota.decide``), each period in the
   tenant's time zone;
 - the latest alerts, from Postgres (``tokenmeter.alerts``);
 - the pipeline: what each stage has still to do (``streams.lag.measure_lag``) and how old the spend
-  data is (``sinks.redis.caught_up_ms``).
+  data is (``schemas.redis_keys.caught_up_ms``).
 
 Money in the JSON is exact (decimal strings); the page shows it rounded as the tables do
 (``deploy.output.usd``: cents) and keeps the exact amount in each cell's ``title``. One summary is built
@@ -37,8 +37,8 @@ import redis
 from deploy.output import usd, usd_in_text
 from deploy.settings import Settings
 from producers.quota import decide
-from sinks.alerts import ALERT_FIELDS
-from sinks.redis import caught_up_ms, freshness_key, spend_key, spend_value
+from schemas.records import ALERT_FIELDS
+from schemas.redis_keys import caught_up_ms, freshness_key, spend_key, spend_value
 from streams.lag import measure_lag
 
 REFRESH_S = 3.0  # how often the page asks for a new summary
@@ -48,7 +48,7 @@ ALERTS = 20
 
 
 def _unescape(part: str) -> str:
-    """The inverse of ``sinks.redis._escape`` (``%25`` and ``%3A`` only), in one pass."""
+    """The inverse of ``schemas.redis_keys.escape_part`` (``%25`` and ``%3A`` only), in one pass."""
     return re.sub(r"%(25|3A)", lambda m: "%" if m.group(1) == "25" else ":", part)
 
 

@@ -18,7 +18,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -33,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from deploy.bench.workload import Model, Tenant, Workload
 from deploy.isolation import WorkerProcess
 from deploy.output import cell, usd, usd_in_text
 from deploy.report_render import print_report, render_html
@@ -41,46 +42,47 @@ from deploy.stack import LocalStack
 from deploy.topics import ensure_topics
 from producers.kafka_logging import KafkaLogger
 from producers.producer import UsageProducer
-from producers.quota import QuotaClient, Reservation, estimate_cost
+from producers.quota import QuotaClient, Reservation
 from sinks.alerts import list_alerts
 from sinks.reports import build_report, parse_period
 from streams.budgets import Budget
 from streams.lag import wait_for_sinks
+from streams.pricing import estimate_cost
 
-TENANTS = {  # name: (share of traffic, models with weights)
-    "acme": (0.45, [("openai", "gpt-4o", 5), ("openai", "gpt-4o-mini", 6), ("anthropic", "claude-sonnet-4-5", 2)]),
-    "globex": (0.2, [("anthropic", "claude-sonnet-4-5", 4), ("anthropic", "claude-haiku-4-5", 3)]),
-    "initech": (0.2, [("openai", "o3", 1), ("openai", "gpt-4o-mini", 4), ("google", "gemini-2.5-flash", 4)]),
-    "umbrella": (0.15, [("google", "gemini-2.5-flash", 5), ("google", "gemini-2.5-pro", 2)]),
-}
-FEATURES = ["search", "chat", "summarize", "classify"]
-MAX_OUTPUT_TOKENS = 1024  # the services' max_tokens: no call writes more, so reserving it covers any call
+# The tenants' services: the shared synthetic workload (deploy/bench/workload.py), each tenant with its
+# share of the traffic and its own models.
+WORKLOAD = Workload(
+    tenants=(
+        Tenant(
+            "acme",
+            0.45,
+            (
+                Model("openai", "gpt-4o", 5),
+                Model("openai", "gpt-4o-mini", 6),
+                Model("anthropic", "claude-sonnet-4-5", 2),
+            ),
+        ),
+        Tenant("globex", 0.2, (Model("anthropic", "claude-sonnet-4-5", 4), Model("anthropic", "claude-haiku-4-5", 3))),
+        Tenant(
+            "initech",
+            0.2,
+            (Model("openai", "o3", 1), Model("openai", "gpt-4o-mini", 4), Model("google", "gemini-2.5-flash", 4)),
+        ),
+        Tenant("umbrella", 0.15, (Model("google", "gemini-2.5-flash", 5), Model("google", "gemini-2.5-pro", 2))),
+    ),
+    features=("search", "chat", "summarize", "classify"),
+    max_output_tokens=1024,  # the services' max_tokens: no call writes more, so reserving it covers any call
+)
+TENANTS = [tenant.name for tenant in WORKLOAD.tenants]
+MAX_OUTPUT_TOKENS = WORKLOAD.max_output_tokens
 
 
-def service_call(rng: random.Random, elapsed: float = 0.0, tenant: str | None = None) -> dict[str, Any]:
-    """One call of the tenants' ordinary services (of ``tenant``, else of one picked by its share of the
-    traffic); the summarize prompt grows with ``elapsed`` seconds."""
-    tenant = tenant or rng.choices(list(TENANTS), [share for share, _ in TENANTS.values()])[0]
-    models = TENANTS[tenant][1]
-    provider, model, _ = rng.choices(models, [w for *_, w in models])[0]
-    feature = rng.choice(FEATURES)
-    input_tokens = int(rng.lognormvariate(7.2, 0.9)) + 20
-    if feature == "summarize":
-        input_tokens += int(elapsed * 400)  # a prompt template that keeps growing
-    cached = rng.randint(0, input_tokens // 2) if rng.random() < 0.5 else 0
-    return {
-        "tenant_id": tenant,
-        "provider": provider,
-        "model": model,
-        "feature": feature,
-        "user_id": f"{tenant[:2]}-user-{int(rng.paretovariate(1.1)) % 300}",
-        "environment": "prod" if rng.random() < 0.85 else "staging",
-        "session_id": f"{tenant}-s{rng.randint(1, 2000)}",
-        "input_tokens": input_tokens,
-        "cache_read_tokens": cached,
-        "output_tokens": min(int(rng.lognormvariate(5.3, 0.7)) + 5, MAX_OUTPUT_TOKENS),
-        "latency_ms": int(rng.lognormvariate(6.8, 0.5)),
-    }
+def service_call(rng: random.Random, elapsed: float = 0.0) -> dict[str, Any]:
+    """One call of the tenants' ordinary services; the summarize prompt grows with ``elapsed`` seconds."""
+    event = WORKLOAD.call(rng)
+    if event["feature"] == "summarize":
+        event["input_tokens"] += int(elapsed * 400)  # a prompt template that keeps growing
+    return event
 
 
 @dataclass
@@ -118,7 +120,7 @@ HISTORY_DAYS = 21
 # neighbours the table has already expired) are judged against one or two days and look like spikes.
 # Each rule has a minimum volume, though ($5 a day or $1 an hour for a tenant, $0.50 an hour for a
 # user, 20 calls an hour for a feature's cost per call, which is an average and does not depend on how
-# many days there are). With these volumes an ordinary tenant-day stays under $5 (at most $3.92 over 250
+# many days there are). With these volumes an ordinary tenant-day stays under $5 (at most $3.93 over 250
 # simulated days) and every hour well under its minimums, so ordinary days never fire whatever the table
 # holds: only the incident does.
 WEEKDAY_CALLS = {"acme": 750, "globex": 480, "initech": 1000, "umbrella": 770}
@@ -136,13 +138,16 @@ def history_day(day: date, until: datetime) -> list[dict[str, Any]]:
     share = WEEKEND_SHARE if day.weekday() >= 5 else 1.0
     midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
     events = []
-    for tenant, calls in WEEKDAY_CALLS.items():
-        count = int(calls * share * rng.uniform(0.9, 1.1))
-        for i, hour in enumerate(rng.choices(range(24), HOURLY_SHAPE, k=count)):
-            event = service_call(rng, tenant=tenant)
-            event["event_id"] = f"demo-{day.isoformat()}-{tenant}-{i}"
-            event["timestamp"] = midnight + timedelta(hours=hour, seconds=rng.uniform(0, 3599.999))
-            events.append(event)
+    for tenant in WORKLOAD.tenants:
+        count = int(WEEKDAY_CALLS[tenant.name] * share * rng.uniform(0.9, 1.1))
+        events += replace(WORKLOAD, tenants=(tenant,)).events(
+            count,
+            seed=f"tokenmeter-demo-{day.isoformat()}-{tenant.name}",
+            start=midnight,
+            span=timedelta(days=1),
+            daily_shape=HOURLY_SHAPE,
+            prefix=f"demo-{day.isoformat()}-{tenant.name}",
+        )
     return sorted((e for e in events if e["timestamp"] < until), key=lambda e: e["timestamp"])
 
 

@@ -92,6 +92,15 @@ class Settings(BaseSettings):
         assert self.spool_dir is not None  # filled by the validator
         return self.spool_dir
 
+    @property
+    def faust_datadir(self) -> Path:
+        """The worker's Faust data folder, ``<home>/faust/<worker_id>`` (Faust's default would be
+        ``<worker_id>-data`` in the current folder). Faust creates only the last folder: the one above it
+        is created here."""
+        path = self.home / "faust" / self.worker_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

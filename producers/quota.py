@@ -3,11 +3,11 @@
 ``check`` reads; ``reserve`` / ``commit`` / ``release`` hold a call's estimated cost against hard
 budgets and count it against rate limits (calls and tokens per minute, calls per day) atomically.
 
-The pipeline keeps Redis current (``sinks/redis.py``): the spend of each scope for its open day, week
-and month (in the tenant's time zone; each value carries its period's end, so no zone is needed
-here), and the budgets that apply (``tm:budget:<tenant>:<dimension>:<value>``, JSON with
-``limit``, ``period`` and ``hard``). ``check`` reads all of them with one ``MGET`` and decides here, so
-a raised limit or a new period unblocks a scope without anybody having to clear a flag.
+The pipeline keeps Redis current (keys and values: ``schemas/redis_keys.py``): the spend of each scope
+for its open day, week and month (in the tenant's time zone; each value carries its period's end, so no
+zone is needed here), and the budgets and rate limits that apply. ``check`` reads all of them with one
+``MGET`` and decides here, so a raised limit or a new period unblocks a scope without anybody having to
+clear a flag.
 """
 
 from __future__ import annotations
@@ -24,22 +24,30 @@ from typing import Any
 import redis
 
 from deploy.settings import Settings, get_settings
-from sinks.redis import (
+from schemas.periods import PERIODS
+from schemas.records import scope_label
+from schemas.redis_keys import (
     LIVE_WITHIN_MS,
+    NANO,
+    RATE_COUNTER_TTL_S,
+    RATE_COUNTERS,
+    RATE_LIMITS,
+    SCOPE_KEYS,
     STALE_CALLS_TTL_MS,
+    budget_key,
     caught_up_ms,
+    format_held,
     freshness_key,
+    rate_counter_keys,
+    rate_limit_key,
+    scope_keys,
     spend_key,
+    spend_period_end_ms,
     spend_value,
     stale_calls_field,
     stale_calls_key,
+    to_nano,
 )
-from sinks.redis import _escape as escape_key_part
-from streams.periods import PERIODS
-
-
-def budget_key(tenant_id: str, dimension: str, value: str) -> str:
-    return f"tm:budget:{escape_key_part(tenant_id)}:{dimension}:{escape_key_part(value)}"
 
 
 @dataclass(frozen=True)
@@ -73,15 +81,15 @@ class QuotaDecision:
 # reservation holds the estimated cost atomically (one Lua script over every scope's budget, spend
 # and held amounts), so concurrent callers can overrun a hard budget by at most what they reserved.
 # Amounts are integer nano-USD inside the script (exact below ~$9M); Decimal outside.
-NANO = Decimal("1e9")
-_PER_SCOPE = 9  # keys per scope: budget, spend day/week/month, held, rate limit, calls/min, tokens/min, calls/day
-_RESERVE = """
+# KEYS: each scope's keys in the order of SCOPE_KEYS (``scope_keys``), then the freshness hash; the
+# script's @name@ placeholders (positions within a scope, counter TTLs) are filled in from that contract.
+_RESERVE_TEMPLATE = """
 local now, amount, entry = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local id, ttl, tokens = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local stale_after, live_within = tonumber(ARGV[7]), tonumber(ARGV[8])
-local column = {day = 2, week = 3, month = 4}
-local scopes = (#KEYS - 1) / 9
--- how current the spend is (sinks.redis.caught_up_ms): the least current live stage 1, else the newest
+local column = @spend_columns@
+local scopes = (#KEYS - 1) / @per_scope@
+-- how current the spend is (schemas.redis_keys.caught_up_ms): the least current live stage 1, else the newest
 local caught_up, newest = nil, nil
 local beats = redis.call('HGETALL', KEYS[#KEYS])
 for i = 1, #beats, 2 do
@@ -112,7 +120,7 @@ end
 local function count(key) return tonumber(redis.call('GET', key) or '0') end
 local cleaned = {}
 for s = 0, scopes - 1 do
-  local k = s * 9
+  local k = s * @per_scope@
   local raw = redis.call('GET', KEYS[k + 1])
   if raw then
     local budget = cjson.decode(raw)
@@ -126,58 +134,60 @@ for s = 0, scopes - 1 do
         local amount_text, ends = string.match(raw_spend, '^(%S+) (%d+)$')
         if ends and tonumber(ends) > now then spent = math.floor(tonumber(amount_text) * 1e9 + 0.5) end
       end
-      local holding = held(KEYS[k + 5])
+      local holding = held(KEYS[k + @held@])
       cleaned[s] = true
       if spent + holding + amount > math.floor(tonumber(budget['limit']) * 1e9 + 0.5) then
         return {0, s, 'budget', spent, holding}
       end
     end
   end
-  local limits = redis.call('GET', KEYS[k + 6])
+  local limits = redis.call('GET', KEYS[k + @rate_limit@])
   if limits then
     local limit = cjson.decode(limits)
     for name, v in pairs(limit) do if v == cjson.null then limit[name] = nil end end
-    if limit['calls_per_minute'] and count(KEYS[k + 7]) + 1 > limit['calls_per_minute'] then
-      return {0, s, 'calls_per_minute', count(KEYS[k + 7]), limit['calls_per_minute']}
+    if limit['calls_per_minute'] and count(KEYS[k + @calls_minute@]) + 1 > limit['calls_per_minute'] then
+      return {0, s, 'calls_per_minute', count(KEYS[k + @calls_minute@]), limit['calls_per_minute']}
     end
-    if limit['tokens_per_minute'] and count(KEYS[k + 8]) + tokens > limit['tokens_per_minute'] then
-      return {0, s, 'tokens_per_minute', count(KEYS[k + 8]), limit['tokens_per_minute']}
+    if limit['tokens_per_minute'] and count(KEYS[k + @tokens_minute@]) + tokens > limit['tokens_per_minute'] then
+      return {0, s, 'tokens_per_minute', count(KEYS[k + @tokens_minute@]), limit['tokens_per_minute']}
     end
-    if limit['calls_per_day'] and count(KEYS[k + 9]) + 1 > limit['calls_per_day'] then
-      return {0, s, 'calls_per_day', count(KEYS[k + 9]), limit['calls_per_day']}
+    if limit['calls_per_day'] and count(KEYS[k + @calls_day@]) + 1 > limit['calls_per_day'] then
+      return {0, s, 'calls_per_day', count(KEYS[k + @calls_day@]), limit['calls_per_day']}
     end
   end
 end
 for s = 0, scopes - 1 do
-  local k = s * 9
-  if not cleaned[s] then held(KEYS[k + 5]) end  -- scopes without a hard budget are kept small too
-  redis.call('HSET', KEYS[k + 5], id, entry)
-  redis.call('PEXPIRE', KEYS[k + 5], math.max(ttl * 2, tonumber(ARGV[9])))
-  redis.call('INCR', KEYS[k + 7]); redis.call('EXPIRE', KEYS[k + 7], 120)
-  redis.call('INCRBY', KEYS[k + 8], tokens); redis.call('EXPIRE', KEYS[k + 8], 120)
-  redis.call('INCR', KEYS[k + 9]); redis.call('EXPIRE', KEYS[k + 9], 172800)
+  local k = s * @per_scope@
+  if not cleaned[s] then held(KEYS[k + @held@]) end  -- scopes without a hard budget are kept small too
+  redis.call('HSET', KEYS[k + @held@], id, entry)
+  redis.call('PEXPIRE', KEYS[k + @held@], math.max(ttl * 2, tonumber(ARGV[9])))
+  redis.call('INCR', KEYS[k + @calls_minute@]); redis.call('EXPIRE', KEYS[k + @calls_minute@], @calls_minute_ttl@)
+  redis.call('INCRBY', KEYS[k + @tokens_minute@], tokens)
+  redis.call('EXPIRE', KEYS[k + @tokens_minute@], @tokens_minute_ttl@)
+  redis.call('INCR', KEYS[k + @calls_day@]); redis.call('EXPIRE', KEYS[k + @calls_day@], @calls_day_ttl@)
 end
 return {1, stale and 1 or 0}
 """
 
 
-def rate_limit_key(tenant_id: str, dimension: str, value: str) -> str:
-    return f"tm:ratelimit:{escape_key_part(tenant_id)}:{dimension}:{escape_key_part(value)}"
+def _lua(template: str) -> str:
+    """The script with each key's position within a scope, the scope size and the counters' TTLs filled in."""
+    at = {kind: i + 1 for i, kind in enumerate(SCOPE_KEYS)}  # Lua counts from 1
+    values: dict[str, object] = {
+        **at,
+        "per_scope": len(SCOPE_KEYS),
+        "spend_columns": "{" + ", ".join(f"{period} = {at[f'spend_{period}']}" for period in PERIODS) + "}",
+        **{f"{counter}_ttl": ttl for counter, ttl in zip(RATE_COUNTERS, RATE_COUNTER_TTL_S, strict=True)},
+    }
+    for name, value in values.items():
+        template = template.replace(f"@{name}@", str(value))
+    if "@" in template:
+        raise AssertionError(f"unfilled placeholder in the reserve script: {template[template.index('@') :][:40]}")
+    return template
 
 
-def rate_counter_keys(tenant_id: str, dimension: str, value: str, now: datetime) -> list[str]:
-    """Calls this minute, tokens this minute, calls today (UTC) — counted by ``reserve``."""
-    scope = f"{escape_key_part(tenant_id)}:{dimension}:{escape_key_part(value)}"
-    minute = int(now.timestamp()) // 60
-    return [
-        f"tm:rate:{scope}:calls:m{minute}",
-        f"tm:rate:{scope}:tokens:m{minute}",
-        f"tm:rate:{scope}:calls:d{now:%Y%m%d}",
-    ]
-
-
-def held_key(tenant_id: str, dimension: str, value: str) -> str:
-    return f"tm:held:{escape_key_part(tenant_id)}:{dimension}:{escape_key_part(value)}"
+_RESERVE = _lua(_RESERVE_TEMPLATE)
+_HELD = SCOPE_KEYS.index("held")
 
 
 @dataclass(frozen=True)
@@ -240,7 +250,7 @@ class QuotaClient:
         for i, raw in enumerate(limits):
             reached = rate_limit_reached(raw, counters[3 * i : 3 * i + 3])
             if reached and decision.allowed:
-                scope = _label(tenant_id, *scopes[i])
+                scope = scope_label(tenant_id, *scopes[i])
                 return QuotaDecision(
                     False,
                     decision.spent,
@@ -271,15 +281,9 @@ class QuotaClient:
         of them would be exceeded. Atomic across any number of service replicas."""
         now = now or datetime.now(UTC)
         scopes = _scopes(feature, user_id, environment)
-        keys: list[str] = []
-        for d, v in scopes:
-            keys.append(budget_key(tenant_id, d, v))
-            keys += [spend_key(tenant_id, d, v, p) for p in PERIODS]
-            keys.append(held_key(tenant_id, d, v))
-            keys.append(rate_limit_key(tenant_id, d, v))
-            keys += rate_counter_keys(tenant_id, d, v, now)
+        keys = [key for d, v in scopes for key in scope_keys(tenant_id, d, v, now)]
         keys.append(freshness_key(self.settings.worker_id))
-        amount = int((estimated_cost * NANO).to_integral_value())
+        amount = to_nano(estimated_cost)
         now_ms, ttl_ms = int(now.timestamp() * 1000), int(ttl_s * 1000)
         reservation_id = uuid.uuid4().hex
         outcome = self.redis.eval(
@@ -288,7 +292,7 @@ class QuotaClient:
             *keys,
             now_ms,
             amount,
-            f"{amount}:{now_ms + ttl_ms}",
+            format_held(amount, now_ms + ttl_ms),
             reservation_id,
             ttl_ms,
             tokens,
@@ -296,7 +300,7 @@ class QuotaClient:
             LIVE_WITHIN_MS,
             int(self.settings.quota_hold_max_s * 1000),
         )
-        held_keys = tuple(keys[4::_PER_SCOPE])
+        held_keys = tuple(keys[_HELD :: len(SCOPE_KEYS)])
         if outcome[0] == 1:
             if len(outcome) > 1 and outcome[1] == 1:  # allowed on stale data: remember it for the overrun alert
                 budgets = self.redis.mget([budget_key(tenant_id, d, v) for d, v in scopes])
@@ -305,7 +309,7 @@ class QuotaClient:
                 self._count_stale_calls(tenant_id, scopes, budgets, dict(zip(spend_scopes, spend_raw, strict=True)))
             return Reservation(reservation_id, True, estimated_cost, "reserved", held_keys)
         dimension, value = scopes[int(outcome[1])]
-        scope = _label(tenant_id, dimension, value)
+        scope = scope_label(tenant_id, dimension, value)
         what = outcome[2].decode() if isinstance(outcome[2], bytes) else str(outcome[2])
         if what == "stale":
             age_text = "no worker has reported" if int(outcome[3]) < 0 else f"it is {int(outcome[3]) / 1000:.0f}s old"
@@ -340,7 +344,7 @@ class QuotaClient:
             spent = spend_raw.get((dimension, value, budget["period"]))
             if not spent:
                 continue  # nothing spent in this period yet, so nothing to overrun
-            end_ms = int((spent.decode() if isinstance(spent, bytes) else str(spent)).partition(" ")[2])
+            end_ms = spend_period_end_ms(spent)
             key = stale_calls_key(tenant_id, dimension, value)
             pipe.hincrby(key, stale_calls_field(budget["period"], end_ms), 1)
             pipe.pexpire(key, STALE_CALLS_TTL_MS)
@@ -368,9 +372,9 @@ class QuotaClient:
             if actual_cost is None:
                 pipe.hdel(key, reservation.reservation_id)
             else:
-                amount = int((actual_cost * NANO).to_integral_value())
                 counted_after = now_ms + int(settle_s * 1000)
-                pipe.hset(key, reservation.reservation_id, f"{amount}:{now_ms + hold_ms}:{counted_after}")
+                entry = format_held(to_nano(actual_cost), now_ms + hold_ms, counted_after)
+                pipe.hset(key, reservation.reservation_id, entry)
                 pipe.pexpire(key, hold_ms)
         pipe.execute()
 
@@ -381,14 +385,10 @@ def rate_limit_reached(raw_limits: Any, raw_counts: list[Any]) -> str | None:
         return None
     limits = json.loads(raw_limits)
     counts = [int(c) if c else 0 for c in raw_counts]
-    for name, used in zip(("calls_per_minute", "tokens_per_minute", "calls_per_day"), counts, strict=True):
+    for name, used in zip(RATE_LIMITS, counts, strict=True):
         if limits.get(name) is not None and used >= limits[name]:
             return f"{name.replace('_', ' ')} is {limits[name]} ({used} used)"
     return None
-
-
-def _label(tenant_id: str, dimension: str, value: str) -> str:
-    return tenant_id if dimension == "tenant" else f"{tenant_id}/{dimension}={value}"
 
 
 def decide(
@@ -412,7 +412,7 @@ def decide(
         limit = Decimal(budget["limit"])
         spent = spend[(dimension, value, period)]
         remaining = limit - spent
-        scope = _label(tenant_id, dimension, value)
+        scope = scope_label(tenant_id, dimension, value)
         if budget.get("hard") and remaining <= 0:
             reason = f"hard {period} budget of ${limit} for {scope} is spent (${spent})"
             return QuotaDecision(False, spent, limit, remaining, reason, scope, period, stale, data_age_s)
@@ -432,33 +432,5 @@ def decide(
         return tightest
     dimension, value = scopes[-1]
     spent = spend[(dimension, value, "month")]
-    scope = _label(tenant_id, dimension, value)
+    scope = scope_label(tenant_id, dimension, value)
     return QuotaDecision(True, spent, None, None, "no budget applies", scope, "month", stale, data_age_s)
-
-
-_BOOK: Any = None
-
-
-def estimate_cost(
-    provider: str, model: str, input_tokens: int, max_output_tokens: int = 0, cache_read_tokens: int = 0
-) -> Decimal | None:
-    """The most a call can cost, before making it (for ``reserve``): today's price of ``model`` for the
-    prompt's input tokens and the request's output cap. None for an unknown model."""
-    global _BOOK
-    from schemas.events import UsageEvent
-    from streams.pricing import PriceBook
-
-    if _BOOK is None:
-        _BOOK = PriceBook()
-    event = UsageEvent(
-        event_id="estimate",
-        timestamp=datetime.now(UTC),
-        tenant_id="estimate",
-        provider=provider,
-        model=model,
-        input_tokens=input_tokens,
-        output_tokens=max_output_tokens,
-        cache_read_tokens=cache_read_tokens,
-    )
-    price = _BOOK.price(event)
-    return price.total_cost if price.status == "priced" else None

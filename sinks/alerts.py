@@ -10,23 +10,10 @@ from typing import Any
 
 import psycopg
 
-ALERT_FIELDS = (
-    "alert_id",
-    "kind",
-    "tenant_id",
-    "scope",
-    "period",
-    "threshold_percent",
-    "current",
-    "baseline",
-    "limit",
-    "message",
-    "details",
-    "created_at",
-)
+from schemas.records import ALERT_FIELDS, Alert
 
 
-def store_alerts(conn: psycopg.Connection, alerts: Sequence[dict[str, Any]]) -> set[str]:
+def store_alerts(conn: psycopg.Connection, alerts: Sequence[Alert]) -> set[str]:
     """Insert the alerts not stored yet; return the ids that were new (the ones to deliver)."""
     new: set[str] = set()
     with conn.transaction():
@@ -36,18 +23,18 @@ def store_alerts(conn: psycopg.Connection, alerts: Sequence[dict[str, Any]]) -> 
                 ' baseline, "limit", message, details, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,'
                 " %s, %s) ON CONFLICT (alert_id) DO NOTHING RETURNING alert_id",
                 (
-                    alert["alert_id"],
-                    alert["kind"],
-                    alert["tenant_id"],
-                    json.dumps(alert["scope"]),
-                    alert["period"],
-                    alert["threshold_percent"],
-                    alert["current"],
-                    alert["baseline"],
-                    alert["limit"],
-                    alert["message"],
-                    json.dumps(alert["details"]),
-                    alert["created_at"],
+                    alert.alert_id,
+                    alert.kind,
+                    alert.tenant_id,
+                    json.dumps(alert.scope),
+                    alert.period,
+                    alert.threshold_percent,
+                    alert.current,
+                    alert.baseline,
+                    alert.limit,
+                    alert.message,
+                    json.dumps(alert.details),
+                    alert.created_at,
                 ),
             ).fetchone()
             if row:

@@ -19,10 +19,10 @@ from typing import Any
 
 import psycopg
 
+from schemas.periods import local_midnight, period_end
+from schemas.records import TokenRates
 from sinks.postgres import tenant_time_zone
-from streams.periods import local_midnight, period_end
 
-MTOK = Decimal(1_000_000)
 _PERIOD = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 
 
@@ -142,16 +142,11 @@ def bill_line(
     input_cost, output_cost = costs
     rates = card.rates.get(model) if card.mode == "custom" else None
     if rates is not None:
-        read_rate = rates.get("cache_read_mtok", rates["input_mtok"])
-        write_rate = rates.get("cache_write_mtok", rates["input_mtok"])
-        uncached = input_tokens - cache_read - cache_write
-        kinds = [
-            ("input_uncached", uncached, rates["input_mtok"]),
-            ("cache_read", cache_read, read_rate),
-            ("cache_write", cache_write, write_rate),
-            ("output", output_tokens, rates["output_mtok"]),
-        ]
-        items = [InvoiceItem(kind, n, rate, rate * n / MTOK) for kind, n, rate in kinds if n]
+        card_rates = TokenRates(
+            rates["input_mtok"], rates["output_mtok"], rates.get("cache_read_mtok"), rates.get("cache_write_mtok")
+        )
+        lines = card_rates.lines(input_tokens, output_tokens, cache_read, cache_write)
+        items = [InvoiceItem(kind, n, rate, amount) for kind, n, rate, amount in lines if n]
         return sum((i.amount for i in items), Decimal(0)), items
     factor = 1 + card.markup_percent / 100 if card.mode == "cost_plus" else Decimal(1)
     items = [

@@ -11,27 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 import psycopg
 
-from schemas.events import UsageEvent
-from streams.pricing import PriceResult
-
-SCALE = Decimal("1e-12")  # the ledger's numeric(38, 12) and the wire's Avro decimal scale 12
-
-
-def money(value: Decimal) -> Decimal:
-    """Round to 12 places as Postgres ``numeric(38, 12)`` does (half away from zero)."""
-    return value.quantize(SCALE, rounding=ROUND_HALF_UP)
-
-
-@dataclass(frozen=True)
-class PricedEvent:
-    event: UsageEvent
-    price: PriceResult
-
+from schemas.records import PricedEvent, Rollup
 
 _COLUMNS = (
     "event_id",
@@ -118,27 +102,6 @@ def _rollup_upsert(src: str, source: str) -> str:
         zone_join=_ZONE_JOIN.format(src=src),
         windows=_WINDOWS_AND_DIMENSIONS.format(src=src),
     )
-
-
-@dataclass(frozen=True)
-class Rollup:
-    """Absolute totals of one window of one scope (``tokenmeter.rollups`` row)."""
-
-    tenant_id: str
-    granularity: str
-    window_start: datetime
-    dimension: str
-    dimension_value: str
-    calls: int
-    unpriced_calls: int
-    input_tokens: int
-    output_tokens: int
-    cache_read_tokens: int
-    cache_write_tokens: int
-    input_cost: Decimal
-    output_cost: Decimal
-    cost: Decimal
-    time_zone: str = "UTC"  # the tenant's: day, week and month windows start at its midnight
 
 
 @dataclass(frozen=True)

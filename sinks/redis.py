@@ -1,50 +1,30 @@
-"""The Redis sink: current spend per scope and period, for quota checks in one round trip.
+"""The Redis sink: current spend per scope and period, and how current it is, for quota checks.
 
-Layout (values are decimal strings, never floats):
-
-    tm:spend:<tenant>:<dimension>:<value>:<period>  →  "<spend> <period end, Unix ms>"
-    e.g. tm:spend:acme:feature:search:month  →  "12.5 1767225600000"
-
-``dimension`` is ``tenant`` (value empty), ``feature``, ``user`` or ``environment``; ``period`` is
-``day``, ``week`` (ISO, Monday) or ``month`` in the tenant's time zone (``streams/periods.py``).
-The value carries the end of the period it counts, so a reader needs no time zone: spend whose
-period has ended is zero. Values are the absolute totals the Postgres sink read back after its
-transaction (``sinks.postgres.BatchResult.rollups``), so a replayed batch writes the same value
-again. Only windows open at the time of writing are written. One key per scope
-and period kind, expiring a day after its period ends. Colons and percent signs inside names are
-percent-escaped, so no two scopes share a key.
+The keys and values are the contract in ``schemas/redis_keys.py`` (its docstring has the layout);
+this module only writes them. Spend values are the absolute totals the Postgres sink read back after
+its transaction (``sinks.postgres.BatchResult.rollups``), so a replayed batch writes the same value
+again; only windows open at the time of writing are written, each expiring a day after its period ends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 
 import redis
 
-from sinks.postgres import Rollup
-from streams.periods import PERIODS, period_end
+from schemas.periods import PERIODS, period_end
+from schemas.records import Rollup
+from schemas.redis_keys import (
+    FRESHNESS_TTL_MS,
+    SCOPE_DIMENSIONS,
+    format_freshness,
+    format_spend,
+    freshness_heartbeat_ms,
+    spend_key,
+)
 
-SCOPE_DIMENSIONS = ("tenant", "feature", "user", "environment")
 GRACE = timedelta(days=1)
-
-
-def _escape(part: str) -> str:
-    return part.replace("%", "%25").replace(":", "%3A")
-
-
-def spend_key(tenant_id: str, dimension: str, value: str, period: str) -> str:
-    return f"tm:spend:{_escape(tenant_id)}:{dimension}:{_escape(value)}:{period}"
-
-
-def spend_value(raw: bytes | str | None, now: datetime) -> Decimal:
-    """The spend a ``tm:spend:`` value counts for the period open at ``now`` (zero once it ended)."""
-    if not raw:
-        return Decimal(0)
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    amount, _, end_ms = text.partition(" ")
-    return Decimal(amount) if int(end_ms) > now.timestamp() * 1000 else Decimal(0)
 
 
 def spend_writes(rollups: Iterable[Rollup], now: datetime) -> dict[str, tuple[str, int]]:
@@ -58,7 +38,7 @@ def spend_writes(rollups: Iterable[Rollup], now: datetime) -> dict[str, tuple[st
         if end <= now:
             continue
         key = spend_key(r.tenant_id, r.dimension, r.dimension_value, r.granularity)
-        writes[key] = (f"{r.cost} {int(end.timestamp() * 1000)}", int((end + GRACE - now).total_seconds()))
+        writes[key] = (format_spend(r.cost, end), int((end + GRACE - now).total_seconds()))
     return writes
 
 
@@ -98,65 +78,21 @@ def write_spend(
 
 
 # ---------------------------------------------------------------- freshness of the spend data
-# Each stage-1 process records how current the spend it wrote is: "<caught up to, Unix ms> <heartbeat,
-# Unix ms>" in one hash field per process, in one hash per worker group (``TOKENMETER_WORKER_ID``: the
-# quota clients of a deployment share it with its workers). "Caught up to T" means every usage event
-# produced before T is in these spend values. The data is as old as the least current live process; a
-# process whose heartbeat stopped no longer counts, unless none is live (then the newest of them says
-# how old it is).
-LIVE_WITHIN_MS = 30_000
-
-
-def freshness_key(worker_id: str) -> str:
-    return f"tm:freshness:{_escape(worker_id)}"
-
-
+# Each stage-1 process records how current the spend it wrote is, in its field of the worker group's
+# ``freshness_key`` hash (read by ``schemas.redis_keys.caught_up_ms``).
 def write_freshness(client: redis.Redis, key: str, member: str, caught_up_ms: int, now_ms: int) -> None:
     pipe = client.pipeline(transaction=False)
-    pipe.hset(key, member, f"{caught_up_ms} {now_ms}")
-    pipe.pexpire(key, 86_400_000)
+    pipe.hset(key, member, format_freshness(caught_up_ms, now_ms))
+    pipe.pexpire(key, FRESHNESS_TTL_MS)
     pipe.execute()
-
-
-def caught_up_ms(entries: dict[bytes, bytes] | dict[str, str], now_ms: int) -> int | None:
-    """Up to when the spend data is complete, from the freshness hash; None if no process ever wrote it."""
-    live: list[int] = []
-    every: list[int] = []
-    for raw in entries.values():
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        caught_text, _, beat_text = text.partition(" ")
-        try:
-            caught, beat = int(caught_text), int(beat_text)
-        except ValueError:
-            continue
-        every.append(caught)
-        if now_ms - beat <= LIVE_WITHIN_MS:
-            live.append(caught)
-    if live:
-        return min(live)
-    return max(every) if every else None
 
 
 def prune_freshness(client: redis.Redis, key: str, now_ms: int, older_than_ms: int = 3_600_000) -> None:
     """Forget processes that stopped reporting an hour ago (each restart adds a field)."""
     stale = []
     for field, raw in client.hgetall(key).items():
-        beat = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(" ")[2]
-        if not beat.isdigit() or now_ms - int(beat) > older_than_ms:
+        beat = freshness_heartbeat_ms(raw)
+        if beat is None or now_ms - beat > older_than_ms:
             stale.append(field)
     if stale:
         client.hdel(key, *stale)
-
-
-# Calls a quota client let through under a hard budget whose spend data was stale (on_stale=allow):
-# tm:stale_calls:<tenant>:<dimension>:<value> → hash "<period>:<period end ms>" → count. Stage 2 reads it
-# when such a budget turns out overrun, to say the outage let the calls through.
-STALE_CALLS_TTL_MS = 40 * 86_400_000
-
-
-def stale_calls_key(tenant_id: str, dimension: str, value: str) -> str:
-    return f"tm:stale_calls:{_escape(tenant_id)}:{dimension}:{_escape(value)}"
-
-
-def stale_calls_field(period: str, end_ms: int) -> str:
-    return f"{period}:{end_ms}"

@@ -20,8 +20,8 @@ from typing import Any
 
 import psycopg
 
-from sinks.postgres import money
-from streams.periods import local_date, local_midnight, period_end, period_start
+from schemas.periods import local_date, local_midnight, period_end, period_start
+from schemas.records import money
 
 BREAKDOWNS = {"by_model": "model", "by_feature": "feature", "by_environment": "environment", "by_user": "user"}
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from sinks.alerts import ALERT_FIELDS
+from schemas.records import ALERT_FIELDS
 
 log = logging.getLogger("tokenmeter.webhooks")
 MAX_BACKOFF = timedelta(minutes=5)

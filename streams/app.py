@@ -41,11 +41,11 @@ import psycopg
 import redis
 
 from deploy.settings import Settings, get_settings
-from producers.quota import budget_key, rate_limit_key
 from schemas import codec
+from schemas.periods import local_date, local_midnight, period_end
+from schemas.records import Alert, Rollup, money
+from schemas.redis_keys import budget_key, rate_limit_key, stale_calls_field, stale_calls_key
 from sinks.alerts import store_alerts, top_contributors
-from sinks.postgres import Rollup, money
-from sinks.redis import stale_calls_field, stale_calls_key
 from sinks.retry import with_backoff
 from sinks.webhooks import deliver_pending
 from streams import metrics
@@ -54,8 +54,7 @@ from streams.budgets import Budget, budget_alerts, overrun_alerts, parse_config_
 from streams.config_topic import ConfigFollower
 from streams.health import Health
 from streams.lag import measure_lag
-from streams.meter import SESSION_TIMEOUT_S, optional, rollup_from_record, run_stage_one
-from streams.periods import local_date, local_midnight, period_end
+from streams.meter import SESSION_TIMEOUT_S, optional, run_stage_one
 
 log = logging.getLogger("tokenmeter.worker")
 
@@ -112,7 +111,7 @@ def expired(key: str, now: datetime) -> bool:
         return True
 
 
-def unpriced_model_alerts(rollups: Iterable[Rollup], now: datetime) -> list[dict[str, Any]]:
+def unpriced_model_alerts(rollups: Iterable[Rollup], now: datetime) -> list[Alert]:
     """An alert per (tenant, unknown model, month) seen with unpriced calls; the id is deterministic."""
     alerts = []
     for r in rollups:
@@ -120,20 +119,16 @@ def unpriced_model_alerts(rollups: Iterable[Rollup], now: datetime) -> list[dict
             continue
         period = local_date(r.window_start, r.time_zone).strftime("%Y-%m")
         alerts.append(
-            {
-                "alert_id": f"anomaly.unpriced_model:{r.tenant_id}:{r.dimension_value}:{period}",
-                "kind": "anomaly.unpriced_model",
-                "tenant_id": r.tenant_id,
-                "scope": {"model": r.dimension_value},
-                "period": period,
-                "threshold_percent": None,
-                "current": Decimal(0),
-                "baseline": None,
-                "limit": None,
-                "message": f"{r.dimension_value} has no price: its calls are counted as unpriced, not billed",
-                "details": {"unpriced_calls": str(r.unpriced_calls)},
-                "created_at": now,
-            }
+            Alert(
+                alert_id=f"anomaly.unpriced_model:{r.tenant_id}:{r.dimension_value}:{period}",
+                kind="anomaly.unpriced_model",
+                tenant_id=r.tenant_id,
+                scope={"model": r.dimension_value},
+                period=period,
+                message=f"{r.dimension_value} has no price: its calls are counted as unpriced, not billed",
+                details={"unpriced_calls": str(r.unpriced_calls)},
+                created_at=now,
+            )
         )
     return alerts
 
@@ -154,7 +149,7 @@ class AlertSink:
     def _drop(self) -> None:
         self._conn = None
 
-    def store(self, alerts: list[dict[str, Any]]) -> set[str]:
+    def store(self, alerts: list[Alert]) -> set[str]:
         """Store the alerts; return the ids that are new (Postgres keeps each id once)."""
         return with_backoff(
             lambda: self._store(alerts),
@@ -164,13 +159,13 @@ class AlertSink:
             first_delay=0.5,
         )
 
-    def _store(self, alerts: list[dict[str, Any]]) -> set[str]:
+    def _store(self, alerts: list[Alert]) -> set[str]:
         conn = self._connection()
         for alert in alerts:
-            if alert["kind"].startswith("budget"):
-                granularity = alert["period"].split(":", 1)[0]
-                window = datetime.fromisoformat(alert["details"]["window_start"])
-                alert["details"].update(top_contributors(conn, alert["tenant_id"], granularity, window))
+            if alert.is_budget:  # the details travel with the alert (topic copy, webhooks)
+                granularity = alert.period.split(":", 1)[0]
+                window = datetime.fromisoformat(alert.details["window_start"])
+                alert.details.update(top_contributors(conn, alert.tenant_id, granularity, window))
         return store_alerts(conn, alerts)
 
     def deliver(self) -> None:
@@ -214,7 +209,7 @@ _RULES: dict[tuple[str, str], Callable[[Window, list[Window]], Finding | None]] 
 
 def anomaly_alerts(
     latest: Iterable[Rollup], lookup: Callable[[str], dict[str, Any] | None], now: datetime
-) -> list[dict[str, Any]]:
+) -> list[Alert]:
     """Run the anomaly rules on this batch's hour/day windows against the previous 7 days from the
     table (``lookup(table_key)``); one alert per rule, scope and window."""
     alerts = []
@@ -232,23 +227,20 @@ def anomaly_alerts(
         finding = rule(Window(r.cost, r.calls), history)
         if finding is None:
             continue
-        scope = r.tenant_id if r.dimension == "tenant" else f"{r.tenant_id}/{r.dimension}={r.dimension_value}"
         alerts.append(
-            {
-                "alert_id": f"anomaly.{finding.rule}:{r.tenant_id}:{r.dimension}:{r.dimension_value}:"
+            Alert(
+                alert_id=f"anomaly.{finding.rule}:{r.tenant_id}:{r.dimension}:{r.dimension_value}:"
                 f"{r.window_start.isoformat()}",
-                "kind": f"anomaly.{finding.rule}",
-                "tenant_id": r.tenant_id,
-                "scope": {"dimension": r.dimension, "value": r.dimension_value},
-                "period": f"{r.granularity}:{r.window_start.isoformat()}",
-                "threshold_percent": None,
-                "current": money(finding.current),
-                "baseline": money(finding.baseline),
-                "limit": None,
-                "message": f"{scope}: {finding.message}",
-                "details": {"ratio": str(finding.ratio), "rule": finding.rule},
-                "created_at": now,
-            }
+                kind=f"anomaly.{finding.rule}",
+                tenant_id=r.tenant_id,
+                scope={"dimension": r.dimension, "value": r.dimension_value},
+                period=f"{r.granularity}:{r.window_start.isoformat()}",
+                current=money(finding.current),
+                baseline=money(finding.baseline),
+                message=f"{r.scope_label}: {finding.message}",
+                details={"ratio": str(finding.ratio), "rule": finding.rule},
+                created_at=now,
+            )
         )
     return alerts
 
@@ -262,6 +254,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
     app = faust.App(
         settings.worker_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
+        datadir=settings.faust_datadir,
         store="memory://",
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
@@ -307,7 +300,9 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         """Run stage 1's process; every second, check both stages. A dead or stuck stage makes the worker
         exit non-zero with the reason (``streams/health.py``); the process manager restarts it."""
         spawn = multiprocessing.get_context("spawn")
-        process = spawn.Process(target=run_stage_one, args=(settings, meter_status), name="tokenmeter-stage-1")
+        process = spawn.Process(
+            target=run_stage_one, args=(settings, meter_status, os.getpid()), name="tokenmeter-stage-1"
+        )
         meter_status.restart_clock()
         process.start()
         health.processes["stage 1 (metering)"] = process
@@ -372,7 +367,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         for value in batch:
             try:
                 decoded = codec.decode("rollup_batch", value)
-                rollups_of_batch = [rollup_from_record(record, decoded["time_zone"]) for record in decoded["rollups"]]
+                rollups_of_batch = [Rollup.from_avro(record, decoded["time_zone"]) for record in decoded["rollups"]]
             except Exception as exc:
                 log.error("skipping an unreadable rollup batch (%d bytes): %s", len(value or b""), exc)
                 metrics.OPTIONAL_FAILURES.labels(stage="windows decode").inc()
@@ -381,16 +376,16 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
                 latest[table_key(r)] = r  # absolute values: the last one of a key is its newest
         return latest
 
-    def alerts_of(latest: dict[str, Rollup], now: datetime) -> list[dict[str, Any]]:
+    def alerts_of(latest: dict[str, Rollup], now: datetime) -> list[Alert]:
         """Every rule on its own: one that fails is logged and counted, the others still fire."""
-        none: list[dict[str, Any]] = []
+        none: list[Alert] = []
         fired = [
             *optional("unpriced model alerts", lambda: unpriced_model_alerts(latest.values(), now), none),
             *optional("budget alerts", lambda: budget_alerts(budgets, latest.values(), now), none),
             *optional("overrun alerts", lambda: overrun_alerts(budgets, latest.values(), now, stale_calls), none),
             *optional("anomaly rules", lambda: anomaly_alerts(latest.values(), window, now), none),
         ]
-        return [alert for alert in fired if alert["alert_id"] not in alerted]
+        return [alert for alert in fired if alert.alert_id not in alerted]
 
     def remember(alert_id: str) -> None:
         alerted[alert_id] = None
@@ -398,27 +393,27 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         while len(alerted) > RECENT_ALERTS:
             alerted.popitem(last=False)
 
-    async def send_alerts(fresh: list[dict[str, Any]]) -> None:
+    async def send_alerts(fresh: list[Alert]) -> None:
         # Stored first: Postgres keeps each alert_id once, whatever a crash or a lost table entry repeats;
         # only the ids new there are published and counted.
         new = await asyncio.to_thread(alert_sink.store, fresh)
         for alert in fresh:
-            if alert["alert_id"] not in new:
-                remember(alert["alert_id"])
+            if alert.alert_id not in new:
+                remember(alert.alert_id)
                 continue
-            topic = budget_topic if alert["kind"].startswith("budget") else anomaly_topic
+            topic = budget_topic if alert.is_budget else anomaly_topic
             try:
-                value = codec.encode("alert", alert)
+                value = codec.encode("alert", alert.to_avro())
             except Exception:
-                log.exception("alert %s cannot be encoded; kept in Postgres only", alert["alert_id"])
+                log.exception("alert %s cannot be encoded; kept in Postgres only", alert.alert_id)
                 metrics.OPTIONAL_FAILURES.labels(stage="alert encoding").inc()
-                remember(alert["alert_id"])
+                remember(alert.alert_id)
                 continue
-            await topic.send(key=alert["tenant_id"].encode(), value=value)
-            remember(alert["alert_id"])
-            metrics.ALERTS.labels(kind=alert["kind"]).inc()
+            await topic.send(key=alert.tenant_id.encode(), value=value)
+            remember(alert.alert_id)
+            metrics.ALERTS.labels(kind=alert.kind).inc()
             metrics.EVENTS_OUT.labels(stage="windows", output="alerts").inc()
-            log.warning("alert %s: %s", alert["kind"], alert["message"])
+            log.warning("alert %s: %s", alert.kind, alert.message)
 
     @app.agent(rollups_topic)
     async def windows(stream: faust.StreamT[bytes]) -> None:

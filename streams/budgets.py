@@ -21,11 +21,12 @@ from decimal import Decimal
 from typing import Any
 
 from schemas.events import MAX_ID_LEN, printable_problem
-from sinks.postgres import Rollup
+from schemas.periods import PERIODS, period_label
+from schemas.records import Alert, Rollup, scope_label
+from schemas.redis_keys import SCOPE_DIMENSIONS
 from streams.config_topic import config_amount, config_text
-from streams.periods import PERIODS, period_label
 
-SCOPES = ("tenant", "feature", "user", "environment")
+SCOPES = SCOPE_DIMENSIONS
 DEFAULT_THRESHOLDS = (50, 80, 100)
 # What a hard budget does while the spend data behind it is stale (the pipeline is behind, e.g. during
 # a Postgres outage; ``QuotaClient`` sees the age): ``allow`` decides on the data it has (calls made
@@ -91,7 +92,7 @@ class Budget:
 
     @property
     def scope_label(self) -> str:
-        return self.tenant_id if self.dimension == "tenant" else f"{self.tenant_id}/{self.dimension}={self.value}"
+        return scope_label(self.tenant_id, self.dimension, self.value)
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -155,7 +156,7 @@ def crossed(budget: Budget, spent: Decimal) -> list[int]:
     return [t for t in budget.thresholds if percent >= t]
 
 
-def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: datetime) -> list[dict[str, Any]]:
+def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: datetime) -> list[Alert]:
     """Alerts for every threshold reached in the windows of these rollups, with deterministic ids
     (scope, limit, period window, threshold), so the caller can fire each one once."""
     alerts = []
@@ -169,37 +170,36 @@ def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: da
         for threshold in crossed(budget, r.cost):
             blocked = budget.hard and threshold >= 100
             alerts.append(
-                {
+                Alert(
                     # The limit is part of the id: a changed limit re-arms its thresholds.
-                    "alert_id": f"budget:{budget.key}:{budget.limit.normalize():f}:{period}:{threshold}",
-                    "kind": "budget.blocked" if blocked else "budget.threshold",
-                    "tenant_id": r.tenant_id,
-                    "scope": {"dimension": r.dimension, "value": r.dimension_value},
-                    "period": period,
-                    "threshold_percent": threshold,
-                    "current": r.cost,
-                    "baseline": None,
-                    "limit": budget.limit,
-                    "message": (
+                    alert_id=f"budget:{budget.key}:{budget.limit.normalize():f}:{period}:{threshold}",
+                    kind="budget.blocked" if blocked else "budget.threshold",
+                    tenant_id=r.tenant_id,
+                    scope={"dimension": r.dimension, "value": r.dimension_value},
+                    period=period,
+                    threshold_percent=threshold,
+                    current=r.cost,
+                    limit=budget.limit,
+                    message=(
                         f"{budget.scope_label} has spent ${r.cost.normalize():f} of its {budget.period} budget of "
                         f"${budget.limit.normalize():f} ({r.cost * 100 / budget.limit:.1f}%, threshold {threshold}%)"
                         + ("; calls are now blocked" if blocked else "")
                     ),
-                    "details": {
+                    details={
                         "hard": str(budget.hard).lower(),
                         "percent": f"{r.cost * 100 / budget.limit:.2f}",
                         "window_start": r.window_start.isoformat(),
                         "time_zone": r.time_zone,
                     },
-                    "created_at": now,
-                }
+                    created_at=now,
+                )
             )
     return alerts
 
 
 def overrun_alerts(
     budgets: dict[str, Budget], rollups: Iterable[Rollup], now: datetime, stale_calls: Callable[[Budget, Rollup], int]
-) -> list[dict[str, Any]]:
+) -> list[Alert]:
     """A hard budget with ``on_stale=allow`` that ended up over its limit after quota clients let
     ``stale_calls(budget, window)`` calls through on stale spend data (an outage hid the spend): once per
     scope, limit and period window (DESIGN §4.7)."""
@@ -220,30 +220,28 @@ def overrun_alerts(
         period = period_label(budget.period, r.window_start, r.time_zone)
         over = r.cost - budget.limit
         alerts.append(
-            {
-                "alert_id": f"budget.overrun_during_outage:{budget.key}:{budget.limit.normalize():f}:{period}",
-                "kind": "budget.overrun_during_outage",
-                "tenant_id": r.tenant_id,
-                "scope": {"dimension": r.dimension, "value": r.dimension_value},
-                "period": period,
-                "threshold_percent": None,
-                "current": r.cost,
-                "baseline": None,
-                "limit": budget.limit,
-                "message": (
+            Alert(
+                alert_id=f"budget.overrun_during_outage:{budget.key}:{budget.limit.normalize():f}:{period}",
+                kind="budget.overrun_during_outage",
+                tenant_id=r.tenant_id,
+                scope={"dimension": r.dimension, "value": r.dimension_value},
+                period=period,
+                current=r.cost,
+                limit=budget.limit,
+                message=(
                     f"{budget.scope_label} overran its hard {budget.period} budget of "
                     f"${budget.limit.normalize():f} by ${over.normalize():f}: {calls} calls were allowed "
                     "while the spend data was stale (on_stale=allow)"
                 ),
-                "details": {
+                details={
                     "overrun": f"{over:f}",
                     "stale_calls": str(calls),
                     "window_start": r.window_start.isoformat(),
                     "time_zone": r.time_zone,
                     "hard": "true",
                 },
-                "created_at": now,
-            }
+                created_at=now,
+            )
         )
     return alerts
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from sinks.postgres import Rollup
+from schemas.records import Rollup
 
 BOUNDED_DIMENSIONS = ("feature", "user", "environment", "model")
 

@@ -40,8 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import psycopg
 import redis
@@ -51,9 +50,11 @@ from deploy.settings import Settings
 from producers.kafka_logging import logged
 from schemas import codec
 from schemas.events import UsageEvent
+from schemas.records import Alert, PricedEvent, Rollup, money
+from schemas.redis_keys import freshness_key
 from sinks.alerts import store_alerts
-from sinks.postgres import BatchResult, PricedEvent, Rollup, money, scope_rollups, write_batch
-from sinks.redis import forget_keys, freshness_key, prune_freshness, write_freshness, write_spend
+from sinks.postgres import BatchResult, scope_rollups, write_batch
+from sinks.redis import forget_keys, prune_freshness, write_freshness, write_spend
 from sinks.retry import with_backoff
 from streams import metrics
 from streams.anomaly import ConversationRates
@@ -78,79 +79,27 @@ write_alert = codec.record_writer("alert")
 write_rollup_batch = codec.record_writer("rollup_batch")
 
 
-def runaway_alerts(rates: ConversationRates, events: Sequence[UsageEvent], now: datetime) -> list[dict[str, Any]]:
+def runaway_alerts(rates: ConversationRates, events: Sequence[UsageEvent], now: datetime) -> list[Alert]:
     """Conversations (session, else trace) calling far above the norm: one alert per conversation and hour."""
     calls = [(e.tenant_id, e.session_id or e.trace_id, int(e.timestamp.timestamp()) // 60) for e in events]
     alerts = []
     for tenant, conversation, minute, finding in rates.observe(calls):
         hour = datetime.fromtimestamp(minute // 60 * 3600, UTC)
         alerts.append(
-            {
-                "alert_id": f"anomaly.runaway_loop:{tenant}:{conversation}:{hour.isoformat()}",
-                "kind": "anomaly.runaway_loop",
-                "tenant_id": tenant,
-                "scope": {"conversation": conversation},
-                "period": f"minute:{datetime.fromtimestamp(minute * 60, UTC).isoformat()}",
-                "threshold_percent": None,
-                "current": finding.current,
-                "baseline": money(finding.baseline),
-                "limit": None,
-                "message": f"{tenant}/{conversation}: {finding.message} — a loop?",
-                "details": {"ratio": str(finding.ratio), "rule": finding.rule},
-                "created_at": now,
-            }
+            Alert(
+                alert_id=f"anomaly.runaway_loop:{tenant}:{conversation}:{hour.isoformat()}",
+                kind="anomaly.runaway_loop",
+                tenant_id=tenant,
+                scope={"conversation": conversation},
+                period=f"minute:{datetime.fromtimestamp(minute * 60, UTC).isoformat()}",
+                current=finding.current,
+                baseline=money(finding.baseline),
+                message=f"{tenant}/{conversation}: {finding.message} — a loop?",
+                details={"ratio": str(finding.ratio), "rule": finding.rule},
+                created_at=now,
+            )
         )
     return alerts
-
-
-def priced_record(item: PricedEvent) -> dict[str, Any]:
-    p = item.price
-    return {
-        "usage": item.event.model_dump(),
-        "price_status": p.status,
-        "input_cost": money(p.input_cost),
-        "output_cost": money(p.output_cost),
-        "total_cost": money(p.total_cost),
-        "price_source": p.source,
-        "currency": "USD",
-    }
-
-
-def rollup_record(r: Rollup) -> dict[str, Any]:
-    return {
-        "tenant_id": r.tenant_id,
-        "dimension": r.dimension,
-        "dimension_value": r.dimension_value,
-        "granularity": r.granularity,
-        "window_start": r.window_start,
-        "calls": r.calls,
-        "unpriced_calls": r.unpriced_calls,
-        "input_tokens": r.input_tokens,
-        "output_tokens": r.output_tokens,
-        "cache_read_tokens": r.cache_read_tokens,
-        "cache_write_tokens": r.cache_write_tokens,
-        "cost": r.cost,
-    }
-
-
-def rollup_from_record(record: dict[str, Any], time_zone: str = "UTC") -> Rollup:
-    return Rollup(
-        tenant_id=record["tenant_id"],
-        granularity=record["granularity"],
-        window_start=record["window_start"],
-        dimension=record["dimension"],
-        dimension_value=record["dimension_value"],
-        calls=record["calls"],
-        unpriced_calls=record["unpriced_calls"],
-        input_tokens=record["input_tokens"],
-        output_tokens=record["output_tokens"],
-        cache_read_tokens=record["cache_read_tokens"],
-        cache_write_tokens=record["cache_write_tokens"],
-        input_cost=Decimal(0),
-        output_cost=Decimal(0),
-        cost=record["cost"],
-        time_zone=time_zone,
-    )
 
 
 def streamed(r: Rollup) -> bool:
@@ -308,7 +257,16 @@ class Sinks:
             rollups = scope_rollups(self._postgres(), tenant_id, dimension, value)
             write_spend(self.redis, rollups)
 
-    def store_alerts(self, alerts: Sequence[dict[str, Any]]) -> set[str]:
+    def write_freshness(self, key: str, member: str, caught_up_ms: int, now_ms: int) -> None:
+        write_freshness(self.redis, key, member, caught_up_ms, now_ms)
+
+    def prune_freshness(self, key: str, now_ms: int) -> None:
+        prune_freshness(self.redis, key, now_ms)
+
+    def forget_freshness(self, key: str, member: str) -> None:
+        self.redis.hdel(key, member)
+
+    def store_alerts(self, alerts: Sequence[Alert]) -> set[str]:
         return with_backoff(
             lambda: store_alerts(self._postgres(), alerts),
             (psycopg.Error,),
@@ -324,47 +282,110 @@ class Sinks:
         self.redis.close()
 
 
+class MeterConsumer(Protocol):
+    """What stage 1 uses of a confluent-kafka ``Consumer`` (subscribed to ``usage.raw`` by ``build_meter``)."""
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]: ...
+    def assignment(self) -> list[TopicPartition]: ...
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]: ...
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float = ..., cached: bool = ...
+    ) -> tuple[int, int]: ...
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]: ...
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: Literal[True] = ...) -> None: ...
+    def seek(self, partition: TopicPartition) -> None: ...
+    def close(self) -> None: ...
+
+
+class MeterProducer(Protocol):
+    """What stage 1 uses of a confluent-kafka ``Producer`` (idempotent, acks=all)."""
+
+    def produce(
+        self, topic: str, *, value: bytes, key: bytes | None, on_delivery: Callable[[Any, Any], None]
+    ) -> None: ...
+    def flush(self, timeout: float) -> int: ...
+    def poll(self, timeout: float) -> int: ...
+    def __len__(self) -> int: ...
+
+
+class MeterSinks(Protocol):
+    """What stage 1 uses of ``Sinks``: the Postgres and Redis writes, each retried while down."""
+
+    note: Callable[[str], None] | None
+
+    def write(
+        self,
+        priced: Sequence[PricedEvent],
+        should_stop: Callable[[], bool] | None = None,
+        live: Callable[[Sequence[Rollup], list[str]], list[Rollup]] | None = None,
+    ) -> BatchResult: ...
+    def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None: ...
+    def store_alerts(self, alerts: Sequence[Alert]) -> set[str]: ...
+    def write_freshness(self, key: str, member: str, caught_up_ms: int, now_ms: int) -> None: ...
+    def prune_freshness(self, key: str, now_ms: int) -> None: ...
+    def forget_freshness(self, key: str, member: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def build_meter(settings: Settings, book: PriceBook | None = None, status: StageStatus | None = None) -> Meter:
+    """Stage 1 with its real clients: a consumer of ``usage.raw``, an idempotent producer, the sinks."""
+    consumer = Consumer(
+        {
+            **logged(),
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": meter_group(settings),
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "fetch.wait.max.ms": 50,
+            "queued.max.messages.kbytes": 65536,
+            "session.timeout.ms": SESSION_TIMEOUT_S * 1000,
+            "heartbeat.interval.ms": 2000,
+        }
+    )
+    consumer.subscribe([settings.topic_raw])
+    producer = Producer(
+        {
+            **logged(),
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 5,
+            "batch.num.messages": 10000,
+            # murmur2 like Kafka's Java clients and aiokafka, so Faust's stage 2 sees each tenant on the
+            # partition its tables expect.
+            "partitioner": "murmur2_random",
+        }
+    )
+    return Meter(settings, consumer, producer, Sinks(settings), book or PriceBook(), status)
+
+
 class Meter:
-    def __init__(self, settings: Settings, book: PriceBook | None = None, status: StageStatus | None = None) -> None:
+    """Stage 1 over injected clients (``build_meter`` makes the real ones; tests may pass in-memory ones)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: MeterConsumer,
+        producer: MeterProducer,
+        sinks: MeterSinks,
+        book: PriceBook,
+        status: StageStatus | None = None,
+    ) -> None:
         self.settings = settings
-        self.book = book or PriceBook()
+        self.consumer = consumer
+        self.producer = producer
+        self.sinks = sinks
+        self.sinks.note = self._note
+        self.book = book
         self.dedup = Deduplicator()
         self.conversations = ConversationRates()
         self.live = LiveScopes(settings.live_values_per_tenant)
         self.status = status
         self._in_flight = 0  # messages of the batch in hand: behind too, until committed
-        self.sinks = Sinks(settings, note=self._note)
         self.stats = MeterStats()
         self.stopping = False
-        self.consumer = Consumer(
-            {
-                **logged(),
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": meter_group(settings),
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                "fetch.wait.max.ms": 50,
-                "queued.max.messages.kbytes": 65536,
-                "session.timeout.ms": SESSION_TIMEOUT_S * 1000,
-                "heartbeat.interval.ms": 2000,
-            }
-        )
-        self.consumer.subscribe([settings.topic_raw])
-        self.producer = Producer(
-            {
-                **logged(),
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "enable.idempotence": True,
-                "acks": "all",
-                "compression.type": "lz4",
-                "linger.ms": 5,
-                "batch.num.messages": 10000,
-                # murmur2 like Kafka's Java clients and aiokafka, so Faust's stage 2 sees each tenant on the
-                # partition its tables expect.
-                "partitioner": "murmur2_random",
-            }
-        )
         self._delivery_errors: list[KafkaError] = []
         self._lag_measured = 0.0
         self.caught_up_ms = 0  # every event produced before this is in the sinks (0: not known yet)
@@ -374,7 +395,7 @@ class Meter:
         self.member = f"{socket.gethostname()}/{os.getpid()}"
         self.freshness = freshness_key(settings.worker_id)
         try:
-            prune_freshness(self.sinks.redis, self.freshness, int(time.time() * 1000))
+            self.sinks.prune_freshness(self.freshness, int(time.time() * 1000))
         except redis.RedisError as exc:
             log.info("could not prune old freshness entries: %s", exc)
 
@@ -478,14 +499,14 @@ class Meter:
         return offset
 
     def report_freshness(self) -> None:
-        """Tell quota clients how current the spend in Redis is (``sinks.redis.freshness_key``), at most
+        """Tell quota clients how current the spend in Redis is (``schemas.redis_keys.freshness_key``), at most
         four times a second; a Redis error here is left to the next batch's Redis write to report."""
         now = time.monotonic()
         if now - self._freshness_reported < 0.25 or not self.caught_up_ms:
             return
         self._freshness_reported = now
         try:
-            write_freshness(self.sinks.redis, self.freshness, self.member, self.caught_up_ms, int(time.time() * 1000))
+            self.sinks.write_freshness(self.freshness, self.member, self.caught_up_ms, int(time.time() * 1000))
         except redis.RedisError as exc:
             log.debug("freshness not written: %s", exc)
 
@@ -555,7 +576,7 @@ class Meter:
         sink_seconds = time.perf_counter() - sink_started
         # After the sinks, so a batch that failed there is not counted twice by the runaway rule (a failed
         # publish or a split still can: at worst an earlier runaway alert, never a money error).
-        none: list[dict[str, Any]] = []
+        none: list[Alert] = []
         runaways = optional("runaway detection", lambda: self._runaway_alerts(fresh), none)
         self._publish(priced, rejected, result.rollups, runaways)
         self.dedup.mark_seen(fresh)
@@ -575,13 +596,13 @@ class Meter:
         forget += forget_keys(self.live.observe(rollups))
         return [r for r in rollups if self.live.live(r)]
 
-    def _runaway_alerts(self, fresh: Sequence[UsageEvent]) -> list[dict[str, Any]]:
+    def _runaway_alerts(self, fresh: Sequence[UsageEvent]) -> list[Alert]:
         """Runaway conversations of this batch, stored once in Postgres; the ones new there."""
         alerts = runaway_alerts(self.conversations, fresh, datetime.now(UTC))
         if not alerts:
             return []
         new = self.sinks.store_alerts(alerts)  # once per alert id, whatever replays repeat
-        return [alert for alert in alerts if alert["alert_id"] in new]
+        return [alert for alert in alerts if alert.alert_id in new]
 
     def _count(
         self,
@@ -623,16 +644,16 @@ class Meter:
         priced: Sequence[PricedEvent],
         rejected: Sequence[Rejected],
         rollups: Sequence[Rollup],
-        alerts: Sequence[dict[str, Any]] = (),
+        alerts: Sequence[Alert] = (),
     ) -> None:
         settings = self.settings
         for alert in alerts:
-            metrics.ALERTS.labels(kind=alert["kind"]).inc()
-            log.warning("alert %s: %s", alert["kind"], alert["message"])
+            metrics.ALERTS.labels(kind=alert.kind).inc()
+            log.warning("alert %s: %s", alert.kind, alert.message)
             optional(
                 "runaway alert encoding",
                 lambda a=alert: self._produce(  # type: ignore[misc]
-                    settings.topic_alerts_anomaly, a["tenant_id"].encode(), write_alert(a)
+                    settings.topic_alerts_anomaly, a.tenant_id.encode(), write_alert(a.to_avro())
                 ),
                 None,
             )
@@ -647,7 +668,7 @@ class Meter:
             )
             self._produce(settings.topic_dlq, bad.message.key, write_dead_letter(dead_letter_record(bad, now)))
         for item in priced:
-            self._produce(settings.topic_priced, item.event.tenant_id.encode(), write_priced(priced_record(item)))
+            self._produce(settings.topic_priced, item.event.tenant_id.encode(), write_priced(item.to_avro()))
         messages = 0
         for tenant, zone, records in rollup_messages(rollups, self.live.live):  # Faust pays per message
             batch = write_rollup_batch({"tenant_id": tenant, "time_zone": zone, "rollups": records})
@@ -704,7 +725,7 @@ class Meter:
         self.consumer.close()
         self.producer.flush(5.0)
         try:  # a stopped process no longer speaks for the spend's freshness
-            self.sinks.redis.hdel(self.freshness, self.member)
+            self.sinks.forget_freshness(self.freshness, self.member)
         except redis.RedisError as exc:
             log.info("freshness entry not removed: %s", exc)
         self.sinks.close()
@@ -720,7 +741,7 @@ def rollup_messages(
     zones: dict[str, str] = {}
     for r in rollups:
         if streamed(r) and (live is None or live(r)):
-            by_tenant.setdefault(r.tenant_id, []).append(rollup_record(r))
+            by_tenant.setdefault(r.tenant_id, []).append(r.to_avro())
             zones[r.tenant_id] = r.time_zone
     return [
         (tenant, zones[tenant], records[first : first + ROLLUPS_PER_MESSAGE])
@@ -751,25 +772,34 @@ def scope_follower(
     return ConfigFollower(settings.kafka_bootstrap, settings.topic_budgets, apply)
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the worker process dies, so a killed worker leaves no stage 1 behind."""
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: get SIGKILL when the worker process dies, so a killed worker leaves no stage 1 behind.
+    A worker killed while this process was still starting (before the request) is caught by the
+    parent check here and in the batch loop."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    _exit_if_orphaned(parent_pid)
 
 
-def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None:
+def _exit_if_orphaned(parent_pid: int | None) -> None:
+    if parent_pid is not None and os.getppid() != parent_pid:
+        log.critical("the worker process %d is gone; stage 1 exits (its batch is replayed by the next one)", parent_pid)
+        os._exit(3)
+
+
+def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_pid: int | None = None) -> None:
     """Entry point of stage 1's own process (``tokenmeter worker`` starts it): batches until SIGTERM.
 
     A process of its own, not a thread of the Faust worker: the two stages then use both cores
     instead of sharing one interpreter lock. A failed batch (transient by then: see the module doc) is
     retried with back-off from 1 s to 30 s; ``status`` tells the worker's supervisor how it goes.
     """
-    _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] [stage 1] %(levelname)s %(message)s")
+    _die_with_parent(parent_pid)
     stop = threading.Event()
     stopping: list[Meter] = []
 
@@ -783,7 +813,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None
     book = PriceBook()
     overrides = override_follower(settings, book)
     optional("price overrides", lambda: overrides.catch_up(5.0), 0)  # price nothing before the overrides are in
-    meter = Meter(settings, book, status)
+    meter = build_meter(settings, book, status)
     stopping.append(meter)
     budgeted: list[tuple[str, str, str]] = []
     named = scope_follower(settings, meter.live.named, budgeted)
@@ -795,10 +825,11 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None) -> None
             if time.monotonic() - followed > 5.0:
                 optional("price overrides", lambda: overrides.catch_up(0.0), 0)
                 optional("budget names", lambda: named.catch_up(0.0), 0)
+                followed = time.monotonic()
+                _exit_if_orphaned(parent_pid)
             if budgeted:
                 optional("spend of newly budgeted scopes", lambda: meter.sinks.refresh_spend(budgeted), None)
                 budgeted.clear()
-                followed = time.monotonic()
             try:
                 done = meter.run_once(BATCH_WAIT_S)
                 meter.report_freshness()

@@ -15,8 +15,9 @@ from typing import Any
 
 from deploy.settings import Settings
 from schemas.events import MAX_ID_LEN, MAX_LABEL_LEN, printable_problem
+from schemas.records import TokenRates
 from streams.config_topic import ConfigFollower, config_amount, config_text
-from streams.pricing import PriceBook, PriceOverride, TokenRates
+from streams.pricing import PriceBook, PriceOverride
 
 # USD per million tokens. A dollar a token is orders of magnitude above any model's price; a rate
 # beyond it is a typo, and would bill absurd sums.

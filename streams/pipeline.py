@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas.events import InvalidEvent, UsageEvent, decode_usage
-from sinks.postgres import PricedEvent
+from schemas.records import PricedEvent
 from streams.pricing import PriceBook
 
 MAX_RAW_BYTES = 64 * 1024  # a usage event is well under 2 KiB; anything far larger is not one

@@ -17,7 +17,6 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
 
 import genai_prices
 from genai_prices import Usage
@@ -25,32 +24,11 @@ from genai_prices.data_snapshot import get_snapshot
 from genai_prices.types import ModelInfo, ModelPrice, Provider, TieredPrices
 
 from schemas.events import UsageEvent
+from schemas.records import ZERO, PriceResult, TokenRates
 
-MTOK = Decimal(1_000_000)
-ZERO = Decimal(0)
 _FAST_KEYS = frozenset({"input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok"})
 _NOT_CARRIED = re.compile(r"audio|image|video|_1h_")
 GENAI_PRICES_VERSION = genai_prices.__version__
-
-
-@dataclass(frozen=True)
-class TokenRates:
-    """USD per million tokens of each kind. Cache rates default to the input rate when absent."""
-
-    input_mtok: Decimal
-    output_mtok: Decimal
-    cache_read_mtok: Decimal | None = None
-    cache_write_mtok: Decimal | None = None
-
-    def cost(self, event: UsageEvent) -> tuple[Decimal, Decimal]:
-        uncached = event.input_tokens - event.cache_read_tokens - event.cache_write_tokens
-        read_rate = self.input_mtok if self.cache_read_mtok is None else self.cache_read_mtok
-        write_rate = self.input_mtok if self.cache_write_mtok is None else self.cache_write_mtok
-        input_cost = (
-            self.input_mtok * uncached + read_rate * event.cache_read_tokens + write_rate * event.cache_write_tokens
-        ) / MTOK
-        output_cost = self.output_mtok * event.output_tokens / MTOK
-        return input_cost, output_cost
 
 
 @dataclass(frozen=True)
@@ -63,19 +41,6 @@ class PriceOverride:
     effective_from: datetime
     rates: TokenRates
     override_id: str
-
-
-@dataclass(frozen=True)
-class PriceResult:
-    status: Literal["priced", "unpriced"]
-    input_cost: Decimal
-    output_cost: Decimal
-    source: str
-    reason: str = ""
-
-    @property
-    def total_cost(self) -> Decimal:
-        return self.input_cost + self.output_cost
 
 
 Rate = Decimal | TieredPrices
@@ -220,3 +185,30 @@ def usage_of(event: UsageEvent) -> Usage:
         if value:
             fields[name] = value
     return Usage(**fields)
+
+
+_ESTIMATE_BOOK: PriceBook | None = None
+
+
+def estimate_cost(
+    provider: str, model: str, input_tokens: int, max_output_tokens: int = 0, cache_read_tokens: int = 0
+) -> Decimal | None:
+    """The most a call can cost, before making it (for ``QuotaClient.reserve``): today's price of ``model``
+    for the prompt's input tokens and the request's output cap. None for an unknown model."""
+    from datetime import UTC
+
+    global _ESTIMATE_BOOK
+    if _ESTIMATE_BOOK is None:
+        _ESTIMATE_BOOK = PriceBook()
+    event = UsageEvent(
+        event_id="estimate",
+        timestamp=datetime.now(UTC),
+        tenant_id="estimate",
+        provider=provider,
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=max_output_tokens,
+        cache_read_tokens=cache_read_tokens,
+    )
+    price = _ESTIMATE_BOOK.price(event)
+    return price.total_cost if price.status == "priced" else None

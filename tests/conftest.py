@@ -61,5 +61,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Fault scenarios last: they stop and restart the shared stack's services."""
+    """Every test that uses the real stack (directly or through another fixture) is marked
+    ``integration`` (``pytest -m "not integration"`` runs the rest, no server needed); fault scenarios
+    run last: they stop and restart the shared stack's services."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: item.get_closest_marker("faults") is not None)

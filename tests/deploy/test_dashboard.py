@@ -26,11 +26,13 @@ from deploy.dashboard import _unescape, money
 from deploy.isolation import free_port
 from deploy.settings import Settings
 from deploy.stack import LocalStack
-from producers.quota import budget_key
 from schemas.events import validate_event
+from schemas.records import Alert, PricedEvent
+from schemas.redis_keys import budget_key
+from schemas.redis_keys import escape_part as _escape
 from sinks.alerts import store_alerts
-from sinks.postgres import PricedEvent, write_batch
-from sinks.redis import _escape, write_spend
+from sinks.postgres import write_batch
+from sinks.redis import write_spend
 from streams.budgets import Budget
 from streams.pricing import PriceBook
 
@@ -139,20 +141,23 @@ def test_dashboard_serves_live_numbers_that_add_up_and_chromium_shows_them(
     store_alerts(
         conn,
         [
-            {
-                "alert_id": f"anomaly.spend_spike:{unique}",
-                "kind": "anomaly.spend_spike",
-                "tenant_id": hostile,
-                "scope": {"dimension": "tenant", "value": ""},
-                "period": f"hour:{now.isoformat()}",
-                "threshold_percent": None,
-                "current": Decimal("9.99"),
-                "baseline": Decimal("2"),
-                "limit": None,
-                "message": message,
-                "details": {},
-                "created_at": now,
-            }
+            Alert(**a)
+            for a in [
+                {
+                    "alert_id": f"anomaly.spend_spike:{unique}",
+                    "kind": "anomaly.spend_spike",
+                    "tenant_id": hostile,
+                    "scope": {"dimension": "tenant", "value": ""},
+                    "period": f"hour:{now.isoformat()}",
+                    "threshold_percent": None,
+                    "current": Decimal("9.99"),
+                    "baseline": Decimal("2"),
+                    "limit": None,
+                    "message": message,
+                    "details": {},
+                    "created_at": now,
+                }
+            ]
         ],
     )
     conn.commit()

@@ -27,10 +27,10 @@ from deploy.output import csv_safe, rounding_note, usd, usd_in_text
 from deploy.report_render import render_html
 from deploy.settings import Settings
 from deploy.stack import LocalStack
-from producers.quota import budget_key
+from schemas.records import Alert
+from schemas.redis_keys import budget_key, spend_key
 from sinks import invoices
 from sinks.alerts import store_alerts
-from sinks.redis import spend_key
 from sinks.reports import build_report, parse_period, report_rows
 from streams.budgets import Budget
 from tests.sinks.test_reports import seed
@@ -160,20 +160,23 @@ def test_budgets_alerts_quota_and_whatif_round_in_tables_only(
     store_alerts(
         conn,
         [
-            {
-                "alert_id": f"money-{tenant}",
-                "kind": "budget.blocked",
-                "tenant_id": tenant,
-                "scope": {"dimension": "tenant", "value": ""},
-                "period": "month:2025-07-01",
-                "threshold_percent": 100,
-                "current": Decimal("30.5012345678"),
-                "baseline": None,
-                "limit": budget.limit,
-                "message": message,
-                "details": {},
-                "created_at": datetime(2025, 7, 20, tzinfo=UTC),
-            }
+            Alert(**a)
+            for a in [
+                {
+                    "alert_id": f"money-{tenant}",
+                    "kind": "budget.blocked",
+                    "tenant_id": tenant,
+                    "scope": {"dimension": "tenant", "value": ""},
+                    "period": "month:2025-07-01",
+                    "threshold_percent": 100,
+                    "current": Decimal("30.5012345678"),
+                    "baseline": None,
+                    "limit": budget.limit,
+                    "message": message,
+                    "details": {},
+                    "created_at": datetime(2025, 7, 20, tzinfo=UTC),
+                }
+            ]
         ],
     )
     alerts = cli("alerts", "list", "--tenant", tenant, "--format", "table").stdout

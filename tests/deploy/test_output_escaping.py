@@ -24,8 +24,9 @@ from deploy.output import cell, csv_safe
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import UsageEvent
+from schemas.records import Alert, PricedEvent
 from sinks.alerts import store_alerts
-from sinks.postgres import PricedEvent, write_batch
+from sinks.postgres import write_batch
 from streams.budgets import Budget
 from streams.pricing import PriceBook
 
@@ -92,21 +93,24 @@ def tenant(conn: psycopg.Connection, unique: str) -> str:
     store_alerts(
         conn,
         [
-            {
-                "alert_id": f"esc-{unique}-{i}",
-                "kind": "budget.threshold",
-                "tenant_id": tenant_id,
-                "scope": {"dimension": "feature", "value": name},
-                "period": "month:2025-07-01",
-                "threshold_percent": 50,
-                "current": Decimal("1.5"),
-                "baseline": None,
-                "limit": Decimal(3),
-                "message": f"{name} has spent $1.5",
-                "details": {},
-                "created_at": JULY + timedelta(minutes=i),
-            }
-            for i, name in enumerate(HOSTILE)
+            Alert(**a)
+            for a in [
+                {
+                    "alert_id": f"esc-{unique}-{i}",
+                    "kind": "budget.threshold",
+                    "tenant_id": tenant_id,
+                    "scope": {"dimension": "feature", "value": name},
+                    "period": "month:2025-07-01",
+                    "threshold_percent": 50,
+                    "current": Decimal("1.5"),
+                    "baseline": None,
+                    "limit": Decimal(3),
+                    "message": f"{name} has spent $1.5",
+                    "details": {},
+                    "created_at": JULY + timedelta(minutes=i),
+                }
+                for i, name in enumerate(HOSTILE)
+            ]
         ],
     )
     return tenant_id

@@ -96,7 +96,7 @@ def clone() -> Iterator[Clone]:
 def test_install_prints_no_warnings(clone: Clone) -> None:
     assert clone.bootstrap.returncode == 0, clone.bootstrap.stderr
     said = clone.bootstrap.stderr.splitlines()
-    assert said == ["installing tokenmeter and its dependencies into .venv..."], clone.bootstrap.stderr
+    assert said == ["installing tokenmeter and its dependencies (dev extras) into .venv..."], clone.bootstrap.stderr
     installed = subprocess.run(
         [
             str(clone.path / ".venv" / "bin" / "python"),

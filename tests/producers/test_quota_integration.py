@@ -13,9 +13,11 @@ import redis
 
 from deploy.settings import Settings
 from deploy.stack import LocalStack
-from producers.quota import QuotaClient, budget_key, estimate_cost, rate_limit_key
-from sinks.redis import freshness_key, spend_key, write_freshness
-from streams.periods import period_end, period_start
+from producers.quota import QuotaClient
+from schemas.periods import period_end, period_start
+from schemas.redis_keys import budget_key, freshness_key, rate_limit_key, spend_key
+from sinks.redis import write_freshness
+from streams.pricing import estimate_cost
 
 
 def nearly_spent(client: QuotaClient, tenant: str) -> None:

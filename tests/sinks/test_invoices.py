@@ -16,8 +16,9 @@ import pytest
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import validate_event
+from schemas.records import PricedEvent
 from sinks.invoices import InvoiceError, RateCard, finalize, invoice, set_rate_card
-from sinks.postgres import PricedEvent, write_batch
+from sinks.postgres import write_batch
 from streams.pricing import PriceBook
 
 

@@ -10,11 +10,13 @@ import genai_prices
 import psycopg
 import pytest
 
+from deploy.bench.workload import UNPRICED, Model, usage_events
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import validate_event
+from schemas.records import PricedEvent
 from sinks.invoices import invoice
-from sinks.postgres import PricedEvent, write_batch
+from sinks.postgres import write_batch
 from streams.pricing import PriceBook, usage_of
 
 
@@ -25,26 +27,24 @@ def conn(stack: LocalStack, settings: Settings) -> Iterator[psycopg.Connection]:
 
 
 def workload(tenant: str, count: int) -> list[PricedEvent]:
+    """``count`` calls of one tenant seven minutes apart from 20:00 on June 30th (crossing the June/July
+    month boundary), priced by the pipeline's ``PriceBook``; a quarter of them of a model without a price."""
     book = PriceBook()
-    models = [("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"), ("openai", "o3"), ("acme-ai", "mystery-1")]
+    models = (Model("openai", "gpt-4o"), Model("anthropic", "claude-sonnet-4-5"), Model("openai", "o3"), UNPRICED)
+    events = usage_events(
+        count,
+        seed=5,
+        tenants=[tenant],
+        users_per_tenant=5,
+        features=("f0", "f1", "f2"),
+        models=models,
+        start=datetime(2025, 6, 30, 20, tzinfo=UTC),
+        span=timedelta(minutes=7 * count),
+        prefix=tenant,
+    )
     items = []
-    start = datetime(2025, 6, 30, 20, tzinfo=UTC)  # crosses the June/July month boundary
-    for i in range(count):
-        provider, model = models[i % len(models)]
-        event = validate_event(
-            {
-                "event_id": f"{tenant}-{i}",
-                "timestamp": start + timedelta(minutes=7 * i),
-                "tenant_id": tenant,
-                "provider": provider,
-                "model": model,
-                "input_tokens": 1000 + i,
-                "cache_read_tokens": i % 500,
-                "output_tokens": 50 + i,
-                "feature": f"f{i % 3}",
-                "user_id": f"u{i % 5}",
-            }
-        )
+    for data in events:
+        event = validate_event(data)
         items.append(PricedEvent(event, book.price(event)))
     return items
 

@@ -6,9 +6,10 @@ import json
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from producers.quota import budget_key, decide
-from sinks.postgres import Rollup
-from sinks.redis import spend_key, spend_value, spend_writes
+from producers.quota import decide
+from schemas.records import Rollup
+from schemas.redis_keys import budget_key, spend_key, spend_value
+from sinks.redis import spend_writes
 
 
 def test_keys_escape_separators_so_scopes_never_collide() -> None:

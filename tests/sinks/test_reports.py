@@ -19,7 +19,8 @@ from deploy.report_render import render_html
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import validate_event
-from sinks.postgres import PricedEvent, write_batch
+from schemas.records import PricedEvent
+from sinks.postgres import write_batch
 from sinks.reports import build_report, parse_period, report_rows, whatif
 from streams.pricing import PriceBook
 

@@ -16,13 +16,15 @@ import redis
 
 from deploy.settings import Settings
 from deploy.stack import LocalStack
-from producers.quota import QuotaClient, budget_key
+from producers.quota import QuotaClient
 from schemas.events import validate_event
+from schemas.periods import period_end, period_start
+from schemas.records import PricedEvent, Rollup
+from schemas.redis_keys import budget_key
 from sinks.invoices import invoice
-from sinks.postgres import PricedEvent, Rollup, set_time_zone, write_batch
+from sinks.postgres import set_time_zone, write_batch
 from sinks.redis import write_spend
 from sinks.reports import build_report, parse_period
-from streams.periods import period_end, period_start
 from streams.pricing import PriceBook
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from deploy.settings import Settings
 from deploy.stack import LocalStack
+from schemas.records import Alert
 from sinks.alerts import store_alerts
 from sinks.webhooks import deliver_pending, http_post, redacted
 
@@ -47,21 +48,23 @@ def webhook() -> Iterator[str]:
     server.shutdown()
 
 
-def alert(alert_id: str) -> dict[str, Any]:
-    return {
-        "alert_id": alert_id,
-        "kind": "budget.blocked",
-        "tenant_id": "acme",
-        "scope": {"dimension": "tenant"},
-        "period": "month:2025-07-01",
-        "threshold_percent": 100,
-        "current": Decimal("10.25"),
-        "baseline": None,
-        "limit": Decimal(10),
-        "message": "acme has spent $10.25 of $10",
-        "details": {},
-        "created_at": datetime.now(UTC),
-    }
+def alert(alert_id: str) -> Alert:
+    return Alert(
+        **{
+            "alert_id": alert_id,
+            "kind": "budget.blocked",
+            "tenant_id": "acme",
+            "scope": {"dimension": "tenant"},
+            "period": "month:2025-07-01",
+            "threshold_percent": 100,
+            "current": Decimal("10.25"),
+            "baseline": None,
+            "limit": Decimal(10),
+            "message": "acme has spent $10.25 of $10",
+            "details": {},
+            "created_at": datetime.now(UTC),
+        }
+    )
 
 
 def test_failed_posts_are_retried_and_delivered_once(stack: LocalStack, settings: Settings, webhook: str) -> None:

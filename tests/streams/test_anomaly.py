@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sinks.postgres import Rollup
+from schemas.records import Rollup
 from streams.anomaly import (
     Window,
     cost_per_call_jump,
@@ -60,8 +60,8 @@ def test_anomaly_alerts_read_history_from_the_table() -> None:
     spike = Rollup("acme", "hour", hour, "tenant", "", 40, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal("4"))
     calm = Rollup("acme", "hour", hour, "tenant", "", 20, 0, 1, 1, 0, 0, Decimal(0), Decimal(0), Decimal("1.5"))
     (alert,) = anomaly_alerts([spike], table.get, hour)
-    assert alert["kind"] == "anomaly.spend_spike" and alert["baseline"] == Decimal(1) and alert["current"] == 4
-    assert alert["alert_id"].endswith(hour.isoformat())  # once per scope and hour
+    assert alert.kind == "anomaly.spend_spike" and alert.baseline == Decimal(1) and alert.current == 4
+    assert alert.alert_id.endswith(hour.isoformat())  # once per scope and hour
     assert anomaly_alerts([calm], table.get, hour) == []
 
 
@@ -90,8 +90,8 @@ def test_a_runaway_conversation_is_found_among_normal_ones() -> None:
     assert runaway_alerts(rates, normal, at) == []
     loop = [call(2000 + i, "agent-7") for i in range(100)]
     (alert,) = runaway_alerts(rates, loop, at)
-    assert alert["kind"] == "anomaly.runaway_loop" and alert["scope"] == {"conversation": "agent-7"}
-    assert alert["current"] == 100 and alert["baseline"] == 2
+    assert alert.kind == "anomaly.runaway_loop" and alert.scope == {"conversation": "agent-7"}
+    assert alert.current == 100 and alert.baseline == 2
     assert runaway_alerts(rates, [], at) == []
 
 

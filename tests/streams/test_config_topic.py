@@ -185,7 +185,7 @@ def test_a_store_error_stops_at_the_record_and_the_next_catch_up_retries_it(
 
 def test_the_worker_budget_follower_waits_for_redis_instead_of_crashing(stack: LocalStack, settings: Settings) -> None:
     """Redis down while budgets are applied used to crash the worker; now the record waits for Redis."""
-    from producers.quota import budget_key
+    from schemas.redis_keys import budget_key
     from streams.app import budget_follower
 
     own = isolated(settings, f"rd{datetime.now(UTC).strftime('%H%M%S%f')}")

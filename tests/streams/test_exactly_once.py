@@ -15,48 +15,40 @@ from pathlib import Path
 
 import genai_prices
 
+from deploy.bench.workload import UNPRICED, Model, to_json, usage_events
 from deploy.isolation import WorkerProcess, committed_total, env_for, isolated, wait_for_commits
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import validate_event
-from sinks.postgres import money
+from schemas.records import money
 from streams.pricing import usage_of
 
-MODELS = [
-    ("openai", "gpt-4o"),
-    ("openai", "gpt-4o-mini"),
-    ("anthropic", "claude-sonnet-4-5"),
-    ("openai", "o3"),
-    ("google", "gemini-2.5-flash"),
-    ("acme-ai", "mystery-1"),
-]
+MODELS = (
+    Model("openai", "gpt-4o"),
+    Model("openai", "gpt-4o-mini"),
+    Model("anthropic", "claude-sonnet-4-5"),
+    Model("openai", "o3"),
+    Model("google", "gemini-2.5-flash"),
+    UNPRICED,
+)
 TENANTS = ["alpha", "beta", "gamma"]
 
 
-def workload(unique: str, distinct: int, duplicates: int, seed: int = 7) -> list[dict[str, object]]:
-    rng = random.Random(seed)
-    start = datetime(2025, 6, 30, 20, tzinfo=UTC)  # eight hours across the June/July boundary
-    events = []
-    for i in range(distinct):
-        provider, model = MODELS[i % len(MODELS)]
-        input_tokens = rng.randint(10, 30_000)
-        events.append(
-            {
-                "event_id": f"{unique}-{i}",
-                "tenant_id": f"{rng.choice(TENANTS)}-{unique}",
-                "provider": provider,
-                "model": model,
-                "timestamp": (start + timedelta(seconds=rng.randint(0, 8 * 3600))).isoformat(),
-                "input_tokens": input_tokens,
-                "cache_read_tokens": rng.randint(0, input_tokens // 2),
-                "output_tokens": rng.randint(1, 2_000),
-                "feature": rng.choice(["search", "chat", "summarize"]),
-                "user_id": f"u{rng.randint(1, 40)}",
-                "environment": rng.choice(["prod", "staging"]),
-            }
-        )
-    events += rng.sample(events, duplicates)  # producer retries: the same event again, later
-    rng.shuffle(events)  # out of order
+def workload(unique: str, distinct: int, duplicates: float, seed: int = 7) -> list[dict[str, object]]:
+    """``distinct`` events over eight hours across the June/July boundary, about ``duplicates`` × as many
+    producer retries (the same event again), all shuffled out of order."""
+    events = usage_events(
+        distinct,
+        seed=seed,
+        tenants=[f"{tenant}-{unique}" for tenant in TENANTS],
+        users_per_tenant=40,
+        models=MODELS,
+        start=datetime(2025, 6, 30, 20, tzinfo=UTC),
+        span=timedelta(hours=8),
+        duplicates=duplicates,
+        prefix=unique,
+    )
+    random.Random(seed).shuffle(events)  # out of order, each retry somewhere after or before its first copy
     return events
 
 
@@ -81,9 +73,10 @@ def test_two_sigkills_mid_stream_leave_invoices_exact(
     stack: LocalStack, settings: Settings, unique: str, tmp_path: Path
 ) -> None:
     own = isolated(settings, unique, worker_batch_size=400)
-    events = workload(unique, distinct=12_000, duplicates=1_500)
+    events = workload(unique, distinct=12_000, duplicates=0.125)
+    assert len(events) - len({e["event_id"] for e in events}) > 1_000  # retries
     lines = tmp_path / "usage.jsonl"
-    lines.write_text("".join(json.dumps(e) + "\n" for e in events))
+    lines.write_text("".join(to_json(e) + "\n" for e in events))
     produced = subprocess.run(
         [sys.executable, "-m", "deploy", "produce", str(lines), "--quiet"],
         env=env_for(own),
@@ -126,5 +119,8 @@ def test_two_sigkills_mid_stream_leave_invoices_exact(
             invoice = json.loads(bill.stdout)
             assert (Decimal(invoice["total"]), invoice["calls"], invoice["unpriced_calls"]) == (amount, calls, unpriced)
             assert amount > 0 and unpriced > 0
+        # Faust's data folder lives under the stack's state folder, not as <worker id>-data in the current one.
+        assert (own.home / "faust" / own.worker_id / "v1").is_dir()
+        assert not (Path.cwd() / f"{own.worker_id}-data").exists()
     finally:
         worker.stop()

@@ -21,9 +21,9 @@ from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas import codec
 from schemas.events import UsageEvent
-from sinks.postgres import Rollup
-from streams.meter import ROLLUPS_PER_MESSAGE, Meter, rollup_messages, write_rollup_batch
-from streams.pricing import PriceBook, PriceResult
+from schemas.records import PriceResult, Rollup
+from streams.meter import ROLLUPS_PER_MESSAGE, Meter, build_meter, rollup_messages, write_rollup_batch
+from streams.pricing import PriceBook
 from tests.helpers import read_all
 
 pytestmark = pytest.mark.integration
@@ -81,7 +81,7 @@ def own(stack: LocalStack, settings: Settings) -> Settings:
 
 @pytest.fixture
 def meter(own: Settings) -> Iterator[Meter]:
-    m = Meter(own, PoisonedBook())
+    m = build_meter(own, PoisonedBook())
     yield m
     m.close()
 

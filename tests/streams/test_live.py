@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sinks.postgres import Rollup
-from sinks.redis import forget_keys, spend_key
+from schemas.records import Rollup
+from schemas.redis_keys import spend_key
+from sinks.redis import forget_keys
 from streams.live import LiveScopes
 
 

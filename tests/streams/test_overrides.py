@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from schemas.records import TokenRates
 from streams.config_topic import config_amount
 from streams.overrides import MAX_RATE, override_message, parse_override
-from streams.pricing import PriceOverride, TokenRates
+from streams.pricing import PriceOverride
 
 
 def record(**changes: Any) -> bytes:

@@ -8,9 +8,8 @@ from decimal import Decimal
 
 from schemas import codec
 from schemas.events import validate_event
-from sinks.postgres import Rollup, money
+from schemas.records import Rollup, money
 from streams.app import expired, table_key, unpriced_model_alerts
-from streams.meter import priced_record, rollup_from_record, rollup_record
 from streams.pipeline import Deduplicator, RawMessage, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
 
@@ -74,7 +73,7 @@ def test_deduplicator_drops_repeats_in_a_batch_and_after_commit_within_its_horiz
 def test_priced_records_round_like_postgres_and_encode() -> None:
     event = validate_event(usage())
     (item,) = price_batch(PriceBook(), [event])
-    record = priced_record(item)
+    record = item.to_avro()
     assert record["total_cost"] == Decimal("0.00035")  # 100 x $2.50/M + 10 x $10/M
     assert (
         codec.decode("priced_event", codec.record_writer("priced_event")(record))["total_cost"] == record["total_cost"]
@@ -93,7 +92,7 @@ def rollup(
 
 def test_rollup_records_round_trip_and_table_windows_expire() -> None:
     r = rollup("minute", datetime(2025, 7, 1, 10, 5, tzinfo=UTC))
-    back = rollup_from_record(codec.decode("rollup", codec.encode("rollup", rollup_record(r))))
+    back = Rollup.from_avro(codec.decode("rollup", codec.encode("rollup", r.to_avro())))
     assert (back.tenant_id, back.granularity, back.window_start, back.cost) == (
         "acme",
         "minute",
@@ -115,8 +114,8 @@ def test_unpriced_models_alert_once_per_month_scope() -> None:
         rollup("month", start, "feature", "f", unpriced=2),
     ]
     alerts = unpriced_model_alerts(rollups, start)
-    assert [a["alert_id"] for a in alerts] == ["anomaly.unpriced_model:acme:x/y:2025-07"]
-    assert codec.decode("alert", codec.encode("alert", alerts[0]))["kind"] == "anomaly.unpriced_model"
+    assert [a.alert_id for a in alerts] == ["anomaly.unpriced_model:acme:x/y:2025-07"]
+    assert codec.decode("alert", codec.encode("alert", alerts[0].to_avro()))["kind"] == "anomaly.unpriced_model"
 
 
 def test_a_dead_letter_of_a_huge_message_is_truncated_with_its_length_and_hash() -> None:

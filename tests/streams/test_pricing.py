@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.events import UsageEvent, validate_event
-from streams.pricing import PriceBook, PriceOverride, TokenRates, usage_of
+from schemas.records import TokenRates
+from streams.pricing import PriceBook, PriceOverride, usage_of
 
 MODELS = [
     ("openai", "gpt-4o"),

@@ -22,12 +22,14 @@ from deploy.isolation import WorkerProcess, env_for, isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.producer import UsageProducer
-from producers.quota import QuotaClient, rate_limit_key
+from producers.quota import QuotaClient
 from schemas import codec
+from schemas.records import TokenRates
+from schemas.redis_keys import rate_limit_key
 from sinks.invoices import invoice
 from streams.lag import wait_for_sinks
 from streams.overrides import override_message
-from streams.pricing import PriceOverride, TokenRates
+from streams.pricing import PriceOverride
 from tests.helpers import read_all
 
 

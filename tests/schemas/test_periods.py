@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from streams.periods import local_midnight, period_end, period_label, period_start, zone
+from schemas.periods import local_midnight, period_end, period_label, period_start, zone
 
 
 def test_utc_periods_are_calendar_day_iso_week_and_month() -> None:

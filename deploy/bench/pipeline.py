@@ -1,6 +1,7 @@
 """Pipeline figures for ``tokenmeter bench`` (DESIGN.md §7), measured in one run on an isolated
 pipeline of the running stack: own topics, worker and groups, a scratch Postgres database and Redis
-database 15, dropped afterwards.
+database 15, dropped afterwards. The workload is ``deploy.bench.workload.usage_events``: 20 tenants
+(a few big ones), their users, features and models, 1 % producer retries.
 
 - ``bare_consume_events_per_s``: confluent-kafka consume + fastavro decode of the workload, nothing
   else: the ceiling for any Python consumer here.
@@ -18,14 +19,11 @@ database 15, dropped afterwards.
 
 from __future__ import annotations
 
-import itertools
-import random
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from deploy.bench.workload import Workload, usage_events
 from deploy.isolation import WorkerProcess, committed_total, isolated, scratch_stores, wait_for_commits
 from deploy.settings import Settings
 from producers.producer import UsageProducer
@@ -41,43 +40,6 @@ from producers.quota import QuotaClient
 from schemas import codec
 from streams.budgets import Budget
 from streams.lag import wait_for_sinks, with_broker_retries
-
-MODELS = [
-    ("openai", "gpt-4o", 30),
-    ("openai", "gpt-4o-mini", 30),
-    ("anthropic", "claude-sonnet-4-5", 15),
-    ("google", "gemini-2.5-flash", 15),
-    ("openai", "o3", 5),
-    ("anthropic", "claude-haiku-4-5", 5),
-]
-
-
-def workload(count: int, seed: int = 1, tenants: int = 20, start: datetime | None = None) -> list[dict[str, Any]]:
-    """Realistic usage: a few big tenants, features, hundreds of users, cache reads, some duplicates."""
-    rng = random.Random(seed)
-    start = start or datetime.now(UTC)
-    weights = [m[2] for m in MODELS]
-    events = []
-    for i in range(count):
-        provider, model, _ = rng.choices(MODELS, weights)[0]
-        input_tokens = int(rng.lognormvariate(7.5, 1.0)) + 1
-        event = {
-            "event_id": uuid.UUID(int=rng.getrandbits(128)).hex,
-            "timestamp": start + timedelta(milliseconds=i),
-            "tenant_id": f"tenant-{min(int(rng.paretovariate(1.2)), tenants)}",
-            "provider": provider,
-            "model": model,
-            "input_tokens": input_tokens,
-            "cache_read_tokens": rng.randint(0, input_tokens // 2) if rng.random() < 0.4 else 0,
-            "output_tokens": int(rng.lognormvariate(5.5, 0.8)) + 1,
-            "feature": rng.choice(["search", "chat", "summarize", "agent", "classify"]),
-            "user_id": f"user-{rng.randint(1, 500)}",
-            "environment": "prod" if rng.random() < 0.9 else "staging",
-        }
-        events.append(event)
-        if rng.random() < 0.01:
-            events.append(dict(event))  # a producer retry
-    return events
 
 
 def produce_all(settings: Settings, payloads: list[tuple[bytes, bytes]]) -> None:
@@ -185,11 +147,10 @@ def quota_latency(
 
     def background() -> None:
         with UsageProducer(settings.model_copy(update={"spool_dir": spool / "bg"})) as producer:
-            for event in itertools.cycle(workload(5000, seed=3)):
+            for event in Workload().calls(seed=3):  # no id, no time: the library fills them in
                 if stop.is_set():
                     return
-                # new id and time each round: the library fills them in
-                producer.record({k: v for k, v in event.items() if k not in ("event_id", "timestamp")})
+                producer.record(event)
                 time.sleep(1 / background_per_s)
 
     thread = threading.Thread(target=background, daemon=True)
@@ -294,14 +255,14 @@ def run_pipeline_bench(
 
 
 def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callable[[str], None]) -> PipelineFigures:
-    data = workload(events)
+    data = usage_events(events, duplicates=0.01)
     payloads = encode(data)
     say(f"workload: {len(payloads):,} events (1% producer retries), {len({e['tenant_id'] for e in data})} tenants")
 
     worker = WorkerProcess(own, work_dir)
     worker.start(loglevel="warning")
     try:
-        warmup = encode(workload(200, seed=2))
+        warmup = encode(usage_events(200, seed=2))
         produce_all(own, warmup)
         wait_for_commits(own, len(warmup), timeout=120, worker=worker)  # joined, warm, idle
         say("worker ready; producing the workload")

@@ -34,7 +34,7 @@ SELECT 'bench-' || i, %(end)s::timestamptz - interval '1 second' * (i::bigint * 
        1000 + i %% 5000, 50 + i %% 900, i %% 700, 0, 200 + i %% 3000, 'priced',
        (1000 + i %% 5000) * 0.0000025, (50 + i %% 900) * 0.00001,
        (1000 + i %% 5000) * 0.0000025 + (50 + i %% 900) * 0.00001, 'bench'
-FROM generate_series(%(first)s, %(last)s) AS i
+FROM generate_series(%(first)s::int, %(last)s::int) AS i
 """
 
 

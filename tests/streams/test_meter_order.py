@@ -1,0 +1,280 @@
+"""Stage 1's commit protocol, without any server: ``Meter.run_once`` over in-memory clients.
+
+The order *sinks → produce → flush → commit* is what makes a replay harmless (DESIGN §5): offsets are
+committed only after Postgres and Redis hold the batch and Kafka has acknowledged every output. On a
+failure the batch is rewound (seek to its first offsets), nothing is committed and the next call
+replays it; a record no stage can handle is dead-lettered alone and the rest is billed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import KafkaError, TopicPartition
+
+from deploy.settings import Settings
+from schemas.records import Alert, PricedEvent, Rollup
+from sinks.postgres import BatchResult
+from streams.meter import Meter, OutputsNotDelivered
+from streams.pricing import PriceBook
+
+TOPIC = "usage.raw"
+
+
+class FakeMessage:
+    def __init__(self, partition: int, offset: int, value: bytes) -> None:
+        self._partition, self._offset, self._value = partition, offset, value
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return b"acme"
+
+    def value(self) -> bytes:
+        return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)
+
+
+class FakeConsumer:
+    """Hands out queued messages; records commits and seeks in the shared log."""
+
+    def __init__(self, log: list[str], batches: list[list[FakeMessage]]) -> None:
+        self.log, self.batches = log, batches
+        self.committed_offsets: dict[tuple[str, int], int] = {}
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        return self.batches.pop(0) if self.batches else []
+
+    def assignment(self) -> list[TopicPartition]:
+        return []
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return partitions
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = 0, cached: bool = False) -> tuple:
+        return (0, 0)
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = 0) -> list[TopicPartition]:
+        return partitions
+
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: bool = True) -> None:
+        for tp in offsets:
+            self.committed_offsets[(tp.topic, tp.partition)] = tp.offset
+        self.log.append("commit " + ",".join(f"{tp.partition}@{tp.offset}" for tp in offsets))
+
+    def seek(self, partition: TopicPartition) -> None:
+        self.log.append(f"seek {partition.partition}@{partition.offset}")
+
+    def close(self) -> None:
+        pass
+
+
+class FakeProducer:
+    """Queues outputs until ``flush``, which acknowledges them (or fails them with ``fail_with``)."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.queued: list[tuple[str, bytes, Callable[[Any, Any], None]]] = []
+        self.delivered: list[tuple[str, bytes]] = []
+        self.fail_with: KafkaError | None = None
+
+    def produce(self, topic: str, *, value: bytes, key: bytes | None, on_delivery: Callable[[Any, Any], None]) -> None:
+        self.log.append(f"produce {topic}")
+        self.queued.append((topic, value, on_delivery))
+
+    def flush(self, timeout: float = 0) -> int:
+        self.log.append("flush")
+        for topic, value, callback in self.queued:
+            callback(self.fail_with, None)
+            if self.fail_with is None:
+                self.delivered.append((topic, value))
+        self.queued.clear()
+        return 0
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.queued)
+
+
+class FakeSinks:
+    """Postgres and Redis in memory: a ledger keyed by event id (duplicates insert nothing)."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.note: Callable[[str], None] | None = None
+        self.ledger: dict[str, Decimal] = {}
+        self.fail: Callable[[Sequence[PricedEvent]], None] = lambda _batch: None
+
+    def write(
+        self,
+        priced: Sequence[PricedEvent],
+        should_stop: Callable[[], bool] | None = None,
+        live: Callable[[Sequence[Rollup], list[str]], list[Rollup]] | None = None,
+    ) -> BatchResult:
+        self.log.append(f"sinks {len(priced)}")
+        self.fail(priced)
+        new = [p for p in priced if p.event.event_id not in self.ledger]
+        for p in new:
+            self.ledger[p.event.event_id] = p.price.total_cost
+        month = datetime(2025, 7, 1, tzinfo=UTC)
+        total = sum(self.ledger.values(), Decimal(0))
+        rollup = Rollup("acme", "month", month, "tenant", "", len(self.ledger), 0, 0, 0, 0, 0, total, 0, total)
+        return BatchResult(len(new), [rollup])
+
+    def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None:
+        pass
+
+    def store_alerts(self, alerts: Sequence[Alert]) -> set[str]:
+        return {a.alert_id for a in alerts}
+
+    def write_freshness(self, key: str, member: str, caught_up_ms: int, now_ms: int) -> None:
+        pass
+
+    def prune_freshness(self, key: str, now_ms: int) -> None:
+        pass
+
+    def forget_freshness(self, key: str, member: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def usage(event_id: str, input_tokens: int = 1000) -> bytes:
+    when = datetime(2025, 7, 2, tzinfo=UTC) + timedelta(seconds=len(event_id))
+    return json.dumps(
+        {
+            "event_id": event_id,
+            "timestamp": when.isoformat(),
+            "tenant_id": "acme",
+            "provider": "openai",
+            "model": "gpt-4o",
+            "input_tokens": input_tokens,
+            "output_tokens": 100,
+        }
+    ).encode()
+
+
+@pytest.fixture(scope="module")
+def book() -> PriceBook:
+    return PriceBook()
+
+
+def make(batches: list[list[FakeMessage]], book: PriceBook) -> tuple[Meter, list[str], FakeProducer, FakeSinks]:
+    log: list[str] = []
+    producer, sinks = FakeProducer(log), FakeSinks(log)
+    meter = Meter(Settings(), FakeConsumer(log, batches), producer, sinks, book)
+    return meter, log, producer, sinks
+
+
+def kinds(log: list[str]) -> list[str]:
+    """The log with repeated entries collapsed: the order of the steps."""
+    steps: list[str] = []
+    for entry in log:
+        step = entry.split(" ")[0]
+        if not steps or steps[-1] != step:
+            steps.append(step)
+    return steps
+
+
+def test_a_batch_goes_to_the_sinks_then_kafka_and_is_committed_only_after_kafka_acknowledged_it(
+    book: PriceBook,
+) -> None:
+    batch = [FakeMessage(0, 10, usage("a")), FakeMessage(0, 11, b"{not json"), FakeMessage(1, 5, usage("bb"))]
+    meter, log, producer, sinks = make([batch], book)
+
+    assert meter.run_once() == 3
+
+    assert kinds(log) == ["sinks", "produce", "flush", "commit"]
+    assert log[0] == "sinks 2"  # the malformed message never reaches a sink
+    assert log[-1] == "commit 0@12,1@6"  # the next offset of each partition
+    topics = sorted(topic for topic, _ in producer.delivered)
+    settings = Settings()
+    assert topics == sorted([settings.topic_dlq, settings.topic_priced, settings.topic_priced, settings.topic_rollups])
+    # gpt-4o in July 2025: $2.50 / $10 per million tokens
+    assert sinks.ledger == {"a": Decimal("0.0035"), "bb": Decimal("0.0035")}
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [psycopg.OperationalError("connection refused"), OutputsNotDelivered("broker down")],
+    ids=["postgres down", "kafka outputs not delivered"],
+)
+def test_a_transient_failure_rewinds_the_batch_commits_nothing_and_the_next_call_replays_it(
+    book: PriceBook, failure: Exception
+) -> None:
+    batch = [FakeMessage(0, 10, usage("a")), FakeMessage(1, 5, usage("bb")), FakeMessage(1, 6, usage("ccc"))]
+    meter, log, _producer, sinks = make([batch, batch], book)
+
+    def fail_once(_batch: Sequence[PricedEvent]) -> None:
+        sinks.fail = lambda _b: None
+        raise failure
+
+    sinks.fail = fail_once
+    with pytest.raises(type(failure)):
+        meter.run_once()
+    assert not any(entry.startswith(("commit", "produce")) for entry in log)
+    assert log[-2:] == ["seek 0@10", "seek 1@5"]  # back to the first message of each partition
+
+    log.clear()
+    assert meter.run_once() == 3  # the replay
+    assert kinds(log) == ["sinks", "produce", "flush", "commit"]
+    assert log[-1] == "commit 0@11,1@7"
+    assert sorted(sinks.ledger) == ["a", "bb", "ccc"]
+
+
+def test_outputs_kafka_does_not_acknowledge_hold_the_commit_back(book: PriceBook) -> None:
+    batch = [FakeMessage(0, 3, usage("a"))]
+    meter, log, producer, sinks = make([batch, batch], book)
+    producer.fail_with = KafkaError(KafkaError._MSG_TIMED_OUT)
+
+    with pytest.raises(OutputsNotDelivered):
+        meter.run_once()
+    assert kinds(log) == ["sinks", "produce", "flush", "seek"]  # sinks done, outputs lost, no commit
+
+    producer.fail_with = None
+    log.clear()
+    assert meter.run_once() == 1
+    assert kinds(log) == ["sinks", "produce", "flush", "commit"]
+    assert sinks.ledger == {"a": Decimal("0.0035")}  # the replay inserted nothing twice
+
+
+def test_a_record_no_sink_accepts_is_dead_lettered_alone_and_the_rest_is_billed_and_committed(
+    book: PriceBook,
+) -> None:
+    batch = [FakeMessage(0, offset, usage(f"e{offset}")) for offset in range(8)]
+    meter, log, producer, sinks = make([batch], book)
+
+    def refuse_poison(priced: Sequence[PricedEvent]) -> None:
+        if any(p.event.event_id == "e5" for p in priced):
+            raise ValueError("a value the sink refuses")
+
+    sinks.fail = refuse_poison
+    assert meter.run_once() == 8
+
+    assert sorted(sinks.ledger) == [f"e{i}" for i in range(8) if i != 5]
+    settings = Settings()
+    dead = [value for topic, value in producer.delivered if topic == settings.topic_dlq]
+    assert len(dead) == 1 and b"a value the sink refuses" in dead[0]
+    assert log[-1] == "commit 0@8" and sum(entry.startswith("commit") for entry in log) == 1
+    assert meter.stats.rejected == 1 and meter.stats.consumed == 8
