@@ -256,4 +256,21 @@ def record_writer(name: str) -> Callable[[dict[str, Any]], bytes]:
     return write
 
 
+def record_writer_after_first(name: str) -> Callable[[bytes, dict[str, Any]], bytes]:
+    """A writer for the newest version of schema ``name`` given its first field already encoded: Avro
+    writes a record as its fields' encodings one after another, so ``write(first, rest)`` is
+    ``encode(name, {first field: value, **rest})`` when ``first`` is that value's encoding."""
+    schema = latest(name)
+    write_rest = _record_writer_of(schema.parsed["fields"][1:], name)
+    header = MAGIC + schema.fingerprint
+
+    def write(first: bytes, rest: dict[str, Any]) -> bytes:
+        out = bytearray(header)
+        out += first
+        write_rest(out, rest)
+        return bytes(out)
+
+    return write
+
+
 _REQUIRED = object()

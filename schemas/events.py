@@ -204,6 +204,13 @@ def parse_json_event(text: str | bytes) -> UsageEvent:
 
 def decode_usage(data: bytes) -> UsageEvent:
     """Decode raw bytes from ``usage.raw``: Avro (library) or JSON (kcat, other languages)."""
+    return decode_usage_body(data)[0]
+
+
+def decode_usage_body(data: bytes) -> tuple[UsageEvent, bytes | None]:
+    """``decode_usage``, plus the Avro body of the record when it was written with the newest usage
+    schema and taken unchanged (``trusted_event``): those bytes are the event's encoding, so outputs
+    that embed it (``usage.priced``) can reuse them instead of encoding the event again."""
     if not data:
         raise InvalidEvent("empty message")
     if data[:2] == codec.MAGIC:
@@ -211,11 +218,14 @@ def decode_usage(data: bytes) -> UsageEvent:
             record = codec.decode("usage_event", data)
         except codec.SchemaDecodeError as exc:
             raise InvalidEvent(str(exc)) from None
-        return validate_event(record)
+        event = trusted_event(record)
+        if event is None:
+            return validate_event(record), None
+        return event, data[codec.HEADER_LEN :] if data[2 : codec.HEADER_LEN] == _LATEST_FINGERPRINT else None
     stripped = data.lstrip()
     if stripped[:1] != b"{":
         raise InvalidEvent("neither Avro single-object encoding nor a JSON object")
-    return parse_json_event(data)
+    return parse_json_event(data), None
 
 
 # ---------------------------------------------------------------- hot-path check for library callers
@@ -309,3 +319,31 @@ def _tags_fit(tags: dict[Any, Any]) -> bool:
         if not (key.isprintable() and value.isprintable()) and _UNPRINTABLE.search(key + value) is not None:
             return False
     return True
+
+
+_ALL_FIELDS = frozenset(UsageEvent.model_fields)
+_LATEST_FINGERPRINT = codec.latest("usage_event").fingerprint
+
+
+def trusted_event(record: dict[str, Any]) -> UsageEvent | None:
+    """``record`` as a UsageEvent without running the model, when that is certain to give the same event:
+    every field present (a decoded Avro record), the timestamp in UTC, and ``surely_valid``; else None,
+    and the caller validates. About 5 µs instead of 18 µs per event in the worker. Equal to
+    ``UsageEvent.model_validate(record)`` (property-tested in ``tests/schemas/test_events.py``).
+
+    Takes ownership of ``record``: it becomes the event's field storage."""
+    timestamp = record.get("timestamp")
+    if (
+        type(timestamp) is not datetime
+        or timestamp.tzinfo is not UTC
+        or record.keys() != _ALL_FIELDS
+        or not surely_valid(record)
+    ):
+        return None
+    # What pydantic's model_construct does (field values live in __dict__), without its per-field loop.
+    event = UsageEvent.__new__(UsageEvent)
+    object.__setattr__(event, "__dict__", record)
+    object.__setattr__(event, "__pydantic_fields_set__", set(_ALL_FIELDS))
+    object.__setattr__(event, "__pydantic_extra__", None)
+    object.__setattr__(event, "__pydantic_private__", None)
+    return event

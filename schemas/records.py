@@ -63,11 +63,14 @@ class TokenRates:
         return [(kind, tokens, rate, rate * tokens / MTOK) for kind, tokens, rate in kinds]
 
     def cost(self, event: UsageEvent) -> tuple[Decimal, Decimal]:
-        """(input cost incl. cache, output cost) of one event; exact."""
-        *inputs, output = self.lines(
-            event.input_tokens, event.output_tokens, event.cache_read_tokens, event.cache_write_tokens
-        )
-        return sum((amount for *_, amount in inputs), ZERO), output[3]
+        """(input cost incl. cache, output cost) of one event; exact, equal to the sums of ``lines``
+        (written out: this runs for every event)."""
+        read, write = event.cache_read_tokens, event.cache_write_tokens
+        read_rate = self.input_mtok if self.cache_read_mtok is None else self.cache_read_mtok
+        write_rate = self.input_mtok if self.cache_write_mtok is None else self.cache_write_mtok
+        uncached = event.input_tokens - read - write
+        input_cost = (self.input_mtok * uncached + read_rate * read + write_rate * write) / MTOK
+        return input_cost, self.output_mtok * event.output_tokens / MTOK
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,12 @@ class PriceResult:
 class PricedEvent:
     event: UsageEvent
     price: PriceResult
+    usage_avro: bytes | None = None  # the event's Avro encoding as received, when it can be reused as is
 
-    def to_avro(self) -> dict[str, Any]:
-        """A ``priced_event`` record (``usage.priced``)."""
+    def price_fields(self) -> dict[str, Any]:
+        """The ``priced_event`` fields after ``usage``."""
         p = self.price
         return {
-            "usage": self.event.model_dump(),
             "price_status": p.status,
             "input_cost": money(p.input_cost),
             "output_cost": money(p.output_cost),
@@ -100,6 +103,10 @@ class PricedEvent:
             "price_source": p.source,
             "currency": "USD",
         }
+
+    def to_avro(self) -> dict[str, Any]:
+        """A ``priced_event`` record (``usage.priced``)."""
+        return {"usage": self.event.model_dump(), **self.price_fields()}
 
 
 # ---------------------------------------------------------------- windows

@@ -49,38 +49,43 @@ _COLUMN_LIST = ", ".join(_COLUMNS)
 
 GRANULARITIES = ("minute", "hour", "day", "week", "month")
 DIMENSIONS = ("tenant", "feature", "model", "user", "environment")
+# Rollups are advanced in two steps, so Postgres aggregates each event 5 times, not 23:
+# 1. per (tenant, UTC minute, dimension, value), the events' sums (``_MINUTE_SUMS``): in a batch most
+#    events share their minute and values, so this is far fewer rows than events;
+# 2. those minutes rolled into every granularity and upserted (``_ROLLUP_UPSERT``), in key order so that
+#    concurrent batches lock rows in one order (no deadlocks). Windows are truncated in the tenant's time
+#    zone (UTC for tenants without one); every zone's offset is whole minutes, so a UTC minute lies in
+#    exactly one local hour, day, week and month.
 # Dimension values: '' for the tenant itself and for events without that attribute. No minute windows
 # per user or environment: nothing reads them, and they were the most rows of all (one per user and
 # minute; state must stay bounded under many users).
-_WINDOWS_AND_DIMENSIONS = """
-CROSS JOIN (VALUES ('minute'), ('hour'), ('day'), ('week'), ('month')) AS g(granularity)
-CROSS JOIN LATERAL (SELECT * FROM (VALUES
+_MINUTE_SUMS = """
+SELECT {src}.tenant_id, date_trunc('minute', {src}.ts, 'UTC') AS minute, d.dimension, d.value,
+       count(*) AS calls, count(*) FILTER (WHERE {src}.price_status = 'unpriced') AS unpriced_calls,
+       sum({src}.input_tokens) AS input_tokens, sum({src}.output_tokens) AS output_tokens,
+       sum({src}.cache_read_tokens) AS cache_read_tokens, sum({src}.cache_write_tokens) AS cache_write_tokens,
+       sum({src}.input_cost) AS input_cost, sum({src}.output_cost) AS output_cost, sum({src}.total_cost) AS cost
+FROM {source}
+CROSS JOIN LATERAL (VALUES
     ('tenant', ''),
     ('feature', coalesce({src}.feature, '')),
     ('model', {src}.provider || '/' || {src}.model),
     ('user', coalesce({src}.user_id, '')),
     ('environment', coalesce({src}.environment, ''))
-) AS v(dimension, value) WHERE g.granularity <> 'minute' OR v.dimension NOT IN ('user', 'environment')) AS d
+) AS d(dimension, value)
+GROUP BY 1, 2, 3, 4
 """
-_ROLLUP_COLUMNS = (
-    "r.tenant_id, r.granularity, r.window_start, r.dimension, r.dimension_value, r.calls, r.unpriced_calls,"
-    " r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens, r.input_cost, r.output_cost, r.cost,"
-    " coalesce(zone.time_zone, 'UTC')"
-)
-# Windows are truncated in the tenant's time zone (UTC for tenants without one).
-_WINDOW_START = "date_trunc(g.granularity, {src}.ts, coalesce(zone.time_zone, 'UTC'))"
-_ZONE_JOIN = "LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = {src}.tenant_id"
-# Advance the rollups by the rows of {src}; the caller puts them there exactly once.
 _ROLLUP_UPSERT = """
 INSERT INTO tokenmeter.rollups AS r
-SELECT {src}.tenant_id, g.granularity, {window_start} AS window_start, d.dimension, d.value,
-       count(*), count(*) FILTER (WHERE {src}.price_status = 'unpriced'),
-       sum({src}.input_tokens), sum({src}.output_tokens), sum({src}.cache_read_tokens), sum({src}.cache_write_tokens),
-       sum({src}.input_cost), sum({src}.output_cost), sum({src}.total_cost)
-FROM {source}
-{zone_join}
-{windows}
+SELECT m.tenant_id, g.granularity, date_trunc(g.granularity, m.minute, coalesce(zone.time_zone, 'UTC')),
+       m.dimension, m.value, sum(m.calls), sum(m.unpriced_calls), sum(m.input_tokens), sum(m.output_tokens),
+       sum(m.cache_read_tokens), sum(m.cache_write_tokens), sum(m.input_cost), sum(m.output_cost), sum(m.cost)
+FROM {minutes} AS m
+LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = m.tenant_id
+CROSS JOIN (VALUES ('minute'), ('hour'), ('day'), ('week'), ('month')) AS g(granularity)
+WHERE g.granularity <> 'minute' OR m.dimension NOT IN ('user', 'environment')
 GROUP BY 1, 2, 3, 4, 5
+ORDER BY 1, 2, 3, 4, 5
 ON CONFLICT (tenant_id, granularity, window_start, dimension, dimension_value) DO UPDATE SET
     calls = r.calls + excluded.calls,
     unpriced_calls = r.unpriced_calls + excluded.unpriced_calls,
@@ -92,16 +97,17 @@ ON CONFLICT (tenant_id, granularity, window_start, dimension, dimension_value) D
     output_cost = r.output_cost + excluded.output_cost,
     cost = r.cost + excluded.cost
 """
+_ROLLUP_COLUMNS = (
+    "r.tenant_id, r.granularity, r.window_start, r.dimension, r.dimension_value, r.calls, r.unpriced_calls,"
+    " r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens, r.input_cost, r.output_cost, r.cost,"
+    " coalesce(zone.time_zone, 'UTC')"
+)
 
 
 def _rollup_upsert(src: str, source: str) -> str:
-    return _ROLLUP_UPSERT.format(
-        src=src,
-        source=source,
-        window_start=_WINDOW_START.format(src=src),
-        zone_join=_ZONE_JOIN.format(src=src),
-        windows=_WINDOWS_AND_DIMENSIONS.format(src=src),
-    )
+    """Advance the rollups by the rows of ``source`` (aliased ``src``); the caller passes them exactly once."""
+    minutes = f"({_MINUTE_SUMS.format(src=src, source=source)})"
+    return _ROLLUP_UPSERT.format(minutes=minutes)
 
 
 @dataclass(frozen=True)
@@ -111,26 +117,36 @@ class BatchResult:
     new_spend: dict[str, Decimal] = field(default_factory=dict)  # tenant → cost of its new rows
 
 
-_ADVANCE_ROLLUPS = f"""
+# The batch's new ledger rows (a replayed id inserts nothing), summed per minute and scope into a
+# temporary table: the rollups advance from it, and it gives each tenant's new calls and spend.
+_INSERT_NEW_ROWS = f"""
 WITH new AS (
     INSERT INTO tokenmeter.ledger ({_COLUMN_LIST})
     SELECT DISTINCT ON (event_id) {_COLUMN_LIST} FROM ledger_staging
     ON CONFLICT (event_id) DO NOTHING
     RETURNING *
-), rolled AS ({_rollup_upsert("new", "new")} RETURNING 1)
-SELECT tenant_id, count(*), sum(total_cost) FROM new GROUP BY tenant_id
+)
+INSERT INTO new_minutes {_MINUTE_SUMS.format(src="new", source="new")}
 """
+# The absolute totals of the windows just advanced, returned by the upsert itself.
+_ADVANCE_ROLLUPS = f"""
+WITH advanced AS ({_ROLLUP_UPSERT.format(minutes="new_minutes")} RETURNING r.*)
+SELECT {_ROLLUP_COLUMNS} FROM advanced AS r LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = r.tenant_id
+"""
+_NEW_PER_TENANT = "SELECT tenant_id, sum(calls), sum(cost) FROM new_minutes WHERE dimension = 'tenant' GROUP BY 1"
 
-# Every rollup the batch's events belong to (duplicates included), read back after the update: the
-# absolute values the Redis sink and the worker's tables mirror. Reading them even when nothing was
-# new repairs a mirror left stale by a worker killed between the Postgres commit and its own write.
+# When some of the batch was already in the ledger (a replay), every window the batch belongs to is read
+# back, duplicates' windows included: that repairs a mirror left stale by a worker killed between its
+# Postgres commit and its own Redis write.
 _TOUCHED_ROLLUPS = f"""
+WITH minutes AS ({_MINUTE_SUMS.format(src="staging", source="ledger_staging AS staging")})
 SELECT {_ROLLUP_COLUMNS} FROM tokenmeter.rollups AS r
-JOIN (SELECT DISTINCT staging.tenant_id, g.granularity, {_WINDOW_START.format(src="staging")} AS window_start,
-             d.dimension, d.value
-      FROM ledger_staging AS staging
-      {_ZONE_JOIN.format(src="staging")}
-      {_WINDOWS_AND_DIMENSIONS.format(src="staging")}) AS k
+JOIN (SELECT DISTINCT m.tenant_id, g.granularity,
+             date_trunc(g.granularity, m.minute, coalesce(zone.time_zone, 'UTC')) AS window_start, m.dimension, m.value
+      FROM minutes AS m
+      LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = m.tenant_id
+      CROSS JOIN (VALUES ('minute'), ('hour'), ('day'), ('week'), ('month')) AS g(granularity)
+      WHERE g.granularity <> 'minute' OR m.dimension NOT IN ('user', 'environment')) AS k
   ON (r.tenant_id, r.granularity, r.window_start, r.dimension, r.dimension_value)
    = (k.tenant_id, k.granularity, k.window_start, k.dimension, k.value)
 LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = r.tenant_id
@@ -178,12 +194,22 @@ def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> Batch
             "CREATE TEMP TABLE IF NOT EXISTS ledger_staging"
             " (LIKE tokenmeter.ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS new_minutes (tenant_id text, minute timestamptz, dimension text,"
+            " value text, calls bigint, unpriced_calls bigint, input_tokens numeric, output_tokens numeric,"
+            " cache_read_tokens numeric, cache_write_tokens numeric, input_cost numeric, output_cost numeric,"
+            " cost numeric) ON COMMIT DELETE ROWS"
+        )
         with conn.cursor().copy(f"COPY ledger_staging ({_COLUMN_LIST}) FROM STDIN") as copy:
             for item in batch:
                 copy.write_row(_row(item))
-        new = conn.execute(_ADVANCE_ROLLUPS).fetchall()
-        rollups = [Rollup(*row) for row in conn.execute(_TOUCHED_ROLLUPS)]
-    return BatchResult(sum(int(n) for _, n, _ in new), rollups, {tenant: cost for tenant, _, cost in new})
+        conn.execute(_INSERT_NEW_ROWS)
+        rollups = [Rollup(*row) for row in conn.execute(_ADVANCE_ROLLUPS)]
+        new = conn.execute(_NEW_PER_TENANT).fetchall()
+        inserted = sum(int(calls) for _, calls, _ in new)
+        if inserted < len(batch):
+            rollups = [Rollup(*row) for row in conn.execute(_TOUCHED_ROLLUPS)]
+    return BatchResult(inserted, rollups, {tenant: cost for tenant, _, cost in new})
 
 
 def tenant_time_zone(conn: psycopg.Connection, tenant_id: str) -> str:

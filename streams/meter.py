@@ -74,6 +74,7 @@ BATCH_WAIT_S = 0.05
 SESSION_TIMEOUT_S = 10  # how long a killed worker's partitions wait before another worker takes them
 
 write_priced = codec.record_writer("priced_event")
+write_priced_after_usage = codec.record_writer_after_first("priced_event")
 write_dead_letter = codec.record_writer("dead_letter")
 write_alert = codec.record_writer("alert")
 write_rollup_batch = codec.record_writer("rollup_batch")
@@ -100,6 +101,14 @@ def runaway_alerts(rates: ConversationRates, events: Sequence[UsageEvent], now: 
             )
         )
     return alerts
+
+
+def priced_message(item: PricedEvent) -> bytes:
+    """The ``usage.priced`` message of an event: its Avro body as received plus the price, when it came
+    in the newest usage schema (no second encoding of the event), else encoded in full."""
+    if item.usage_avro is not None:
+        return write_priced_after_usage(item.usage_avro, item.price_fields())
+    return write_priced(item.to_avro())
 
 
 def streamed(r: Rollup) -> bool:
@@ -567,9 +576,10 @@ class Meter:
     def _process(self, raw: Sequence[RawMessage]) -> None:
         """One batch (or part of one) through every stage, up to Kafka's acks for its outputs."""
         started = time.perf_counter()
-        events, rejected = decode_batch(raw)
+        bodies: dict[str, bytes] = {}
+        events, rejected = decode_batch(raw, bodies)
         fresh = self.dedup.fresh(events)
-        priced = price_batch(self.book, fresh)
+        priced = price_batch(self.book, fresh, bodies)
         sink_started = time.perf_counter()
         stopping = lambda: self.stopping  # noqa: E731
         result = self.sinks.write(priced, stopping, self._live) if priced else BatchResult(0, [])
@@ -668,7 +678,7 @@ class Meter:
             )
             self._produce(settings.topic_dlq, bad.message.key, write_dead_letter(dead_letter_record(bad, now)))
         for item in priced:
-            self._produce(settings.topic_priced, item.event.tenant_id.encode(), write_priced(item.to_avro()))
+            self._produce(settings.topic_priced, item.event.tenant_id.encode(), priced_message(item))
         messages = 0
         for tenant, zone, records in rollup_messages(rollups, self.live.live):  # Faust pays per message
             batch = write_rollup_batch({"tenant_id": tenant, "time_zone": zone, "rollups": records})

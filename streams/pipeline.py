@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.events import InvalidEvent, UsageEvent, decode_usage
+from schemas.events import InvalidEvent, UsageEvent, decode_usage_body
 from schemas.records import PricedEvent
 from streams.pricing import PriceBook
 
@@ -42,25 +42,41 @@ class Rejected:
 
 
 def decode_one(message: RawMessage) -> UsageEvent | Rejected:
+    outcome = decode_one_body(message)
+    return outcome if isinstance(outcome, Rejected) else outcome[0]
+
+
+def decode_one_body(message: RawMessage) -> tuple[UsageEvent, bytes | None] | Rejected:
+    """The event (and its reusable Avro body, ``schemas.events.decode_usage_body``), or why not."""
     value = message.value
     if value is None:
         return Rejected(message, "empty message (null value)", "decode")
     if len(value) > MAX_RAW_BYTES:
         return Rejected(message, f"message of {len(value)} bytes exceeds {MAX_RAW_BYTES}", "decode")
     try:
-        return decode_usage(value)
+        return decode_usage_body(value)
     except InvalidEvent as exc:
         return Rejected(message, exc.reason, "validate")
     except Exception as exc:  # the worker never crashes on input, whatever a decoder does
         return Rejected(message, f"undecodable: {exc!r}"[:1000], "decode")
 
 
-def decode_batch(messages: Iterable[RawMessage]) -> tuple[list[UsageEvent], list[Rejected]]:
+def decode_batch(
+    messages: Iterable[RawMessage], bodies: dict[str, bytes] | None = None
+) -> tuple[list[UsageEvent], list[Rejected]]:
+    """Decode and validate a batch; with ``bodies``, also collect each event id's reusable Avro body
+    (the first one of an id, like ``Deduplicator.fresh``)."""
     events: list[UsageEvent] = []
     rejected: list[Rejected] = []
     for message in messages:
-        outcome = decode_one(message)
-        (rejected if isinstance(outcome, Rejected) else events).append(outcome)  # type: ignore[arg-type]
+        outcome = decode_one_body(message)
+        if isinstance(outcome, Rejected):
+            rejected.append(outcome)
+            continue
+        event, body = outcome
+        events.append(event)
+        if bodies is not None and body is not None:
+            bodies.setdefault(event.event_id, body)
     return events, rejected
 
 
@@ -101,8 +117,12 @@ class Deduplicator:
         return len(self._seen)
 
 
-def price_batch(book: PriceBook, events: Iterable[UsageEvent]) -> list[PricedEvent]:
-    return [PricedEvent(event, book.price(event)) for event in events]
+def price_batch(
+    book: PriceBook, events: Iterable[UsageEvent], bodies: dict[str, bytes] | None = None
+) -> list[PricedEvent]:
+    if not bodies:
+        return [PricedEvent(event, book.price(event)) for event in events]
+    return [PricedEvent(event, book.price(event), bodies.get(event.event_id)) for event in events]
 
 
 # ---------------------------------------------------------------- records for the output topics

@@ -15,9 +15,11 @@ from schemas.events import (
     InvalidEvent,
     UsageEvent,
     decode_usage,
+    decode_usage_body,
     parse_json_event,
     printable_problem,
     surely_valid,
+    trusted_event,
     validate_event,
 )
 
@@ -262,3 +264,68 @@ def test_everyday_library_events_take_the_fast_path(overrides: dict[str, Any]) -
     assert not surely_valid({**data, "input_tokens": -1})
     assert not surely_valid({**data, "timestamp": "2025-07-01T00:00:00Z"})  # strings go through pydantic
     assert not surely_valid({**data, "timestamp": datetime.now(UTC) + timedelta(days=2)})  # a clock far ahead
+
+
+# ---------------------------------------------------------------- the worker's fast path
+@settings(max_examples=600, deadline=None)
+@given(st.dictionaries(st.sampled_from(_FIELDS), _ANY_VALUE), st.booleans())
+def test_a_trusted_event_is_exactly_what_the_model_makes_of_the_record(
+    mutations: dict[str, Any], plausible: bool
+) -> None:
+    data = {**event(timestamp=datetime(2025, 7, 1, tzinfo=UTC)), **mutations} if plausible else mutations
+    full = {
+        name: data.get(name, UsageEvent.model_fields[name].get_default(call_default_factory=True))
+        for name in UsageEvent.model_fields
+    }
+    trusted = trusted_event(dict(full))
+    if trusted is None:
+        return
+    validated = UsageEvent.model_validate(full)  # must not raise: trusted means valid
+    assert trusted == validated
+    assert trusted.model_dump() == validated.model_dump() and trusted.model_dump_json() == validated.model_dump_json()
+    assert trusted.model_fields_set == validated.model_fields_set
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"user_id": "u-1", "feature": "search", "tags": {"team": "ml"}, "latency_ms": 812, "estimated": True},
+        {"reasoning_tokens": 100, "session_id": "s-1", "environment": "prod", "cache_read_tokens": 10},
+    ],
+)
+def test_avro_events_of_the_newest_schema_are_trusted_and_keep_their_body(overrides: dict[str, Any]) -> None:
+    e = validate_event({**event(timestamp=datetime(2025, 7, 1, tzinfo=UTC)), **overrides})
+    data = e.to_avro()
+    decoded, body = decode_usage_body(data)
+    assert decoded == e and body == data[codec.HEADER_LEN :]
+    assert trusted_event(codec.decode("usage_event", data)) == e
+    older = codec.encode(
+        "usage_event",
+        e.model_dump(
+            exclude={
+                "session_id",
+                "team_id",
+                "reasoning_tokens",
+                "input_audio_tokens",
+                "output_audio_tokens",
+                "input_image_tokens",
+                "estimated",
+                "tags",
+            }
+        ),
+        version=1,
+    )
+    decoded_older, older_body = decode_usage_body(older)
+    assert older_body is None and decoded_older.event_id == e.event_id  # read as the newest schema: no reuse
+    assert decode_usage_body(e.to_json().encode()) == (e, None)
+    assert trusted_event({**codec.decode("usage_event", data), "input_tokens": -1}) is None
+    assert (
+        trusted_event(
+            {
+                **codec.decode("usage_event", data),
+                "timestamp": datetime(2025, 7, 1, tzinfo=timezone(timedelta(hours=2))),
+            }
+        )
+        is None
+    )

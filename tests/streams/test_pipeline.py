@@ -10,6 +10,7 @@ from schemas import codec
 from schemas.events import validate_event
 from schemas.records import Rollup, money
 from streams.app import expired, table_key, unpriced_model_alerts
+from streams.meter import priced_message
 from streams.pipeline import Deduplicator, RawMessage, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
 
@@ -80,6 +81,26 @@ def test_priced_records_round_like_postgres_and_encode() -> None:
     )
     assert money(Decimal("0.0000000000005")) == Decimal("0.000000000001")  # half away from zero, as numeric
     assert money(Decimal("-0.0000000000005")) == Decimal("-0.000000000001")
+
+
+def test_a_priced_message_reuses_the_received_avro_body_and_is_byte_for_byte_the_full_encoding() -> None:
+    book = PriceBook()
+    events = [
+        usage(event_id="avro-1"),
+        usage(event_id="avro-2", user_id="u", feature="f", tags={"k": "v"}, cache_read_tokens=40, latency_ms=9),
+        usage(event_id="avro-3", model="no-such-model"),  # unpriced
+    ]
+    messages = [raw(validate_event(e).to_avro(), i) for i, e in enumerate(events)]
+    messages.append(raw(json.dumps(usage(event_id="json-1")).encode(), 9))  # JSON: nothing to reuse
+    bodies: dict[str, bytes] = {}
+    decoded, rejected = decode_batch(messages, bodies)
+    assert not rejected and sorted(bodies) == ["avro-1", "avro-2", "avro-3"]
+    priced = price_batch(book, decoded, bodies)
+    for item in priced:
+        assert (item.usage_avro is None) == (item.event.event_id == "json-1")
+        full = codec.record_writer("priced_event")(item.to_avro())
+        assert priced_message(item) == full
+        assert codec.decode("priced_event", full)["usage"]["event_id"] == item.event.event_id
 
 
 def rollup(
