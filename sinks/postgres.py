@@ -115,6 +115,7 @@ class BatchResult:
     inserted: int  # ledger rows that were new; the rest were duplicates
     rollups: list[Rollup]  # every window the batch touched, with its totals after the batch
     new_spend: dict[str, Decimal] = field(default_factory=dict)  # tenant → cost of its new rows
+    seconds: float = 0.0  # how long the sinks took (Postgres and Redis)
 
 
 # The batch's new ledger rows (a replayed id inserts nothing), summed per minute and scope into a
@@ -122,9 +123,10 @@ class BatchResult:
 _INSERT_NEW_ROWS = f"""
 WITH new AS (
     INSERT INTO tokenmeter.ledger ({_COLUMN_LIST})
-    SELECT DISTINCT ON (event_id) {_COLUMN_LIST} FROM ledger_staging
+    SELECT {_COLUMN_LIST} FROM ledger_staging
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING *
+    RETURNING tenant_id, ts, provider, model, feature, user_id, environment, price_status, input_tokens,
+              output_tokens, cache_read_tokens, cache_write_tokens, input_cost, output_cost, total_cost
 )
 INSERT INTO new_minutes {_MINUTE_SUMS.format(src="new", source="new")}
 """

@@ -31,6 +31,8 @@ logged and counted, never allowed to hold a batch back.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -38,6 +40,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar
@@ -145,6 +148,31 @@ _PG_RECORD_CLASSES = frozenset({"22", "23", "54"})
 _KAFKA_RECORD_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD})
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A batch decoded, de-duplicated and priced, ready for the sinks."""
+
+    raw: Sequence[RawMessage]
+    events: list[UsageEvent]
+    rejected: list[Rejected]
+    fresh: list[UsageEvent]
+    priced: list[PricedEvent]
+    consumed_ms: int
+    seconds: float  # spent preparing it
+
+    @property
+    def fresh_ids(self) -> set[str]:
+        return {e.event_id for e in self.fresh}
+
+
+@dataclass(frozen=True)
+class Pipelined:
+    """The batch in the sinks (on the sink thread) while the next one is prepared."""
+
+    batch: Prepared
+    write: Future[BatchResult]
+
+
 class Stopping(RuntimeError):
     """The worker is stopping mid-batch; the batch is replayed by whoever starts next."""
 
@@ -224,6 +252,8 @@ class Sinks:
     ) -> BatchResult:
         """Postgres, then Redis (the windows ``live`` selects); each retried while down. A Redis retry does
         not rewrite Postgres."""
+        if not priced:
+            return BatchResult(0, [])
         started = time.perf_counter()
         result = with_backoff(
             lambda: write_batch(self._postgres(), priced),
@@ -241,7 +271,7 @@ class Sinks:
         metrics.SINK_SECONDS.labels(sink="redis").observe(time.perf_counter() - written)
         metrics.BATCH_SIZE.labels(sink="postgres").observe(len(priced))
         metrics.BATCH_SIZE.labels(sink="redis").observe(len(result.rollups))
-        return result
+        return dataclasses.replace(result, seconds=time.perf_counter() - started)
 
     def write_spend(
         self, rollups: Sequence[Rollup], should_stop: Callable[[], bool] | None = None, forget: Sequence[str] = ()
@@ -395,6 +425,9 @@ class Meter:
         self._in_flight = 0  # messages of the batch in hand: behind too, until committed
         self.stats = MeterStats()
         self.stopping = False
+        # One thread owns the sinks' connections: every Postgres and Redis write of stage 1 runs on it.
+        self._sink_thread = ThreadPoolExecutor(1, thread_name_prefix="sinks")
+        self._writing: Pipelined | None = None
         self._delivery_errors: list[KafkaError] = []
         self._lag_measured = 0.0
         self.caught_up_ms = 0  # every event produced before this is in the sinks (0: not known yet)
@@ -421,9 +454,43 @@ class Meter:
             self._delivery_errors.append(err)
 
     def run_once(self, timeout: float = BATCH_WAIT_S) -> int:
-        """Process one batch (whatever arrives within ``timeout``); return how many messages it had.
+        """Take one batch (whatever arrives within ``timeout``) and move the pipeline on; return how many
+        messages were taken or committed (0: nothing happened).
 
-        Raises only for transient failures (after rewinding the batch, so the next call replays it)."""
+        Two batches overlap (``Pipelined`` below): while batch N is in Postgres and Redis on the sink
+        thread, this thread decodes and prices batch N+1; then N is published, flushed and committed, and
+        N+1 goes to the sinks. Each batch still goes sinks → produce → flush → commit, in order.
+        Raises only for transient failures, after rewinding every batch not committed, so the next call
+        replays them."""
+        raw, consumed_ms = self._consume(timeout)
+        if not raw and self._writing is None:
+            self._advance_freshness(raw, consumed_ms)
+            return 0
+        if raw:
+            self.status_alive(len(raw))
+        prepared: Prepared | None = None
+        if raw:
+            try:
+                prepared = self._prepare(raw, consumed_ms)
+            except Exception as exc:  # a record the stages cannot handle: the batch goes the careful way
+                log.warning("preparing a batch failed (%s: %s)", type(exc).__name__, str(exc)[:300])
+        committed = self._finish_writing(rewind_too=raw)
+        if committed < 0:  # the batch before failed and went alone; this one was rewound, to be taken again
+            return -committed
+        if raw and prepared is None:
+            self._process_alone(raw, consumed_ms)
+            return committed + len(raw)
+        if prepared is not None:
+            stopping = lambda: self.stopping  # noqa: E731
+            write = self._sink_thread.submit(self.sinks.write, prepared.priced, stopping, self._live)
+            self._writing = Pipelined(prepared, write)
+        return committed + len(raw)
+
+    def drain(self) -> int:
+        """Finish the batch in the sinks, if any (publish, flush, commit); return how many messages it had."""
+        return abs(self._finish_writing(rewind_too=()))
+
+    def _consume(self, timeout: float) -> tuple[list[RawMessage], int]:
         messages = self.consumer.consume(self.settings.worker_batch_size, timeout)
         raw = []
         for m in messages:
@@ -435,13 +502,49 @@ class Meter:
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             assert topic is not None and partition is not None and offset is not None  # set on fetched messages
             raw.append(RawMessage(topic, partition, offset, m.key(), m.value(), m.timestamp()[1]))
-        consumed_ms = int(time.time() * 1000)
-        if not raw:
-            self._advance_freshness(raw, consumed_ms)
+        return raw, int(time.time() * 1000)
+
+    def status_alive(self, taken: int) -> None:
+        """A batch in hand is behind too: a hang from here on shows as a stall."""
+        self._in_flight = taken + (len(self._writing.batch.raw) if self._writing is not None else 0)
+        if self.status is not None:
+            self.status.alive(self.measure_lag() + self._in_flight)
+
+    def _finish_writing(self, rewind_too: Sequence[RawMessage]) -> int:
+        """Wait for the batch in the sinks and publish, flush and commit it; return its size. If it failed,
+        ``rewind_too`` (a batch taken meanwhile, not yet in the sinks) is rewound as well: a transient
+        failure is raised after both are rewound; after a failure about a record the batch goes the
+        careful way (``_isolating``) alone, and minus its size is returned (the caller drops its batch)."""
+        if self._writing is None:
             return 0
-        self._in_flight = len(raw)
-        if self.status is not None:  # a batch in hand is behind too: a hang from here on shows as a stall
-            self.status.alive(self.measure_lag() + len(raw))
+        writing, self._writing = self._writing, None
+        batch = writing.batch
+        try:
+            result = writing.write.result()
+            self._finish(batch, result)
+            self._commit(batch.raw)
+        except Exception as exc:
+            if rewind_too:
+                self._rewind(rewind_too)
+            if transient_reason(exc) is not None or self.stopping:
+                self._rewind(batch.raw)
+                self._in_flight = 0
+                raise
+            log.warning(
+                "a batch of %d messages failed (%s: %s); processing it again on its own",
+                len(batch.raw),
+                type(exc).__name__,
+                str(exc)[:300],
+            )
+            self._process_alone(batch.raw, batch.consumed_ms)
+            return -len(batch.raw)
+        self.stats.batches += 1
+        self._in_flight = 0
+        self._advance_freshness(batch.raw, batch.consumed_ms)
+        return len(batch.raw)
+
+    def _process_alone(self, raw: Sequence[RawMessage], consumed_ms: int) -> None:
+        """One batch through every stage on this thread, a failing record isolated and dead-lettered."""
         try:
             self._isolating(raw)
             self._commit(raw)
@@ -452,7 +555,6 @@ class Meter:
             self._in_flight = 0
         self.stats.batches += 1
         self._advance_freshness(raw, consumed_ms)
-        return len(raw)
 
     def _advance_freshness(self, committed: Sequence[RawMessage], consumed_ms: int) -> None:
         """Up to when the spend is complete: per assigned partition, the consume time if nothing waits
@@ -575,30 +677,45 @@ class Meter:
 
     def _process(self, raw: Sequence[RawMessage]) -> None:
         """One batch (or part of one) through every stage, up to Kafka's acks for its outputs."""
+        batch = self._prepare(raw, 0)
+        stopping = lambda: self.stopping  # noqa: E731
+        result = self._sink_thread.submit(self.sinks.write, batch.priced, stopping, self._live).result()
+        self._finish(batch, result)
+
+    def _prepare(self, raw: Sequence[RawMessage], consumed_ms: int) -> Prepared:
+        """Decode, validate, de-duplicate and price (this thread's share of a batch)."""
         started = time.perf_counter()
         bodies: dict[str, bytes] = {}
         events, rejected = decode_batch(raw, bodies)
         fresh = self.dedup.fresh(events)
+        if self._writing is not None:  # ids in the batch still in the sinks are not fresh either
+            writing = self._writing.batch.fresh_ids
+            fresh = [e for e in fresh if e.event_id not in writing]
         priced = price_batch(self.book, fresh, bodies)
-        sink_started = time.perf_counter()
-        stopping = lambda: self.stopping  # noqa: E731
-        result = self.sinks.write(priced, stopping, self._live) if priced else BatchResult(0, [])
-        sink_seconds = time.perf_counter() - sink_started
+        return Prepared(raw, events, rejected, fresh, priced, consumed_ms, time.perf_counter() - started)
+
+    def _finish(self, batch: Prepared, result: BatchResult) -> None:
+        """After the sinks: runaway detection, the outputs (flushed), the counters."""
+        started = time.perf_counter()
         # After the sinks, so a batch that failed there is not counted twice by the runaway rule (a failed
         # publish or a split still can: at worst an earlier runaway alert, never a money error).
         none: list[Alert] = []
-        runaways = optional("runaway detection", lambda: self._runaway_alerts(fresh), none)
-        self._publish(priced, rejected, result.rollups, runaways)
-        self.dedup.mark_seen(fresh)
+        runaways = optional("runaway detection", lambda: self._runaway_alerts(batch.fresh), none)
+        self._publish(batch.priced, batch.rejected, result.rollups, runaways)
+        self.dedup.mark_seen(batch.fresh)
         s = self.stats
-        s.consumed += len(raw)
-        s.rejected += len(rejected)
-        s.duplicates += len(events) - result.inserted
+        s.consumed += len(batch.raw)
+        s.rejected += len(batch.rejected)
+        s.duplicates += len(batch.events) - result.inserted
         s.inserted += result.inserted
-        s.unpriced += sum(1 for p in priced if p.price.status == "unpriced")
-        s.sink_seconds += sink_seconds
-        s.busy_seconds += time.perf_counter() - started
-        self._count(len(raw), rejected, len(events) - result.inserted, priced, result)
+        s.unpriced += sum(1 for p in batch.priced if p.price.status == "unpriced")
+        s.sink_seconds += result.seconds
+        s.busy_seconds += batch.seconds + result.seconds + time.perf_counter() - started
+        self._count(len(batch.raw), batch.rejected, len(batch.events) - result.inserted, batch.priced, result)
+
+    def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None:
+        """``Sinks.refresh_spend`` on the sink thread (its Postgres connection is that thread's)."""
+        self._sink_thread.submit(self.sinks.refresh_spend, scopes).result()
 
     def _live(self, rollups: Sequence[Rollup], forget: list[str]) -> list[Rollup]:
         """The windows of scopes with live structures (``streams/live.py``), after noting this batch's;
@@ -611,7 +728,7 @@ class Meter:
         alerts = runaway_alerts(self.conversations, fresh, datetime.now(UTC))
         if not alerts:
             return []
-        new = self.sinks.store_alerts(alerts)  # once per alert id, whatever replays repeat
+        new = self._sink_thread.submit(self.sinks.store_alerts, alerts).result()  # once per id, whatever replays
         return [alert for alert in alerts if alert.alert_id in new]
 
     def _count(
@@ -732,6 +849,11 @@ class Meter:
 
     def close(self) -> None:
         self.stopping = True
+        if self._writing is not None:  # not committed: the next owner of its partitions replays it
+            with contextlib.suppress(Exception):
+                self._writing.write.result()
+            self._writing = None
+        self._sink_thread.shutdown(wait=True)
         self.consumer.close()
         self.producer.flush(5.0)
         try:  # a stopped process no longer speaks for the spend's freshness
@@ -838,7 +960,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
                 followed = time.monotonic()
                 _exit_if_orphaned(parent_pid)
             if budgeted:
-                optional("spend of newly budgeted scopes", lambda: meter.sinks.refresh_spend(budgeted), None)
+                optional("spend of newly budgeted scopes", lambda: meter.refresh_spend(budgeted), None)
                 budgeted.clear()
             try:
                 done = meter.run_once(BATCH_WAIT_S)
@@ -864,6 +986,8 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
     finally:
+        with contextlib.suppress(Exception):  # the batch still in the sinks: committed now, not replayed later
+            meter.drain()
         meter.close()
         overrides.close()
         named.close()

@@ -203,7 +203,9 @@ def test_a_batch_goes_to_the_sinks_then_kafka_and_is_committed_only_after_kafka_
     batch = [FakeMessage(0, 10, usage("a")), FakeMessage(0, 11, b"{not json"), FakeMessage(1, 5, usage("bb"))]
     meter, log, producer, sinks = make([batch], book)
 
-    assert meter.run_once() == 3
+    assert meter.run_once() == 3  # taken and in the sinks (on the sink thread)
+    assert not any(entry.startswith("commit") for entry in log)
+    assert meter.drain() == 3  # published, flushed, committed
 
     assert kinds(log) == ["sinks", "produce", "flush", "commit"]
     assert log[0] == "sinks 2"  # the malformed message never reaches a sink
@@ -231,13 +233,15 @@ def test_a_transient_failure_rewinds_the_batch_commits_nothing_and_the_next_call
         raise failure
 
     sinks.fail = fail_once
+    meter.run_once()
     with pytest.raises(type(failure)):
-        meter.run_once()
+        meter.drain()
     assert not any(entry.startswith(("commit", "produce")) for entry in log)
     assert log[-2:] == ["seek 0@10", "seek 1@5"]  # back to the first message of each partition
 
     log.clear()
     assert meter.run_once() == 3  # the replay
+    assert meter.drain() == 3
     assert kinds(log) == ["sinks", "produce", "flush", "commit"]
     assert log[-1] == "commit 0@11,1@7"
     assert sorted(sinks.ledger) == ["a", "bb", "ccc"]
@@ -248,13 +252,15 @@ def test_outputs_kafka_does_not_acknowledge_hold_the_commit_back(book: PriceBook
     meter, log, producer, sinks = make([batch, batch], book)
     producer.fail_with = KafkaError(KafkaError._MSG_TIMED_OUT)
 
+    meter.run_once()
     with pytest.raises(OutputsNotDelivered):
-        meter.run_once()
+        meter.drain()
     assert kinds(log) == ["sinks", "produce", "flush", "seek"]  # sinks done, outputs lost, no commit
 
     producer.fail_with = None
     log.clear()
     assert meter.run_once() == 1
+    assert meter.drain() == 1
     assert kinds(log) == ["sinks", "produce", "flush", "commit"]
     assert sinks.ledger == {"a": Decimal("0.0035")}  # the replay inserted nothing twice
 
@@ -271,6 +277,7 @@ def test_a_record_no_sink_accepts_is_dead_lettered_alone_and_the_rest_is_billed_
 
     sinks.fail = refuse_poison
     assert meter.run_once() == 8
+    assert meter.drain() == 8  # failed in the sinks: processed again alone, split until the record is found
 
     assert sorted(sinks.ledger) == [f"e{i}" for i in range(8) if i != 5]
     settings = Settings()
@@ -278,3 +285,54 @@ def test_a_record_no_sink_accepts_is_dead_lettered_alone_and_the_rest_is_billed_
     assert len(dead) == 1 and b"a value the sink refuses" in dead[0]
     assert log[-1] == "commit 0@8" and sum(entry.startswith("commit") for entry in log) == 1
     assert meter.stats.rejected == 1 and meter.stats.consumed == 8
+
+
+def test_the_next_batch_is_prepared_while_one_is_in_the_sinks_and_each_is_committed_in_order(
+    book: PriceBook,
+) -> None:
+    first = [FakeMessage(0, 0, usage("a")), FakeMessage(1, 0, usage("dup"))]
+    second = [FakeMessage(0, 1, usage("b")), FakeMessage(1, 1, usage("dup"))]  # a producer retry of "dup"
+    meter, log, producer, sinks = make([first, second], book)
+
+    assert meter.run_once() == 2
+    assert meter.run_once() == 4  # the second taken and prepared, the first committed, the second sent on
+    assert meter.drain() == 2
+
+    assert (
+        log
+        == [
+            "sinks 2",
+            *[entry for entry in log if entry.startswith("produce")][:3],
+            "flush",
+            "commit 0@1,1@1",
+            "sinks 1",  # "dup" is still in the sinks with the first batch when the second is prepared: not fresh
+            *[entry for entry in log if entry.startswith("produce")][3:],
+            "flush",
+            "commit 0@2,1@2",
+        ]
+    )
+    priced = [value for topic, value in producer.delivered if topic == Settings().topic_priced]
+    assert len(priced) == 3 and sorted(sinks.ledger) == ["a", "b", "dup"]
+
+
+def test_when_the_batch_in_the_sinks_fails_the_one_taken_meanwhile_is_rewound_too(book: PriceBook) -> None:
+    first = [FakeMessage(0, 0, usage("a"))]
+    second = [FakeMessage(0, 1, usage("b")), FakeMessage(2, 7, usage("c"))]
+    meter, log, _producer, sinks = make([first, second, [*first, *second]], book)
+
+    def down(_batch: Sequence[PricedEvent]) -> None:
+        raise psycopg.OperationalError("connection refused")
+
+    sinks.fail = down
+    meter.run_once()
+    with pytest.raises(psycopg.OperationalError):
+        meter.run_once()
+    assert not any(entry.startswith(("commit", "produce")) for entry in log)
+    seeks = [entry for entry in log if entry.startswith("seek")]
+    assert sorted(seeks) == ["seek 0@0", "seek 0@1", "seek 2@7"]
+    assert [entry for entry in seeks if entry.startswith("seek 0@")][-1] == "seek 0@0"  # the earliest wins
+
+    sinks.fail = lambda _b: None
+    log.clear()
+    assert meter.run_once() == 3 and meter.drain() == 3
+    assert log[-1] == "commit 0@2,2@8" and sorted(sinks.ledger) == ["a", "b", "c"]
