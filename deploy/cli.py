@@ -869,11 +869,15 @@ def _bench_pipeline(settings: Settings, events: int, record_calls: int) -> dict[
         "record_p99_us": max(f["p99_us"] for f in busy),
         "record_p99_us_idle_caller": figures["idle 5000/s"]["p99_us"],
         "record_latency": figures,
+        # The yardsticks (#15): the pipeline against the baselines measured in this same run.
+        "pipeline_vs_naive_postgres": round(pipeline.pipeline_events_per_s / pipeline.naive_postgres_events_per_s, 2),
+        "pipeline_vs_bare_consume": round(pipeline.pipeline_events_per_s / pipeline.bare_consume_events_per_s, 3),
     }
     for key in (
         "pipeline_events_per_s",
         "bare_consume_events_per_s",
         "naive_postgres_events_per_s",
+        "pipeline_vs_naive_postgres",
         "p99_event_to_quota_ms",
         "quota_check_p99_us",
         "p99_budget_alert_ms",

@@ -145,6 +145,8 @@ class ConfigFollower:
             applied = 0
             wait = timeout
             while True:
+                if wait > 0.05 and self._at_end(consumer):  # nothing more to wait for (an empty topic, say)
+                    return applied
                 messages = consumer.consume(1000, wait)
                 if not messages:
                     return applied
@@ -180,6 +182,20 @@ class ConfigFollower:
                         continue
                     applied += 1
                     self.applied += 1
+
+    def _at_end(self, consumer: Consumer) -> bool:
+        """Whether every partition has been read up to its end as the broker knows it now (so a start-up
+        catch-up need not wait out its timeout); unknown counts as not."""
+        try:
+            for position in consumer.position(consumer.assignment()):
+                low, high = consumer.get_watermark_offsets(position, timeout=2.0, cached=False)
+                offset = position.offset if position.offset >= 0 else low  # nothing read yet: at the start
+                if offset < high:
+                    return False
+        except Exception as exc:
+            log.debug("%s: end offsets unknown: %s", self.topic, exc)
+            return False
+        return True
 
     def _rewind(self, consumer: Consumer, unapplied: Sequence[Message]) -> None:
         """Seek each partition back to its first message not yet applied."""

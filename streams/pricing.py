@@ -62,8 +62,11 @@ class _FastPrice:
     output_mtok: Rate
     cache_read_mtok: Rate | None
     cache_write_mtok: Rate | None
+    flat: TokenRates | None = None  # the rates, when none of them has tiers (most models): made once
 
     def at(self, input_tokens: int) -> TokenRates:
+        if self.flat is not None:
+            return self.flat
         input_rate = _rate_at(self.input_mtok, input_tokens)
         output_rate = _rate_at(self.output_mtok, input_tokens)
         assert input_rate is not None and output_rate is not None
@@ -139,12 +142,14 @@ class PriceBook:
         token_rates = {k for k in values if k.endswith("_mtok") and not _NOT_CARRIED.search(k)}
         simple = token_rates <= _FAST_KEYS and all(isinstance(values[k], Decimal | TieredPrices) for k in token_rates)
         if simple and "input_mtok" in values and "output_mtok" in values:
-            fast: _FastPrice | None = _FastPrice(
+            rates = (
                 values["input_mtok"],
                 values["output_mtok"],
                 values.get("cache_read_mtok"),
                 values.get("cache_write_mtok"),
             )
+            untiered = not any(isinstance(rate, TieredPrices) for rate in rates)
+            fast: _FastPrice | None = _FastPrice(*rates, flat=TokenRates(*rates) if untiered else None)
         else:
             fast = None
         self._fast[key] = (price, fast)

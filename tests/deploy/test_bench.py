@@ -118,6 +118,8 @@ PIPELINE_KEYS = {
     "record_p99_us",
     "record_p99_us_idle_caller",
     "record_latency",
+    "pipeline_vs_naive_postgres",
+    "pipeline_vs_bare_consume",
 }
 REPORT_KEYS = {
     "ledger_rows",
@@ -146,6 +148,9 @@ def test_a_small_bench_run_prints_its_figures_and_leaves_no_faust_folder(
     for key in ("pipeline_events_per_s", "bare_consume_events_per_s", "naive_postgres_events_per_s"):
         assert figures[key] > 0, key
         assert f"{key:>28}: " in done.stderr
+    assert figures["pipeline_vs_naive_postgres"] == round(
+        figures["pipeline_events_per_s"] / figures["naive_postgres_events_per_s"], 2
+    )
     assert figures["quota_probes"] == 100 and 0 < figures["p99_event_to_quota_ms"] < 30_000
     assert "events (1% producer retries)" in done.stderr
     # The bench's worker kept its Faust data under the stack's state folder, not in the current folder.
