@@ -14,6 +14,10 @@ Per batch, in this order:
 4. produce the dead letters, priced events and the absolute rollups; wait for Kafka's acks;
 5. commit the batch's offsets.
 
+Steps 3–5 of batch N overlap steps 1–2 of batch N+1 (``Meter.run_once``): N is in the sinks on a
+sink thread while N+1 is decoded and priced here; the order of each batch's steps and of the commits
+stays as above, and a failure rewinds both.
+
 Killed anywhere before 5, the batch is replayed: Postgres skips the ids it has, Redis and
 ``metering.rollups`` get the same absolute numbers again, so totals stay exact. Only the output
 topics can carry a repeat (same ``event_id``, same rollup key and values).
