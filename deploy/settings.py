@@ -46,7 +46,10 @@ class Settings(BaseSettings):
     # Worker: the Faust app id (also names its table changelog topics); stage 1's consumer group is
     # "<worker_id>-meter". Workers sharing an id share the work.
     worker_id: str = "tokenmeter"
-    worker_batch_size: int = Field(default=5000, ge=1, description="most raw messages per stage-1 batch")
+    # Bigger batches aggregate more per Postgres statement: 5,000 → 10,000 took the bench from 12k to
+    # 14k events/s; 20,000 gained nothing more. A batch is what arrived within 50 ms, so under light
+    # traffic batches stay small and quick.
+    worker_batch_size: int = Field(default=10_000, ge=1, description="most raw messages per stage-1 batch")
     # Supervision: a stage that commits nothing for this long while it has messages to do, or a stage
     # process that dies, makes the worker exit non-zero (for systemd/Kubernetes to restart it); /readyz
     # reports a stall after half of it.

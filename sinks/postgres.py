@@ -178,7 +178,7 @@ def _row(item: PricedEvent) -> tuple[object, ...]:
         e.latency_ms,
         e.status,
         e.estimated,
-        json.dumps(e.tags),
+        json.dumps(e.tags) if e.tags else "{}",  # most events have none: no encoder call
         p.status,
         p.input_cost,
         p.output_cost,
