@@ -114,6 +114,7 @@ PIPELINE_KEYS = {
     "p50_budget_alert_ms",
     "p99_budget_alert_ms",
     "stage_two_behind_s",
+    "quota_background_events_per_s",
     "record_p50_us",
     "record_p99_us",
     "record_p99_us_idle_caller",
