@@ -51,7 +51,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import psycopg
 import redis
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from deploy.settings import Settings
 from producers.kafka_logging import logged
@@ -177,6 +177,10 @@ class Pipelined:
     write: Future[BatchResult]
 
 
+class CommitFailed(RuntimeError):
+    """The consumer could not commit a batch's offsets (a transient failure: the batch is replayed)."""
+
+
 class Stopping(RuntimeError):
     """The worker is stopping mid-batch; the batch is replayed by whoever starts next."""
 
@@ -208,7 +212,7 @@ def transient_reason(exc: BaseException) -> str | None:
         return "postgres" if postgres_transient(exc) else None
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)):
         return "redis"
-    if isinstance(exc, OutputsNotDelivered):
+    if isinstance(exc, OutputsNotDelivered | CommitFailed):
         return "kafka"
     return None
 
@@ -459,7 +463,7 @@ class Meter:
 
     def run_once(self, timeout: float = BATCH_WAIT_S) -> int:
         """Take one batch (whatever arrives within ``timeout``) and move the pipeline on; return how many
-        messages were taken or committed (0: nothing happened).
+        messages were committed (a batch only taken is not progress yet: ``in_flight`` counts it).
 
         Two batches overlap (``Pipelined`` below): while batch N is in Postgres and Redis on the sink
         thread, this thread decodes and prices batch N+1; then N is published, flushed and committed, and
@@ -483,12 +487,18 @@ class Meter:
             return -committed
         if raw and prepared is None:
             self._process_alone(raw, consumed_ms)
-            return committed + len(raw)
+            return committed + len(raw)  # committed too
         if prepared is not None:
             stopping = lambda: self.stopping  # noqa: E731
             write = self._sink_thread.submit(self.sinks.write, prepared.priced, stopping, self._live)
             self._writing = Pipelined(prepared, write)
-        return committed + len(raw)
+            self._in_flight = len(prepared.raw)  # behind until committed: a stuck write shows as a stall
+        return committed
+
+    @property
+    def in_flight(self) -> int:
+        """Messages taken and not committed yet (the batch in the sinks, the one being prepared)."""
+        return self._in_flight
 
     def drain(self) -> int:
         """Finish the batch in the sinks, if any (publish, flush, commit); return how many messages it had."""
@@ -543,8 +553,8 @@ class Meter:
             self._process_alone(batch.raw, batch.consumed_ms)
             return -len(batch.raw)
         self.stats.batches += 1
-        self._in_flight = 0
-        self._advance_freshness(batch.raw, batch.consumed_ms)
+        self._in_flight = len(rewind_too)  # the batch taken meanwhile is still to be done
+        self._advance_freshness(batch.raw, batch.consumed_ms, in_hand=rewind_too)
         return len(batch.raw)
 
     def _process_alone(self, raw: Sequence[RawMessage], consumed_ms: int) -> None:
@@ -560,20 +570,24 @@ class Meter:
         self.stats.batches += 1
         self._advance_freshness(raw, consumed_ms)
 
-    def _advance_freshness(self, committed: Sequence[RawMessage], consumed_ms: int) -> None:
+    def _advance_freshness(
+        self, committed: Sequence[RawMessage], consumed_ms: int, in_hand: Sequence[RawMessage] = ()
+    ) -> None:
         """Up to when the spend is complete: per assigned partition, the consume time if nothing waits
         there, else the newest message committed from it; the oldest of them. Unknown (no assignment
-        yet, a position or end not fetched, a backlog not yet read from) means no advance at all."""
+        yet, a position or end not fetched, a backlog not yet read from) means no advance at all.
+        Messages ``in_hand`` (the next batch, taken but not in the sinks yet) are still waiting."""
         for message in committed:
             where = (message.topic, message.partition)
             self._partition_caught_up[where] = max(self._partition_caught_up.get(where, 0), message.timestamp_ms)
         lags = self.partition_lags()
         if not lags:
             return
+        waiting = {(m.topic, m.partition) for m in in_hand}
         for where in [w for w in self._partition_caught_up if w not in lags]:
             del self._partition_caught_up[where]  # revoked
         for where, lag in lags.items():
-            if lag == 0:
+            if lag == 0 and where not in waiting:
                 self._partition_caught_up[where] = consumed_ms
         if all(self._partition_caught_up.get(where, 0) > 0 for where in lags):
             self.caught_up_ms = max(self.caught_up_ms, min(self._partition_caught_up[w] for w in lags))
@@ -839,7 +853,10 @@ class Meter:
             ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), -1), m.offset + 1)
         if ends:
             # Asynchronous: librdkafka keeps commits in order; a lost one only means a replay, which is harmless.
-            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=True)
+            try:
+                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=True)
+            except KafkaException as exc:  # about the consumer, not a record: the batch is replayed
+                raise CommitFailed(f"committing offsets failed: {exc}") from exc
 
     def _rewind(self, raw: Sequence[RawMessage]) -> None:
         starts: dict[tuple[str, int], int] = {}
@@ -971,7 +988,10 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
                 meter.report_freshness()
                 backoff = 1.0
                 if status is not None:
-                    (status.progressed if done else status.alive)(meter.measure_lag())
+                    if done:
+                        status.progressed(meter.measure_lag() + meter.in_flight)
+                    else:
+                        status.alive(meter.measure_lag() + meter.in_flight)
             except Exception as exc:
                 if stop.is_set():
                     break
