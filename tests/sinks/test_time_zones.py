@@ -99,3 +99,41 @@ def test_a_daily_budget_resets_at_the_tenants_midnight(stack: LocalStack, settin
     next_day = period_end("day", day, zone) + timedelta(seconds=1)
     assert client.check(tenant, now=next_day).allowed
     assert client.reserve(tenant, Decimal("0.01"), now=next_day).allowed
+
+
+@pytest.mark.parametrize("zone", ["Asia/Kolkata", "Asia/Kathmandu", "America/St_Johns"])
+def test_hour_and_day_windows_of_a_half_or_quarter_hour_zone_match_an_independent_count(
+    conn: psycopg.Connection, unique: str, zone: str
+) -> None:
+    """Rollups are summed per UTC minute before they are truncated in the tenant's zone: for zones whose
+    offset is not whole hours, every local hour and day must still get exactly its own calls."""
+    from zoneinfo import ZoneInfo
+
+    tenant = f"tzq-{unique}"
+    set_time_zone(conn, tenant, zone)
+    start = datetime(2025, 7, 1, 17, tzinfo=UTC)
+    moments = [start + timedelta(minutes=7 * i, seconds=i % 60) for i in range(80)]  # ~9 h, across local midnight
+    batch = [priced(tenant, f"e{i}", at) for i, at in enumerate(moments)]
+    first = write_batch(conn, batch[:37])
+    second = write_batch(conn, batch[37:] + batch[:5])  # a later batch with replays of earlier events
+    assert first.inserted == 37 and second.inserted == 43
+
+    local = ZoneInfo(zone)
+    expected: dict[tuple[str, datetime], int] = {}
+    for at in moments:  # the independent count: each call's local hour and day, by the standard library
+        here = at.astimezone(local)
+        for granularity, window in (
+            ("hour", here.replace(minute=0, second=0, microsecond=0)),
+            ("day", here.replace(hour=0, minute=0, second=0, microsecond=0)),
+        ):
+            key = (granularity, window.astimezone(UTC))
+            expected[key] = expected.get(key, 0) + 1
+    rows = conn.execute(
+        "SELECT granularity, window_start, calls, cost FROM tokenmeter.rollups WHERE tenant_id = %s"
+        " AND dimension = 'tenant' AND granularity IN ('hour', 'day')",
+        (tenant,),
+    ).fetchall()
+    conn.commit()
+    assert {(g, w.astimezone(UTC)): calls for g, w, calls, _ in rows} == expected
+    unit = batch[0].price.total_cost
+    assert all(cost == unit * calls for _, _, calls, cost in rows)
