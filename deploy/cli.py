@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from deploy.connections import kafka_config, redis_client
 from deploy.output import cell, csv_safe, rounding_note, usd, usd_in_text
 from deploy.settings import Settings, get_settings
 from deploy.stack import LocalStack, StackError
@@ -310,7 +311,7 @@ def _send_config(topic: str, key: str, value: bytes | None) -> None:
 
     from producers.kafka_logging import logged
 
-    producer = Producer({"bootstrap.servers": _settings().kafka_bootstrap, "enable.idempotence": True, **logged()})
+    producer = Producer(kafka_config(_settings(), **{"enable.idempotence": True}, **logged()))
     producer.produce(topic, key=key.encode(), value=value)
     if producer.flush(15) != 0:
         _fail(f"could not write to {topic} at {_settings().kafka_bootstrap} (is the stack up?)")
@@ -388,7 +389,7 @@ def _current_budgets() -> list[Any]:
         elif record.kind == "budget":
             found.pop(key, None)
 
-    follower = ConfigFollower(_settings().kafka_bootstrap, _settings().topic_budgets, apply)
+    follower = ConfigFollower(kafka_config(_settings()), _settings().topic_budgets, apply)
     follower.catch_up(3.0)
     follower.close()
     return sorted(found.values(), key=lambda b: (b.tenant_id, b.dimension, b.value))
@@ -602,7 +603,6 @@ def tenant_set(tenant_id: str, time_zone: str) -> None:
     old calendar may alert once more in the new one.
     """
     import psycopg
-    import redis
 
     from schemas.periods import PERIODS, zone
     from schemas.redis_keys import spend_key
@@ -620,7 +620,7 @@ def tenant_set(tenant_id: str, time_zone: str) -> None:
             rollups = set_time_zone(conn, tenant_id, time_zone)
     except psycopg.Error as exc:
         _fail(f"cannot set the time zone: {exc}".strip())
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+    client = redis_client(settings, socket_timeout=5.0)
     # Clear, then write afresh: spend of the old calendar's open day can belong to a day of the new
     # calendar that has ended, which write_spend skips, so its old value would otherwise stay.
     stale = {spend_key(r.tenant_id, r.dimension, r.dimension_value, p) for r in rollups for p in PERIODS}

@@ -34,6 +34,7 @@ from typing import Any
 import psycopg
 import redis
 
+from deploy.connections import redis_client
 from deploy.output import usd, usd_in_text
 from deploy.settings import Settings
 from producers.quota import decide
@@ -178,7 +179,7 @@ class Summary:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.redis = redis_client(settings, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._lock = threading.Lock()
         self._built = 0.0
         self._last: dict[str, Any] = {}

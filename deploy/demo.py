@@ -34,6 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deploy.bench.workload import Model, Tenant, Workload
+from deploy.connections import kafka_config
 from deploy.isolation import WorkerProcess
 from deploy.output import cell, usd, usd_in_text
 from deploy.report_render import print_report, render_html
@@ -270,7 +271,7 @@ def _set_budgets(settings: Settings, quota: QuotaClient, rate: int, duration: fl
         ),
     ]
     # librdkafka's lines go through logging (producers/kafka_logging.py), not onto the demo's screen.
-    config = {"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "logger": KafkaLogger()}
+    config = kafka_config(settings, **{"enable.idempotence": True, "logger": KafkaLogger()})
     producer = Producer(config)
     for budget in budgets:
         producer.produce(settings.topic_budgets, key=budget.key.encode(), value=budget.to_json())

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +31,22 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = ""
     database_url: str = ""
     redis_url: str = ""
+    # Kafka security, the same for every client the project builds (deploy/connections.py): stage 1, Faust
+    # (mapped to aiokafka), the producer library, the CLI, lag, topics and config followers.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_ca_location: Path | None = None
+    kafka_ssl_certificate_location: Path | None = None
+    kafka_ssl_key_location: Path | None = None
+    kafka_ssl_key_password: SecretStr = SecretStr("")
+    # Any other librdkafka property (JSON object, e.g. '{"ssl.endpoint.identification.algorithm": "none"}');
+    # applied last to the confluent-kafka clients. Faust's aiokafka clients take only the settings above.
+    kafka_client_properties: dict[str, str | int | bool] = Field(default_factory=dict)
+    # Redis Cluster: the URL names one node; the client discovers the others. Every key one quota call
+    # touches carries the tenant as a hash tag, so it lives on one node (schemas/redis_keys.py).
+    redis_cluster: bool = False
 
     # Topics (DESIGN.md §2).
     topic_raw: str = "usage.raw"

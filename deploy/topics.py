@@ -13,6 +13,7 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
+from deploy.connections import kafka_config
 from deploy.settings import Settings
 from producers.kafka_logging import logged
 
@@ -50,7 +51,7 @@ class TopicChange:
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]:
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, **logged()})
+    admin = AdminClient(kafka_config(settings, **logged()))
     existing = admin.list_topics(timeout=timeout).topics
     specs = topic_specs(settings)
     changes: list[TopicChange] = []
@@ -105,7 +106,7 @@ class TopicsMissing(RuntimeError):
 def verify_topics(settings: Settings, create: bool, timeout: float = 30.0) -> list[TopicChange]:
     """Before a worker starts: every topic it reads or writes must exist. Missing ones are created
     when ``create`` (the default setting); otherwise, or if creating fails, ``TopicsMissing`` names them."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, **logged()})
+    admin = AdminClient(kafka_config(settings, **logged()))
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except Exception as exc:

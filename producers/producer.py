@@ -37,6 +37,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from deploy.connections import kafka_config as connection_config
 from deploy.settings import Settings, get_settings
 from producers.context import apply_attribution
 from producers.kafka_logging import KafkaLogger, error_level
@@ -77,7 +78,7 @@ class UsageProducer:
         self.topic = topic or self.settings.topic_raw
         self.spool = Spool(self.settings.spool_path, self.settings.spool_max_bytes)
         config: dict[str, Any] = {
-            "bootstrap.servers": self.settings.kafka_bootstrap,
+            **connection_config(self.settings),
             "enable.idempotence": True,
             "acks": "all",
             "compression.type": "lz4",

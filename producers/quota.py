@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from deploy.connections import redis_client
 from deploy.settings import Settings, get_settings
 from schemas.periods import PERIODS
 from schemas.records import scope_label
@@ -210,7 +211,7 @@ def _scopes(feature: str | None, user_id: str | None, environment: str | None = 
 class QuotaClient:
     def __init__(self, settings: Settings | None = None, client: redis.Redis | None = None) -> None:
         self.settings = settings or get_settings()
-        self.redis = client or redis.Redis.from_url(self.settings.redis_url, socket_timeout=1.0)
+        self.redis = client or redis_client(self.settings, socket_timeout=1.0)
 
     def check(
         self,

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import ssl
 import sys
 import time
 from collections import OrderedDict
@@ -39,7 +40,9 @@ from typing import Any
 import faust
 import psycopg
 import redis
+from aiokafka.partitioner import murmur2
 
+from deploy.connections import faust_brokers, kafka_config, redis_client
 from deploy.settings import Settings, get_settings
 from schemas import codec
 from schemas.periods import local_date, local_midnight, period_end
@@ -79,6 +82,26 @@ _SEP = "\x1f"  # cannot occur in ids (control characters are not sent by service
 def window_key(tenant_id: str, granularity: str, start: datetime, dimension: str, value: str) -> str:
     """The ``rollups`` table key of one window of one scope."""
     return _SEP.join((tenant_id, granularity, start.isoformat(), dimension, value))
+
+
+def tenant_partition(tenant_id: str, partitions: int) -> int:
+    """The metering.rollups partition of a tenant's messages: Kafka's default partitioner (murmur2 of the
+    key, as stage 1's producer is configured) of the tenant id."""
+    return (murmur2(tenant_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+class TenantTable(faust.Table):
+    """A table whose keys live in the changelog partition that carries their tenant's rollup messages.
+
+    Faust assigns changelog partition p to the worker that consumes metering.rollups partition p, so a
+    worker holds every window of the tenants it is sent, whatever rebalances happen: the anomaly rules
+    always see a tenant's whole history. (``use_partitioner`` would hash the window key instead and
+    spread one tenant over every worker; Faust's default needs a current event, which a timer has not.)
+    """
+
+    def partition_for_key(self, key: Any) -> int:
+        assert self.partitions, "set by make_app"
+        return tenant_partition(str(key).split(_SEP, 1)[0], self.partitions)
 
 
 def table_key(r: Rollup) -> str:
@@ -179,7 +202,7 @@ class AlertSink:
 def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFollower:
     """Keeps ``budgets`` and the Redis budget and rate-limit keys (read by QuotaClient) equal to
     config.budgets."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+    client = redis_client(settings, socket_timeout=5.0)
 
     def apply(key: str, value: bytes | None) -> None:
         record = parse_config_record(key, value)
@@ -196,7 +219,7 @@ def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFol
         else:
             client.set(redis_key, record.item.redis_json())
 
-    return ConfigFollower(settings.kafka_bootstrap, settings.topic_budgets, apply)
+    return ConfigFollower(kafka_config(settings), settings.topic_budgets, apply)
 
 
 _RULES: dict[tuple[str, str], Callable[[Window, list[Window]], Finding | None]] = {
@@ -245,6 +268,34 @@ def anomaly_alerts(
     return alerts
 
 
+def faust_credentials(settings: Settings) -> Any:
+    """The same security for Faust (aiokafka): ``None`` for PLAINTEXT, else a Faust credentials object."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    context: ssl.SSLContext | None = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_ca_location) if settings.kafka_ssl_ca_location else None
+        )
+        if settings.kafka_ssl_certificate_location:
+            context.load_cert_chain(
+                str(settings.kafka_ssl_certificate_location),
+                str(settings.kafka_ssl_key_location) if settings.kafka_ssl_key_location else None,
+                settings.kafka_ssl_key_password.get_secret_value() or None,
+            )
+        if settings.kafka_client_properties.get("ssl.endpoint.identification.algorithm") == "none":
+            context.check_hostname = False
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password.get_secret_value(),
+        mechanism=settings.kafka_sasl_mechanism,
+        ssl_context=context,
+    )
+
+
 def make_app(settings: Settings | None = None, health: Health | None = None) -> faust.App:
     settings = settings or get_settings()
     health = health or Health(settings.worker_stall_timeout_s)
@@ -253,7 +304,8 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
     health.processes["stage 1 (metering)"] = None  # not running until the supervisor starts it
     app = faust.App(
         settings.worker_id,
-        broker=f"kafka://{settings.kafka_bootstrap}",
+        broker=faust_brokers(settings),
+        broker_credentials=faust_credentials(settings),
         datadir=settings.faust_datadir,
         store="memory://",
         topic_partitions=settings.topic_partitions,
@@ -270,9 +322,10 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
     rollups_topic = app.topic(settings.topic_rollups, key_serializer="raw", value_serializer="raw")
     anomaly_topic = app.topic(settings.topic_alerts_anomaly, key_serializer="raw", value_serializer="raw")
     budget_topic = app.topic(settings.topic_alerts_budget, key_serializer="raw", value_serializer="raw")
-    # Keys spread by hash (use_partitioner): a batch mixes tenants, and each key is written once per batch.
-    # No defaults: a Faust table with a default writes one to its changelog on every missed lookup.
-    rollups = app.Table("rollups", partitions=settings.topic_partitions, use_partitioner=True)
+    # Keys in their tenant's partition (TenantTable). No defaults: a Faust table with a default writes one to
+    # its changelog on every missed lookup.
+    rollups = TenantTable(app, name="rollups", partitions=settings.topic_partitions, beacon=app.tables.beacon)
+    app.tables.add(rollups)
     alerted: OrderedDict[str, None] = OrderedDict()  # bounded: see RECENT_ALERTS
 
     def window(key: str) -> dict[str, Any] | None:
@@ -280,7 +333,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
 
     budgets: dict[str, Budget] = {}
     budget_config = budget_follower(settings, budgets)
-    quota_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0)
+    quota_redis = redis_client(settings, socket_timeout=2.0)
 
     def stale_calls(budget: Budget, r: Rollup) -> int:
         """Calls quota clients let through on stale data in this budget's window (``producers/quota.py``)."""
@@ -357,9 +410,13 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
 
     @app.timer(interval=60.0)
     async def expire_windows() -> None:
+        """Delete ended windows of the partitions this worker owns (a copy of another worker's partition,
+        left from before a rebalance, is not this worker's to delete)."""
         now = datetime.now(UTC)
+        owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == settings.topic_rollups}
         for key in [k for k in list(rollups.keys()) if expired(k, now)]:
-            del rollups[key]
+            if rollups.partition_for_key(key) in owned:
+                del rollups[key]
 
     def read_batch(batch: list[bytes]) -> dict[str, Rollup]:
         """The newest absolute value of every window in the batch; undecodable messages are skipped."""

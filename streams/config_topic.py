@@ -101,8 +101,8 @@ def config_amount(raw: object, name: str, *, positive: bool, below: Decimal) -> 
 class ConfigFollower:
     """Calls ``apply(key, value)`` for each message of ``topic``; ``catch_up`` reads what is new."""
 
-    def __init__(self, bootstrap: str, topic: str, apply: Apply) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, kafka: dict[str, Any], topic: str, apply: Apply) -> None:
+        self.kafka = kafka  # the cluster's client properties (deploy.connections.kafka_config)
         self.topic = topic
         self.apply = apply
         self._consumer: Consumer | None = None
@@ -114,8 +114,8 @@ class ConfigFollower:
         if self._consumer is None:
             consumer = Consumer(
                 {
+                    **self.kafka,
                     **logged(),
-                    "bootstrap.servers": self.bootstrap,
                     "group.id": "tokenmeter-config-unused",
                     "enable.auto.commit": False,
                     "auto.offset.reset": "earliest",

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from deploy.connections import kafka_config
 from deploy.settings import Settings
 from producers.kafka_logging import logged
 from streams.meter import meter_group
@@ -35,9 +36,7 @@ class PartitionLag:
 
 
 def _consumer(settings: Settings, group: str) -> Consumer:
-    return Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": group, "enable.auto.commit": False, **logged()}
-    )
+    return Consumer(kafka_config(settings, **{"group.id": group, "enable.auto.commit": False}, **logged()))
 
 
 def with_broker_retries(call: Callable[[], T], attempts: int = 50) -> T:

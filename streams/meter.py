@@ -53,6 +53,7 @@ import psycopg
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from deploy.connections import kafka_config, redis_client
 from deploy.settings import Settings
 from producers.kafka_logging import logged
 from schemas import codec
@@ -234,7 +235,7 @@ class Sinks:
         self.settings = settings
         self.note = note
         self._pg: psycopg.Connection | None = None
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+        self.redis = redis_client(settings, socket_timeout=5.0)
 
     def _postgres(self) -> psycopg.Connection:
         if self._pg is None or self._pg.closed:
@@ -378,8 +379,7 @@ def build_meter(settings: Settings, book: PriceBook | None = None, status: Stage
     """Stage 1 with its real clients: a consumer of ``usage.raw``, an idempotent producer, the sinks."""
     consumer = Consumer(
         {
-            **logged(),
-            "bootstrap.servers": settings.kafka_bootstrap,
+            **kafka_config(settings, **logged()),
             "group.id": meter_group(settings),
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -393,8 +393,7 @@ def build_meter(settings: Settings, book: PriceBook | None = None, status: Stage
     consumer.subscribe([settings.topic_raw])
     producer = Producer(
         {
-            **logged(),
-            "bootstrap.servers": settings.kafka_bootstrap,
+            **kafka_config(settings, **logged()),
             "enable.idempotence": True,
             "acks": "all",
             "compression.type": "lz4",
@@ -922,7 +921,7 @@ def scope_follower(
             held.add(record.kind)
         (named.add if held else named.discard)(record.scope)
 
-    return ConfigFollower(settings.kafka_bootstrap, settings.topic_budgets, apply)
+    return ConfigFollower(kafka_config(settings), settings.topic_budgets, apply)
 
 
 def _die_with_parent(parent_pid: int | None) -> None:

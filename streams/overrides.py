@@ -13,6 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from deploy.connections import kafka_config
 from deploy.settings import Settings
 from schemas.events import MAX_ID_LEN, MAX_LABEL_LEN, printable_problem
 from schemas.records import TokenRates
@@ -85,4 +86,4 @@ def override_follower(settings: Settings, book: PriceBook) -> ConfigFollower:
         else:
             book.set_override(parse_override(key, value))
 
-    return ConfigFollower(settings.kafka_bootstrap, settings.topic_price_overrides, apply)
+    return ConfigFollower(kafka_config(settings), settings.topic_price_overrides, apply)

@@ -34,6 +34,7 @@ import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from deploy.bench.workload import Workload, usage_events
+from deploy.connections import kafka_config
 from deploy.isolation import WorkerProcess, committed_total, isolated, scratch_stores, wait_for_commits
 from deploy.settings import Settings
 from producers.producer import UsageProducer
@@ -45,13 +46,15 @@ from streams.lag import wait_for_sinks, with_broker_retries
 
 def produce_all(settings: Settings, payloads: list[tuple[bytes, bytes]]) -> None:
     producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "linger.ms": 20,
-            "compression.type": "lz4",
-            "enable.idempotence": True,
-            "batch.num.messages": 10000,
-        }
+        kafka_config(
+            settings,
+            **{
+                "linger.ms": 20,
+                "compression.type": "lz4",
+                "enable.idempotence": True,
+                "batch.num.messages": 10000,
+            },
+        )
     )
     for key, value in payloads:
         while True:
@@ -69,11 +72,7 @@ def encode(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
 
 def bare_consume(settings: Settings, expected: int) -> float:
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"bench-bare-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-        }
+        kafka_config(settings, **{"group.id": f"bench-bare-{uuid.uuid4().hex}", "enable.auto.commit": False})
     )
     topic = settings.topic_raw
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -208,7 +207,7 @@ def alert_latency(settings: Settings, probes: int, spool: Path) -> list[float]:
     quota = QuotaClient(settings)
     run = uuid.uuid4().hex[:6]
     tenants = [f"alert-{run}-{i}" for i in range(probes)]
-    config = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    config = Producer(kafka_config(settings))
     for tenant in tenants:
         budget = Budget(tenant, "tenant", "", "month", Decimal(1), hard=True, thresholds=(100,))
         config.produce(settings.topic_budgets, key=budget.key.encode(), value=budget.to_json())
@@ -218,9 +217,7 @@ def alert_latency(settings: Settings, probes: int, spool: Path) -> list[float]:
         if time.monotonic() > deadline:
             raise TimeoutError("the worker did not apply the bench budgets")
         time.sleep(0.1)
-    consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"bench-alerts-{run}", "enable.auto.commit": False}
-    )
+    consumer = Consumer(kafka_config(settings, **{"group.id": f"bench-alerts-{run}", "enable.auto.commit": False}))
     topic = settings.topic_alerts_budget
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     ends = [
