@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import sys
@@ -46,11 +47,26 @@ def dev() -> None:
 
 
 @dev.command("up")
-def dev_up() -> None:
-    """Start Kafka, Postgres and Redis (idempotent) and wait until each answers."""
+@click.option(
+    "--brokers",
+    type=click.IntRange(1, 9),
+    default=None,
+    help="Kafka nodes (broker and controller each) when the stack is first created; 3 gives a quorum of 3, "
+    "topics with 3 replicas and min.insync.replicas 2. Default: as created before, else 1.",
+)
+@click.option(
+    "--secure/--plaintext",
+    default=None,
+    help="When the stack is first created: clients must authenticate with SASL/SCRAM-SHA-512 and ACLs apply "
+    "(users and passwords in <home>/kafka/security.json; `dev env` prints the admin's). Default: as created "
+    "before, else plaintext.",
+)
+def dev_up(brokers: int | None, secure: bool | None) -> None:
+    """Start Kafka, Postgres and Redis and wait until each answers. Idempotent: run it again to restart
+    whatever is down (e.g. one killed broker)."""
     started = time.monotonic()
     try:
-        statuses = LocalStack(_settings()).up(progress=click.echo)
+        statuses = LocalStack(_settings()).up(progress=click.echo, brokers=brokers, secure=secure)
     except StackError as exc:
         _fail(str(exc))
     for status in statuses:
@@ -66,9 +82,18 @@ def dev_down(purge: bool) -> None:
 
 
 @dev.command("status")
-def dev_status() -> None:
-    """Report each service; exit 1 if any is down."""
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def dev_status(fmt: str) -> None:
+    """Report each service (every Kafka node, Postgres, Redis); exit 1 if any is down. JSON: a list of
+    {name, pid, port, up, address, detail}, for scripts (e.g. to kill one broker)."""
     statuses = LocalStack(_settings()).status()
+    if fmt == "json":
+        rows = [
+            {"name": s.name, "pid": s.pid, "port": s.port, "up": s.running, "address": s.address, "detail": s.detail}
+            for s in statuses
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        sys.exit(0 if all(s.running for s in statuses) else 1)
     for status in statuses:
         mark = click.style("up  ", fg="green") if status.running else click.style("down", fg="red")
         click.echo(f"{mark} {status.name:<9} {status.address:<40} {status.detail}")
@@ -80,11 +105,19 @@ def dev_status() -> None:
 def dev_env() -> None:
     """Print export lines for the local stack's connection settings."""
     s = _settings()
-    for name, value in (
+    lines = [
         ("TOKENMETER_KAFKA_BOOTSTRAP", s.kafka_bootstrap),
         ("TOKENMETER_DATABASE_URL", s.database_url),
         ("TOKENMETER_REDIS_URL", s.redis_url),
-    ):
+    ]
+    if s.kafka_security_protocol != "PLAINTEXT":
+        lines += [
+            ("TOKENMETER_KAFKA_SECURITY_PROTOCOL", s.kafka_security_protocol),
+            ("TOKENMETER_KAFKA_SASL_MECHANISM", s.kafka_sasl_mechanism),
+            ("TOKENMETER_KAFKA_SASL_USERNAME", s.kafka_sasl_username),
+            ("TOKENMETER_KAFKA_SASL_PASSWORD", s.kafka_sasl_password.get_secret_value()),
+        ]
+    for name, value in lines:
         click.echo(f"export {name}={shlex.quote(value)}")
 
 
@@ -203,8 +236,10 @@ def worker(loglevel: str) -> None:
                 click.echo(f"topic {change.topic}: {change.action} {change.detail}".rstrip(), err=True)
         except TopicsMissing as exc:
             _fail(str(exc))
+        from deploy.topics import cluster_replication
         from streams.app import run_worker
 
+        settings = settings.model_copy(update={"topic_replication": cluster_replication(settings)})
         run_worker(settings, loglevel=loglevel)
     finally:
         shutil.rmtree(metrics_folder, ignore_errors=True)

@@ -1,6 +1,6 @@
 """How every client reaches Kafka and Redis: one place that turns ``Settings`` into client options.
 
-Each Kafka client the project builds (stage 1's consumer and transactional producer, the producer
+Each Kafka client the project builds (stage 1's consumer and idempotent producer, the producer
 library, the CLI, ``lag``, ``topics``, the config followers) starts from :func:`kafka_config`; Faust's
 aiokafka clients get the same security from ``streams.app.faust_credentials``. Postgres needs nothing here: its
 URL carries the password and ``sslmode``. Redis's URL carries an ACL user and password, and

@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import redis
 from psycopg import sql
+from pydantic import SecretStr
 
 from deploy.settings import Settings
 from deploy.topics import ensure_topics
@@ -53,23 +54,42 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+# What a worker subprocess must share with the test or bench that starts it (the rest comes from the
+# environment: the stack's ports and home).
+_SHARED_FIELDS = (
+    *TOPIC_FIELDS,
+    "worker_id",
+    "worker_batch_size",
+    "kafka_bootstrap",
+    "database_url",
+    "redis_url",
+    "redis_cluster",
+    "metrics_port",
+    "worker_stall_timeout_s",
+    "worker_create_topics",
+    "live_values_per_tenant",
+    "quota_stale_after_s",
+    "webhook_urls",
+    "topic_replication",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_ca_location",
+    "kafka_client_properties",
+)
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    for name in (
-        *TOPIC_FIELDS,
-        "worker_id",
-        "worker_batch_size",
-        "database_url",
-        "redis_url",
-        "metrics_port",
-        "worker_stall_timeout_s",
-        "worker_create_topics",
-        "live_values_per_tenant",
-        "quota_stale_after_s",
-        "webhook_urls",
-    ):
+    for name in _SHARED_FIELDS:
         value = getattr(settings, name)
-        env[f"TOKENMETER_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+        if value is None:
+            env.pop(f"TOKENMETER_{name.upper()}", None)
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"TOKENMETER_{name.upper()}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return env
 
 

@@ -6,12 +6,35 @@ command reads them from here, so one ``eval "$(tokenmeter dev env)"`` points eve
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The superuser of a local stack started with ``dev up --secure`` (its password is in <home>/kafka/security.json).
+LOCAL_ADMIN = "admin"
+# Node n of a local multi-broker cluster (``tokenmeter dev up --brokers 3``) listens 10 ports above node n-1.
+LOCAL_NODE_PORT_STEP = 10
+
+
+def local_kafka_security(home: Path) -> dict[str, Any] | None:
+    """The SASL/SCRAM users of a local stack started with ``dev up --secure`` (None for a plaintext one)."""
+    try:
+        loaded: dict[str, Any] = json.loads((home / "kafka" / "security.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded
+
+
+def local_kafka_nodes(home: Path) -> int:
+    """How many Kafka nodes the local stack under ``home`` was created with (``dev up --brokers``); 1 if none."""
+    try:
+        return max(1, int((home / "kafka" / "nodes").read_text().strip()))
+    except (OSError, ValueError):
+        return 1
 
 
 class Settings(BaseSettings):
@@ -24,6 +47,7 @@ class Settings(BaseSettings):
     postgres_port: int = 15432
     redis_port: int = 16379
     kafka_heap: str = "768m"
+    kafka_node_heap: str = "512m"  # per node of a multi-node local cluster (dev up --brokers 3)
     jar_cache: Path = Field(default=Path.home() / ".cache" / "tokenmeter" / "jars")
     maven_repo_url: str = "https://repo.maven.apache.org/maven2"
 
@@ -58,7 +82,10 @@ class Settings(BaseSettings):
     topic_budgets: str = "config.budgets"
     topic_price_overrides: str = "config.price-overrides"
     topic_partitions: int = Field(default=4, ge=1)
-    topic_replication: int = Field(default=1, ge=1)
+    # Unset: min(3, brokers in the cluster), and min.insync.replicas 2 once there are 3 replicas (one broker
+    # may be down without stopping writes with acks=all). Set them to pin other values.
+    topic_replication: int | None = Field(default=None, ge=1)
+    topic_min_insync_replicas: int | None = Field(default=None, ge=1)
 
     # Worker: the Faust app id (also names its table changelog topics); stage 1's consumer group is
     # "<worker_id>-meter". Workers sharing an id share the work.
@@ -98,7 +125,16 @@ class Settings(BaseSettings):
     def _fill_local_defaults(self) -> Settings:
         self.home = self.home.expanduser().absolute()
         if not self.kafka_bootstrap:
-            self.kafka_bootstrap = f"127.0.0.1:{self.kafka_port}"
+            security = local_kafka_security(self.home)
+            if security is not None and "kafka_security_protocol" not in self.model_fields_set:
+                # The local secured stack: its superuser, so the CLI and the worker just work there.
+                self.kafka_security_protocol = "SASL_PLAINTEXT"
+                self.kafka_sasl_mechanism = security["mechanism"]
+                self.kafka_sasl_username = LOCAL_ADMIN
+                self.kafka_sasl_password = SecretStr(security["users"][LOCAL_ADMIN])
+            self.kafka_bootstrap = ",".join(
+                f"127.0.0.1:{self.local_kafka_port(node)}" for node in range(1, local_kafka_nodes(self.home) + 1)
+            )
         if not self.database_url:
             self.database_url = f"postgresql://postgres@127.0.0.1:{self.postgres_port}/tokenmeter"
         if not self.redis_url:
@@ -106,6 +142,13 @@ class Settings(BaseSettings):
         if self.spool_dir is None:
             self.spool_dir = self.home / "spool"
         return self
+
+    def local_kafka_port(self, node: int) -> int:
+        """The client port of node ``node`` (1-based) of the local stack's Kafka cluster."""
+        return self.kafka_port + LOCAL_NODE_PORT_STEP * (node - 1)
+
+    def local_kafka_controller_port(self, node: int) -> int:
+        return self.kafka_controller_port + LOCAL_NODE_PORT_STEP * (node - 1)
 
     @property
     def spool_path(self) -> Path:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -27,13 +29,19 @@ from dataclasses import dataclass
 from importlib import metadata, resources
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
+from confluent_kafka.admin import AdminClient
+from pydantic import SecretStr
+
+from deploy.connections import kafka_config
 from deploy.jars import ensure_jars, kafka_version
 from deploy.java import Java, JavaError, find_java
-from deploy.settings import Settings
+from deploy.settings import LOCAL_ADMIN, Settings, local_kafka_nodes, local_kafka_security
 
 Progress = Callable[[str], None]
 POSTGRES_SYSTEM_USER = "tokenmeter"
+LOCAL_SERVICE_USER = "service"  # a secured stack's least-privileged Kafka user: writes usage.raw only
 
 
 class StackError(RuntimeError):
@@ -46,6 +54,8 @@ class ServiceStatus:
     running: bool
     address: str
     detail: str
+    pid: int | None = None
+    port: int | None = None
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -149,12 +159,17 @@ class LocalStack:
         return self.home / "redis"
 
     # ------------------------------------------------------------------ public API
-    def up(self, progress: Progress = print) -> list[ServiceStatus]:
+    def up(
+        self, progress: Progress = print, brokers: int | None = None, secure: bool | None = None
+    ) -> list[ServiceStatus]:
+        """Start whatever is down (idempotent); ``brokers`` and ``secure`` shape the Kafka cluster when it is
+        first created."""
         self.home.mkdir(parents=True, exist_ok=True)
         self.start_redis(progress)
         self.start_postgres(progress)
-        self.start_kafka(progress)
+        self.start_kafka(progress, nodes=brokers, secure=secure)
         self.ensure_topics(progress)
+        self.grant_service_acls()
         return self.status()
 
     def ensure_topics(self, progress: Progress = print) -> None:
@@ -176,21 +191,47 @@ class LocalStack:
                     progress(f"removed {folder}")
 
     def status(self) -> list[ServiceStatus]:
-        return [self.kafka_status(), self.postgres_status(), self.redis_status()]
+        """Every service: each Kafka node, Postgres, Redis."""
+        kafka = [self.kafka_node_status(n) for n in range(1, self.kafka_nodes + 1)]
+        return [*kafka, self.postgres_status(), self.redis_status()]
 
     # ------------------------------------------------------------------ Kafka
-    def _kafka_pid(self) -> int | None:
-        return _read_pid(self.kafka_dir / "kafka.pid")
+    # Node 1 keeps its state in kafka/ (as a one-node stack always did); nodes 2.. in kafka/node-<n>/.
+    # Every node is broker and controller; with 3 nodes the controllers form a quorum of 3.
+    @property
+    def kafka_nodes(self) -> int:
+        return local_kafka_nodes(self.home)
 
-    def kafka_status(self) -> ServiceStatus:
-        pid = self._kafka_pid()
-        address = self.settings.kafka_bootstrap
-        running = _pid_alive(pid) and _port_open(self.settings.kafka_port)
+    def _node_dir(self, node: int) -> Path:
+        return self.kafka_dir if node == 1 else self.kafka_dir / f"node-{node}"
+
+    def _kafka_pid(self, node: int = 1) -> int | None:
+        return _read_pid(self._node_dir(node) / "kafka.pid")
+
+    def _node_name(self, node: int) -> str:
+        return "kafka" if self.kafka_nodes == 1 else f"kafka-{node}"
+
+    def kafka_node_status(self, node: int) -> ServiceStatus:
+        pid = self._kafka_pid(node)
+        port = self.settings.local_kafka_port(node)
+        running = _pid_alive(pid) and _port_open(port)
         detail = f"Kafka {kafka_version()} pid {pid} {_rss_mib(pid)}" if running else "stopped"
-        java = self.kafka_dir / "java.txt"  # which Java the running broker was started with
+        java = self._node_dir(node) / "java.txt"  # which Java the running broker was started with
         if running and java.exists():
             detail += f", {java.read_text().strip()}"
-        return ServiceStatus("kafka", running, address, detail)
+        return ServiceStatus(
+            self._node_name(node), running, f"127.0.0.1:{port}", detail, pid if running else None, port
+        )
+
+    def kafka_status(self) -> ServiceStatus:
+        """The cluster as one line: up while a majority of its nodes is (it then serves clients)."""
+        nodes = [self.kafka_node_status(n) for n in range(1, self.kafka_nodes + 1)]
+        if len(nodes) == 1:
+            return nodes[0]
+        up = sum(n.running for n in nodes)
+        return ServiceStatus(
+            "kafka", up * 2 > len(nodes), self.settings.kafka_bootstrap, f"{up} of {len(nodes)} nodes up"
+        )
 
     def _java(self) -> Java:
         try:
@@ -198,53 +239,231 @@ class LocalStack:
         except JavaError as exc:
             raise StackError(str(exc)) from None
 
-    def _kafka_properties(self) -> Path:
+    def _kafka_properties(self, node: int) -> Path:
         s = self.settings
-        data = self.kafka_dir / "data"
+        nodes = self.kafka_nodes
+        port, controller = s.local_kafka_port(node), s.local_kafka_controller_port(node)
+        voters = ",".join(f"{n}@127.0.0.1:{s.local_kafka_controller_port(n)}" for n in range(1, nodes + 1))
+        # Internal topics (offsets, transactions) get 3 replicas once there are 3 nodes, and keep taking
+        # writes with one node down.
+        replicas = str(min(3, nodes))
+        min_isr = "2" if nodes >= 3 else "1"
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{s.kafka_controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port},CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port}",
+            "node.id": str(node),
+            "controller.quorum.voters": voters,
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
-            "log.dirs": str(data),
+            **self._security_properties(port, controller),
+            "log.dirs": str(self._node_dir(node) / "data"),
             "num.partitions": str(s.topic_partitions),
-            # One node: every internal topic has one replica, so transactions work with min ISR 1.
-            "offsets.topic.replication.factor": "1",
+            "default.replication.factor": replicas,
+            "offsets.topic.replication.factor": replicas,
             "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
             "transaction.state.log.num.partitions": "10",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
         }
-        path = self.kafka_dir / "server.properties"
+        path = self._node_dir(node) / "server.properties"
         path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
         return path
 
-    def start_kafka(self, progress: Progress = print) -> None:
+    # ------------------------------------------------------------------ Kafka security (dev up --secure)
+    # Clients authenticate with SASL/SCRAM-SHA-512 (users stored in the cluster's metadata at format time);
+    # brokers and controllers among themselves with SASL/PLAIN on loopback (SCRAM cannot serve the
+    # controller listener, whose quorum must form before any SCRAM user is readable). ACLs are on: the
+    # admin is the superuser, and the "service" user may only write usage.raw (what a service needs).
+    @property
+    def security(self) -> dict[str, Any] | None:
+        return local_kafka_security(self.home)
+
+    def _security_properties(self, port: int, controller: int) -> dict[str, str]:
+        security = self.security
+        if security is None:
+            return {}
+        admin = security["users"][LOCAL_ADMIN]
+        scram = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{LOCAL_ADMIN}" password="{admin}";'
+        )
+        plain = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{LOCAL_ADMIN}" password="{admin}" user_{LOCAL_ADMIN}="{admin}";'
+        )
+        return {
+            "listeners": f"SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+            "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{port}",
+            "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": security["mechanism"],
+            "sasl.mechanism.inter.broker.protocol": security["mechanism"],
+            f"listener.name.sasl_plaintext.{security['mechanism'].lower()}.sasl.jaas.config": scram,
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": plain,
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{LOCAL_ADMIN}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
+    def _set_kafka_security(self, secure: bool | None) -> None:
+        """Record on first start whether the cluster requires SASL/SCRAM (changing it later needs a fresh
+        stack); the stack's own clients then use its admin."""
+        formatted = (self.kafka_dir / "data" / "meta.properties").exists()
+        if secure is not None and secure != (self.security is not None):
+            if formatted:
+                state = "with" if self.security else "without"
+                raise StackError(
+                    f"the local Kafka was created {state} --secure; "
+                    "run `tokenmeter dev down --purge` first to start over"
+                )
+            self.kafka_dir.mkdir(parents=True, exist_ok=True)
+            path = self.kafka_dir / "security.json"
+            if secure:
+                users = {name: secrets.token_urlsafe(18) for name in (LOCAL_ADMIN, LOCAL_SERVICE_USER)}
+                path.touch(mode=0o600)
+                path.write_text(json.dumps({"mechanism": "SCRAM-SHA-512", "users": users}, indent=2))
+            else:
+                path.unlink(missing_ok=True)
+        security = self.security
+        if security is not None and self.settings.kafka_security_protocol == "PLAINTEXT":
+            self.settings.kafka_security_protocol = "SASL_PLAINTEXT"
+            self.settings.kafka_sasl_mechanism = security["mechanism"]
+            self.settings.kafka_sasl_username = LOCAL_ADMIN
+            self.settings.kafka_sasl_password = SecretStr(security["users"][LOCAL_ADMIN])
+
+    def _scram_arguments(self) -> list[str]:
+        security = self.security
+        if security is None:
+            return []
+        return [
+            f"--add-scram={security['mechanism']}=[name={name},password={password}]"
+            for name, password in security["users"].items()
+        ]
+
+    def grant_service_acls(self) -> None:
+        """The "service" user of a secured stack may write usage.raw and nothing else."""
+        if self.security is None:
+            return
+        self._set_kafka_security(None)
+        from confluent_kafka.admin import (
+            AclBinding,
+            AclBindingFilter,
+            AclOperation,
+            AclPermissionType,
+            ResourcePatternType,
+            ResourceType,
+        )
+
+        admin = AdminClient(kafka_config(self.settings))
+        bindings = [
+            AclBinding(
+                ResourceType.TOPIC,
+                self.settings.topic_raw,
+                ResourcePatternType.LITERAL,
+                f"User:{LOCAL_SERVICE_USER}",
+                "*",
+                operation,
+                AclPermissionType.ALLOW,
+            )
+            for operation in (AclOperation.WRITE, AclOperation.DESCRIBE)
+        ]
+        for future in admin.create_acls(bindings).values():
+            future.result(30)
+        # The controller committed them; a broker applies them a moment later. Until then the user's
+        # first write would fail for good (an authorization error is not retried), so wait for them.
+        mine = AclBindingFilter(
+            ResourceType.TOPIC,
+            self.settings.topic_raw,
+            ResourcePatternType.LITERAL,
+            f"User:{LOCAL_SERVICE_USER}",
+            "*",
+            AclOperation.ANY,
+            AclPermissionType.ANY,
+        )
+        if not _wait_until(lambda: len(admin.describe_acls(mine).result(10)) >= len(bindings), 30):
+            raise StackError("the service user's ACLs did not reach the broker within 30 s")
+
+    def _set_kafka_nodes(self, nodes: int | None) -> None:
+        """Record the cluster's size on first start; a different size later needs a fresh stack."""
+        recorded = self.kafka_dir / "nodes"
+        formatted = (self.kafka_dir / "data" / "meta.properties").exists()
+        if nodes is None:
+            return
+        if formatted and nodes != self.kafka_nodes:
+            raise StackError(
+                f"the local Kafka was created with {self.kafka_nodes} node(s), not {nodes}; "
+                "run `tokenmeter dev down --purge` first to start over"
+            )
+        self.kafka_dir.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(f"{nodes}\n")
+        # Clients of this process must see every node: a default bootstrap (node 1 only) lists them all.
+        if self.settings.kafka_bootstrap == f"127.0.0.1:{self.settings.kafka_port}":
+            self.settings.kafka_bootstrap = ",".join(
+                f"127.0.0.1:{self.settings.local_kafka_port(n)}" for n in range(1, nodes + 1)
+            )
+
+    def start_kafka(
+        self, progress: Progress = print, nodes: int | None = None, only: int | None = None, secure: bool | None = None
+    ) -> None:
+        """Start every node that is down (or only node ``only``) and wait until the cluster answers;
+        ``nodes`` and ``secure`` (SASL/SCRAM with ACLs) apply when the cluster is first created."""
+        self._set_kafka_nodes(nodes)
+        self._set_kafka_security(secure)
         s = self.settings
-        if _pid_alive(self._kafka_pid()) and _port_open(s.kafka_port):
+        wanted = [only] if only else list(range(1, self.kafka_nodes + 1))
+        down = [n for n in wanted if not self.kafka_node_status(n).running]
+        if not down:
             progress(f"kafka      already running on {s.kafka_bootstrap}")
             return
-        if _port_open(s.kafka_port):
-            raise StackError(f"port {s.kafka_port} is in use by another process; stop it or set TOKENMETER_KAFKA_PORT")
+        for node in down:
+            if _port_open(s.local_kafka_port(node)):
+                raise StackError(
+                    f"port {s.local_kafka_port(node)} is in use by another process; "
+                    "stop it or set TOKENMETER_KAFKA_PORT"
+                )
         java = self._java()
         progress(f"kafka      using {java.describe()}")
         jar_dir = ensure_jars(s.jar_cache, s.maven_repo_url, progress)
+        cluster_id_file = self.kafka_dir / "cluster-id"
         self.kafka_dir.mkdir(parents=True, exist_ok=True)
-        props = self._kafka_properties()
-        log = self.kafka_dir / "kafka.log"
+        if not cluster_id_file.exists():
+            cluster_id_file.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())
+        cluster_id = cluster_id_file.read_text().strip()
+        started = []
+        for node in down:
+            started.append((node, self._start_node(node, java, jar_dir, cluster_id, progress)))
+        # A quorum needs a majority of controllers: wait for the cluster only once all are launched.
+        wait = [node for node, _ in started]
+        log = self._node_dir(wait[0]) / "kafka.log"
+        if not _wait_until(lambda: any(p.poll() is not None for _, p in started) or self._kafka_answers(wait), 90, 0.3):
+            raise StackError(f"Kafka did not answer within 90 s; see {log}")
+        for node, proc in started:
+            if proc.poll() is not None:
+                raise StackError(
+                    f"Kafka node {node} exited with status {proc.returncode}; see {self._node_dir(node) / 'kafka.log'}"
+                )
+        progress(f"kafka      ready on {s.kafka_bootstrap}")
+
+    def _start_node(
+        self, node: int, java: Java, jar_dir: Path, cluster_id: str, progress: Progress
+    ) -> subprocess.Popen[bytes]:
+        s = self.settings
+        folder = self._node_dir(node)
+        folder.mkdir(parents=True, exist_ok=True)
+        props = self._kafka_properties(node)
+        log = folder / "kafka.log"
         classpath = f"{jar_dir}/*"
         log4j = resources.files("deploy").joinpath("kafka/log4j2.properties")
-        if not (self.kafka_dir / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-            progress("kafka      formatting KRaft storage")
+        if not (folder / "data" / "meta.properties").exists():
+            progress(f"{self._node_name(node):<10} formatting KRaft storage")
             result = subprocess.run(
                 [
                     java.path,
@@ -256,6 +475,7 @@ class LocalStack:
                     f"--cluster-id={cluster_id}",
                     "-c",
                     str(props),
+                    *self._scram_arguments(),
                 ],
                 capture_output=True,
                 text=True,
@@ -263,12 +483,13 @@ class LocalStack:
             if result.returncode != 0:
                 log.write_text(result.stdout + result.stderr)
                 raise StackError(f"formatting Kafka storage failed; see {log}")
+        heap = s.kafka_heap if self.kafka_nodes == 1 else s.kafka_node_heap
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [
                     java.path,
                     "-Xms256m",
-                    f"-Xmx{s.kafka_heap}",
+                    f"-Xmx{heap}",
                     "-XX:+UseG1GC",
                     "-XX:MaxGCPauseMillis=20",
                     f"-Dlog4j2.configurationFile={log4j}",
@@ -282,23 +503,22 @@ class LocalStack:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        (self.kafka_dir / "kafka.pid").write_text(str(proc.pid))
-        (self.kafka_dir / "java.txt").write_text(java.describe() + "\n")
-        progress(f"kafka      starting (pid {proc.pid}, log {log})")
-        if not _wait_until(lambda: proc.poll() is not None or self._kafka_answers(), 90, 0.3):
-            raise StackError(f"Kafka did not answer within 90 s; see {log}")
-        if proc.poll() is not None:
-            raise StackError(f"Kafka exited with status {proc.returncode}; see {log}")
-        progress(f"kafka      ready on {s.kafka_bootstrap}")
+        (folder / "kafka.pid").write_text(str(proc.pid))
+        (folder / "java.txt").write_text(java.describe() + "\n")
+        progress(f"{self._node_name(node):<10} starting (pid {proc.pid}, log {log})")
+        return proc
 
-    def _kafka_answers(self) -> bool:
-        if not _port_open(self.settings.kafka_port):
+    def _kafka_answers(self, nodes: list[int] | None = None) -> bool:
+        """The cluster serves clients: metadata lists ``nodes`` (default: all) as brokers, and a group
+        coordinator answers."""
+        nodes = nodes or list(range(1, self.kafka_nodes + 1))
+        if not any(_port_open(self.settings.local_kafka_port(n)) for n in nodes):
             return False
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap, "log_level": 0})
+        admin = AdminClient(kafka_config(self.settings, log_level=0))
         try:
-            admin.list_topics(timeout=2)
+            brokers = admin.list_topics(timeout=2).brokers
+            if not set(nodes) <= set(brokers):
+                return False
             # The broker answers metadata before it can coordinate groups and transactions: wait for a
             # group coordinator too, so the first consumer or transactional producer does not stall.
             admin.list_consumer_groups(request_timeout=2).result(timeout=3)
@@ -306,18 +526,26 @@ class LocalStack:
             return False
         return True
 
-    def stop_kafka(self, progress: Progress = print, kill: bool = False) -> None:
-        pid = self._kafka_pid()
-        if not _pid_alive(pid):
-            progress("kafka      not running")
-            return
-        assert pid is not None
+    def stop_kafka(self, progress: Progress = print, kill: bool = False, only: int | None = None) -> None:
+        """Stop every node (or only node ``only``); ``kill``: SIGKILL, as a crash would."""
+        nodes = [only] if only else list(range(self.kafka_nodes, 0, -1))
+        for node in nodes:
+            pid = self._kafka_pid(node)
+            name = self._node_name(node)
+            if not _pid_alive(pid):
+                progress(f"{name:<10} not running")
+                continue
+            assert pid is not None
+            self._stop_process(pid, self.settings.local_kafka_port(node), kill)
+            progress(f"{name:<10} stopped")
+
+    @staticmethod
+    def _stop_process(pid: int, port: int, kill: bool) -> None:
         os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
         if not _wait_until(lambda: not _pid_alive(pid), 60):
             os.kill(pid, signal.SIGKILL)
             _wait_until(lambda: not _pid_alive(pid), 10)
-        _wait_until(lambda: not _port_open(self.settings.kafka_port), 10)
-        progress("kafka      stopped")
+        _wait_until(lambda: not _port_open(port), 10)
 
     # ------------------------------------------------------------------ Postgres
     def _pg_bin(self) -> Path:
@@ -382,7 +610,9 @@ class LocalStack:
         pid = _read_pid(self.postgres_dir / "data" / "postmaster.pid")
         running = _pid_alive(pid) and self._postgres_answers("postgres")
         detail = f"Postgres pid {pid} {_rss_mib(pid)}" if running else "stopped"
-        return ServiceStatus("postgres", running, address, detail)
+        return ServiceStatus(
+            "postgres", running, address, detail, pid if running else None, self.settings.postgres_port
+        )
 
     def _postgres_answers(self, dbname: str) -> bool:
         import psycopg
@@ -517,7 +747,9 @@ class LocalStack:
         pid = self._redis_pid()
         running = _pid_alive(pid) and self._redis_answers()
         detail = f"Redis pid {pid} {_rss_mib(pid)}" if running else "stopped"
-        return ServiceStatus("redis", running, self.settings.redis_url, detail)
+        return ServiceStatus(
+            "redis", running, self.settings.redis_url, detail, pid if running else None, self.settings.redis_port
+        )
 
     def _redis_answers(self) -> bool:
         import redis

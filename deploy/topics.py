@@ -26,11 +26,24 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-def topic_specs(settings: Settings) -> list[TopicSpec]:
-    parts, repl = settings.topic_partitions, settings.topic_replication
-    data = {"cleanup.policy": "delete"}
+def replication(settings: Settings, brokers: int) -> int:
+    """Replicas per topic: the setting, else min(3, brokers in the cluster)."""
+    return settings.topic_replication or max(1, min(3, brokers))
+
+
+def min_insync_replicas(settings: Settings, replicas: int) -> int:
+    """The setting, else 2 for 3+ replicas (writes go on with one broker down, never with one copy only)
+    and 1 below that."""
+    return settings.topic_min_insync_replicas or (2 if replicas >= 3 else 1)
+
+
+def topic_specs(settings: Settings, brokers: int = 1) -> list[TopicSpec]:
+    """Every topic of DESIGN.md §2 for a cluster of ``brokers`` brokers."""
+    parts, repl = settings.topic_partitions, replication(settings, brokers)
+    safety = {"min.insync.replicas": str(min_insync_replicas(settings, repl))}
+    data = {"cleanup.policy": "delete", **safety}
     # Config topics are compacted: the latest budget / override per key is the state, kept forever.
-    compacted = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+    compacted = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", **safety}
     return [
         TopicSpec(settings.topic_raw, parts, repl, data),
         TopicSpec(settings.topic_priced, parts, repl, data),
@@ -40,7 +53,15 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.topic_rollups, parts, repl, data),
         TopicSpec(settings.topic_budgets, 1, repl, compacted),
         TopicSpec(settings.topic_price_overrides, 1, repl, compacted),
+        # Stage 2's table (Faust's name for it): created here, not by Faust, whose topic creation at start
+        # fails while the broker it takes for the controller is down.
+        TopicSpec(changelog_topic(settings), parts, repl, {"cleanup.policy": "compact", **safety}),
     ]
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The changelog of stage 2's ``rollups`` table (Faust names it ``<app id>-<table>-changelog``)."""
+    return f"{settings.worker_id}-rollups-changelog"
 
 
 @dataclass(frozen=True)
@@ -52,8 +73,9 @@ class TopicChange:
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange]:
     admin = AdminClient(kafka_config(settings, **logged()))
-    existing = admin.list_topics(timeout=timeout).topics
-    specs = topic_specs(settings)
+    cluster = admin.list_topics(timeout=timeout)
+    existing = cluster.topics
+    specs = topic_specs(settings, len(cluster.brokers))
     changes: list[TopicChange] = []
 
     to_create = [s for s in specs if s.name not in existing]
@@ -111,7 +133,7 @@ def verify_topics(settings: Settings, create: bool, timeout: float = 30.0) -> li
         existing = admin.list_topics(timeout=timeout).topics
     except Exception as exc:
         raise TopicsMissing(f"cannot reach Kafka at {settings.kafka_bootstrap} to check the topics: {exc}") from None
-    missing = [spec.name for spec in topic_specs(settings) if spec.name not in existing]
+    missing = [spec.name for spec in topic_specs(settings) if spec.name not in existing]  # names only
     if not missing:
         return []
     if not create:
@@ -123,3 +145,10 @@ def verify_topics(settings: Settings, create: bool, timeout: float = 30.0) -> li
         return [change for change in ensure_topics(settings, timeout) if change.action != "unchanged"]
     except Exception as exc:
         raise TopicsMissing(f"topic {missing[0]!r} does not exist and could not be created: {exc}") from None
+
+
+def cluster_replication(settings: Settings, timeout: float = 30.0) -> int:
+    """The replication the pipeline's topics get on the cluster ``settings`` name (Faust's changelog
+    topics get the same)."""
+    admin = AdminClient(kafka_config(settings, **logged()))
+    return replication(settings, len(admin.list_topics(timeout=timeout).brokers))

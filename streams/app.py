@@ -309,7 +309,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         datadir=settings.faust_datadir,
         store="memory://",
         topic_partitions=settings.topic_partitions,
-        topic_replication_factor=settings.topic_replication,
+        topic_replication_factor=settings.topic_replication or 1,  # resolved from the cluster by the CLI
         processing_guarantee="at_least_once",
         broker_commit_interval=1.0,
         # A SIGKILLed worker holds its partitions until its session times out: keep that short.
@@ -318,6 +318,11 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         web_enabled=False,
         producer_compression_type="lz4",
         consumer_auto_offset_reset="earliest",
+        # Topics are created by `tokenmeter topics ensure` / the worker's start-up check (deploy/topics.py):
+        # Faust's own creation asks the node metadata names as controller and crashes the worker when that
+        # broker is down. No leader election either: no task here runs on the leader only.
+        topic_allow_declare=False,
+        topic_disable_leader=True,
     )
     rollups_topic = app.topic(settings.topic_rollups, key_serializer="raw", value_serializer="raw")
     anomaly_topic = app.topic(settings.topic_alerts_anomaly, key_serializer="raw", value_serializer="raw")

@@ -39,17 +39,18 @@ def _consumer(settings: Settings, group: str) -> Consumer:
     return Consumer(kafka_config(settings, **{"group.id": group, "enable.auto.commit": False}, **logged()))
 
 
-def with_broker_retries(call: Callable[[], T], attempts: int = 50) -> T:
-    """Retry a broker query while leadership or the group coordinator settles (right after start-up or
-    topic creation)."""
-    for attempt in range(attempts):
+def with_broker_retries(call: Callable[[], T], within_s: float = 30.0) -> T:
+    """Retry a broker query while leadership or the group coordinator settles: right after start-up or
+    topic creation, or while the cluster moves a dead broker's partitions to another (seconds)."""
+    deadline = time.monotonic() + within_s
+    while True:
         try:
             return call()
         except KafkaException as exc:
-            if attempt == attempts - 1 or (not exc.args[0].retriable() and exc.args[0].code() not in _TRANSIENT):
+            error = exc.args[0]
+            if time.monotonic() > deadline or (not error.retriable() and error.code() not in _TRANSIENT):
                 raise
             time.sleep(0.2)
-    raise AssertionError("unreachable")
 
 
 _TRANSIENT = (
@@ -59,6 +60,10 @@ _TRANSIENT = (
     KafkaError.NOT_LEADER_FOR_PARTITION,
     KafkaError.LEADER_NOT_AVAILABLE,
     KafkaError.UNKNOWN_TOPIC_OR_PART,
+    # The partition's leader went away (a broker down): the query is retried once a new leader is known.
+    KafkaError._DESTROY_BROKER,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
 )
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from deploy.settings import Settings
+from deploy.stack import LocalStack
 from streams.lag import with_broker_retries
 
 
@@ -52,3 +54,19 @@ def read_all(settings: Settings, topic: str, expect: int | None = None, timeout:
         return values
     finally:
         consumer.close()
+
+
+def kafka_beside(settings: Settings, home: Path, port_offset: int, nodes: int = 1, secure: bool = False) -> LocalStack:
+    """A second local Kafka (``nodes`` nodes, SASL/SCRAM when ``secure``) on ports ``port_offset`` above the
+    session stack's, state under ``home``, started; Postgres and Redis stay the session stack's."""
+    base = settings.model_copy(
+        update={
+            "home": home,
+            "kafka_port": settings.kafka_port + port_offset,
+            "kafka_controller_port": settings.kafka_controller_port + port_offset,
+        }
+    )
+    bootstrap = ",".join(f"127.0.0.1:{base.local_kafka_port(n)}" for n in range(1, nodes + 1))
+    local = LocalStack(base.model_copy(update={"kafka_bootstrap": bootstrap}))
+    local.start_kafka(progress=lambda _m: None, nodes=nodes, secure=secure)
+    return local

@@ -54,10 +54,19 @@ def test_topic_plan_matches_the_design() -> None:
         "metering.rollups",
         "config.budgets",
         "config.price-overrides",
+        "tokenmeter-rollups-changelog",  # stage 2's table, partitioned like metering.rollups
     }
     assert specs["usage.raw"].partitions == 6
+    assert specs["tokenmeter-rollups-changelog"].partitions == 6
     assert specs["config.budgets"].config["cleanup.policy"] == "compact"
+    assert specs["tokenmeter-rollups-changelog"].config["cleanup.policy"] == "compact"
     assert specs["usage.dlq"].config["cleanup.policy"] == "delete"
+    # One broker: one replica. Three or more: three, and writes need two of them in sync.
+    assert {(s.replication, s.config["min.insync.replicas"]) for s in specs.values()} == {(1, "1")}
+    three = topic_specs(Settings(), brokers=5)
+    assert {(s.replication, s.config["min.insync.replicas"]) for s in three} == {(3, "2")}
+    pinned = topic_specs(Settings(topic_replication=2, topic_min_insync_replicas=2), brokers=5)
+    assert {(s.replication, s.config["min.insync.replicas"]) for s in pinned} == {(2, "2")}
 
 
 def test_missing_java_is_a_clear_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

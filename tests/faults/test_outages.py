@@ -27,6 +27,7 @@ import redis
 from confluent_kafka import Producer
 
 from deploy.bench.workload import Model, Tenant, Workload
+from deploy.connections import kafka_config
 from deploy.isolation import WorkerProcess, env_for, isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
@@ -54,9 +55,7 @@ class Traffic:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        producer = Producer(
-            {"bootstrap.servers": self.settings.kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5}
-        )
+        producer = Producer(kafka_config(self.settings, **{"enable.idempotence": True, "linger.ms": 5}))
         mix = Workload(tuple(Tenant(t, models=(MODELS[n % len(MODELS)],)) for n, t in enumerate(self.tenants)))
         calls = mix.calls(seed=11)
         i = 0
@@ -112,6 +111,14 @@ def check_invariants(settings: Settings, traffic: Traffic, worker: WorkerProcess
     started = time.monotonic()
     assert wait_for_sinks(settings, timeout=240), worker.output()
     drained = time.monotonic() - started
+    billed_exactly_once_and_mirrored(settings, traffic)
+    assert worker.alive() and worker.starts == starts, worker.output()  # never exited for a transient fault
+    return drained
+
+
+def billed_exactly_once_and_mirrored(settings: Settings, traffic: Traffic) -> None:
+    """Once the sinks caught up: each distinct event billed once at genai-prices' price; Redis spend of
+    every open period equals Postgres."""
     expected = reference(traffic.sent)
     with psycopg.connect(settings.database_url) as conn:
         billed = {
@@ -139,8 +146,6 @@ def check_invariants(settings: Settings, traffic: Traffic, worker: WorkerProcess
         time.sleep(0.2)
     assert mirrored == {(t, g): c for t, g, c in windows}
     assert {g for _, g, _ in windows} == set(PERIODS)
-    assert worker.alive() and worker.starts == starts, worker.output()  # never exited for a transient fault
-    return drained
 
 
 @pytest.fixture

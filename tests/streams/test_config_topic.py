@@ -13,6 +13,7 @@ import redis
 from confluent_kafka import Producer
 from prometheus_client import REGISTRY
 
+from deploy.connections import kafka_config
 from deploy.isolation import isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
@@ -138,7 +139,7 @@ def test_any_exception_from_apply_is_skipped_and_budgets_keep_following(
         elif isinstance(record.item, RateLimit):
             limits.append(record.item)
 
-    follower = ConfigFollower(own.kafka_bootstrap, topic, apply)
+    follower = ConfigFollower(kafka_config(own), topic, apply)
     try:
         assert follower.catch_up(10.0) == 2
     finally:
@@ -166,7 +167,7 @@ def test_a_store_error_stops_at_the_record_and_the_next_catch_up_retries_it(
             raise failure
         seen.append((key, value))
 
-    follower = ConfigFollower(settings.kafka_bootstrap, topic, apply)
+    follower = ConfigFollower(kafka_config(settings), topic, apply)
     try:
         total = follower.catch_up(10.0)
         assert ("k5", b"v1") not in seen and total < 24  # stopped at k5

@@ -22,3 +22,15 @@ def test_faust_data_folder_is_under_the_state_folder(tmp_path: Path, monkeypatch
     assert app.conf.tabledir.is_relative_to(app.conf.datadir)
     assert (tmp_path / "state" / "faust").is_dir()  # Faust creates only the last folder itself
     assert list(started_in.iterdir()) == []
+
+
+def test_the_tables_changelog_is_the_topic_the_project_creates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faust does not create topics here (``topic_allow_declare=False``): deploy/topics.py must name its
+    changelog exactly as Faust does."""
+    from deploy.topics import changelog_topic, topic_specs
+
+    settings = Settings(home=tmp_path, worker_id="w-check")
+    app = make_app(settings)
+    assert app.tables["rollups"].changelog_topic.get_topic_name() == changelog_topic(settings)
+    assert changelog_topic(settings) in {spec.name for spec in topic_specs(settings)}
+    assert not app.conf.topic_allow_declare

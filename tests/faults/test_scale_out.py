@@ -1,0 +1,139 @@
+"""Scale-out on a 3-node Kafka cluster (``tokenmeter dev up --brokers 3``'s layout, on its own ports beside
+the session's one-node stack): workers sharing one group while one worker and one broker are SIGKILLed
+mid-stream and a third worker joins. Checked against independent computations: every distinct event
+billed once at genai-prices' price, invoices equal to it, Redis spend equal to Postgres, and each budget
+threshold the reference total crosses alerted exactly once (in Postgres, and at most once on Kafka)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from deploy.isolation import WorkerProcess, env_for, free_port, isolated
+from deploy.settings import Settings
+from deploy.stack import LocalStack
+from schemas import codec
+from sinks.invoices import invoice
+from streams.budgets import Budget
+from streams.lag import wait_for_sinks
+from tests.faults.test_kills import send_budget
+from tests.faults.test_outages import Traffic, billed_exactly_once_and_mirrored, reference
+from tests.helpers import kafka_beside, read_all
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+NODES = 3
+
+
+@pytest.fixture(scope="module")
+def cluster(stack: LocalStack, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A 3-node KRaft cluster (broker + controller each) next to the session stack's Postgres and Redis."""
+    local = kafka_beside(settings, tmp_path_factory.mktemp("cluster"), port_offset=50, nodes=NODES)
+    yield local
+    local.stop_kafka(progress=lambda _m: None, kill=True)
+
+
+def test_dev_status_json_lists_every_node(cluster: LocalStack) -> None:
+    env = {**env_for(cluster.settings), "TOKENMETER_HOME": str(cluster.home)}
+    env["TOKENMETER_KAFKA_PORT"] = str(cluster.settings.kafka_port)
+    env["TOKENMETER_KAFKA_CONTROLLER_PORT"] = str(cluster.settings.kafka_controller_port)
+    del env["TOKENMETER_KAFKA_BOOTSTRAP"]  # the default: every node the stack was created with
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy", "dev", "status", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    kafka = [rows[f"kafka-{n}"] for n in range(1, NODES + 1)]
+    assert [row["port"] for row in kafka] == [cluster.settings.local_kafka_port(n) for n in range(1, NODES + 1)]
+    assert all(row["up"] and row["pid"] for row in kafka), rows
+    env_lines = subprocess.run(
+        [sys.executable, "-m", "deploy", "dev", "env"], env=env, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert cluster.settings.kafka_bootstrap in env_lines
+
+
+def test_workers_killed_added_and_a_broker_killed_bill_exactly_once(cluster: LocalStack, tmp_path: Path) -> None:
+    own = isolated(cluster.settings, uuid.uuid4().hex[:10])
+    meta = _topic_layout(own)
+    assert meta == {"replicas": NODES, "min.insync.replicas": "2"}, meta
+    tenants = [f"scale-{uuid.uuid4().hex[:6]}-{i}" for i in range(8)]  # spread over the 4 partitions
+    limit = Decimal(6)
+    send_budget(own, Budget(tenants[0], "tenant", "", "month", limit))
+    workers = [
+        WorkerProcess(own.model_copy(update={"metrics_port": free_port()}), tmp_path / f"w{n}") for n in range(3)
+    ]
+    for worker in workers:
+        worker.log_dir.mkdir()
+    workers[0].start()
+    workers[1].start()
+    try:
+        with Traffic(own, tenants, rate=300) as traffic:
+            time.sleep(10)
+            workers[0].kill()  # its partitions go to the other worker after the session timeout
+            cluster.stop_kafka(progress=lambda _m: None, kill=True, only=2)  # and one broker crashes
+            time.sleep(8)
+            workers[2].start()  # a third worker joins while the broker is still down
+            time.sleep(8)
+            cluster.start_kafka(progress=lambda _m: None, only=2)
+            time.sleep(8)
+        assert wait_for_sinks(own, timeout=240), "\n".join(w.output() for w in workers)
+        billed_exactly_once_and_mirrored(own, traffic)
+        expected = reference(traffic.sent)
+        period = datetime.now(UTC).strftime("%Y-%m")
+        with psycopg.connect(own.database_url) as conn:
+            for tenant in tenants:
+                assert invoice(conn, tenant, period).total == expected[tenant][0], tenant
+        # Budget alerts: each threshold the reference total crossed, stored once; never twice on Kafka.
+        crossed = {t for t in (50, 80, 100) if expected[tenants[0]][0] * 100 >= limit * t}
+        assert crossed == {50, 80, 100}, expected[tenants[0]]  # the stream is long enough to cross them all
+        assert wait_for_sinks(own, timeout=120, topic=own.topic_rollups, group=own.worker_id)
+        stored = _stored_thresholds(own, tenants[0], crossed)
+        assert Counter(stored) == Counter(crossed), stored
+        published = [codec.decode("alert", value)["alert_id"] for value in read_all(own, own.topic_alerts_budget)]
+        assert max(Counter(published).values(), default=0) == 1, published
+        assert workers[1].alive() and workers[2].alive(), "\n".join(w.output() for w in workers)
+    finally:
+        for worker in workers:
+            worker.stop()
+        cluster.start_kafka(progress=lambda _m: None)  # whatever the test left down
+
+
+def _topic_layout(settings: Settings) -> dict[str, object]:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    partitions = admin.list_topics(settings.topic_raw, timeout=10).topics[settings.topic_raw].partitions
+    resource = ConfigResource(ConfigResource.Type.TOPIC, settings.topic_raw)
+    config = admin.describe_configs([resource])[resource].result()
+    return {
+        "replicas": min(len(p.replicas) for p in partitions.values()),
+        "min.insync.replicas": config["min.insync.replicas"].value,
+    }
+
+
+def _stored_thresholds(settings: Settings, tenant: str, want: set[int], timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with psycopg.connect(settings.database_url) as conn:
+            rows = conn.execute(
+                "SELECT threshold_percent FROM tokenmeter.alerts WHERE tenant_id = %s AND kind LIKE 'budget%%'",
+                (tenant,),
+            ).fetchall()
+        found = [int(row[0]) for row in rows]
+        if set(found) >= want or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
