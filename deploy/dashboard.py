@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import socket
 import threading
 import time
@@ -38,19 +37,23 @@ from deploy.connections import redis_client
 from deploy.output import usd, usd_in_text
 from deploy.settings import Settings
 from producers.quota import decide
+from schemas.periods import PERIODS
 from schemas.records import ALERT_FIELDS
-from schemas.redis_keys import caught_up_ms, freshness_key, spend_key, spend_value
+from schemas.redis_keys import (
+    budget_pattern,
+    caught_up_ms,
+    freshness_key,
+    parse_scope_key,
+    spend_key,
+    spend_pattern,
+    spend_value,
+)
 from streams.lag import measure_lag
 
 REFRESH_S = 3.0  # how often the page asks for a new summary
 CACHE_S = 1.0  # a summary younger than this is served again
 MAX_ROWS = 50  # tenants and budgets shown (the biggest first); the JSON says how many there are
 ALERTS = 20
-
-
-def _unescape(part: str) -> str:
-    """The inverse of ``schemas.redis_keys.escape_part`` (``%25`` and ``%3A`` only), in one pass."""
-    return re.sub(r"%(25|3A)", lambda m: "%" if m.group(1) == "25" else ":", part)
 
 
 def money(value: Decimal) -> dict[str, str]:
@@ -60,17 +63,29 @@ def money(value: Decimal) -> dict[str, str]:
 
 
 def _scan(client: redis.Redis, pattern: str) -> list[str]:
+    """Every key matching ``pattern`` (on a cluster, ``scan_iter`` walks every primary)."""
     return sorted(k.decode() if isinstance(k, bytes) else str(k) for k in client.scan_iter(match=pattern, count=1000))
+
+
+def _mget(client: redis.Redis, keys: list[str]) -> list[Any]:
+    """Values of keys of many tenants: on a cluster they span slots, which one MGET cannot."""
+    if isinstance(client, redis.RedisCluster):
+        return client.mget_nonatomic(keys)
+    return client.mget(keys)
 
 
 def tenant_spend(client: redis.Redis, now: datetime) -> list[dict[str, Any]]:
     """Every tenant with spend this month (in its zone), biggest first: today and month-to-date."""
-    month_keys = [key for key in _scan(client, "tm:spend:*:tenant::month") if key.count(":") == 5]
-    tenants = [_unescape(key.split(":")[2]) for key in month_keys]
+    month_keys, tenants = [], []
+    for key in _scan(client, spend_pattern("tenant", "", "month")):
+        scope = parse_scope_key(key)
+        if scope is not None and scope.dimension == "tenant" and scope.rest == "month":
+            month_keys.append(key)
+            tenants.append(scope.tenant_id)
     if not tenants:
         return []
     day_keys = [spend_key(tenant, "tenant", "", "day") for tenant in tenants]
-    values = client.mget(month_keys + day_keys)
+    values = _mget(client, month_keys + day_keys)
     rows = []
     for i, tenant in enumerate(tenants):
         try:
@@ -84,29 +99,27 @@ def tenant_spend(client: redis.Redis, now: datetime) -> list[dict[str, Any]]:
 
 
 def budgets(client: redis.Redis, now: datetime) -> list[dict[str, Any]]:
-    """Every budget the quota checks see (``tm:budget:…``), with its spend in its period; fullest first."""
-    keys = _scan(client, "tm:budget:*")
+    """Every budget the quota checks see (``schemas.redis_keys.budget_key``), with its spend in its period;
+    fullest first."""
     scopes = []
-    for key in keys:
-        parts = key.split(":")
-        if len(parts) != 5:
+    for key in _scan(client, budget_pattern()):
+        scope = parse_scope_key(key)
+        if scope is None or scope.kind != "budget" or scope.rest:
             continue  # not a key this version writes
-        scopes.append((key, _unescape(parts[2]), parts[3], _unescape(parts[4])))
-    raw_budgets = client.mget([key for key, *_ in scopes]) if scopes else []
+        scopes.append((key, scope.tenant_id, scope.dimension, scope.value))
+    raw_budgets = _mget(client, [key for key, *_ in scopes]) if scopes else []
     spend_keys = [
-        spend_key(tenant, dimension, value, period)
-        for _, tenant, dimension, value in scopes
-        for period in ("day", "week", "month")
+        spend_key(tenant, dimension, value, period) for _, tenant, dimension, value in scopes for period in PERIODS
     ]
-    raw_spend = client.mget(spend_keys) if spend_keys else []
+    raw_spend = _mget(client, spend_keys) if spend_keys else []
     rows = []
     for i, ((_, tenant, dimension, value), raw) in enumerate(zip(scopes, raw_budgets, strict=True)):
         if not raw:
             continue
         try:
             spend = {
-                (dimension, value, period): spend_value(raw_spend[3 * i + j], now)
-                for j, period in enumerate(("day", "week", "month"))
+                (dimension, value, period): spend_value(raw_spend[len(PERIODS) * i + j], now)
+                for j, period in enumerate(PERIODS)
             }
             decision = decide(tenant, [(dimension, value)], [raw], spend)
             hard = bool(json.loads(raw).get("hard"))

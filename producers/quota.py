@@ -82,24 +82,31 @@ class QuotaDecision:
 # reservation holds the estimated cost atomically (one Lua script over every scope's budget, spend
 # and held amounts), so concurrent callers can overrun a hard budget by at most what they reserved.
 # Amounts are integer nano-USD inside the script (exact below ~$9M); Decimal outside.
-# KEYS: each scope's keys in the order of SCOPE_KEYS (``scope_keys``), then the freshness hash; the
-# script's @name@ placeholders (positions within a scope, counter TTLs) are filled in from that contract.
+# KEYS: each scope's keys in the order of SCOPE_KEYS (``scope_keys``), all in the tenant's hash slot; on a
+# single node, the freshness hash last (ARGV[10] "hash"). A cluster script may touch one slot only, so
+# there the client reads the freshness hash first and passes how current the spend is (ARGV[10]: Unix
+# ms, or "" if no worker has reported). The script's @name@ placeholders (positions within a scope,
+# counter TTLs) are filled in from that contract.
 _RESERVE_TEMPLATE = """
 local now, amount, entry = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local id, ttl, tokens = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local stale_after, live_within = tonumber(ARGV[7]), tonumber(ARGV[8])
 local column = @spend_columns@
-local scopes = (#KEYS - 1) / @per_scope@
+local scopes = math.floor(#KEYS / @per_scope@)
 -- how current the spend is (schemas.redis_keys.caught_up_ms): the least current live stage 1, else the newest
 local caught_up, newest = nil, nil
-local beats = redis.call('HGETALL', KEYS[#KEYS])
-for i = 1, #beats, 2 do
-  local c, b = string.match(beats[i + 1], '^(%d+) (%d+)$')
-  if c then
-    c, b = tonumber(c), tonumber(b)
-    if newest == nil or c > newest then newest = c end
-    if now - b <= live_within and (caught_up == nil or c < caught_up) then caught_up = c end
+if ARGV[10] == 'hash' then
+  local beats = redis.call('HGETALL', KEYS[#KEYS])
+  for i = 1, #beats, 2 do
+    local c, b = string.match(beats[i + 1], '^(%d+) (%d+)$')
+    if c then
+      c, b = tonumber(c), tonumber(b)
+      if newest == nil or c > newest then newest = c end
+      if now - b <= live_within and (caught_up == nil or c < caught_up) then caught_up = c end
+    end
   end
+else
+  caught_up = tonumber(ARGV[10])
 end
 caught_up = caught_up or newest
 local stale = caught_up == nil or now - caught_up > stale_after
@@ -132,7 +139,7 @@ for s = 0, scopes - 1 do
       local spent = 0
       local raw_spend = redis.call('GET', KEYS[k + column[budget['period']]])
       if raw_spend then
-        local amount_text, ends = string.match(raw_spend, '^(%S+) (%d+)$')
+        local amount_text, ends = string.match(raw_spend, '^(%S+) (%d+)')  -- then calls and zone, if versioned
         if ends and tonumber(ends) > now then spent = math.floor(tonumber(amount_text) * 1e9 + 0.5) end
       end
       local holding = held(KEYS[k + @held@])
@@ -212,6 +219,7 @@ class QuotaClient:
     def __init__(self, settings: Settings | None = None, client: redis.Redis | None = None) -> None:
         self.settings = settings or get_settings()
         self.redis = client or redis_client(self.settings, socket_timeout=1.0)
+        self._cluster = isinstance(self.redis, redis.RedisCluster)
 
     def check(
         self,
@@ -231,7 +239,8 @@ class QuotaClient:
         keys += [rate_limit_key(tenant_id, d, v) for d, v in scopes]
         keys += [key for d, v in scopes for key in rate_counter_keys(tenant_id, d, v, now)]
         pipe = self.redis.pipeline(transaction=False)  # one round trip: MGET + the freshness hash
-        pipe.mget(keys)
+        # A cluster pipeline refuses .mget() (keys may span slots); these share the tenant's slot.
+        pipe.execute_command("MGET", *keys)
         pipe.hgetall(freshness_key(self.settings.worker_id))
         values, beats = pipe.execute()
         now_ms = int(now.timestamp() * 1000)
@@ -283,9 +292,14 @@ class QuotaClient:
         now = now or datetime.now(UTC)
         scopes = _scopes(feature, user_id, environment)
         keys = [key for d, v in scopes for key in scope_keys(tenant_id, d, v, now)]
-        keys.append(freshness_key(self.settings.worker_id))
         amount = to_nano(estimated_cost)
         now_ms, ttl_ms = int(now.timestamp() * 1000), int(ttl_s * 1000)
+        if self._cluster:  # the freshness hash is in another slot: read it first (see _RESERVE_TEMPLATE)
+            caught_up = caught_up_ms(self.redis.hgetall(freshness_key(self.settings.worker_id)), now_ms)  # type: ignore[arg-type]
+            freshness = "" if caught_up is None else str(caught_up)
+        else:
+            keys.append(freshness_key(self.settings.worker_id))
+            freshness = "hash"
         reservation_id = uuid.uuid4().hex
         outcome = self.redis.eval(
             _RESERVE,
@@ -300,6 +314,7 @@ class QuotaClient:
             int(self.settings.quota_stale_after_s * 1000),
             LIVE_WITHIN_MS,
             int(self.settings.quota_hold_max_s * 1000),
+            freshness,
         )
         held_keys = tuple(keys[_HELD :: len(SCOPE_KEYS)])
         if outcome[0] == 1:

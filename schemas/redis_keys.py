@@ -6,30 +6,41 @@ mirrored from ``config.budgets``, stale-call counts read back by stage 2). Reade
 values with the functions here, so neither can drift from the other.
 
 A scope is (tenant, dimension, value): ``dimension`` is one of :data:`SCOPE_DIMENSIONS` and ``value``
-is empty for ``tenant``. Colons and percent signs inside names are percent-escaped (:func:`escape_part`),
-so no two scopes share a key. Amounts are decimal strings, never floats.
+is empty for ``tenant``. Percent signs, colons and braces inside names are percent-escaped
+(:func:`escape_part`), so no two scopes share a key and no name can end the hash tag. Amounts are
+decimal strings, never floats.
 
-    key                                value                                                      expires
-    tm:spend:<scope>:<period>          "<spend> <period end, Unix ms>"                            period end + 1 day
-    tm:budget:<scope>                  JSON {"limit": "10", "period": "month", "hard": true,      never
-                                             "on_stale": "allow"}
-    tm:ratelimit:<scope>               JSON with any of RATE_LIMITS (whole numbers)               never
-    tm:rate:<scope>:calls:m<minute>    counter: calls reserved in that Unix minute                120 s
-    tm:rate:<scope>:tokens:m<minute>   counter: tokens reserved in that Unix minute               120 s
-    tm:rate:<scope>:calls:d<YYYYMMDD>  counter: calls reserved that UTC day                       2 days
-    tm:held:<scope>                    hash: reservation id →                                     longest hold
-                                             "<nano-USD>:<expires ms>[:<counted after ms>]"
-    tm:freshness:<worker id>           hash: stage-1 process → "<caught up to ms> <heartbeat ms>" 1 day
-    tm:stale_calls:<scope>             hash: "<period>:<period end ms>" → calls                   40 days
+    key                                    value                                                  expires
+    tm:{<tenant>}:spend:<scope>:<period>   "<spend> <period end, Unix ms> <calls> <time zone>"    period end + 1 day
+    tm:{<tenant>}:budget:<scope>           JSON {"limit": "10", "period": "month", "hard": true,  never
+                                                 "on_stale": "allow"}
+    tm:{<tenant>}:ratelimit:<scope>        JSON with any of RATE_LIMITS (whole numbers)           never
+    tm:{<tenant>}:rate:<scope>:calls:m<minute>    counter: calls reserved in that Unix minute     120 s
+    tm:{<tenant>}:rate:<scope>:tokens:m<minute>   counter: tokens reserved in that Unix minute    120 s
+    tm:{<tenant>}:rate:<scope>:calls:d<YYYYMMDD>  counter: calls reserved that UTC day            2 days
+    tm:{<tenant>}:held:<scope>             hash: reservation id →                                 longest hold
+                                                 "<nano-USD>:<expires ms>[:<counted after ms>]"
+    tm:{<tenant>}:stale_calls:<scope>      hash: "<period>:<period end ms>" → calls               40 days
+    tm:freshness:<worker id>               hash: stage-1 process → "<caught up to ms> <heartbeat ms>"  1 day
 
-``<scope>`` is ``<tenant>:<dimension>:<value>``; budgets and rate limits are deleted with their config
-record.
+``<scope>`` is ``<dimension>:<value>``; budgets and rate limits are deleted with their config record.
 
+- Redis Cluster: ``{<tenant>}`` is the hash tag, so every key of a tenant lives in one hash slot and one
+  quota call (``check``'s ``MGET``, ``reserve``'s script) touches one node. The freshness hash is per
+  worker group, not per tenant: it is read beside the tenant's keys, never inside a script with them.
+  The tag comes right after ``tm:``, where no key of the earlier untagged layout (``tm:spend:<tenant>:…``)
+  had a brace, so no old key can be read as a new one. Upgrading, the old keys are simply ignored: spend
+  is rewritten by each scope's next batch (a budgeted scope's by stage 1 at start), budgets and rate
+  limits by the config follower at worker start. Old counters, holds and spend expire; old budget and
+  rate-limit keys stay until deleted by hand (``tm:budget:*``, ``tm:ratelimit:*``).
 - Spend: ``period`` is ``day``, ``week`` (ISO, Monday) or ``month`` in the tenant's time zone
-  (``schemas/periods.py``), e.g. ``tm:spend:acme:feature:search:month → "12.5 1767225600000"``. The value
-  carries the end of the period it counts, so a reader needs no time zone: spend whose period has ended
-  is zero. Values are absolute totals (a replayed batch writes the same value again); only windows open
-  at the time of writing are written, one key per scope and period kind.
+  (``schemas/periods.py``), e.g. ``tm:{acme}:spend:feature:search:month → "12.5 1767225600000 42 UTC"``.
+  The value carries the end of the period it counts, so a reader needs no time zone: spend whose period
+  has ended is zero. Values are absolute totals (a replayed batch writes the same value again); only
+  windows open at the time of writing are written, one key per scope and period kind. A write never
+  replaces a newer value (:func:`spend_write_wins`): two writers of one scope (keyless input spread over
+  partitions, a worker finishing a batch after losing its partitions) may land in either order.
+  Values of the earlier format ``"<spend> <period end>"`` are still read, and any write replaces them.
 - Budgets and rate limits: the JSON the worker mirrors from ``config.budgets`` (``Budget.redis_json``,
   ``RateLimit.redis_json`` in ``streams/budgets.py``).
 - Rate counters and held amounts are written by ``QuotaClient.reserve`` / ``commit`` / ``release``
@@ -44,20 +55,23 @@ record.
   (``on_stale=allow``), per budget window; stage 2 reads them when such a budget turns out overrun.
 
 ``reserve`` passes one scope's keys to its Lua script in the order of :data:`SCOPE_KEYS`
-(:func:`scope_keys`), then the freshness key last.
+(:func:`scope_keys`); on a single node the freshness hash follows as the last key, on a cluster the
+client reads it first and passes how current the spend is as an argument.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from schemas.periods import PERIODS
 
 SCOPE_DIMENSIONS = ("tenant", "feature", "user", "environment")
 
-# The rate limits of a tm:ratelimit value, and the counters they are checked against (same order).
+# The rate limits of a rate-limit value, and the counters they are checked against (same order).
 RATE_LIMITS = ("calls_per_minute", "tokens_per_minute", "calls_per_day")
 RATE_COUNTERS = ("calls_minute", "tokens_minute", "calls_day")
 RATE_COUNTER_TTL_S = (120, 120, 172_800)
@@ -72,61 +86,142 @@ STALE_CALLS_TTL_MS = 40 * 86_400_000
 
 
 def escape_part(part: str) -> str:
-    """A name as it appears inside a key: ``%`` → ``%25``, ``:`` → ``%3A``."""
-    return part.replace("%", "%25").replace(":", "%3A")
+    """A name as it appears inside a key: ``%`` → ``%25``, ``:`` → ``%3A``, ``{`` → ``%7B``, ``}`` → ``%7D``
+    (a brace in a tenant id would otherwise end or move the hash tag)."""
+    return part.replace("%", "%25").replace(":", "%3A").replace("{", "%7B").replace("}", "%7D")
 
 
-def _scope(tenant_id: str, dimension: str, value: str) -> str:
-    return f"{escape_part(tenant_id)}:{dimension}:{escape_part(value)}"
+_UNESCAPED = {"25": "%", "3A": ":", "7B": "{", "7D": "}"}
+
+
+def unescape_part(part: str) -> str:
+    """The inverse of :func:`escape_part`, in one pass."""
+    return re.sub(r"%(25|3A|7B|7D)", lambda m: _UNESCAPED[m.group(1)], part)
+
+
+def _tenant_key(kind: str, tenant_id: str, dimension: str, value: str) -> str:
+    return f"tm:{{{escape_part(tenant_id)}}}:{kind}:{dimension}:{escape_part(value)}"
+
+
+class ScopeKey(NamedTuple):
+    """A per-tenant key taken apart (:func:`parse_scope_key`)."""
+
+    kind: str  # spend, budget, ratelimit, rate, held, stale_calls
+    tenant_id: str
+    dimension: str
+    value: str
+    rest: str  # after the scope: the period of a spend key, "calls:m<minute>" of a counter; else ""
+
+
+# Escaped names hold no colon or brace, so each part is unambiguous.
+_SCOPE_KEY = re.compile(r"tm:\{([^{}:]*)\}:([a-z_]+):([a-z]+):([^{}:]*)(?::(.*))?")
+
+
+def parse_scope_key(key: str) -> ScopeKey | None:
+    """The kind and scope of a per-tenant key; None for any other key (the freshness hash, or a key of the
+    untagged layout before Redis Cluster support, which nothing reads any more)."""
+    match = _SCOPE_KEY.fullmatch(key)
+    if match is None:
+        return None
+    tenant, kind, dimension, value, rest = match.groups()
+    return ScopeKey(kind, unescape_part(tenant), dimension, unescape_part(value), rest or "")
+
+
+def _glob_literal(text: str) -> str:
+    """``text`` matched literally by a SCAN pattern (Redis glob: ``* ? [ ] \\`` are special)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def spend_pattern(dimension: str, value: str, period: str) -> str:
+    """A SCAN pattern for the spend keys of one scope and period in every tenant, e.g. each tenant's own
+    month: ``spend_pattern("tenant", "", "month")``."""
+    scope = f"{_glob_literal(dimension)}:{_glob_literal(escape_part(value))}:{_glob_literal(period)}"
+    return f"tm:{{*}}:spend:{scope}"
+
+
+def budget_pattern() -> str:
+    """A SCAN pattern for every budget key (of every tenant and scope)."""
+    return "tm:{*}:budget:*"
 
 
 # ---------------------------------------------------------------- spend
 def spend_key(tenant_id: str, dimension: str, value: str, period: str) -> str:
-    return f"tm:spend:{_scope(tenant_id, dimension, value)}:{period}"
+    return f"{_tenant_key('spend', tenant_id, dimension, value)}:{period}"
 
 
-def format_spend(spend: Decimal, period_end: datetime) -> str:
-    """A ``tm:spend:`` value: the period's absolute spend and when the period ends."""
-    return f"{spend} {int(period_end.timestamp() * 1000)}"
+def format_spend(spend: Decimal, period_end: datetime, calls: int, time_zone: str) -> str:
+    """A spend value: the period's absolute spend and when the period ends, then what orders two writes of
+    it (:func:`spend_write_wins`): the window's call count and the time zone its windows are cut in."""
+    return f"{spend} {int(period_end.timestamp() * 1000)} {calls} {time_zone}"
 
 
 def spend_value(raw: bytes | str | None, now: datetime) -> Decimal:
-    """The spend a ``tm:spend:`` value counts for the period open at ``now`` (zero once it ended)."""
+    """The spend a spend value counts for the period open at ``now`` (zero once it ended)."""
     if not raw:
         return Decimal(0)
     text = raw.decode() if isinstance(raw, bytes) else raw
-    amount, _, end_ms = text.partition(" ")
+    amount, end_ms = text.split(" ", 2)[:2]
     return Decimal(amount) if int(end_ms) > now.timestamp() * 1000 else Decimal(0)
 
 
 def spend_period_end_ms(raw: bytes | str) -> int:
-    """The end of the period a ``tm:spend:`` value counts, Unix ms."""
+    """The end of the period a spend value counts, Unix ms."""
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    return int(text.partition(" ")[2])
+    return int(text.split(" ", 2)[1])
+
+
+# '^%S+ (%d+) (%d+) (%S+)$' in the write script of sinks/redis.py
+_VERSIONED_SPEND = re.compile(r"\S+ (\d+) (\d+) (\S+)", re.ASCII)
+
+
+def spend_version(raw: bytes | str | None) -> tuple[str, int, int] | None:
+    """(time zone, period end ms, calls) of a spend value; None for one without a version (the two-field
+    format written before versioned writes, or anything else)."""
+    if not raw:
+        return None
+    match = _VERSIONED_SPEND.fullmatch(raw.decode() if isinstance(raw, bytes) else raw)
+    if match is None:
+        return None
+    end_ms, calls, time_zone = match.groups()
+    return time_zone, int(end_ms), int(calls)
+
+
+def spend_write_wins(value: str, stored: bytes | str | None) -> bool:
+    """Whether a spend write of ``value`` replaces the ``stored`` one (the write script in ``sinks/redis.py``
+    applies this rule in Lua): yes unless both are cut in the same time zone and the stored one has a later
+    (period end, calls).
+
+    Within a zone, windows of one period kind follow each other, so a later end is a later window; within a
+    window, every batch that advances it adds calls (only new ledger rows advance a rollup, each a call),
+    and the row lock orders those batches, so more calls is a later total and equal calls the same total
+    (an idempotent rewrite). ``tenant set --timezone`` rebuilds the tenant's windows in another zone, where
+    neither compares: the last write wins there, as before versions, and the tenant's next batch (in the
+    new zone) settles it."""
+    old = spend_version(stored)
+    new = spend_version(value)
+    if old is None or new is None or new[0] != old[0]:
+        return True
+    return new[1:] >= old[1:]
 
 
 # ---------------------------------------------------------------- budgets, rate limits, reservations
 def budget_key(tenant_id: str, dimension: str, value: str) -> str:
-    return f"tm:budget:{_scope(tenant_id, dimension, value)}"
+    return _tenant_key("budget", tenant_id, dimension, value)
 
 
 def rate_limit_key(tenant_id: str, dimension: str, value: str) -> str:
-    return f"tm:ratelimit:{_scope(tenant_id, dimension, value)}"
+    return _tenant_key("ratelimit", tenant_id, dimension, value)
 
 
 def rate_counter_keys(tenant_id: str, dimension: str, value: str, now: datetime) -> list[str]:
     """Calls this minute, tokens this minute, calls today (UTC) — counted by ``reserve`` (:data:`RATE_COUNTERS`)."""
-    scope = _scope(tenant_id, dimension, value)
+    scope = _tenant_key("rate", tenant_id, dimension, value)
     minute = int(now.timestamp()) // 60
-    return [
-        f"tm:rate:{scope}:calls:m{minute}",
-        f"tm:rate:{scope}:tokens:m{minute}",
-        f"tm:rate:{scope}:calls:d{now:%Y%m%d}",
-    ]
+    return [f"{scope}:calls:m{minute}", f"{scope}:tokens:m{minute}", f"{scope}:calls:d{now:%Y%m%d}"]
 
 
 def held_key(tenant_id: str, dimension: str, value: str) -> str:
-    return f"tm:held:{_scope(tenant_id, dimension, value)}"
+    return _tenant_key("held", tenant_id, dimension, value)
 
 
 def to_nano(amount: Decimal) -> int:
@@ -134,7 +229,7 @@ def to_nano(amount: Decimal) -> int:
 
 
 def format_held(amount_nano: int, expires_ms: int, counted_after_ms: int | None = None) -> str:
-    """A ``tm:held:`` entry: a reservation (no ``counted_after_ms``) or a committed cost."""
+    """A held entry: a reservation (no ``counted_after_ms``) or a committed cost."""
     if counted_after_ms is None:
         return f"{amount_nano}:{expires_ms}"
     return f"{amount_nano}:{expires_ms}:{counted_after_ms}"
@@ -153,6 +248,7 @@ def scope_keys(tenant_id: str, dimension: str, value: str, now: datetime) -> lis
 
 # ---------------------------------------------------------------- freshness of the spend data
 def freshness_key(worker_id: str) -> str:
+    """Per worker group, not per tenant: in a cluster it lives in a slot of its own (no tenant keys beside it)."""
     return f"tm:freshness:{escape_part(worker_id)}"
 
 
@@ -187,7 +283,7 @@ def caught_up_ms(entries: Mapping[bytes, bytes] | Mapping[str, str], now_ms: int
 
 # ---------------------------------------------------------------- calls allowed on stale data
 def stale_calls_key(tenant_id: str, dimension: str, value: str) -> str:
-    return f"tm:stale_calls:{_scope(tenant_id, dimension, value)}"
+    return _tenant_key("stale_calls", tenant_id, dimension, value)
 
 
 def stale_calls_field(period: str, end_ms: int) -> str:

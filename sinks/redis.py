@@ -4,6 +4,8 @@ The keys and values are the contract in ``schemas/redis_keys.py`` (its docstring
 this module only writes them. Spend values are the absolute totals the Postgres sink read back after
 its transaction (``sinks.postgres.BatchResult.rollups``), so a replayed batch writes the same value
 again; only windows open at the time of writing are written, each expiring a day after its period ends.
+A write that arrives after a newer one (another writer of the scope was faster) leaves the newer value
+(``schemas.redis_keys.spend_write_wins``).
 """
 
 from __future__ import annotations
@@ -38,17 +40,34 @@ def spend_writes(rollups: Iterable[Rollup], now: datetime) -> dict[str, tuple[st
         if end <= now:
             continue
         key = spend_key(r.tenant_id, r.dimension, r.dimension_value, r.granularity)
-        writes[key] = (format_spend(r.cost, end), int((end + GRACE - now).total_seconds()))
+        value = format_spend(r.cost, end, r.calls, r.time_zone)
+        writes[key] = (value, int((end + GRACE - now).total_seconds()))
     return writes
 
 
 # One command for a whole batch: redis-py spends ~60 µs of Python per pipelined SET, but little per
-# argument of a single command.
-_SET_ALL = """
+# argument of a single command. A key that holds a newer value keeps it: the rule of
+# schemas.redis_keys.spend_write_wins (same zone and a later (period end, calls) is newer; a value
+# without a version, written before versions existed, is replaced).
+_SET_NEWER = """
+local written = 0
 for i, key in ipairs(KEYS) do
-    redis.call('SET', key, ARGV[2 * i - 1], 'EX', ARGV[2 * i])
+    local value, write = ARGV[2 * i - 1], true
+    local stored = redis.call('GET', key)
+    if stored then
+        local stored_end, stored_calls, stored_zone = string.match(stored, '^%S+ (%d+) (%d+) (%S+)$')
+        local new_end, new_calls, new_zone = string.match(value, '^%S+ (%d+) (%d+) (%S+)$')
+        if stored_zone and new_zone == stored_zone then
+            stored_end, new_end = tonumber(stored_end), tonumber(new_end)
+            write = new_end > stored_end or (new_end == stored_end and tonumber(new_calls) >= tonumber(stored_calls))
+        end
+    end
+    if write then
+        redis.call('SET', key, value, 'EX', ARGV[2 * i])
+        written = written + 1
+    end
 end
-return #KEYS
+return written
 """
 _CHUNK = 5000
 
@@ -59,22 +78,49 @@ def forget_keys(scopes: Iterable[tuple[str, str, str]]) -> list[str]:
 
 
 def write_spend(
-    client: redis.Redis, rollups: Iterable[Rollup], now: datetime | None = None, forget: Sequence[str] = ()
+    client: redis.Redis | redis.RedisCluster,
+    rollups: Iterable[Rollup],
+    now: datetime | None = None,
+    forget: Sequence[str] = (),
 ) -> int:
-    """Mirror the rollups' absolute spend into Redis (SET with expiry, one script call per 5,000 keys);
-    delete the ``forget`` keys first."""
+    """Mirror the rollups' absolute spend into Redis (SET with expiry unless a newer value is there, one
+    script call per 5,000 keys; on a cluster, per 5,000 keys of one hash slot); delete the ``forget`` keys
+    first. Returns how many keys were sent."""
     for first in range(0, len(forget), _CHUNK):
-        client.delete(*forget[first : first + _CHUNK])
+        client.delete(*forget[first : first + _CHUNK])  # a cluster client splits a DEL by slot itself
     now = now or datetime.now(UTC)
     writes = list(spend_writes(rollups, now).items())
-    set_all = client.register_script(_SET_ALL)
+    if isinstance(client, redis.RedisCluster):
+        _write_by_slot(client, writes)
+        return len(writes)
+    set_newer = client.register_script(_SET_NEWER)
     for first in range(0, len(writes), _CHUNK):
-        chunk = writes[first : first + _CHUNK]
-        args: list[str | int] = []
-        for _key, (value, ttl) in chunk:
-            args += (value, ttl)
-        set_all(keys=[key for key, _ in chunk], args=args)
+        keys, args = _script_arguments(writes[first : first + _CHUNK])
+        set_newer(keys=keys, args=args)
     return len(writes)
+
+
+def _script_arguments(writes: Sequence[tuple[str, tuple[str, int]]]) -> tuple[list[str], list[str | int]]:
+    args: list[str | int] = []
+    for _key, (value, ttl) in writes:
+        args += (value, ttl)
+    return [key for key, _ in writes], args
+
+
+def _write_by_slot(client: redis.RedisCluster, writes: Sequence[tuple[str, tuple[str, int]]]) -> None:
+    """A script may only touch keys of one hash slot: one call per slot (a slot holds whole tenants, see
+    the hash tag in ``schemas/redis_keys.py``), all sent in one pipeline (a round trip per node)."""
+    by_slot: dict[int, list[tuple[str, tuple[str, int]]]] = {}
+    for write in writes:
+        by_slot.setdefault(client.keyslot(write[0]), []).append(write)
+    pipe = client.pipeline()
+    for slot_writes in by_slot.values():
+        for first in range(0, len(slot_writes), _CHUNK):
+            keys, args = _script_arguments(slot_writes[first : first + _CHUNK])
+            # EVAL as a raw command: a cluster pipeline has no .eval() and refuses EVALSHA (it could not
+            # load a missing script); Redis caches the script by its hash either way.
+            pipe.execute_command("EVAL", _SET_NEWER, len(keys), *keys, *args)
+    pipe.execute()
 
 
 # ---------------------------------------------------------------- freshness of the spend data

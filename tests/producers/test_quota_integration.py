@@ -15,8 +15,9 @@ from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.quota import QuotaClient
 from schemas.periods import period_end, period_start
+from schemas.records import Rollup
 from schemas.redis_keys import budget_key, freshness_key, rate_limit_key, spend_key
-from sinks.redis import write_freshness
+from sinks.redis import write_freshness, write_spend
 from streams.pricing import estimate_cost
 
 
@@ -168,3 +169,24 @@ def test_rate_limits_count_reservations_across_clients(stack: LocalStack, settin
     big = first.reserve(tenant, Decimal(0), feature="chat", tokens=20_000, now=later)
     assert not big.allowed and "tokens per minute" in big.reason
     assert first.reserve(tenant, Decimal(0), feature="chat", tokens=5_000, now=later).allowed
+
+
+def test_a_late_spend_write_cannot_unblock_a_spent_hard_budget(stack: LocalStack, settings: Settings) -> None:
+    """Two stage-1 writers of one tenant: the batch that reached $10.20 lands first, an older one ($9.80)
+    after it. Check and reserve keep deciding on the newer total."""
+    client = QuotaClient(own_redis(settings, 13))
+    tenant = f"late-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    month = period_start("month", now)
+    client.redis.set(budget_key(tenant, "tenant", ""), json.dumps({"limit": "10", "period": "month", "hard": True}))
+    pipeline_caught_up(client)
+
+    def written_by_a_batch(calls: int, cost: str) -> Rollup:
+        zero = Decimal(0)
+        return Rollup(tenant, "month", month, "tenant", "", calls, 0, 1, 1, 0, 0, zero, zero, Decimal(cost), "UTC")
+
+    write_spend(client.redis, [written_by_a_batch(102, "10.2")], now)
+    write_spend(client.redis, [written_by_a_batch(98, "9.8")], now)
+    decision = client.check(tenant, now=now)
+    assert not decision.allowed and decision.spent == Decimal("10.2")
+    assert not client.reserve(tenant, Decimal("0.01"), now=now).allowed

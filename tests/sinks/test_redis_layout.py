@@ -39,17 +39,19 @@ def test_spend_writes_cover_open_periods_of_quota_scopes_only() -> None:
         ],
         now,
     )
-    assert sorted(writes) == ["tm:spend:acme:tenant::day", "tm:spend:acme:tenant::month"]
-    value, ttl = writes["tm:spend:acme:tenant::day"]
+    assert sorted(writes) == ["tm:{acme}:spend:tenant::day", "tm:{acme}:spend:tenant::month"]
+    value, ttl = writes["tm:{acme}:spend:tenant::day"]
     end = datetime(2025, 7, 3, tzinfo=UTC)
-    assert value == f"2.5 {int(end.timestamp() * 1000)}" and ttl == 36 * 3600  # to the end of the day plus a day
+    assert ttl == 36 * 3600  # to the end of the day plus a day
+    assert value == f"2.5 {int(end.timestamp() * 1000)} 1 UTC"  # then its version: calls so far, zone
 
 
 def test_spend_values_carry_the_end_of_their_period_in_the_tenants_zone() -> None:
     tokyo_day = datetime(2025, 7, 1, 15, tzinfo=UTC)  # 2025-07-02 00:00 in Tokyo
     now = datetime(2025, 7, 2, 10, tzinfo=UTC)  # 19:00 in Tokyo
     writes = spend_writes([_rollup("day", tokyo_day, time_zone="Asia/Tokyo")], now)
-    value, _ = writes["tm:spend:acme:tenant::day"]
+    value, _ = writes[spend_key("acme", "tenant", "", "day")]
+    assert value.endswith(" 1 Asia/Tokyo")
     assert spend_value(value, now) == Decimal("2.5")
     assert spend_value(value, datetime(2025, 7, 2, 15, tzinfo=UTC)) == 0  # Tokyo's next day: reset
     assert spend_value(None, now) == 0
@@ -60,7 +62,7 @@ def test_only_the_window_open_now_is_written() -> None:
     late = _rollup("day", datetime(2025, 7, 1, tzinfo=UTC), cost="9")
     ahead = _rollup("day", datetime(2025, 7, 3, tzinfo=UTC), cost="5")  # a clock running ahead
     writes = spend_writes([_rollup("day", datetime(2025, 7, 2, tzinfo=UTC), cost="1"), late, ahead], now)
-    assert writes["tm:spend:acme:tenant::day"][0].startswith("1 ")
+    assert writes[spend_key("acme", "tenant", "", "day")][0].startswith("1 ")
 
 
 def test_quota_decision() -> None:
