@@ -109,7 +109,7 @@ class Budget:
         ).encode()
 
     def redis_json(self) -> str:
-        """What ``QuotaClient`` reads from ``tm:budget:…``."""
+        """What ``QuotaClient`` reads from the budget key (``schemas.redis_keys.budget_key``)."""
         return json.dumps(
             {"limit": str(self.limit), "period": self.period, "hard": self.hard, "on_stale": self.on_stale}
         )

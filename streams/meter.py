@@ -182,6 +182,11 @@ class CommitFailed(RuntimeError):
     """The consumer could not commit a batch's offsets (a transient failure: the batch is replayed)."""
 
 
+class RewindFailed(RuntimeError):
+    """A failed batch's partition, still assigned, could not be rewound: the process must stop without
+    committing anything more (a later commit would pass over the batch), and be restarted."""
+
+
 class Stopping(RuntimeError):
     """The worker is stopping mid-batch; the batch is replayed by whoever starts next."""
 
@@ -774,13 +779,28 @@ class Meter:
         return getattr(self, "_behind", 0)
 
     def behind(self) -> int:
-        """Messages between this consumer's positions and the ends of its partitions, as last fetched."""
+        """Messages between this consumer's positions and the ends of its partitions, as last fetched. A
+        partition with no position yet (just assigned or rewound, nothing fetched) counts from its
+        committed offset: it is behind, not caught up."""
         assigned = self.consumer.assignment()
         behind = 0
+        unknown = []
         for position in self.consumer.position(assigned) if assigned else []:
             _low, high = self.consumer.get_watermark_offsets(position, cached=True)
-            if position.offset >= 0 and high >= 0:
+            if high < 0:
+                continue
+            if position.offset >= 0:
                 behind += max(high - position.offset, 0)
+            else:
+                unknown.append((position, high))
+        if unknown:
+            try:
+                committed = self.consumer.committed([p for p, _ in unknown], timeout=2)
+            except KafkaException:
+                return behind  # the coordinator is away; the next call counts them
+            for tp, (_p, high) in zip(committed, unknown, strict=True):
+                if tp.offset >= 0:
+                    behind += max(high - tp.offset, 0)
         return behind
 
     def _publish(
@@ -864,8 +884,14 @@ class Meter:
         for (topic, partition), offset in starts.items():
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
-            except Exception as exc:  # revoked meanwhile: its new owner starts from the committed offset
-                log.info("not rewinding %s[%d]: %s", topic, partition, exc)
+            except Exception as exc:
+                owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+                if (topic, partition) not in owned:  # revoked meanwhile: its new owner starts from the commit
+                    log.info("not rewinding %s[%d]: %s", topic, partition, exc)
+                    continue
+                # Still ours and not rewound: going on would commit past the failed batch. Stop instead;
+                # the restarted process replays from the committed offset.
+                raise RewindFailed(f"cannot rewind {topic}[{partition}] to {offset}: {exc}") from exc
 
     def close(self) -> None:
         self.stopping = True
@@ -972,6 +998,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
     optional("budget names", lambda: named.catch_up(1.0), 0)  # only bounds state: no need to wait long
     followed = time.monotonic()
     backoff = 1.0
+    unsafe_to_commit = False
     try:
         while not stop.is_set():
             if time.monotonic() - followed > 5.0:
@@ -991,6 +1018,10 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
                         status.progressed(meter.measure_lag() + meter.in_flight)
                     else:
                         status.alive(meter.measure_lag() + meter.in_flight)
+            except RewindFailed:
+                log.critical("stage 1 stops without committing: a failed batch could not be rewound", exc_info=True)
+                unsafe_to_commit = True
+                raise
             except Exception as exc:
                 if stop.is_set():
                     break
@@ -1009,8 +1040,9 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
     finally:
-        with contextlib.suppress(Exception):  # the batch still in the sinks: committed now, not replayed later
-            meter.drain()
+        if not unsafe_to_commit:
+            with contextlib.suppress(Exception):  # the batch still in the sinks: committed now, not replayed later
+                meter.drain()
         meter.close()
         overrides.close()
         named.close()

@@ -16,12 +16,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from deploy.settings import Settings
 from schemas.records import Alert, PricedEvent, Rollup
 from sinks.postgres import BatchResult
-from streams.meter import Meter, OutputsNotDelivered
+from streams.meter import Meter, OutputsNotDelivered, RewindFailed
 from streams.pricing import PriceBook
 
 TOPIC = "usage.raw"
@@ -337,3 +337,60 @@ def test_when_the_batch_in_the_sinks_fails_the_one_taken_meanwhile_is_rewound_to
     log.clear()
     assert meter.run_once() == 0 and meter.drain() == 3
     assert log[-1] == "commit 0@2,2@8" and sorted(sinks.ledger) == ["a", "b", "c"]
+
+
+class UnseekableConsumer(FakeConsumer):
+    """Seeks fail (as librdkafka's do for a partition no longer assigned); ``owned`` is the assignment."""
+
+    def __init__(self, log: list[str], batches: list[list[FakeMessage]], owned: list[int]) -> None:
+        super().__init__(log, batches)
+        self.owned = owned
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("usage.raw", p) for p in self.owned]
+
+    def seek(self, partition: TopicPartition) -> None:
+        raise KafkaException(KafkaError(KafkaError._STATE, "Erroneous state"))
+
+
+@pytest.mark.parametrize("owned", [[], [0]])
+def test_a_failed_batch_that_cannot_be_rewound_stops_stage_one_unless_its_partition_was_revoked(
+    book: PriceBook, owned: list[int]
+) -> None:
+    """Going on after a failed rewind of a partition still ours would commit past the failed batch."""
+    batch = [FakeMessage(0, 10, usage("a"))]
+    log: list[str] = []
+    sinks = FakeSinks(log)
+    meter = Meter(Settings(), UnseekableConsumer(log, [batch], owned), FakeProducer(log), sinks, book)
+
+    def fail(_batch: Sequence[PricedEvent]) -> None:
+        raise psycopg.OperationalError("server closed the connection")
+
+    sinks.fail = fail
+    meter.run_once()
+    expected = RewindFailed if owned else psycopg.OperationalError  # revoked: its new owner replays it
+    with pytest.raises(expected):
+        meter.drain()
+    assert not any(entry.startswith("commit") for entry in log)
+
+
+class JustAssignedConsumer(FakeConsumer):
+    """Partition 0 has a position; partition 1 none yet (just assigned or rewound): committed at 40."""
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("usage.raw", 0), TopicPartition("usage.raw", 1)]
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition("usage.raw", 0, 90), TopicPartition("usage.raw", 1, OFFSET_INVALID)]
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = 0, cached: bool = False) -> tuple:
+        return (0, 100)
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = 0) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, 40) for tp in partitions]
+
+
+def test_a_partition_without_a_position_counts_as_behind_from_its_commit(book: PriceBook) -> None:
+    log: list[str] = []
+    meter = Meter(Settings(), JustAssignedConsumer(log, []), FakeProducer(log), FakeSinks(log), book)
+    assert meter.behind() == 10 + 60
