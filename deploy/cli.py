@@ -622,6 +622,34 @@ def dashboard(host: str, port: int) -> None:
         server.server_close()
 
 
+@cli.command("otlp")
+@click.option("--host", default=None, help="Address to listen on [default: TOKENMETER_OTLP_HOST, 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="TCP port, 0: any free one [default: TOKENMETER_OTLP_PORT, 4318].")
+@click.option("--loglevel", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning"]))
+def otlp(host: str | None, port: int | None, loglevel: str) -> None:
+    """Meter OpenTelemetry GenAI spans: an OTLP/HTTP receiver for POST /v1/traces (protobuf or JSON, gzip).
+
+    Spans carrying gen_ai.usage.* tokens become usage events (event id from trace and span id, so a retried
+    export counts once) published through the producer library, spool included. Spans with usage but no
+    tenant (TOKENMETER_OTLP_TENANT_ATTRIBUTES, default tenant.id on the span or its resource) or otherwise
+    invalid go to usage.dlq with the reason, and count as rejected in the response. Roll-up spans that repeat
+    their children's usage are not counted (TOKENMETER_OTLP_COUNT_RULE: leaf or operation). Point exporters
+    at it with OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:PORT. SIGTERM or Ctrl-C stops after delivering (or
+    spooling) what was received. README: "Sending usage over OpenTelemetry".
+    """
+    import logging
+
+    from deploy.otlp import serve
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    host, port = host or settings.otlp_host, settings.otlp_port if port is None else port
+    try:
+        serve(settings, host, port, click.echo)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another with --port")
+
+
 @cli.group()
 def tenant() -> None:
     """Tenant settings: the time zone of its calendar (days, weeks, months)."""

@@ -121,6 +121,20 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     spool_replay_timeout_s: float = Field(default=30.0, gt=0)
 
+    # OTLP/HTTP receiver (tokenmeter otlp; mapping in producers/otlp.py). 4318 is OTLP/HTTP's standard port.
+    # Attribute lists are JSON ('["tenant.id", "app.tenant"]'): the first one set wins, span before resource.
+    # Count rule: "leaf" (a span whose descendants carry usage is a roll-up) or "operation" (model-call spans only).
+    otlp_host: str = "127.0.0.1"
+    otlp_port: int = Field(default=4318, ge=0, le=65535)
+    otlp_tenant_attributes: list[str] = Field(default_factory=lambda: ["tenant.id"], min_length=1)
+    otlp_user_attributes: list[str] = Field(default_factory=lambda: ["user.id"])
+    otlp_feature_attributes: list[str] = Field(default_factory=lambda: ["feature"])
+    otlp_environment_attributes: list[str] = Field(
+        default_factory=lambda: ["deployment.environment", "deployment.environment.name"]
+    )
+    otlp_count_rule: Literal["leaf", "operation"] = "leaf"
+    otlp_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # after gzip; larger requests get 413
+
     @model_validator(mode="after")
     def _fill_local_defaults(self) -> Settings:
         self.home = self.home.expanduser().absolute()
