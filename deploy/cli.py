@@ -538,8 +538,19 @@ def alerts_list(tenant: str | None, max_rows: int, fmt: str) -> None:
 )
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
 @click.option("--top", default=10, show_default=True, help="How many top requests and conversations.")
-def report_cmd(tenant: str | None, period: str, fmt: str, output: str | None, top: int) -> None:
-    """What was spent, on which models, by which features and users (the four questions)."""
+@click.option("--trace", "trace_id", default=None, help="Only this trace: its calls in order and what it cost.")
+@click.option("--session", "session_id", default=None, help="Only this session (conversation): its calls and cost.")
+def report_cmd(
+    tenant: str | None,
+    period: str,
+    fmt: str,
+    output: str | None,
+    top: int,
+    trace_id: str | None,
+    session_id: str | None,
+) -> None:
+    """What was spent, on which models, by which features and users (the four questions); with --trace or
+    --session, what one agent run, request or conversation cost, call by call (any period)."""
     import csv
     import io
     import json
@@ -551,6 +562,9 @@ def report_cmd(tenant: str | None, period: str, fmt: str, output: str | None, to
     from sinks.postgres import tenant_time_zone
     from sinks.reports import build_report, parse_period, report_rows
 
+    if trace_id is not None or session_id is not None:
+        _trace_cmd(trace_id, session_id, tenant, fmt, output)
+        return
     try:
         with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
             # One tenant's report uses its calendar; a report across tenants uses UTC days.
@@ -580,6 +594,65 @@ def report_cmd(tenant: str | None, period: str, fmt: str, output: str | None, to
     else:
         Path(output).write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
+
+
+def _trace_cmd(trace_id: str | None, session_id: str | None, tenant: str | None, fmt: str, output: str | None) -> None:
+    import csv
+    import io
+    import json
+    from pathlib import Path
+
+    import psycopg
+
+    from deploy.report_render import print_trace
+    from sinks.reports import trace_report
+
+    if fmt == "html":
+        _fail("--trace and --session print table, json or csv")
+    try:
+        with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+            report = trace_report(conn, trace_id=trace_id, session_id=session_id, tenant_id=tenant)
+    except ValueError as exc:
+        _fail(str(exc))
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach Postgres: {exc}")
+    if fmt == "table" and output is None:
+        print_trace(report)
+        sys.exit(0 if report["calls"] else 1)
+    if fmt == "table":
+        buffer = io.StringIO()
+        print_trace(report, Console(file=buffer, width=160))
+        text = buffer.getvalue()
+    elif fmt == "json":
+        text = json.dumps(report, indent=2) + "\n"
+    else:
+        columns = [
+            "timestamp",
+            "event_id",
+            "tenant_id",
+            "model",
+            "feature",
+            "user_id",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "latency_ms",
+            "price_status",
+            "cost",
+        ]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(columns)
+        writer.writerows([csv_safe(call[c]) for c in columns] for call in report["calls"])
+        text = buffer.getvalue()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        Path(output).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+    if not report["calls"]:
+        sys.exit(1)
 
 
 @cli.command("demo")

@@ -225,3 +225,42 @@ td, th {{ border-bottom: 1px solid #e4e4e4; padding: 4px 8px; text-align: left; 
 <h2>By feature</h2>{_table(report["by_feature"], money_columns, money=breakdown)}
 </body></html>
 """
+
+
+def print_trace(report: dict[str, Any], console: Console | None = None) -> None:
+    """A trace's or session's calls in time order, then its totals by model (``sinks.reports.trace_report``)."""
+    console = console or Console()
+    what = f"trace {report['trace_id']}" if report["trace_id"] is not None else f"session {report['session_id']}"
+    t = report["totals"]
+    console.rule(cell(f"tokenmeter — {what}", style="bold"))
+    if not t["calls"]:
+        console.print(cell(f"no calls of {what} in the ledger", style="yellow"))
+        return
+    console.print(cell(rounding_note("json", "csv"), style="dim"))
+    calls = Table(show_edge=False)
+    for column in ("when (UTC)", "model", "feature", "user", "in", "out", "ms", "cost"):
+        calls.add_column(column, justify="left" if column in ("when (UTC)", "model", "feature", "user") else "right")
+    for c in report["calls"]:
+        calls.add_row(
+            c["timestamp"][:23],
+            cell(c["model"]),
+            cell(c["feature"] or ""),
+            cell(c["user_id"] or ""),
+            f"{c['input_tokens']:,}",
+            f"{c['output_tokens']:,}",
+            "" if c["latency_ms"] is None else f"{c['latency_ms']:,}",
+            usd(c["cost"], "per_call") if c["price_status"] == "priced" else "unpriced",
+        )
+    console.print(calls)
+    by_model = Table(title="by model", title_justify="left", show_edge=False)
+    for column in ("model", "calls", "cost"):
+        by_model.add_column(column, justify="left" if column == "model" else "right")
+    for m in report["by_model"]:
+        by_model.add_row(cell(m["name"]), f"{m['calls']:,}", usd(m["cost"], "per_call"))
+    console.print(by_model)
+    unpriced = f" ({t['unpriced_calls']:,} unpriced)" if t["unpriced_calls"] else ""
+    console.print(
+        f"[bold]Total[/]: {usd(t['cost'], 'per_call')} over {t['calls']:,} calls{unpriced}, "
+        f"{t['input_tokens']:,} input and {t['output_tokens']:,} output tokens, {t['first'][:23]} → {t['last'][:23]}; "
+        f"tenant {cell(', '.join(report['tenants']))}"
+    )

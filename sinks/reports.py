@@ -220,6 +220,70 @@ def build_report(
     return report
 
 
+def trace_report(
+    conn: psycopg.Connection, trace_id: str | None = None, session_id: str | None = None, tenant_id: str | None = None
+) -> dict[str, Any]:
+    """What one trace (an agent run, a request fanning out to several calls) or one session cost: each
+    call from the ledger in time order, the totals and a breakdown by model. With ``tenant_id`` the
+    ledger's (tenant, trace) index answers it; without, Postgres skips over the tenants of that index."""
+    if (trace_id is None) == (session_id is None):
+        raise ValueError("give a trace id or a session id (one of them)")
+    column, wanted = ("trace_id", trace_id) if trace_id is not None else ("session_id", session_id)
+    where, params = _tenant_filter(tenant_id)
+    rows = conn.execute(
+        "SELECT event_id, tenant_id, ts, provider, model, feature, user_id, trace_id, session_id, input_tokens,"
+        " output_tokens, cache_read_tokens, cache_write_tokens, latency_ms, price_status, total_cost"
+        f" FROM tokenmeter.ledger WHERE {column} = %(wanted)s {where} ORDER BY ts, event_id",
+        {"wanted": wanted, **params},
+    ).fetchall()
+    calls = [
+        {
+            "event_id": r[0],
+            "tenant_id": r[1],
+            "timestamp": r[2].isoformat(),
+            "model": f"{r[3]}/{r[4]}",
+            "feature": r[5],
+            "user_id": r[6],
+            "trace_id": r[7],
+            "session_id": r[8],
+            "input_tokens": r[9],
+            "output_tokens": r[10],
+            "cache_read_tokens": r[11],
+            "cache_write_tokens": r[12],
+            "latency_ms": r[13],
+            "price_status": r[14],
+            "cost": _money(r[15]),
+        }
+        for r in rows
+    ]
+    total = sum((Decimal(r[15]) for r in rows), Decimal(0))
+    models: dict[str, dict[str, Any]] = {}
+    for call in calls:
+        entry = models.setdefault(call["model"], {"name": call["model"], "calls": 0, "cost": Decimal(0)})
+        entry["calls"] += 1
+        entry["cost"] += Decimal(call["cost"])
+    return {
+        "trace_id": trace_id,
+        "session_id": session_id,
+        "tenants": sorted({c["tenant_id"] for c in calls}),
+        "currency": "USD",
+        "totals": {
+            "cost": _money(total),
+            "calls": len(calls),
+            "unpriced_calls": sum(1 for c in calls if c["price_status"] != "priced"),
+            "input_tokens": sum(c["input_tokens"] for c in calls),
+            "output_tokens": sum(c["output_tokens"] for c in calls),
+            "first": calls[0]["timestamp"] if calls else None,
+            "last": calls[-1]["timestamp"] if calls else None,
+        },
+        "by_model": [
+            {"name": m["name"], "calls": m["calls"], "cost": _money(m["cost"])}
+            for m in sorted(models.values(), key=lambda m: (-m["cost"], m["name"]))
+        ],
+        "calls": calls,
+    }
+
+
 CSV_SECTIONS = ("by_provider", "by_model", "by_feature", "by_environment", "by_user")
 
 

@@ -21,7 +21,7 @@ from deploy.stack import LocalStack
 from schemas.events import validate_event
 from schemas.records import PricedEvent
 from sinks.postgres import write_batch
-from sinks.reports import build_report, parse_period, report_rows, whatif
+from sinks.reports import build_report, parse_period, report_rows, trace_report, whatif
 from streams.pricing import PriceBook
 
 NOW = datetime(2025, 7, 20, 15, tzinfo=UTC)
@@ -156,3 +156,79 @@ def test_whatif_reprices_the_same_tokens_with_another_model(
     assert Decimal(result["ratio"]) < Decimal("0.1")  # mini is ~16x cheaper
     with pytest.raises(ValueError, match="provider/model"):
         whatif(conn, book, tenant, period, "gpt-4o", "openai/gpt-4o-mini")
+
+
+def test_a_trace_lists_its_calls_in_order_and_adds_up(conn: psycopg.Connection, unique: str) -> None:
+    """An agent run: 4 calls of one trace (one of an unknown model) among other traffic; the same trace
+    id in another tenant stays apart when the tenant is given."""
+    book = PriceBook()
+    tenant, other, trace = f"trace-{unique}", f"trace-other-{unique}", f"run-{unique}"
+    calls = [("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"), ("openai", "gpt-4o"), ("acme", "homegrown-1")]
+    items = []
+    for i, (provider, model) in enumerate(calls):
+        for owner in (tenant, other):
+            event = validate_event(
+                {
+                    "event_id": f"{owner}-{i}",
+                    "timestamp": NOW + timedelta(seconds=10 * (4 - i)),  # written out of order
+                    "tenant_id": owner,
+                    "provider": provider,
+                    "model": model,
+                    "input_tokens": 1000 + i,
+                    "output_tokens": 50 + i,
+                    "trace_id": trace,
+                    "session_id": f"chat-{unique}",
+                }
+            )
+            items.append(PricedEvent(event, book.price(event)))
+    write_batch(conn, items)
+    seed(conn, tenant)  # other calls of the tenant, not of the trace
+    ours = [item for item in items if item.event.tenant_id == tenant]
+    report = trace_report(conn, trace_id=trace, tenant_id=tenant)
+    assert [c["event_id"] for c in report["calls"]] == [f"{tenant}-{i}" for i in (3, 2, 1, 0)]  # by time
+    assert Decimal(report["totals"]["cost"]) == sum((item.price.total_cost for item in ours), Decimal(0))
+    assert report["totals"]["calls"] == 4 and report["totals"]["unpriced_calls"] == 1
+    assert {m["name"]: m["calls"] for m in report["by_model"]} == {
+        "openai/gpt-4o": 2,
+        "anthropic/claude-sonnet-4-5": 1,
+        "acme/homegrown-1": 1,
+    }
+    assert sum(Decimal(m["cost"]) for m in report["by_model"]) == Decimal(report["totals"]["cost"])
+    assert trace_report(conn, trace_id=trace)["tenants"] == sorted([tenant, other])
+    assert trace_report(conn, session_id=f"chat-{unique}", tenant_id=tenant)["totals"] == report["totals"]
+    with pytest.raises(ValueError, match="one of them"):
+        trace_report(conn)
+
+
+def test_report_trace_command(stack: LocalStack, conn: psycopg.Connection, unique: str) -> None:
+    tenant = f"trcli-{unique}"
+    event = validate_event(
+        {
+            "event_id": f"{tenant}-1",
+            "timestamp": NOW,
+            "tenant_id": tenant,
+            "provider": "openai",
+            "model": "gpt-4o",
+            "input_tokens": 1234,
+            "output_tokens": 56,
+            "trace_id": f"tr-{unique}",
+        }
+    )
+    priced = PricedEvent(event, PriceBook().price(event))
+    write_batch(conn, [priced])
+    base = [sys.executable, "-m", "deploy", "report", "--trace", f"tr-{unique}"]
+    shown = subprocess.run([*base, "--format", "json"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert Decimal(json.loads(shown.stdout)["totals"]["cost"]) == priced.price.total_cost
+    table = subprocess.run([*base, "--tenant", tenant], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and "openai/gpt-4o" in table.stdout and "Total" in table.stdout
+    as_csv = subprocess.run([*base, "--format", "csv"], capture_output=True, text=True, timeout=60)
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [r["event_id"] for r in rows] == [f"{tenant}-1"] and Decimal(rows[0]["cost"]) == priced.price.total_cost
+    missing = subprocess.run(
+        [sys.executable, "-m", "deploy", "report", "--trace", f"nothing-{unique}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 1 and "no calls" in missing.stdout
