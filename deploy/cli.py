@@ -159,6 +159,71 @@ def db_migrate() -> None:
     click.echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
 
 
+@cli.group()
+def ledger() -> None:
+    """The per-call ledger: one partition per UTC month of the calls' timestamps, old months archivable."""
+
+
+@ledger.command("partitions")
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table", show_default=True)
+def ledger_partitions_cmd(fmt: str) -> None:
+    """The ledger's month partitions (attached; rows as Postgres estimates them) and the months
+    detached for archive (rows counted when detached)."""
+    import json
+
+    import psycopg
+
+    from sinks.postgres import ledger_partitions
+
+    try:
+        with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+            parts = ledger_partitions(conn)
+    except psycopg.Error as exc:
+        _fail(f"cannot read the metering database: {exc}".strip())
+    if fmt == "json":
+        click.echo(json.dumps([p.as_json() for p in parts]))
+        return
+    table = Table(title="ledger partitions (UTC months)")
+    for column in ("month", "state", "table", "rows", "size"):
+        table.add_column(column, justify="right" if column in ("rows", "size") else "left")
+    for p in parts:
+        size = "-" if p.bytes is None else f"{p.bytes / 2**20:,.1f} MiB"
+        table.add_row(p.month, p.state, p.table, "?" if p.rows is None else f"{p.rows:,}", size)
+    Console().print(table)
+
+
+@ledger.command("detach")
+@click.option("--month", required=True, help="The UTC month to archive, YYYY-MM.")
+@click.option(
+    "--force", is_flag=True, help="Detach even the current or previous month, or one with unfinalized invoices."
+)
+def ledger_detach(month: str, force: bool) -> None:
+    """Detach one month of the ledger for archive: its calls move to the plain table
+    tokenmeter_archive.ledger_YYYY_MM, to dump (pg_dump -t) and drop.
+
+    Refused without --force while a tenant with usage in the month has no finalized invoice for it
+    (`tokenmeter invoice --finalize`), and for the current and previous month (late events still
+    arrive). Invoices and report totals and breakdowns do not change (they read the rollups); the
+    month's top requests, conversations, latencies and whatif (they read calls) no longer see it, and
+    a tenant with usage in it cannot change its time zone until it is attached again. Its event ids
+    stay, so its events are never counted again; a late event for it lands in a new partition.
+    """
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    from sinks.postgres import PartitionError, detach_month
+
+    try:
+        with psycopg.connect(_settings().database_url, connect_timeout=5, autocommit=True) as conn:
+            part = detach_month(conn, month, datetime.now(UTC), force=force)
+    except PartitionError as exc:
+        _fail(str(exc))
+    except psycopg.Error as exc:
+        _fail(f"cannot detach {month}: {exc}".strip())
+    click.echo(f"detached {month}: {part.rows:,} calls now in {part.table} (dump it, then drop it)")
+
+
 # ---------------------------------------------------------------- producing events
 @cli.command("produce")
 @click.argument("source", type=click.File("r", encoding="utf-8", errors="replace"))

@@ -1,19 +1,27 @@
 """The Postgres sink: ledger rows and rollups, written in batches, idempotently.
 
-One transaction per batch: COPY the batch into a temporary staging table, insert into the ledger
-with ``ON CONFLICT (event_id) DO NOTHING``, and advance the rollups from exactly the rows that insert
-returned. A replayed batch (a worker killed before it committed its Kafka offsets) inserts nothing
-and so changes nothing: each distinct event_id is counted once, whatever Kafka redelivers.
+One transaction per batch: COPY the batch into a temporary staging table, insert its ids into
+``tokenmeter.ledger_ids`` with ``ON CONFLICT (event_id) DO NOTHING``, insert into the ledger only the
+rows whose id that returned, and advance the rollups from exactly those rows. A replayed batch (a
+worker killed before it committed its Kafka offsets) inserts nothing and so changes nothing: each
+distinct event_id is counted once, whatever Kafka redelivers and whatever timestamp a repeat carries.
+
+The ledger is partitioned by the UTC month of ``ts`` (migration 0010 says why the ids live apart);
+the month partitions a batch needs are created before it is written (``ensure_partitions``), and old
+months can be detached for archive (``detach_month``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import psycopg
+from psycopg import sql
 
 from schemas.records import PricedEvent, Rollup
 
@@ -119,12 +127,19 @@ class BatchResult:
 
 
 # The batch's new ledger rows (a replayed id inserts nothing), summed per minute and scope into a
-# temporary table: the rollups advance from it, and it gives each tenant's new calls and spend.
+# temporary table: the rollups advance from it, and it gives each tenant's new calls and spend. The ids
+# are the de-duplication of record (``ledger_ids``); the staging table holds each id once (``write_batch``),
+# so the rows whose id was new are exactly one each. IN, not a join: Postgres hashes the new ids (a join
+# sorted both sides, 30 % slower).
 _INSERT_NEW_ROWS = f"""
-WITH new AS (
-    INSERT INTO tokenmeter.ledger ({_COLUMN_LIST})
-    SELECT {_COLUMN_LIST} FROM ledger_staging
+WITH fresh AS (
+    INSERT INTO tokenmeter.ledger_ids (event_id, ts)
+    SELECT event_id, ts FROM ledger_staging
     ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+), new AS (
+    INSERT INTO tokenmeter.ledger ({_COLUMN_LIST})
+    SELECT {_COLUMN_LIST} FROM ledger_staging WHERE event_id IN (SELECT event_id FROM fresh)
     RETURNING tenant_id, ts, provider, model, feature, user_id, environment, price_status, input_tokens,
               output_tokens, cache_read_tokens, cache_write_tokens, input_cost, output_cost, total_cost
 )
@@ -187,10 +202,64 @@ def _row(item: PricedEvent) -> tuple[object, ...]:
     )
 
 
+# The UTC months (first days) whose ledger partition this process knows exists, per database: a batch
+# asks the catalog only about months it has not seen. A month detached since is noticed by its insert
+# failing (``write_batch``).
+_known_months: dict[tuple[str, str, str], set[date]] = {}
+
+
+def _database(conn: psycopg.Connection) -> tuple[str, str, str]:
+    return (conn.info.host, str(conn.info.port), conn.info.dbname)
+
+
+def _next_month(first: date) -> date:
+    return date(first.year + first.month // 12, first.month % 12 + 1, 1)
+
+
+def ensure_partitions(conn: psycopg.Connection, months: Iterable[date]) -> None:
+    """Make sure the ledger has a partition for each of these UTC months (given by their first day).
+
+    In its own short transaction before the batch's (when the connection is idle), so the lock that
+    attaching a partition takes on the ledger is not held while the batch waits for rollup rows.
+    Concurrent workers creating the same month are handled in ``tokenmeter.ensure_ledger_partition``."""
+    known = _known_months.setdefault(_database(conn), set())
+    missing = sorted(set(months) - known)
+    if missing:
+        with conn.transaction():
+            conn.execute("SELECT tokenmeter.ensure_ledger_partition(m) FROM unnest(%s::date[]) AS m", (missing,))
+        known.update(missing)
+
+
 def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> BatchResult:
     """Write a batch in one transaction; return the new-row count and the touched rollups' totals."""
     if not batch:
         return BatchResult(0, [])
+    try:
+        return _write_batch(conn, batch)
+    except psycopg.errors.CheckViolation:
+        # "No partition of relation ledger found for row": a month this process knew was detached since.
+        # Forget what it knew and write once more (the months are looked up again); a row failing a real
+        # CHECK fails again and is reported as before.
+        _known_months.pop(_database(conn), None)
+        return _write_batch(conn, batch)
+
+
+def _write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> BatchResult:
+    # Each id once, the first one winning (as the pipeline's Deduplicator does): the ledger insert takes
+    # the staging rows whose id ledger_ids accepted, so a second row of an id would be a second count.
+    unique: dict[str, PricedEvent] = {}
+    months: set[tuple[int, int]] = set()
+    for item in batch:
+        event = item.event
+        if event.event_id not in unique:
+            unique[event.event_id] = item
+            ts = event.timestamp
+            if ts.tzinfo is not UTC:  # validated events are UTC already
+                ts = ts.astimezone(UTC)
+            months.add((ts.year, ts.month))
+    now = datetime.now(UTC)
+    # Next month's partition is made ahead, so the turn of the month needs no DDL in the batch path.
+    ensure_partitions(conn, {date(y, m, 1) for y, m in months} | {_next_month(date(now.year, now.month, 1))})
     with conn.transaction():
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS ledger_staging"
@@ -203,7 +272,7 @@ def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> Batch
             " cost numeric) ON COMMIT DELETE ROWS"
         )
         with conn.cursor().copy(f"COPY ledger_staging ({_COLUMN_LIST}) FROM STDIN") as copy:
-            for item in batch:
+            for item in unique.values():
                 copy.write_row(_row(item))
         conn.execute(_INSERT_NEW_ROWS)
         rollups = [Rollup(*row) for row in conn.execute(_ADVANCE_ROLLUPS)]
@@ -224,9 +293,11 @@ def set_time_zone(conn: psycopg.Connection, tenant_id: str, time_zone: str) -> l
     transaction; return its day, week and month rollups of the last 40 days (for the Redis mirror).
 
     The locks wait for batches in flight and hold new ones back until the rebuild commits, so no
-    batch advances a window of the old zone after it."""
+    batch advances a window of the old zone after it. Refused (an error from Postgres) while the
+    tenant has usage in a month detached for archive: its calls are not there to rebuild from."""
     with conn.transaction():
         conn.execute("LOCK TABLE tokenmeter.ledger, tokenmeter.rollups IN SHARE ROW EXCLUSIVE MODE")
+        conn.execute("SELECT tokenmeter.refuse_rebuild_over_archive(%s)", (tenant_id,))
         conn.execute(
             "INSERT INTO tokenmeter.tenants (tenant_id, time_zone) VALUES (%s, %s) ON CONFLICT (tenant_id)"
             " DO UPDATE SET time_zone = excluded.time_zone, updated_at = now()",
@@ -256,3 +327,141 @@ def scope_rollups(conn: psycopg.Connection, tenant_id: str, dimension: str, valu
     ).fetchall()
     conn.commit()
     return [Rollup(*row) for row in rows]
+
+
+# ---------------------------------------------------------------- month partitions and their archive
+_MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+_PARTITION = re.compile(r"ledger_(\d{4})_(\d{2})(_\d+)?")
+DETACH_LOCK_TIMEOUT_S = 10
+
+
+class PartitionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LedgerPartition:
+    month: str  # the UTC month, YYYY-MM
+    table: str  # schema-qualified
+    state: str  # attached | archived (detached, in tokenmeter_archive) | dropped (archived, then dropped)
+    rows: int | None  # attached: Postgres' estimate (None before it analyzed the table); archived: exact
+    bytes: int | None  # with indexes; None once dropped
+
+    def as_json(self) -> dict[str, object]:
+        return {"month": self.month, "table": self.table, "state": self.state, "rows": self.rows, "bytes": self.bytes}
+
+
+def ledger_partitions(conn: psycopg.Connection) -> list[LedgerPartition]:
+    """The ledger's month partitions and the months detached for archive, oldest first."""
+    found = []
+    for name, rows, size in conn.execute(
+        "SELECT c.relname, c.reltuples::bigint, pg_total_relation_size(c.oid) FROM pg_inherits AS i"
+        " JOIN pg_class AS c ON c.oid = i.inhrelid WHERE i.inhparent = 'tokenmeter.ledger'::regclass"
+    ):
+        named = _PARTITION.fullmatch(name)
+        month = f"{named[1]}-{named[2]}" if named else "?"
+        found.append(LedgerPartition(month, f"tokenmeter.{name}", "attached", rows if rows >= 0 else None, size))
+    for name, month, rows, size in conn.execute(
+        "SELECT table_name, to_char(month, 'YYYY-MM'), rows,"
+        " pg_total_relation_size(to_regclass('tokenmeter_archive.' || quote_ident(table_name)))"
+        " FROM tokenmeter.ledger_archive"
+    ):
+        state = "archived" if size is not None else "dropped"
+        found.append(LedgerPartition(month, f"tokenmeter_archive.{name}", state, rows, size))
+    return sorted(found, key=lambda p: (p.month, p.state != "attached", p.table))
+
+
+# Tenants with usage in [start, end) whose invoice of that local month is not finalized. Hour windows,
+# as each lies in one local month and they are few (an index range of the rollups, not the month's calls).
+_UNFINALIZED = """
+SELECT DISTINCT r.tenant_id, to_char(r.window_start AT TIME ZONE coalesce(zone.time_zone, 'UTC'), 'YYYY-MM') AS period
+FROM tokenmeter.rollups AS r
+LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = r.tenant_id
+WHERE r.granularity = 'hour' AND r.dimension = 'tenant'
+  AND r.window_start < %(end)s AND r.window_start > %(start)s - interval '1 hour'
+  AND NOT EXISTS (
+      SELECT 1 FROM tokenmeter.invoices AS i WHERE i.tenant_id = r.tenant_id
+      AND i.period = to_char(r.window_start AT TIME ZONE coalesce(zone.time_zone, 'UTC'), 'YYYY-MM'))
+ORDER BY 1, 2
+"""
+
+
+def detach_month(conn: psycopg.Connection, month: str, now: datetime, force: bool = False) -> LedgerPartition:
+    """Detach the ledger's partition of a UTC month (``YYYY-MM``) for archive: it becomes the plain table
+    ``tokenmeter_archive.ledger_YYYY_MM`` (recorded in ``tokenmeter.ledger_archive``), to be dumped and dropped.
+
+    Refused, unless ``force``, for the current and previous UTC month and later ones (late events still
+    arrive), and while a tenant with usage in the month has no finalized invoice for it (in its time zone).
+    Rollups, invoices and report breakdowns are unchanged (they read the rollups); the month's ids stay
+    in ``ledger_ids``, so replays of its events are still counted once."""
+    named = _MONTH.fullmatch(month)
+    if not named:
+        raise PartitionError(f"the month must be YYYY-MM, got {month!r}")
+    first = date(int(named[1]), int(named[2]), 1)
+    start = datetime(first.year, first.month, 1, tzinfo=UTC)
+    after = _next_month(first)
+    end = datetime(after.year, after.month, 1, tzinfo=UTC)
+    this_month = date(now.year, now.month, 1)
+    previous = date(this_month.year - (this_month.month == 1), (this_month.month - 2) % 12 + 1, 1)
+    if first >= previous and not force:
+        raise PartitionError(
+            f"{month} is the current or previous month (late events still arrive); --force detaches it"
+        )
+    name = f"ledger_{first:%Y_%m}"
+    with conn.transaction():
+        conn.execute(f"SET LOCAL lock_timeout = '{DETACH_LOCK_TIMEOUT_S}s'")
+        attached = conn.execute(
+            "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%s) AND inhparent = 'tokenmeter.ledger'::regclass",
+            (f"tokenmeter.{name}",),
+        ).fetchone()
+        if attached is None:
+            raise PartitionError(f"the ledger has no partition for {month} (see `tokenmeter ledger partitions`)")
+        if not force:
+            open_invoices = conn.execute(_UNFINALIZED, {"start": start, "end": end}).fetchall()
+            if open_invoices:
+                listed = ", ".join(f"{tenant} {period}" for tenant, period in open_invoices[:5])
+                more = f" and {len(open_invoices) - 5} more" if len(open_invoices) > 5 else ""
+                raise PartitionError(
+                    f"{month} has unfinalized invoices ({listed}{more}): finalize them"
+                    " (`tokenmeter invoice --finalize`) or pass --force"
+                )
+        taken = {
+            row[0]
+            for row in conn.execute(
+                "SELECT table_name FROM tokenmeter.ledger_archive UNION"
+                " SELECT tablename FROM pg_tables WHERE schemaname = 'tokenmeter_archive'"
+            )
+        }
+        # A month can be archived twice: late events after the first detach land in a new partition.
+        archived = next(n for n in (name, *(f"{name}_{i}" for i in range(2, 1000))) if n not in taken)
+        try:
+            conn.execute(f"ALTER TABLE tokenmeter.ledger DETACH PARTITION tokenmeter.{name}")
+        except psycopg.errors.LockNotAvailable:
+            raise PartitionError(
+                f"the ledger stayed busy for {DETACH_LOCK_TIMEOUT_S} s (a long query on it?); try again"
+            ) from None
+        if archived != name:
+            # Its indexes too: theirs are named after the table, and the first archive of the month has them.
+            indexes = conn.execute(
+                "SELECT c.relname FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid"
+                " WHERE i.indrelid = to_regclass(%s)",
+                (f"tokenmeter.{name}",),
+            ).fetchall()
+            for (index,) in indexes:
+                renamed = archived + index.removeprefix(name) if index.startswith(name) else f"{archived}_{index}"
+                conn.execute(
+                    sql.SQL("ALTER INDEX tokenmeter.{} RENAME TO {}").format(*map(sql.Identifier, (index, renamed)))
+                )
+            conn.execute(f"ALTER TABLE tokenmeter.{name} RENAME TO {archived}")
+        conn.execute(f"ALTER TABLE tokenmeter.{archived} SET SCHEMA tokenmeter_archive")
+        row = conn.execute(
+            f"SELECT count(*), pg_total_relation_size('tokenmeter_archive.{archived}')"
+            f" FROM tokenmeter_archive.{archived}"
+        ).fetchone()
+        assert row is not None
+        conn.execute(
+            "INSERT INTO tokenmeter.ledger_archive (table_name, month, rows) VALUES (%s, %s, %s)",
+            (archived, first, row[0]),
+        )
+    _known_months.pop(_database(conn), None)
+    return LedgerPartition(month, f"tokenmeter_archive.{archived}", "archived", int(row[0]), int(row[1]))
