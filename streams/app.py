@@ -13,7 +13,7 @@ follow: budget thresholds → ``alerts.budget``; unknown models and the anomaly 
 (recent ids are remembered in memory to save Postgres the lookup).
 
 Exactly once, end to end: stage 1 commits a batch's offsets only after Postgres, Redis and Kafka
-hold its results. Postgres de-duplicates by ``event_id`` (the ledger's primary key, forever), and
+hold its results. Postgres de-duplicates by ``event_id`` (``tokenmeter.ledger_ids``' primary key, forever), and
 every other output carries absolute values read back from Postgres in the same transaction, so a
 replay after a crash rewrites the same numbers instead of adding them again. Stage 2's table holds
 those absolute values too, so it cannot double count either. We do not use Faust's

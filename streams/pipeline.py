@@ -84,7 +84,7 @@ class Deduplicator:
     """Drops events whose ``event_id`` was already seen by this worker, within a bounded horizon.
 
     The horizon is the last ``capacity`` distinct ids (default 250,000: about a minute at 4,000
-    events/s, ~50 MB with 200-character ids at most). It only saves work: the ledger's primary key in
+    events/s, ~50 MB with 200-character ids at most). It only saves work: ``tokenmeter.ledger_ids`` in
     Postgres is the dedup of record (forever), so an id that fell out of this window is still counted once.
     """
 
