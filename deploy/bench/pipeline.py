@@ -16,6 +16,8 @@ database 15, dropped afterwards. The workload is ``deploy.bench.workload.usage_e
 - ``stage_two_behind_s``: how long after stage 1 the Faust stage (table, alerts) finished the workload.
 - ``p99_budget_alert_ms``: an event that crosses a hard budget, produced → its alert on alerts.budget
   (measured once stage 2 has caught up with the traffic before it).
+- ``cpu_us_per_event``: CPU microseconds per event of stage 1, stage 2, Postgres, Kafka, Redis and the
+  bench's own producer while the workload went through (``deploy/bench/cpu.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from deploy.bench.cpu import CpuMeter, Stack
 from deploy.bench.workload import Workload, usage_events
 from deploy.connections import kafka_config
 from deploy.isolation import WorkerProcess, committed_total, isolated, scratch_stores, wait_for_commits
@@ -135,6 +138,9 @@ class PipelineFigures:
     p99_budget_alert_ms: float
     stage_two_behind_s: float
     quota_background_events_per_s: float  # the traffic the quota probes ran under (half the pipeline's rate)
+    # CPU microseconds per event of each component while the workload went through both stages
+    # (deploy/bench/cpu.py): the capacity model's input (README "Sizing").
+    cpu_us_per_event: dict[str, float]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -275,6 +281,9 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
         produce_all(own, warmup)
         wait_for_commits(own, len(warmup), timeout=120, worker=worker)  # joined, warm, idle
         say("worker ready; producing the workload")
+        assert worker.process is not None
+        cpu = CpuMeter(Stack(worker.process.pid, str(own.home / "kafka"), own.postgres_port, own.redis_port))
+        cpu.start()
         started = time.perf_counter()
         produce_all(own, payloads)
         produced_in = time.perf_counter() - started
@@ -294,7 +303,9 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
         if not wait_for_sinks(own, 600, topic=own.topic_rollups, group=own.worker_id):
             raise TimeoutError("stage 2 did not catch up within 10 minutes")
         stage_two_behind = time.perf_counter() - stage_one_done
+        cpu.stop()
         say(f"stage 2 caught up {stage_two_behind:.1f}s after stage 1")
+        say("CPU µs per event: " + ", ".join(f"{k} {v}" for k, v in cpu.per_event_us(len(payloads)).items()))
 
         # The goal (#15) is for half of the pipeline's measured maximum: a busy, not saturated, worker.
         background = max(1000, int(pipeline / 2))
@@ -324,4 +335,5 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
         p99_budget_alert_ms=round(_percentile(to_alert, 0.99), 1),
         stage_two_behind_s=round(stage_two_behind, 1),
         quota_background_events_per_s=round(reached, 1),
+        cpu_us_per_event=cpu.per_event_us(len(payloads)),
     )

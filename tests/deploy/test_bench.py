@@ -114,6 +114,7 @@ PIPELINE_KEYS = {
     "p50_budget_alert_ms",
     "p99_budget_alert_ms",
     "stage_two_behind_s",
+    "cpu_us_per_event",
     "quota_background_events_per_s",
     "record_p50_us",
     "record_p99_us",
@@ -154,6 +155,10 @@ def test_a_small_bench_run_prints_its_figures_and_leaves_no_faust_folder(
     )
     assert figures["quota_probes"] == 100 and 0 < figures["p99_event_to_quota_ms"] < 30_000
     assert "events (1% producer retries)" in done.stderr
+    # Every component of this stack was found and used CPU (the stages, the stores, the broker).
+    cpu = figures["cpu_us_per_event"]
+    assert {"stage1_meter", "stage2_faust", "postgres", "kafka", "redis", "bench_client"} <= set(cpu), cpu
+    assert all(cpu[name] > 0 for name in ("stage1_meter", "stage2_faust", "postgres", "kafka")), cpu
     # The bench's worker kept its Faust data under the stack's state folder, not in the current folder.
     assert list(tmp_path.iterdir()) == []
     assert any(path.name.startswith("wbench") for path in (settings.home / "faust").iterdir())
