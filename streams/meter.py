@@ -401,7 +401,7 @@ def build_meter(settings: Settings, book: PriceBook | None = None, status: Stage
             **kafka_config(settings, **logged()),
             "enable.idempotence": True,
             "acks": "all",
-            "compression.type": "lz4",
+            "compression.type": settings.worker_compression,
             "linger.ms": 5,
             "batch.num.messages": 10000,
             # murmur2 like Kafka's Java clients and aiokafka, so Faust's stage 2 sees each tenant on the
