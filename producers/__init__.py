@@ -17,8 +17,10 @@ from producers.producer import ProducerStats, UsageProducer
 from producers.providers import (
     estimate_event,
     from_anthropic,
+    from_anthropic_batch_result,
     from_bedrock_converse,
     from_gemini,
+    from_openai_batch_line,
     from_openai_chat,
     from_openai_responses,
 )
@@ -36,8 +38,10 @@ __all__ = [
     "current_attribution",
     "estimate_event",
     "from_anthropic",
+    "from_anthropic_batch_result",
     "from_bedrock_converse",
     "from_gemini",
+    "from_openai_batch_line",
     "from_openai_chat",
     "from_openai_responses",
     "usage_context",

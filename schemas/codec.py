@@ -153,6 +153,15 @@ def _write_string_map(out: bytearray, value: dict[str, str]) -> None:
     out.append(0)
 
 
+def _write_long_map(out: bytearray, value: dict[str, int]) -> None:
+    if value:
+        _zigzag(out, len(value))
+        for key, item in value.items():
+            _write_string(out, key)
+            _zigzag(out, item)
+    out.append(0)
+
+
 _EXACT = Context(prec=100, Emax=MAX_EMAX, Emin=MIN_EMIN)  # wide enough that scaling never rounds
 
 
@@ -229,6 +238,8 @@ def _writer_for(field_type: Any, where: str) -> Writer:
             return _decimal_writer(field_type.get("scale", 0))
         if kind == "map" and field_type.get("values") == "string":
             return _write_string_map
+        if kind == "map" and field_type.get("values") == "long":
+            return _write_long_map
         if kind == "enum":
             return _enum_writer(field_type["symbols"])
         if kind == "record":
@@ -241,7 +252,7 @@ def _writer_for(field_type: Any, where: str) -> Writer:
 def record_writer(name: str) -> Callable[[dict[str, Any]], bytes]:
     """A writer for the newest version of schema ``name``; same bytes as ``encode(name, record)``.
 
-    Covers string, long, int, boolean, bytes, timestamp-micros, decimal, enums, string maps, arrays,
+    Covers string, long, int, boolean, bytes, timestamp-micros, decimal, enums, string and long maps, arrays,
     nested records and ``["null", X]`` unions. Fields missing from the record take their schema default.
     """
     schema = latest(name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -69,6 +69,113 @@ def _printable(value: object) -> object:
     return value
 
 
+# ---------------------------------------------------------------- price context and genai-prices usage keys
+# genai-prices selects price variants by exact, case-sensitive context values ("priority", "flex", "batch"), so a
+# tier is a short lowercase token: "Priority" would silently miss the priority price instead of being rejected.
+SERVICE_TIER = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+MAX_USAGE_DETAILS = 32
+# genai-prices usage key -> the event field that carries it. Every other key genai-prices prices travels in
+# ``usage_details`` under its genai-prices name, so a new price dimension needs no schema change.
+NAMED_USAGE_KEYS = {
+    "input_tokens": "input_tokens",
+    "output_tokens": "output_tokens",
+    "cache_read_tokens": "cache_read_tokens",
+    "cache_write_tokens": "cache_write_tokens",
+    "cache_write_1h_tokens": "cache_write_1h_tokens",
+    "output_reasoning_tokens": "reasoning_tokens",
+    "input_audio_tokens": "input_audio_tokens",
+    "output_audio_tokens": "output_audio_tokens",
+    "input_image_tokens": "input_image_tokens",
+}
+# The usage keys of genai-prices' unit registry (0.2.x) without a named field. Kept here, not read from
+# genai-prices: the client library does not import the price data. tests/schemas/test_events.py checks
+# this list against the installed genai-prices, so an upgrade that adds a unit fails there, and adding
+# the key here is the whole change (the Avro map needs none).
+USAGE_DETAIL_KEYS = frozenset(
+    (
+        "cache_write_5m_tokens",
+        "input_text_tokens",
+        "output_text_tokens",
+        "cache_text_read_tokens",
+        "cache_text_write_tokens",
+        "cache_text_write_5m_tokens",
+        "cache_text_write_1h_tokens",
+        "cache_audio_read_tokens",
+        "cache_audio_write_tokens",
+        "cache_audio_write_5m_tokens",
+        "cache_audio_write_1h_tokens",
+        "output_image_tokens",
+        "cache_image_read_tokens",
+        "cache_image_write_tokens",
+        "cache_image_write_5m_tokens",
+        "cache_image_write_1h_tokens",
+        "input_video_tokens",
+        "output_video_tokens",
+        "cache_video_read_tokens",
+        "cache_video_write_tokens",
+        "cache_video_write_5m_tokens",
+        "cache_video_write_1h_tokens",
+        "input_tool_tokens",
+        "input_text_tool_tokens",
+        "input_audio_tool_tokens",
+        "input_image_tool_tokens",
+        "input_video_tool_tokens",
+        "output_text_reasoning_tokens",
+        "output_audio_reasoning_tokens",
+        "output_image_reasoning_tokens",
+        "output_video_reasoning_tokens",
+        "output_citation_tokens",
+        "output_text_citation_tokens",
+        "output_audio_citation_tokens",
+        "output_image_citation_tokens",
+        "output_video_citation_tokens",
+        "input_characters",
+        "input_text_messages",
+        "audio_seconds",
+        "input_audio_seconds",
+        "output_audio_seconds",
+        "input_pixels",
+        "input_document_pages",
+        "input_annotated_document_pages",
+        "rerank_searches",
+        "web_searches",
+        "social_searches",
+        "storage_searches",
+        "code_executions",
+    )
+)
+# Token counts in usage_details are parts of input_tokens or output_tokens (genai-prices' convention, as for
+# the named fields), so none may exceed its total; other units (searches, pages, seconds...) have no total.
+_DETAIL_TOTAL = {
+    key: ("output_tokens" if key.startswith("output_") else "input_tokens") if key.endswith("_tokens") else None
+    for key in USAGE_DETAIL_KEYS
+}
+
+
+def _tier(value: object) -> object:
+    if type(value) is str and SERVICE_TIER.fullmatch(value) is None:
+        raise PydanticCustomError(
+            "service_tier",
+            "must be a lowercase token of 1-32 letters, digits, '_' or '-' (default, flex, priority...), got {value}",
+            {"value": repr(value[:40])},
+        )
+    return value
+
+
+def _details_problem(details: dict[Any, Any]) -> str | None:
+    """Why ``usage_details`` cannot be taken, before its values are looked at: the count and the keys."""
+    if len(details) > MAX_USAGE_DETAILS:
+        return f"at most {MAX_USAGE_DETAILS} usage keys are allowed, got {len(details)}"
+    for key in details:
+        if key in USAGE_DETAIL_KEYS or type(key) is not str:
+            continue
+        named = NAMED_USAGE_KEYS.get(key)
+        if named is not None:
+            return f"{key!r} has its own field: {named}"
+        return f"{key[:64]!r} is not a genai-prices usage key"
+    return None
+
+
 Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LEN), BeforeValidator(_printable)]
 Label = Annotated[StrictStr, Field(min_length=1, max_length=MAX_LABEL_LEN), BeforeValidator(_printable)]
 Tokens = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
@@ -113,6 +220,11 @@ class UsageEvent(BaseModel):
     input_image_tokens: Tokens | None = None
     estimated: StrictBool = False
     tags: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    # v3: the price context and the usage keys genai-prices prices beyond the named counts
+    service_tier: Annotated[StrictStr, BeforeValidator(_tier)] | None = None
+    processing: Literal["batch"] | None = None
+    cache_write_1h_tokens: Tokens | None = None
+    usage_details: dict[StrictStr, Tokens] = Field(default_factory=dict)
 
     @field_validator("timestamp")
     @classmethod
@@ -150,6 +262,15 @@ class UsageEvent(BaseModel):
                 raise ValueError(f"tag {key!r} is longer than {MAX_TAG_VALUE_LEN} characters")
         return tags
 
+    @field_validator("usage_details", mode="before")
+    @classmethod
+    def _known_usage_keys(cls, details: object) -> object:
+        if type(details) is dict:
+            problem = _details_problem(details)
+            if problem is not None:
+                raise PydanticCustomError("usage_details", problem)
+        return details
+
     @model_validator(mode="after")
     def _subsets_fit(self) -> UsageEvent:
         if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
@@ -160,6 +281,14 @@ class UsageEvent(BaseModel):
             )
         if self.reasoning_tokens is not None and self.reasoning_tokens > self.output_tokens:
             raise ValueError("reasoning_tokens must not exceed output_tokens (output_tokens includes reasoning)")
+        if self.cache_write_1h_tokens is not None and self.cache_write_1h_tokens > self.cache_write_tokens:
+            raise ValueError(
+                "cache_write_1h_tokens must not exceed cache_write_tokens (cache_write_tokens includes 1-hour writes)"
+            )
+        for key, value in self.usage_details.items():
+            total = _DETAIL_TOTAL[key]
+            if total is not None and value > getattr(self, total):
+                raise ValueError(f"usage_details.{key} must not exceed {total} ({value} > {getattr(self, total)})")
         return self
 
     # ---------------------------------------------------------------- wire formats
@@ -247,13 +376,16 @@ _INT_LIMITS = {
             "input_audio_tokens",
             "output_audio_tokens",
             "input_image_tokens",
+            "cache_write_1h_tokens",
         ),
         MAX_TOKENS,
     ),
     "latency_ms": 86_400_000,
 }
 _OPTIONAL = frozenset(UsageEvent.model_fields) - frozenset(_REQUIRED)
-_NOT_NULL = frozenset(("timestamp", "cache_read_tokens", "cache_write_tokens", "estimated", "tags", *_REQUIRED))
+_NOT_NULL = frozenset(
+    ("timestamp", "cache_read_tokens", "cache_write_tokens", "estimated", "tags", "usage_details", *_REQUIRED)
+)
 
 
 def surely_valid(data: dict[str, Any]) -> bool:
@@ -275,7 +407,15 @@ def surely_valid(data: dict[str, Any]) -> bool:
         kind = type(value)
         if kind is str:
             limit = _STRING_LIMITS.get(name)
-            if limit is None or not 0 < len(value) <= limit:
+            if limit is None:  # the two price-context tokens, or a field that takes no string
+                if name == "service_tier":
+                    if SERVICE_TIER.fullmatch(value) is None:
+                        return False
+                    continue
+                if name != "processing" or value != "batch":
+                    return False
+                continue
+            if not 0 < len(value) <= limit:
                 return False
             # isprintable() is a fast, C-level yes for everyday text; its no also covers text the rule
             # allows (non-ASCII spaces, format characters), so the precise check decides then.
@@ -297,15 +437,37 @@ def surely_valid(data: dict[str, Any]) -> bool:
             ):
                 return False
         elif kind is dict:
-            if name != "tags" or not _tags_fit(value):
+            if name == "tags":
+                if not _tags_fit(value):
+                    return False
+            elif name != "usage_details" or (value and not _details_fit(value, data)):
                 return False
         else:
             return False
     get = data.get
-    if (get("cache_read_tokens") or 0) + (get("cache_write_tokens") or 0) > data["input_tokens"]:
+    write = get("cache_write_tokens") or 0
+    if (get("cache_read_tokens") or 0) + write > data["input_tokens"]:
+        return False
+    write_1h = get("cache_write_1h_tokens")
+    if write_1h is not None and write_1h > write:
         return False
     reasoning = get("reasoning_tokens")
     return reasoning is None or reasoning <= data["output_tokens"]
+
+
+def _details_fit(details: dict[Any, Any], data: dict[str, Any]) -> bool:
+    if len(details) > MAX_USAGE_DETAILS:
+        return False
+    totals = {"input_tokens": data["input_tokens"], "output_tokens": data["output_tokens"]}
+    if type(totals["input_tokens"]) is not int or type(totals["output_tokens"]) is not int:
+        return False
+    for key, value in details.items():
+        if type(key) is not str or type(value) is not int or key not in USAGE_DETAIL_KEYS:
+            return False
+        total = _DETAIL_TOTAL[key]
+        if not 0 <= value <= (MAX_TOKENS if total is None else totals[total]):
+            return False
+    return True
 
 
 def _tags_fit(tags: dict[Any, Any]) -> bool:

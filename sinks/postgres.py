@@ -52,6 +52,10 @@ _COLUMNS = (
     "output_cost",
     "total_cost",
     "price_source",
+    "service_tier",
+    "processing",
+    "cache_write_1h_tokens",
+    "usage_details",
 )
 _COLUMN_LIST = ", ".join(_COLUMNS)
 
@@ -199,6 +203,10 @@ def _row(item: PricedEvent) -> tuple[object, ...]:
         p.output_cost,
         p.total_cost,
         p.source,
+        e.service_tier,
+        e.processing,
+        e.cache_write_1h_tokens,
+        json.dumps(e.usage_details) if e.usage_details else None,
     )
 
 

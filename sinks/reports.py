@@ -3,7 +3,8 @@
 1. totals (the period, today, this week, this month) and ``trend_7d``;
 2. ``by_provider`` and ``by_model``;
 3. ``by_feature`` and ``by_environment``;
-4. ``by_user``, ``avg_cost_per_call``, ``top_requests`` and ``top_conversations``; ``latency_by_model``.
+4. ``by_user``, ``avg_cost_per_call``, ``top_requests`` and ``top_conversations``; ``latency_by_model``;
+and spend by price context: ``by_service_tier`` and ``by_processing`` (batch or not).
 
 Breakdowns and trends read the day rollups (a few rows per tenant and day, however many calls);
 only the top requests, conversations and latencies read the ledger, through its (tenant, ts) and ts
@@ -217,7 +218,33 @@ def build_report(
             window,
         )
     ]
+    report.update(_price_context_breakdowns(conn, where, window, total))
     return report
+
+
+def _price_context_breakdowns(
+    conn: psycopg.Connection, where: str, window: dict[str, Any], total: Decimal
+) -> dict[str, list[dict[str, Any]]]:
+    """``by_service_tier`` and ``by_processing``, from the ledger in one scan of the period (the rollups have
+    no tier dimension). Calls without a tier, or not batch, are ``(none)``."""
+    found: dict[str, list[dict[str, Any]]] = {"by_service_tier": [], "by_processing": []}
+    rows = conn.execute(
+        "SELECT GROUPING(service_tier), coalesce(service_tier, processing), sum(total_cost), count(*)"
+        f" FROM tokenmeter.ledger WHERE ts >= %(start)s AND ts < %(end)s {where}"
+        " GROUP BY GROUPING SETS ((service_tier), (processing)) ORDER BY 3 DESC, 2",
+        window,
+    ).fetchall()
+    for by_processing, name, cost, calls in rows:
+        found["by_processing" if by_processing else "by_service_tier"].append(
+            {
+                "name": name or "(none)",
+                "cost": _money(cost),
+                "calls": int(calls),
+                "share": f"{cost * 100 / total:.1f}" if total else "0.0",
+                "avg_cost_per_call": _average(cost, calls),
+            }
+        )
+    return found
 
 
 def trace_report(
@@ -284,7 +311,15 @@ def trace_report(
     }
 
 
-CSV_SECTIONS = ("by_provider", "by_model", "by_feature", "by_environment", "by_user")
+CSV_SECTIONS = (
+    "by_provider",
+    "by_model",
+    "by_feature",
+    "by_environment",
+    "by_user",
+    "by_service_tier",
+    "by_processing",
+)
 
 
 def report_rows(report: dict[str, Any]) -> list[list[str | int | Decimal]]:
@@ -296,7 +331,9 @@ def report_rows(report: dict[str, Any]) -> list[list[str | int | Decimal]]:
     for day in report["trend_7d"]:
         rows.append(["trend_7d", day["date"], Decimal(day["cost"]), day["calls"], ""])
     for section in CSV_SECTIONS:
-        rows += [[section, r["name"], Decimal(r["cost"]), r["calls"], Decimal(r["share"])] for r in report[section]]
+        rows += [
+            [section, r["name"], Decimal(r["cost"]), r["calls"], Decimal(r["share"])] for r in report.get(section, ())
+        ]
     rows += [["top_requests", r["event_id"], Decimal(r["cost"]), 1, ""] for r in report["top_requests"]]
     return rows
 

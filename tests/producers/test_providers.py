@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
+import genai_prices
 import pytest
 
 from producers.providers import (
     estimate_event,
     from_anthropic,
+    from_anthropic_batch_result,
     from_bedrock_converse,
     from_gemini,
+    from_openai_batch_line,
     from_openai_chat,
     from_openai_responses,
 )
-from schemas.events import validate_event
+from schemas.events import UsageEvent, validate_event
+from streams.pricing import PriceBook
 
 OPENAI_CHAT = {
     "id": "chatcmpl-abc",
@@ -151,3 +158,140 @@ def test_stream_without_usage_is_estimated() -> None:
     fields = estimate_event(provider="openai", model="gpt-4o", prompt="x" * 401, completion="y" * 80)
     assert fields["estimated"] is True
     assert (fields["input_tokens"], fields["output_tokens"]) == (101, 20)
+
+
+# ---------------------------------------------------------------- price context and extra usage (issue #18)
+LATE = "2026-11-02T15:00:00Z"  # after genai-prices' tier and batch variants start (2026-10-12/14)
+
+
+def chat(tier: str | None = None, model: str = "gpt-5-2025-08-07") -> dict[str, Any]:
+    body = {**OPENAI_CHAT, "model": model, "usage": {**OPENAI_CHAT["usage"], "prompt_tokens": 120_000}}
+    return body if tier is None else {**body, "service_tier": tier}
+
+
+def anthropic_1h() -> dict[str, Any]:
+    usage = {
+        "input_tokens": 50,
+        "cache_creation_input_tokens": 3000,
+        "cache_read_input_tokens": 9000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+        "output_tokens": 700,
+        "server_tool_use": {"web_search_requests": 2, "web_fetch_requests": 1},
+        "service_tier": "standard",
+    }
+    return {**ANTHROPIC, "model": "claude-sonnet-4-5-20250929", "usage": usage}
+
+
+GEMINI_IMAGE = {
+    "modelVersion": "gemini-2.5-flash-image",
+    "usageMetadata": {
+        "promptTokenCount": 10,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 10}],
+        "candidatesTokenCount": 1304,
+        "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1290}],
+        "totalTokenCount": 1314,
+    },
+}
+
+
+def full(fields: dict[str, Any]) -> UsageEvent:
+    return validate_event({**fields, "event_id": fields.get("event_id", "e"), "timestamp": LATE, "tenant_id": "t"})
+
+
+def genai_prices_price(data: Any, provider: str, flavor: str, context: dict[str, str] | None) -> Decimal:
+    """What genai-prices itself says: its full extracted usage, priced with the matching context."""
+    extracted = genai_prices.extract_usage(data, provider_id=provider, api_flavor=flavor)
+    assert extracted.model is not None
+    return genai_prices.calc_price(
+        extracted.usage,
+        extracted.model.id,
+        provider_id=provider,
+        genai_request_timestamp=datetime(2026, 11, 2, 15, tzinfo=UTC),
+        price_context=context,
+    ).total_price
+
+
+BOOK = PriceBook()
+
+
+@pytest.mark.parametrize("tier", ["default", "flex", "priority", "fast", "scale"])
+@pytest.mark.parametrize("helper", ["chat", "responses"])
+def test_openai_tiers_are_taken_from_the_response_and_priced_as_genai_prices(tier: str, helper: str) -> None:
+    if helper == "chat":
+        data, fields = chat(tier), from_openai_chat(chat(tier))
+    else:
+        data = {**OPENAI_RESPONSES, "model": "gpt-5-2025-08-07", "service_tier": tier}
+        fields = from_openai_responses(data)
+    assert fields["service_tier"] == tier and "processing" not in fields
+    event = full(fields)
+    expected = genai_prices_price(data, "openai", helper, {"service_tier": tier})
+    assert BOOK.price(event).total_cost == expected
+    standard = genai_prices_price(data, "openai", helper, None)
+    if tier in ("flex", "priority", "fast"):
+        assert expected != standard  # the tier changes the price, so the match above is not a coincidence
+
+
+def test_openai_batch_output_lines_are_batch_calls() -> None:
+    line = {
+        "id": "batch_req_123",
+        "custom_id": "request-1",
+        "response": {"status_code": 200, "request_id": "req_1", "body": {**chat(), "object": "chat.completion"}},
+        "error": None,
+    }
+    fields = from_openai_batch_line(json.dumps(line))
+    assert (fields["processing"], fields["event_id"], fields["model"]) == (
+        "batch",
+        "openai-batch-batch_req_123",
+        "gpt-5",
+    )
+    expected = genai_prices_price(chat(), "openai", "chat", {"processing": "batch"})
+    assert BOOK.price(full(fields)).total_cost == expected < genai_prices_price(chat(), "openai", "chat", None)
+    responses = {**line, "response": {"status_code": 200, "body": {**OPENAI_RESPONSES, "model": "gpt-5-2025-08-07"}}}
+    assert from_openai_batch_line(responses)["reasoning_tokens"] == 700
+    assert from_openai_batch_line(line, event_id="mine")["event_id"] == "mine"  # keyword arguments win
+    failed = {"id": "batch_req_2", "custom_id": "r2", "response": None, "error": {"code": "server_error"}}
+    with pytest.raises(ValueError, match="nothing to bill"):
+        from_openai_batch_line(failed)
+    with pytest.raises(ValueError, match="status 400"):
+        from_openai_batch_line({**line, "response": {"status_code": 400, "body": {"error": {}}}})
+
+
+def test_anthropic_1h_cache_writes_searches_and_tier() -> None:
+    fields = from_anthropic(anthropic_1h())
+    assert fields["input_tokens"] == 12_050 and fields["cache_write_tokens"] == 3000
+    assert fields["cache_write_1h_tokens"] == 2000 and fields["service_tier"] == "standard"
+    assert fields["usage_details"] == {"cache_write_5m_tokens": 1000, "web_searches": 2}
+    expected = genai_prices_price(anthropic_1h(), "anthropic", "default", {"service_tier": "standard"})
+    assert BOOK.price(full(fields)).total_cost == expected
+    # Without the 1-hour split the writes would cost the 5-minute rate: the event keeps the difference.
+    five_minutes = full({**fields, "cache_write_1h_tokens": None, "usage_details": {"web_searches": 2}})
+    assert BOOK.price(five_minutes).total_cost < expected
+
+
+def test_anthropic_batch_results_are_batch_calls() -> None:
+    message = {**anthropic_1h(), "id": "msg_9", "usage": {**anthropic_1h()["usage"], "service_tier": "batch"}}
+    result = {"custom_id": "c1", "result": {"type": "succeeded", "message": message}}
+    fields = from_anthropic_batch_result(result)
+    assert (fields["processing"], fields["event_id"]) == ("batch", "anthropic-batch-msg_9")
+    assert "service_tier" not in fields  # Anthropic reports batch as the tier; it is the processing
+    assert from_anthropic(message)["processing"] == "batch"
+    expected = genai_prices_price(message, "anthropic", "default", {"processing": "batch"})
+    assert BOOK.price(full(fields)).total_cost == expected
+    for kind in ("errored", "canceled", "expired"):
+        with pytest.raises(ValueError, match="nothing to bill"):
+            from_anthropic_batch_result({"custom_id": "c2", "result": {"type": kind}})
+
+
+def test_gemini_output_images_are_billed() -> None:
+    fields = from_gemini(GEMINI_IMAGE)
+    assert fields["usage_details"] == {"input_text_tokens": 10, "output_image_tokens": 1290}
+    price = BOOK.price(full(fields)).total_cost
+    assert price == genai_prices_price(GEMINI_IMAGE, "google", "default", None)
+    assert price > 10 * BOOK.price(full({**fields, "usage_details": {}})).total_cost  # was 8-9 % of it
+
+
+def test_a_tier_given_by_the_caller_wins_and_odd_reported_tiers_are_left_out() -> None:
+    assert from_openai_chat(chat("priority"), service_tier="flex")["service_tier"] == "flex"
+    assert from_openai_chat(chat(" Priority "))["service_tier"] == "priority"
+    assert "service_tier" not in from_openai_chat(chat("not a tier!"))
+    assert from_gemini(GEMINI, service_tier="flex", processing="batch")["processing"] == "batch"

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from schemas import codec
 from schemas.events import (
+    MAX_USAGE_DETAILS,
+    NAMED_USAGE_KEYS,
+    USAGE_DETAIL_KEYS,
     InvalidEvent,
     UsageEvent,
     decode_usage,
@@ -232,6 +235,12 @@ _ANY_VALUE = st.one_of(
     _AWARE,
     st.datetimes(),
     st.dictionaries(_TEXT, _TEXT, max_size=34),
+    st.dictionaries(
+        st.one_of(st.sampled_from(sorted(USAGE_DETAIL_KEYS)), st.sampled_from(["input_tokens", "foo"]), _TEXT),
+        st.one_of(st.integers(-5, 2_000), st.integers(0, 10**13), st.booleans(), _TEXT),
+        max_size=34,
+    ),
+    st.sampled_from(["batch", "priority", "flex", "Priority", "default", "", "x" * 33, "a b"]),
     st.floats(allow_nan=False),
     st.lists(st.integers(), max_size=2),
 )
@@ -328,4 +337,87 @@ def test_avro_events_of_the_newest_schema_are_trusted_and_keep_their_body(overri
             }
         )
         is None
+    )
+
+
+# ---------------------------------------------------------------- contract v3: price context and usage details
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"service_tier": "Priority"}, "service_tier: must be a lowercase token"),
+        ({"service_tier": ""}, "service_tier: must be a lowercase token"),
+        ({"service_tier": "p" * 33}, "service_tier: must be a lowercase token"),
+        ({"service_tier": "a\x00"}, "service_tier: must be a lowercase token"),
+        ({"service_tier": 3}, "service_tier"),
+        ({"processing": "flex"}, "processing: Input should be 'batch'"),
+        ({"cache_write_1h_tokens": 301}, "cache_write_1h_tokens must not exceed cache_write_tokens"),
+        ({"cache_write_1h_tokens": -1}, "cache_write_1h_tokens"),
+        ({"usage_details": {"foo": 1}}, "usage_details: 'foo' is not a genai-prices usage key"),
+        ({"usage_details": {"input_tokens": 1}}, "usage_details: 'input_tokens' has its own field: input_tokens"),
+        ({"usage_details": {"output_reasoning_tokens": 1}}, "has its own field: reasoning_tokens"),
+        ({"usage_details": {"web_searches": -1}}, "usage_details.web_searches"),
+        ({"usage_details": {"web_searches": 10**13}}, "usage_details.web_searches"),
+        ({"usage_details": {"web_searches": True}}, "usage_details.web_searches"),
+        ({"usage_details": {"web_searches": 1.5}}, "usage_details.web_searches"),
+        (
+            {"usage_details": {"output_image_tokens": 201}},
+            "usage_details.output_image_tokens must not exceed output_tokens",
+        ),
+        ({"usage_details": {"cache_text_read_tokens": 1001}}, "must not exceed input_tokens"),
+        ({"usage_details": dict.fromkeys(sorted(USAGE_DETAIL_KEYS)[:33], 0)}, "at most 32 usage keys"),
+        ({"usage_details": None}, "usage_details"),
+    ],
+)
+def test_price_context_and_usage_details_follow_the_count_rules(overrides: dict[str, Any], reason: str) -> None:
+    data = event(**overrides, timestamp=datetime(2025, 7, 1, tzinfo=UTC))
+    assert not surely_valid(data)
+    with pytest.raises(InvalidEvent) as info:
+        validate_event(data)
+    assert reason in info.value.reason
+    with pytest.raises(InvalidEvent):
+        parse_json_event(json.dumps({**data, "timestamp": "2025-07-01T00:00:00Z"}))
+
+
+def test_usage_details_keys_are_exactly_genai_prices_usage_keys_without_a_named_field() -> None:
+    """Upgrading genai-prices with a new unit fails here: add its key to USAGE_DETAIL_KEYS (no schema change)."""
+    from genai_prices.units import _get_registry
+
+    reported = _get_registry()._reported_usage_keys
+    assert set(NAMED_USAGE_KEYS) <= reported
+    assert reported - set(NAMED_USAGE_KEYS) == USAGE_DETAIL_KEYS
+    assert set(NAMED_USAGE_KEYS.values()) <= set(UsageEvent.model_fields)
+    assert len(USAGE_DETAIL_KEYS) > MAX_USAGE_DETAILS  # bounded per event, not by what genai-prices knows
+
+
+V3 = {
+    "service_tier": "priority",
+    "processing": "batch",
+    "cache_write_1h_tokens": 200,
+    "usage_details": {"web_searches": 3, "output_image_tokens": 150, "cache_write_5m_tokens": 100},
+}
+
+
+def test_v3_fields_travel_in_avro_and_json_and_take_both_fast_paths() -> None:
+    data = {**event(timestamp=datetime(2025, 7, 1, tzinfo=UTC)), **V3}
+    assert surely_valid(data)
+    e = validate_event(data)
+    assert decode_usage(e.to_avro()) == e == parse_json_event(e.to_json()) == decode_usage(e.to_json().encode())
+    assert write_usage(data) == e.to_avro()  # the library's writer
+    decoded, body = decode_usage_body(e.to_avro())
+    assert decoded == e and body is not None  # trusted, its body reused in usage.priced
+    assert trusted_event(codec.decode("usage_event", e.to_avro())) == e
+    assert "usage_details" not in validate_event(event()).to_json()  # empty: left out of JSON
+
+
+def test_records_of_older_producers_still_decode_with_v3_defaults() -> None:
+    e = validate_event({**event(timestamp=datetime(2025, 7, 1, tzinfo=UTC)), "tags": {"k": "v"}})
+    v2 = codec.encode("usage_event", e.model_dump(exclude=set(V3)), version=2)
+    assert codec.writer_of(v2).version == 2
+    decoded, body = decode_usage_body(v2)
+    assert decoded == e and body is None  # read as v3; its v2 body cannot be embedded in a v3 priced event
+    assert (decoded.service_tier, decoded.processing, decoded.cache_write_1h_tokens, decoded.usage_details) == (
+        None,
+        None,
+        None,
+        {},
     )

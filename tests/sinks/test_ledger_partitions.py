@@ -284,7 +284,7 @@ def test_migration_moves_a_populated_unpartitioned_ledger(stack: LocalStack, set
                 " output_cost, total_cost, price_source) FROM STDIN"
             ) as copy:
                 for item in old:
-                    copy.write_row(_row(item))
+                    copy.write_row(_row(item)[:26])  # the columns before 0011 (tier, batch, usage details)
             db.execute(_rollup_upsert("ledger", "tokenmeter.ledger AS ledger"))
             now = datetime(2025, 8, 15, tzinfo=UTC)
             before = {m: build_report(db, tenant, parse_period(m), top=50, now=now) for m in ("2025-06", "2025-07")}

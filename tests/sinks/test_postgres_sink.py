@@ -156,3 +156,63 @@ def test_rate_cards_markup_and_custom_rates_exactly(conn: psycopg.Connection, un
     assert {i.kind for i in line.items} >= {"input_uncached", "output"}
     others = [x for x in custom.lines if x.provider_model != "openai/gpt-4o"]
     assert all(x.amount == x.cost for x in others)  # models without a custom rate are billed at cost
+
+
+def test_ledger_keeps_tier_batch_1h_writes_and_usage_details_for_reports(conn: psycopg.Connection, unique: str) -> None:
+    """Contract v3 fields reach the ledger, and the report breaks spend down by tier and by batch."""
+    from sinks.reports import build_report, parse_period
+
+    tenant = f"tiers-{unique}"
+    book = PriceBook()
+    moment = datetime(2026, 11, 2, 12, tzinfo=UTC)
+    contexts = [
+        {"service_tier": "priority"},
+        {"service_tier": "flex"},
+        {"processing": "batch"},
+        {"service_tier": "default", "usage_details": {"web_searches": 2}},
+        {
+            "provider": "anthropic",
+            "model": "claude-sonnet-4-5",
+            "cache_write_tokens": 900,
+            "cache_write_1h_tokens": 600,
+        },
+        {},
+    ]
+    items = []
+    for i, context in enumerate(contexts):
+        data = {
+            "event_id": f"{tenant}-{i}",
+            "timestamp": moment + timedelta(minutes=i),
+            "tenant_id": tenant,
+            "provider": "openai",
+            "model": "gpt-5",
+            "input_tokens": 10_000,
+            "output_tokens": 2_000,
+            **context,
+        }
+        event = validate_event(data)
+        items.append(PricedEvent(event, book.price(event)))
+    write_batch(conn, items)
+    rows = conn.execute(
+        "SELECT event_id, service_tier, processing, cache_write_1h_tokens, usage_details, total_cost"
+        " FROM tokenmeter.ledger WHERE tenant_id = %s ORDER BY event_id",
+        (tenant,),
+    ).fetchall()
+    assert [(r[1], r[2], r[3], r[4]) for r in rows] == [
+        ("priority", None, None, None),
+        ("flex", None, None, None),
+        (None, "batch", None, None),
+        ("default", None, None, {"web_searches": 2}),
+        (None, None, 600, None),
+        (None, None, None, None),
+    ]
+    assert [r[5] for r in rows] == [i.price.total_cost.quantize(Decimal("1e-12")) for i in items]
+    report = build_report(conn, tenant, parse_period("2026-11"), now=moment)
+    total = sum((i.price.total_cost for i in items), Decimal(0))
+    for key in ("by_service_tier", "by_processing"):
+        assert sum(Decimal(r["cost"]) for r in report[key]) == total, key
+        assert sum(r["calls"] for r in report[key]) == len(items), key
+    tiers = {r["name"]: r["calls"] for r in report["by_service_tier"]}
+    assert tiers == {"priority": 1, "flex": 1, "default": 1, "(none)": 3}
+    batch = {r["name"]: Decimal(r["cost"]) for r in report["by_processing"]}
+    assert set(batch) == {"batch", "(none)"} and batch["batch"] == items[2].price.total_cost
