@@ -64,12 +64,19 @@ def _event(
     context: Mapping[str, Any] | None = None,
 ) -> dict:
     from genai_prices import extract_usage  # here, not at the top: importing producers stays light
+    from genai_prices.data_snapshot import get_snapshot
 
     data = _as_data(response)
-    extracted = extract_usage(data, provider_id=provider, api_flavor=api_flavor)
+    try:
+        extracted = extract_usage(data, provider_id=provider, api_flavor=api_flavor)
+        usage, found = extracted.usage, extracted.model.id if extracted.model else None
+    except LookupError:
+        # The price data does not know the model: the usage is still the call's (the pipeline will report
+        # the model as unpriced), taken by the same extractor, with the model named as the response names it.
+        found, usage = get_snapshot().find_provider(None, provider, None).extract_usage(data, api_flavor=api_flavor)
     event: dict[str, Any] = {"provider": provider, "input_tokens": 0, "output_tokens": 0}
     details: dict[str, int] = {}
-    for key, value in vars(extracted.usage).items():
+    for key, value in vars(usage).items():
         if value is None:
             continue
         named = NAMED_USAGE_KEYS.get(key)
@@ -79,7 +86,7 @@ def _event(
             details[key] = _count(key, value)
     if details:
         event["usage_details"] = details
-    chosen = model or (extracted.model.id if extracted.model else None)
+    chosen = model or found
     if chosen is None:
         raise ValueError(f"the {provider} response names no model; pass model=...")
     event["model"] = chosen

@@ -295,3 +295,11 @@ def test_a_tier_given_by_the_caller_wins_and_odd_reported_tiers_are_left_out() -
     assert from_openai_chat(chat(" Priority "))["service_tier"] == "priority"
     assert "service_tier" not in from_openai_chat(chat("not a tier!"))
     assert from_gemini(GEMINI, service_tier="flex", processing="batch")["processing"] == "batch"
+
+
+def test_a_model_the_price_data_does_not_know_still_makes_an_event() -> None:
+    """genai-prices' extract_usage raises LookupError for such a model; the call is still metered (unpriced)."""
+    body = {**GEMINI, "modelVersion": "models/gemini-2.5-pro"}
+    fields = from_gemini(body)
+    assert (fields["model"], fields["input_tokens"], fields["output_tokens"]) == ("models/gemini-2.5-pro", 1000, 140)
+    assert BOOK.price(full(fields)).status == "unpriced"

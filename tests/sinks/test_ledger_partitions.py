@@ -272,6 +272,11 @@ def test_migration_moves_a_populated_unpartitioned_ledger(stack: LocalStack, set
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
                     (migration.version, migration.name, migration.checksum),
                 )
+            # This version's reports also read the columns of 0011 (tier, batch): the old ledger gets them too.
+            db.execute(
+                "ALTER TABLE tokenmeter.ledger ADD COLUMN service_tier text, ADD COLUMN processing text,"
+                " ADD COLUMN cache_write_1h_tokens bigint, ADD COLUMN usage_details jsonb"
+            )
             # A ledger written the old way: one row per id, rollups from those rows.
             tenant = "old-ledger"
             old = calls(tenant, 200, datetime(2025, 5, 20, tzinfo=UTC), timedelta(days=50), "old")
@@ -290,7 +295,7 @@ def test_migration_moves_a_populated_unpartitioned_ledger(stack: LocalStack, set
             before = {m: build_report(db, tenant, parse_period(m), top=50, now=now) for m in ("2025-06", "2025-07")}
             invoices_before = {m: invoice(db, tenant, m).as_json() for m in ("2025-05", "2025-06", "2025-07")}
 
-        assert migrate(url) == ["0010"]
+        assert migrate(url) == ["0010", "0011"]
         assert migrate(url) == []  # applied once
 
         with psycopg.connect(url, autocommit=True) as db:
