@@ -41,6 +41,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -978,6 +979,11 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
     """
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] [stage 1] %(levelname)s %(message)s")
     _die_with_parent(parent_pid)
+    # The sink thread runs short stretches of Python between Postgres round trips; each time it wants the
+    # interpreter back it may wait a whole switch interval (5 ms by default) behind this thread's decoding.
+    # 0.5 ms: quota visibility under half load p99 630–659 ms against 1,469–1,858 ms (two runs each,
+    # alternated), Postgres batch time halved, throughput unchanged (14.5k vs 14.7k events/s).
+    sys.setswitchinterval(0.0005)
     stop = threading.Event()
     stopping: list[Meter] = []
 
