@@ -27,6 +27,7 @@ event field            from
                        ``deployment.environment.name``)
 ``session_id``         span, then resource: ``gen_ai.conversation.id``, ``session.id``
 ``request_id``         ``gen_ai.response.id``
+``service_tier``       ``openai.response.service_tier``, else ``gen_ai.openai.response.service_tier``
 ``event_id``           ``otlp-<trace id hex>-<span id hex>``: a retried export maps to the same ids, and the
                        pipeline counts each id once
 ``trace_id``           the span's trace id, hex
@@ -93,6 +94,8 @@ PROVIDER = ("gen_ai.provider.name", "gen_ai.system")
 OPERATION = ("gen_ai.operation.name", "llm.request.type")
 SESSION = ("gen_ai.conversation.id", "session.id")
 RESPONSE_ID = ("gen_ai.response.id",)
+# The tier that served (and bills) the call; the request's tier can be "auto", which prices nothing.
+SERVICE_TIER = ("openai.response.service_tier", "gen_ai.openai.response.service_tier")
 
 MODEL_CALL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
 # OpenLLMetry's llm.request.type names two of them differently.
@@ -396,6 +399,7 @@ def map_span(
         ("environment", both, names.environment, False),
         ("session_id", both, SESSION, False),
         ("request_id", (attributes,), RESPONSE_ID, False),
+        ("service_tier", (attributes,), SERVICE_TIER, False),
     ]
     for name, sources, candidates, required in wanted:
         try:

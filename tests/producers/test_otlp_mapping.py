@@ -245,6 +245,16 @@ def test_the_semantic_convention_attributes_map_to_the_event() -> None:
     }
 
 
+@pytest.mark.parametrize("attribute", ["openai.response.service_tier", "gen_ai.openai.response.service_tier"])
+def test_the_tier_that_served_the_call_is_kept_and_a_requested_tier_is_not(attribute: str) -> None:
+    """The response's tier bills the call (a flex call costs the flex price); the requested one can be
+    "auto" and is ignored."""
+    served = one_event(span(0xAC, chat(**{attribute: "flex", "openai.request.service_tier": "auto"})))
+    assert served.service_tier == "flex"
+    requested_only = one_event(span(0xAD, chat(**{"openai.request.service_tier": "priority"})))
+    assert requested_only.service_tier is None
+
+
 def test_older_and_vendor_attribute_names_are_understood() -> None:
     """gen_ai.system, prompt/completion tokens (older conventions), OpenLLMetry's and OpenLIT's cache and
     reasoning names; OpenLLMetry's capitalised system names."""
