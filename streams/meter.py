@@ -210,6 +210,19 @@ def postgres_transient(exc: BaseException) -> bool:
     return sqlstate[:2] not in _PG_RECORD_CLASSES
 
 
+# Redis failures that pass: the server is away or busy, or a cluster is moving slots or promoting a replica
+# (redis-py raises the cluster ones as ResponseError subclasses, which otherwise mean "refused").
+REDIS_TRANSIENT: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.SlotNotCoveredError,
+)
+
+
 def transient_reason(exc: BaseException) -> str | None:
     """Which service a transient failure is waiting for ("postgres", "redis", "kafka", "stopping"),
     or None when the failure belongs to the data of some record in the batch."""
@@ -217,7 +230,7 @@ def transient_reason(exc: BaseException) -> str | None:
         return "stopping"
     if isinstance(exc, psycopg.Error):
         return "postgres" if postgres_transient(exc) else None
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)):
+    if isinstance(exc, REDIS_TRANSIENT):
         return "redis"
     if isinstance(exc, OutputsNotDelivered | CommitFailed):
         return "kafka"
@@ -296,7 +309,7 @@ class Sinks:
         try:
             with_backoff(
                 lambda: write_spend(self.redis, rollups, forget=forget),
-                (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError),
+                REDIS_TRANSIENT,
                 "Redis",
                 should_stop=should_stop,
                 note=self.note,

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from deploy.settings import Settings
@@ -394,3 +395,33 @@ def test_a_partition_without_a_position_counts_as_behind_from_its_commit(book: P
     log: list[str] = []
     meter = Meter(Settings(), JustAssignedConsumer(log, []), FakeProducer(log), FakeSinks(log), book)
     assert meter.behind() == 10 + 60
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+        redis.exceptions.TryAgainError("TRYAGAIN Multiple keys request during rehashing of slot"),
+        redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica."),
+    ],
+)
+def test_a_redis_cluster_failover_is_waited_out_not_taken_for_a_refusal(
+    failure: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py raises these as ResponseError subclasses; they pass with the failover, so the spend is
+    written after a retry instead of being skipped as refused."""
+    from streams import meter as meter_module
+
+    attempts: list[int] = []
+
+    def flaky_write(*_args: object, **_kwargs: object) -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise failure
+        return 0
+
+    monkeypatch.setattr(meter_module, "write_spend", flaky_write)
+    assert meter_module.transient_reason(failure) == "redis"
+    meter_module.Sinks(Settings()).write_spend([])
+    assert len(attempts) == 2
+    assert meter_module.transient_reason(redis.ResponseError("WRONGTYPE")) is None  # a real refusal stays one
