@@ -35,6 +35,12 @@ def print_report(report: dict[str, Any], console: Console | None = None, rows: i
         ("3. By environment", "by_environment"),
         ("4. By user", "by_user"),
     ]
+    # Price contexts only when some calls had one (most reports: every call standard, not batch).
+    sections += [
+        (title, key)
+        for title, key in (("2. By service tier", "by_service_tier"), ("2. Batch or not", "by_processing"))
+        if _has_context(report, key)
+    ]
     for title, key in sections:
         table = Table(title=title, title_justify="left", show_edge=False)
         for column in ("name", "cost", "calls", "share %", "avg/call"):
@@ -72,6 +78,11 @@ def print_report(report: dict[str, Any], console: Console | None = None, rows: i
         for c in report["top_conversations"][:5]:
             conv.add_row(usd(c["cost"]), cell(c["tenant_id"]), cell(c["conversation"]), f"{c['calls']:,}")
         console.print(conv)
+
+
+def _has_context(report: dict[str, Any], key: str) -> bool:
+    """Whether a price-context breakdown says more than "every call had none"."""
+    return any(row["name"] != "(none)" for row in report.get(key, []))
 
 
 # Width of one character of the 12 px chart font, rounded up (digits are ~6.7 px in system-ui/DejaVu Sans).
@@ -197,6 +208,13 @@ td, th {{ border-bottom: 1px solid #e4e4e4; padding: 4px 8px; text-align: left; 
 <section id="features"><h2>3. Top features</h2>{_bars(report["by_feature"])}</section>
 <section id="environments"><h2>3. Environments</h2>{_bars(report["by_environment"])}</section>
 <section id="users"><h2>4. Top users</h2>{_bars(report["by_user"])}</section>
+{
+        "".join(
+            f'<section id="{key}"><h2>{title}</h2>{_bars(report[key])}</section>'
+            for key, title in (("by_service_tier", "2. Service tiers"), ("by_processing", "2. Batch or not"))
+            if _has_context(report, key)
+        )
+    }
 </div>
 <h2>4. Most expensive requests</h2>
 {

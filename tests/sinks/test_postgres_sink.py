@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -9,8 +10,10 @@ from decimal import Decimal
 import genai_prices
 import psycopg
 import pytest
+from rich.console import Console
 
 from deploy.bench.workload import UNPRICED, Model, usage_events
+from deploy.report_render import print_report, render_html
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas.events import validate_event
@@ -216,3 +219,10 @@ def test_ledger_keeps_tier_batch_1h_writes_and_usage_details_for_reports(conn: p
     assert tiers == {"priority": 1, "flex": 1, "default": 1, "(none)": 3}
     batch = {r["name"]: Decimal(r["cost"]) for r in report["by_processing"]}
     assert set(batch) == {"batch", "(none)"} and batch["batch"] == items[2].price.total_cost
+    # Both views show the price contexts when some calls had one.
+    buffer = io.StringIO()
+    print_report(report, Console(file=buffer, width=160))
+    assert "By service tier" in buffer.getvalue() and "priority" in buffer.getvalue()
+    assert "Batch or not" in buffer.getvalue()
+    page = render_html(report)
+    assert 'id="by_service_tier"' in page and 'id="by_processing"' in page
