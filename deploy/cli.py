@@ -14,9 +14,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from deploy.connections import kafka_config, redis_client
 from deploy.output import cell, csv_safe, rounding_note, usd, usd_in_text
-from deploy.settings import Settings, get_settings
+from deploy.settings import Settings, get_settings, kafka_config, redis_client
 from deploy.stack import LocalStack, StackError
 
 _stderr = Console(stderr=True)

@@ -33,9 +33,8 @@ from typing import Any
 import psycopg
 import redis
 
-from deploy.connections import redis_client
 from deploy.output import usd, usd_in_text
-from deploy.settings import Settings
+from deploy.settings import Settings, redis_client
 from producers.quota import decide
 from schemas.periods import PERIODS
 from schemas.records import ALERT_FIELDS

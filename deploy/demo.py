@@ -34,11 +34,10 @@ from rich.table import Table
 from rich.text import Text
 
 from deploy.bench.workload import Model, Tenant, Workload
-from deploy.connections import kafka_config
 from deploy.isolation import WorkerProcess
 from deploy.output import cell, usd, usd_in_text
 from deploy.report_render import print_report, render_html
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config
 from deploy.stack import LocalStack
 from deploy.topics import ensure_topics
 from producers.kafka_logging import KafkaLogger

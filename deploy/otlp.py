@@ -37,8 +37,7 @@ from google.protobuf.message import Message as ProtobufMessage
 from google.rpc import code_pb2, status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from deploy.connections import kafka_config
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config
 from producers.kafka_logging import logged
 from producers.otlp import JSON, PROTOBUF, MappingConfig, RejectedSpan, SpanMapper, UndecodableRequest, decode_request
 from producers.producer import ProducerStats, UsageProducer

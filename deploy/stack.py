@@ -34,10 +34,9 @@ from typing import Any
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
-from deploy.connections import kafka_config
 from deploy.jars import ensure_jars, kafka_version
 from deploy.java import Java, JavaError, find_java
-from deploy.settings import LOCAL_ADMIN, Settings, local_kafka_nodes, local_kafka_security
+from deploy.settings import LOCAL_ADMIN, Settings, kafka_config, local_kafka_nodes, local_kafka_security
 
 Progress = Callable[[str], None]
 POSTGRES_SYSTEM_USER = "tokenmeter"

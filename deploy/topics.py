@@ -13,8 +13,7 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
-from deploy.connections import kafka_config
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config
 from producers.kafka_logging import logged
 
 

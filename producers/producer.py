@@ -37,8 +37,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from deploy.connections import kafka_config as connection_config
 from deploy.settings import Settings, get_settings
+from deploy.settings import kafka_config as connection_config
 from producers.context import apply_attribution
 from producers.kafka_logging import KafkaLogger, error_level
 from producers.spool import Spool, SpooledMessage, SpoolFullError

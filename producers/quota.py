@@ -23,8 +23,7 @@ from typing import Any
 
 import redis
 
-from deploy.connections import redis_client
-from deploy.settings import Settings, get_settings
+from deploy.settings import Settings, get_settings, redis_client
 from schemas.periods import PERIODS
 from schemas.records import scope_label
 from schemas.redis_keys import (

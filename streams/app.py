@@ -42,8 +42,7 @@ import psycopg
 import redis
 from aiokafka.partitioner import murmur2
 
-from deploy.connections import faust_brokers, kafka_config, redis_client
-from deploy.settings import Settings, get_settings
+from deploy.settings import Settings, faust_brokers, get_settings, kafka_config, redis_client
 from schemas import codec
 from schemas.periods import local_date, local_midnight, period_end
 from schemas.records import Alert, Rollup, money

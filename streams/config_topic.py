@@ -102,7 +102,7 @@ class ConfigFollower:
     """Calls ``apply(key, value)`` for each message of ``topic``; ``catch_up`` reads what is new."""
 
     def __init__(self, kafka: dict[str, Any], topic: str, apply: Apply) -> None:
-        self.kafka = kafka  # the cluster's client properties (deploy.connections.kafka_config)
+        self.kafka = kafka  # the cluster's client properties (deploy.settings.kafka_config)
         self.topic = topic
         self.apply = apply
         self._consumer: Consumer | None = None

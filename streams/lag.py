@@ -14,8 +14,7 @@ from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from deploy.connections import kafka_config
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config
 from producers.kafka_logging import logged
 from streams.meter import meter_group
 

@@ -54,8 +54,7 @@ import psycopg
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from deploy.connections import kafka_config, redis_client
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config, redis_client
 from producers.kafka_logging import logged
 from schemas import codec
 from schemas.events import UsageEvent

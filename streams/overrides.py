@@ -13,8 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from deploy.connections import kafka_config
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config
 from schemas.events import MAX_ID_LEN, MAX_LABEL_LEN, printable_problem
 from schemas.records import TokenRates
 from streams.config_topic import ConfigFollower, config_amount, config_text

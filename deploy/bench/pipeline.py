@@ -37,9 +37,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from deploy.bench.cpu import CpuMeter, Stack
 from deploy.bench.workload import Workload, usage_events
-from deploy.connections import kafka_config
 from deploy.isolation import WorkerProcess, committed_total, isolated, scratch_stores, wait_for_commits
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config
 from producers.producer import UsageProducer
 from producers.quota import QuotaClient
 from schemas import codec

@@ -1,4 +1,4 @@
-"""Client options built from settings (deploy/connections.py): every Kafka client gets the same security,
+"""Client options built from settings (deploy/settings.py): every Kafka client gets the same security,
 Faust's aiokafka clients the equivalent credentials."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Producer
 
-from deploy.connections import faust_brokers, kafka_config
-from deploy.settings import Settings
+from deploy.settings import Settings, faust_brokers, kafka_config
 from streams.app import faust_credentials, tenant_partition
 
 

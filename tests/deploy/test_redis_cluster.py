@@ -19,10 +19,9 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
-from deploy.connections import redis_client
 from deploy.dashboard import budgets, tenant_spend
 from deploy.isolation import WorkerProcess, isolated
-from deploy.settings import Settings
+from deploy.settings import Settings, redis_client
 from deploy.stack import LocalStack
 from producers.quota import QuotaClient, QuotaDecision
 from schemas.periods import period_start

@@ -21,9 +21,8 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
-from deploy.connections import kafka_config
 from deploy.isolation import WorkerProcess, env_for, free_port, isolated
-from deploy.settings import LOCAL_ADMIN, Settings, local_kafka_security
+from deploy.settings import LOCAL_ADMIN, Settings, kafka_config, local_kafka_security
 from deploy.stack import LOCAL_SERVICE_USER, LocalStack
 from producers import QuotaClient, UsageProducer
 from streams.lag import measure_lag, wait_for_sinks

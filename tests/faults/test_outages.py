@@ -27,9 +27,8 @@ import redis
 from confluent_kafka import Producer
 
 from deploy.bench.workload import Model, Tenant, Workload
-from deploy.connections import kafka_config
 from deploy.isolation import WorkerProcess, env_for, isolated
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config
 from deploy.stack import LocalStack
 from producers.quota import QuotaClient
 from schemas.periods import PERIODS

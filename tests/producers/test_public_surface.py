@@ -55,9 +55,8 @@ def test_importing_the_library_loads_no_postgres_pricing_or_stream_framework() -
     assert "producers" in packages
     assert not HEAVY & packages, HEAVY & packages
     assert not {"sinks", "streams"} & packages  # the library imports nothing beside or above it
-    # settings, and the client options built from them (deploy/connections.py: Kafka security, Redis Cluster)
+    # settings, and the client options built from them (kafka_config, redis_client: Kafka security, Redis Cluster)
     assert {name for name in modules if name.split(".")[0] == "deploy"} <= {
         "deploy",
         "deploy.settings",
-        "deploy.connections",
     }

@@ -13,9 +13,8 @@ import redis
 from confluent_kafka import Producer
 from prometheus_client import REGISTRY
 
-from deploy.connections import kafka_config
 from deploy.isolation import isolated
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config
 from deploy.stack import LocalStack
 from schemas.events import validate_event
 from streams.budgets import Budget, RateLimit, parse_config_record
