@@ -1,0 +1,11 @@
+-- Issue #16 part 2 (budget hierarchies): the ledger keeps the id of the API key that made each call (usage
+-- event contract v4), so spend can be budgeted, rebuilt and reported per key.
+--
+-- api_key_id   the id the caller gives the key (e.g. "key-prod-7"), or NULL. Never the secret itself: the
+--              event contract documents the field as an id, and nothing in the pipeline could tell a leaked
+--              secret from an id, so the library's callers own that rule.
+--
+-- Nullable and without a default: adding it is a catalog change only, rows written before stay NULL (no key
+-- recorded), and it reaches every attached month partition (migration 0010); ensure_ledger_partition creates
+-- later months LIKE the ledger. Rollups need no change: their dimension column is free text ('api_key').
+ALTER TABLE tokenmeter.ledger ADD COLUMN api_key_id text;
