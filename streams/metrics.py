@@ -51,6 +51,9 @@ CONFIG_REJECTED = Counter(
     ["topic"],
 )
 ALERTS = Counter("tokenmeter_alerts", "Alerts fired, per kind", ["kind"])
+REPORT_BATCHES_SUMMARIZED = Counter(
+    "tokenmeter_report_batches_summarized", "Ledger batches folded into the report summaries (sinks/summaries.py)"
+)
 SPEND = Counter("tokenmeter_spend_usd", "Priced spend of new events, per tenant (bounded; see module doc)", ["tenant"])
 LAG = Gauge(
     "tokenmeter_consumer_lag_messages",

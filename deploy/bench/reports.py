@@ -2,8 +2,9 @@
 
 Fills a scratch database (``deploy.isolation.scratch_stores``) with N synthetic ledger rows spread
 over 20 tenants, 8 models, 40 features, 3,000 users and 90 days, builds the rollups from them the
-way a tenant's time-zone change does (``set_time_zone``), then times the month report across all
-tenants, one tenant's report and one invoice (median of 3 runs each).
+way a tenant's time-zone change does (``set_time_zone``), folds the rows into the report summaries as
+the worker does (``summarize_pending``; the fill's inserts are queued like the sink's), then times the
+month report across all tenants, one tenant's report and one invoice (median of 3 runs each).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from deploy.settings import Settings
 from sinks.invoices import invoice
 from sinks.postgres import ensure_partitions, set_time_zone
 from sinks.reports import build_report, parse_period
+from sinks.summaries import summarize_pending
 
 TENANTS = 20
 _FILL = """
@@ -43,6 +45,7 @@ class ReportBench:
     ledger_rows: int
     fill_s: float
     rollups_s: float
+    summaries_s: float
     report_all_tenants_ms: float
     report_one_tenant_ms: float
     invoice_ms: float
@@ -76,12 +79,18 @@ def run_report_bench(settings: Settings, rows: int, say: Callable[[str], None]) 
             set_time_zone(conn, f"t{tenant}", "UTC")  # rebuilds the tenant's rollups from its ledger rows
         conn.execute("ANALYZE tokenmeter.rollups")
         rolled = time.perf_counter()
-        say(f"report bench: rollups built in {rolled - filled:.1f} s; timing reports")
+        say(f"report bench: rollups built in {rolled - filled:.1f} s; summarizing")
+        while summarize_pending(conn):
+            pass
+        conn.execute("ANALYZE tokenmeter.report_conversations, tokenmeter.report_latency, tokenmeter.report_top_calls")
+        summarized = time.perf_counter()
+        say(f"report bench: summaries made in {summarized - rolled:.1f} s; timing reports")
         month = parse_period("month", end)
         return ReportBench(
             ledger_rows=rows,
             fill_s=round(filled - started, 1),
             rollups_s=round(rolled - filled, 1),
+            summaries_s=round(summarized - rolled, 1),
             report_all_tenants_ms=_median_ms(lambda: build_report(conn, None, month, now=end)),
             report_one_tenant_ms=_median_ms(lambda: build_report(conn, "t3", month, now=end)),
             invoice_ms=_median_ms(lambda: invoice(conn, "t3", end.strftime("%Y-%m"))),

@@ -127,6 +127,7 @@ REPORT_KEYS = {
     "ledger_rows",
     "fill_s",
     "rollups_s",
+    "summaries_s",
     "report_all_tenants_ms",
     "report_one_tenant_ms",
     "invoice_ms",
