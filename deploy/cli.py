@@ -354,17 +354,42 @@ def quota() -> None:
 @click.option("--feature", default=None)
 @click.option("--user", default=None)
 @click.option("--environment", default=None)
+@click.option("--team", default=None, help="The call's team.")
+@click.option("--api-key", "api_key", default=None, help="The id of the call's API key (never the key itself).")
+@click.option("--model", default=None, help="The call's model as provider/model, e.g. openai/gpt-4o.")
+@click.option("--tag", "tags", multiple=True, help="A tag of the call as name=value (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="table", show_default=True)
-def quota_check(tenant: str, feature: str | None, user: str | None, environment: str | None, fmt: str) -> None:
-    """One Redis round trip: spend of the scope, the budget that applies, allowed or not."""
+def quota_check(
+    tenant: str,
+    feature: str | None,
+    user: str | None,
+    environment: str | None,
+    team: str | None,
+    api_key: str | None,
+    model: str | None,
+    tags: tuple[str, ...],
+    fmt: str,
+) -> None:
+    """One Redis round trip: every scope of the call (tenant, feature, user, environment, team, API key,
+    model, tags) at once; allowed or not, and which scope refused (refused_by in JSON)."""
     import json
 
     import redis
 
     from producers.quota import QuotaClient
 
+    call_tags = dict(_tag_option(tag) for tag in tags)
     try:
-        decision = QuotaClient(_settings()).check(tenant, feature=feature, user_id=user, environment=environment)
+        decision = QuotaClient(_settings()).check(
+            tenant,
+            feature=feature,
+            user_id=user,
+            environment=environment,
+            team=team,
+            api_key=api_key,
+            model=model,
+            tags=call_tags,
+        )
     except redis.RedisError as exc:
         _fail(f"cannot reach Redis at {_settings().redis_url}: {exc} (is `tokenmeter dev up` running?)")
     if fmt == "json":
@@ -381,28 +406,54 @@ def quota_check(tenant: str, feature: str | None, user: str | None, environment:
 
 @cli.group()
 def budget() -> None:
-    """Budgets per tenant, feature, user or environment (stored on the config.budgets topic)."""
+    """Budgets per tenant, feature, user, environment, team, API key, model or tag (config.budgets topic)."""
 
 
 def _scope_options(command: Any) -> Any:
-    """--tenant and at most one of --feature / --user / --environment: the scope of a budget or limit."""
+    """--tenant and at most one of --feature / --user / --environment / --team / --api-key / --model /
+    --tag: the scope of a budget or limit (a level of the tenant's budget hierarchy)."""
     for option in reversed(
         [
             click.option("--tenant", required=True, help="The tenant."),
             click.option("--feature", default=None, help="One feature of the tenant."),
             click.option("--user", default=None, help="One user of the tenant."),
             click.option("--environment", default=None, help="One environment (prod, staging…) of the tenant."),
+            click.option("--team", default=None, help="One team of the tenant."),
+            click.option("--api-key", "api_key", default=None, help="One API key id (never the key itself)."),
+            click.option("--model", default=None, help="One model, as provider/model (e.g. openai/gpt-4o)."),
+            click.option("--tag", default=None, help="One tag value, as name=value (split at the first '=')."),
         ]
     ):
         command = option(command)
     return command
 
 
-def _budget_scope(feature: str | None, user: str | None, environment: str | None) -> tuple[str, str]:
-    given = [(d, v) for d, v in (("feature", feature), ("user", user), ("environment", environment)) if v]
+_SCOPE_OPTIONS = ("feature", "user", "environment", "team", "api_key", "model", "tag")
+
+
+def _tag_option(text: str) -> tuple[str, str]:
+    """``name=value`` of --tag, split at the first '=' (a value may hold '='; a name with one is given
+    through the config topic or the library instead)."""
+    name, equals, value = text.partition("=")
+    if not equals or not name or not value:
+        _fail(f"--tag takes name=value with both parts non-empty, got {text!r}")
+    return name, value
+
+
+def _budget_scope(**options: str | None) -> tuple[str, str]:
+    """The (dimension, value) of the scope options given: the tenant itself if none."""
+    from schemas.redis_keys import tag_dimension
+
+    given = [(name, value) for name, value in options.items() if value]
     if len(given) > 1:
-        _fail("give at most one of --feature, --user, --environment")
-    return given[0] if given else ("tenant", "")
+        _fail("give at most one of " + ", ".join("--" + name.replace("_", "-") for name in _SCOPE_OPTIONS))
+    if not given:
+        return ("tenant", "")
+    name, value = given[0]
+    assert value is not None
+    if name == "tag":
+        return (tag_dimension(_tag_option(value)[0]), _tag_option(value)[1])
+    return (name, value)
 
 
 def _send_config(topic: str, key: str, value: bytes | None) -> None:
@@ -433,20 +484,18 @@ def _send_config(topic: str, key: str, value: bytes | None) -> None:
 )
 def budget_set(
     tenant: str,
-    feature: str | None,
-    user: str | None,
-    environment: str | None,
     limit_usd: str,
     period: str,
     hard: bool,
     thresholds: str,
     on_stale: str,
+    **scope: str | None,
 ) -> None:
     """Set (or replace) the budget of a scope; workers apply it within a second."""
     from streams.budgets import MAX_BUDGET, Budget
     from streams.config_topic import config_amount
 
-    dimension, value = _budget_scope(feature, user, environment)
+    dimension, value = _budget_scope(**scope)
     try:  # the same rules as a record read back from config.budgets, so the workers never skip it
         limit = config_amount(limit_usd, "--limit", positive=True, below=MAX_BUDGET)
         try:
@@ -466,11 +515,11 @@ def budget_set(
 
 @budget.command("delete")
 @_scope_options
-def budget_delete(tenant: str, feature: str | None, user: str | None, environment: str | None) -> None:
+def budget_delete(tenant: str, **scope: str | None) -> None:
     """Remove the budget of a scope."""
     from streams.budgets import budget_id
 
-    dimension, value = _budget_scope(feature, user, environment)
+    dimension, value = _budget_scope(**scope)
     _send_config(_settings().topic_budgets, budget_id(tenant, dimension, value), None)
     click.echo("deleted")
 
@@ -517,7 +566,7 @@ def budget_list(tenant: str | None, fmt: str) -> None:
 
 @cli.group("limit")
 def rate_limit() -> None:
-    """Rate limits per tenant, feature, user or environment, enforced by QuotaClient.reserve."""
+    """Rate limits per tenant, feature, user, environment, team, API key, model or tag (QuotaClient.reserve)."""
 
 
 @rate_limit.command("set")
@@ -527,17 +576,15 @@ def rate_limit() -> None:
 @click.option("--calls-per-day", type=int, default=None)
 def rate_limit_set(
     tenant: str,
-    feature: str | None,
-    user: str | None,
-    environment: str | None,
     calls_per_minute: int | None,
     tokens_per_minute: int | None,
     calls_per_day: int | None,
+    **scope: str | None,
 ) -> None:
     """Set (or replace) the rate limits of a scope; workers apply them within a second."""
     from streams.budgets import RateLimit
 
-    dimension, value = _budget_scope(feature, user, environment)
+    dimension, value = _budget_scope(**scope)
     try:
         limit = RateLimit(tenant, dimension, value, calls_per_minute, tokens_per_minute, calls_per_day)
     except ValueError as exc:
@@ -548,11 +595,11 @@ def rate_limit_set(
 
 @rate_limit.command("delete")
 @_scope_options
-def rate_limit_delete(tenant: str, feature: str | None, user: str | None, environment: str | None) -> None:
+def rate_limit_delete(tenant: str, **scope: str | None) -> None:
     """Remove the rate limits of a scope."""
     from streams.budgets import RATE_LIMIT_PREFIX, budget_id
 
-    dimension, value = _budget_scope(feature, user, environment)
+    dimension, value = _budget_scope(**scope)
     _send_config(_settings().topic_budgets, RATE_LIMIT_PREFIX + budget_id(tenant, dimension, value), None)
     click.echo("deleted")
 
@@ -858,17 +905,32 @@ def ratecard() -> None:
     default=None,
     help='JSON: {"openai/gpt-4o": {"input_mtok": "3", "output_mtok": "12"}, …}; other models at cost.',
 )
-def ratecard_set(tenant: str, pass_through: bool, markup: str | None, rates_file: TextIO | None) -> None:
+@click.option(
+    "--currency",
+    default=None,
+    help="Bill in this ISO 4217 currency (e.g. EUR), from USD at the month's `tokenmeter fx` rate;"
+    " default: the card's current one (USD for a new card). Alone, it changes only the currency.",
+)
+def ratecard_set(
+    tenant: str, pass_through: bool, markup: str | None, rates_file: TextIO | None, currency: str | None
+) -> None:
     """Set a tenant's rate card (applies to every invoice made from now on)."""
     import json
+    from dataclasses import replace
     from decimal import Decimal, InvalidOperation
 
     import psycopg
 
-    from sinks.invoices import RateCard, set_rate_card
+    from schemas.currencies import CurrencyError, currency_code
+    from sinks.invoices import RateCard, rate_card, set_rate_card
 
-    if sum((pass_through, markup is not None, rates_file is not None)) != 1:
-        _fail("give exactly one of --pass-through, --markup, --rates")
+    only_currency = currency is not None and not (pass_through or markup is not None or rates_file is not None)
+    if not only_currency and sum((pass_through, markup is not None, rates_file is not None)) != 1:
+        _fail("give exactly one of --pass-through, --markup, --rates (or only --currency)")
+    try:
+        code = None if currency is None else currency_code(currency)
+    except CurrencyError as exc:
+        _fail(str(exc))
     try:
         if markup is not None:
             card = RateCard(tenant, "cost_plus", Decimal(markup))
@@ -882,8 +944,14 @@ def ratecard_set(tenant: str, pass_through: bool, markup: str | None, rates_file
     except (InvalidOperation, ValueError, AttributeError) as exc:
         _fail(f"invalid rate card: {exc}")
     with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
+        current = rate_card(conn, tenant)
+        card = replace(current if only_currency else card, currency=code or current.currency)
         set_rate_card(conn, card)
-    click.echo(f"{tenant}: {card.mode}" + (f" +{card.markup_percent}%" if card.mode == "cost_plus" else ""))
+    click.echo(
+        f"{tenant}: {card.mode}"
+        + (f" +{card.markup_percent.normalize():f}%" if card.mode == "cost_plus" else "")
+        + (f", billed in {card.currency}" if card.currency != "USD" else "")
+    )
 
 
 @cli.command("whatif")
@@ -942,13 +1010,15 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
 
     import psycopg
 
+    from deploy.cli_credits import invoice_credit_rows, print_invoice_credits
+    from deploy.cli_fx import amount_header, fx_csv_columns, fx_note, money
     from sinks import invoices
 
     try:
         with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
             if finalize:
                 bill = invoices.finalize(conn, tenant, period, datetime.now(UTC))
-                click.echo(f"finalized {tenant} {period}: total ${bill.total}", err=True)
+                click.echo(f"finalized {tenant} {period}: total {bill.total} {bill.currency}", err=True)
             else:
                 bill = invoices.invoice(conn, tenant, period)
     except invoices.InvoiceError as exc:
@@ -970,14 +1040,20 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
             "cache_write_tokens",
             "cost",
             "amount",
+            "amount_usd",
+            *fx_csv_columns(bill),
         ]
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
         # From the typed lines, not the JSON document: numbers stay numbers, names are neutralised (csv_safe).
         for line in bill.lines + bill.adjustments:
-            writer.writerow([csv_safe(getattr(line, column)) for column in columns])
+            row = {**vars(line), **fx_csv_columns(bill)}
+            writer.writerow([csv_safe(row[column]) for column in columns])
         total: dict[str, Any] = {"provider_model": "TOTAL", "calls": bill.calls, "amount": bill.total}
+        total |= {"amount_usd": bill.total_usd, **fx_csv_columns(bill)}
         writer.writerow([csv_safe(total.get(column)) for column in columns])
+        for credit in invoice_credit_rows(bill):  # prepaid credits applied, then the amount due
+            writer.writerow([csv_safe(credit.get(column)) for column in columns])
     else:
         title = f"Invoice {bill.tenant_id} {bill.period} ({bill.currency}, {bill.status}, {bill.time_zone})"
         table = Table(title=cell(title))
@@ -989,17 +1065,23 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
             "output tok",
             "cache read",
             "cache write",
-            "amount",
+            amount_header(bill.currency),
+            *(["amount USD"] if bill.fx else []),
         ):
             table.add_column(column, justify="left" if column in ("provider/model", "usage of") else "right")
         for line in bill.lines + bill.adjustments:
             counts = [line.calls, line.input_tokens, line.output_tokens]
             counts += [line.cache_read_tokens, line.cache_write_tokens]
             usage_of = line.usage_period + (" (adjustment)" if line.usage_period != bill.period else "")
-            table.add_row(cell(line.provider_model), cell(usage_of), *(f"{n:,}" for n in counts), usd(line.amount))
-        table.add_row("TOTAL", "", f"{bill.calls:,}", "", "", "", "", usd(bill.total), style="bold")
+            amounts = [money(line.amount, bill.currency), *([usd(line.amount_usd or 0)] if bill.fx else [])]
+            table.add_row(cell(line.provider_model), cell(usage_of), *(f"{n:,}" for n in counts), *amounts)
+        totals = [money(bill.total, bill.currency), *([usd(bill.total_usd)] if bill.fx else [])]
+        table.add_row("TOTAL", "", f"{bill.calls:,}", "", "", "", "", *totals, style="bold")
         Console().print(table)
+        print_invoice_credits(bill)
         click.secho(rounding_note("json", "csv"), dim=True)
+        if note := fx_note(bill):
+            click.echo(note)
         if bill.unpriced_calls:
             click.secho(f"{bill.unpriced_calls} unpriced calls (unknown models) are not in the total", fg="yellow")
 
@@ -1084,6 +1166,21 @@ def _bench_pipeline(settings: Settings, events: int, record_calls: int) -> dict[
     ):
         click.echo(f"{key:>28}: {summary[key]:,}", err=True)
     return summary
+
+
+from deploy.cli_reconcile import reconcile_cmd  # noqa: E402  (registered last: it imports nothing from here)
+
+cli.add_command(reconcile_cmd)
+
+
+from deploy.cli_fx import fx  # noqa: E402  (registered last, like reconcile)
+
+cli.add_command(fx)
+
+
+from deploy.cli_credits import credits_group  # noqa: E402  (registered last, like reconcile)
+
+cli.add_command(credits_group)
 
 
 def main() -> None:

@@ -35,6 +35,10 @@ def print_report(report: dict[str, Any], console: Console | None = None, rows: i
         ("3. By environment", "by_environment"),
         ("4. By user", "by_user"),
     ]
+    # Budget hierarchies: only when some calls named a team or an API key id.
+    sections += [
+        (title, key) for title, key in (("By team", "by_team"), ("By API key", "by_api_key")) if report.get(key)
+    ]
     # Price contexts only when some calls had one (most reports: every call standard, not batch).
     sections += [
         (title, key)

@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     otlp_count_rule: Literal["leaf", "operation"] = "leaf"
     otlp_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # after gzip; larger requests get 413
 
+    # Reconciliation (tokenmeter reconcile --fetch): the providers' admin keys (sk-admin-…, sk-ant-admin…; never
+    # logged) and API base URLs (tests point them at a local fixture server).
+    openai_admin_key: SecretStr = SecretStr("")
+    anthropic_admin_key: SecretStr = SecretStr("")
+    openai_admin_base_url: str = "https://api.openai.com"
+    anthropic_admin_base_url: str = "https://api.anthropic.com"
+
     @model_validator(mode="after")
     def _fill_local_defaults(self) -> Settings:
         self.home = self.home.expanduser().absolute()

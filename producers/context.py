@@ -18,6 +18,7 @@ from typing import Any
 
 ATTRIBUTION_FIELDS = frozenset(
     {"tenant_id", "user_id", "feature", "environment", "trace_id", "session_id", "team_id", "request_id", "tags"}
+    | {"api_key_id"}  # the id of the caller's API key (budgets per key), never the key itself
 )
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _attribution: ContextVar[Mapping[str, Any]] = ContextVar("tokenmeter_attribution", default=_EMPTY)

@@ -7,7 +7,8 @@ The pipeline keeps Redis current (keys and values: ``schemas/redis_keys.py``): t
 for its open day, week and month (in the tenant's time zone; each value carries its period's end, so no
 zone is needed here), and the budgets and rate limits that apply. ``check`` reads all of them with one
 ``MGET`` and decides here, so a raised limit or a new period unblocks a scope without anybody having to
-clear a flag.
+clear a flag. A tenant on prepaid terms also has its credit balance there (``credits_key``): ``check``
+reports it and says no once it is used up; ``reserve`` holds the estimate against it too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import contextlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import redis
 
 from deploy.settings import Settings, get_settings, redis_client
+from schemas.events import MAX_LABEL_LEN, MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, MAX_TAGS
 from schemas.periods import PERIODS
 from schemas.records import scope_label
 from schemas.redis_keys import (
@@ -36,8 +39,11 @@ from schemas.redis_keys import (
     STALE_CALLS_TTL_MS,
     budget_key,
     caught_up_ms,
+    credit_balance,
+    credits_key,
     format_held,
     freshness_key,
+    held_key,
     rate_counter_keys,
     rate_limit_key,
     scope_keys,
@@ -46,6 +52,7 @@ from schemas.redis_keys import (
     spend_value,
     stale_calls_field,
     stale_calls_key,
+    tag_dimension,
     to_nano,
 )
 
@@ -61,6 +68,8 @@ class QuotaDecision:
     period: str
     stale: bool = False  # the spend data is older than the client's bound (the pipeline is behind)
     data_age_s: float | None = None  # how old it is; None: no worker has reported yet
+    credit_balance: Decimal | None = None  # the prepaid balance as last counted; None: not on prepaid terms
+    refused_by: dict[str, str] | None = None  # the scope that refused (``refusing_scope``); None if allowed
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +82,9 @@ class QuotaDecision:
             "period": self.period,
             "stale": self.stale,
             "data_age_s": None if self.data_age_s is None else round(self.data_age_s, 3),
+            "prepaid": self.credit_balance is not None,
+            "credit_balance": None if self.credit_balance is None else f"{self.credit_balance.normalize():f}",
+            "refused_by": self.refused_by,
         }
 
 
@@ -86,12 +98,18 @@ class QuotaDecision:
 # there the client reads the freshness hash first and passes how current the spend is (ARGV[10]: Unix
 # ms, or "" if no worker has reported). The script's @name@ placeholders (positions within a scope,
 # counter TTLs) are filled in from that contract.
+# Prepaid credits: after the scopes' keys comes the tenant's credit balance (``credits_key``; absent
+# unless the tenant is on prepaid terms), ARGV[11] is the position of the tenant scope among the scopes,
+# ARGV[12] the number of scopes.
+# The call is refused if its estimate and everything held for the tenant exceed the balance; a
+# committed cost stays held until the spend and the balance have both counted it ("counted").
 _RESERVE_TEMPLATE = """
 local now, amount, entry = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local id, ttl, tokens = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local stale_after, live_within = tonumber(ARGV[7]), tonumber(ARGV[8])
 local column = @spend_columns@
-local scopes = math.floor(#KEYS / @per_scope@)
+local scopes = tonumber(ARGV[12])  -- their keys first; then the credits key, and the freshness hash if passed
+local tenant_scope = tonumber(ARGV[11])
 -- how current the spend is (schemas.redis_keys.caught_up_ms): the least current live stage 1, else the newest
 local caught_up, newest = nil, nil
 if ARGV[10] == 'hash' then
@@ -109,14 +127,25 @@ else
 end
 caught_up = caught_up or newest
 local stale = caught_up == nil or now - caught_up > stale_after
+-- a prepaid tenant's balance (nano-USD), and up to when it counted the spend: a held cost is released
+-- only once both the spend and the balance have counted it
+local balance, counted = nil, caught_up
+local credit = redis.call('GET', KEYS[scopes * @per_scope@ + 1])
+if credit then
+  local balance_text, counted_text = string.match(credit, '^(-?%d+) (%d+)$')
+  if balance_text then
+    balance = tonumber(balance_text)
+    if counted == nil or tonumber(counted_text) < counted then counted = tonumber(counted_text) end
+  end
+end
 -- held amounts: a reservation until it expires; a committed cost until the spend has counted it
 local function held(key)
   local total, fields = 0, redis.call('HGETALL', key)
   for i = 1, #fields, 2 do
     local amount_text, expires, counted_after = string.match(fields[i + 1], '^(%d+):(%d+):?(%d*)$')
-    local counted = counted_after ~= nil and counted_after ~= '' and caught_up ~= nil
-      and caught_up >= tonumber(counted_after)
-    if amount_text == nil or tonumber(expires) < now or counted then
+    local done = counted_after ~= nil and counted_after ~= '' and counted ~= nil
+      and counted >= tonumber(counted_after)
+    if amount_text == nil or tonumber(expires) < now or done then
       redis.call('HDEL', key, fields[i])
     else
       total = total + tonumber(amount_text)
@@ -163,6 +192,12 @@ for s = 0, scopes - 1 do
     end
   end
 end
+if balance then
+  local holding = held(KEYS[tenant_scope * @per_scope@ + @held@])
+  cleaned[tenant_scope] = true
+  -- a used-up balance refuses every call, a $0 estimate too (as ``check`` does)
+  if balance <= 0 or holding + amount > balance then return {0, tenant_scope, 'credits', balance, holding} end
+end
 for s = 0, scopes - 1 do
   local k = s * @per_scope@
   if not cleaned[s] then held(KEYS[k + @held@]) end  -- scopes without a hard budget are kept small too
@@ -204,13 +239,75 @@ class Reservation:
     amount: Decimal
     reason: str
     keys: tuple[str, ...]
+    refused_by: dict[str, str] | None = None  # the scope that said no (``refusing_scope``); None if allowed
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "reservation_id": self.reservation_id,
+            "allowed": self.allowed,
+            "amount": str(self.amount),
+            "reason": self.reason,
+            "refused_by": self.refused_by,
+        }
 
 
-def _scopes(feature: str | None, user_id: str | None, environment: str | None = None) -> list[tuple[str, str]]:
+def refusing_scope(tenant_id: str, dimension: str, value: str) -> dict[str, str]:
+    """The machine-readable ``refused_by`` of a decision: which scope refused, and its ``scope_label``."""
+    return {
+        "tenant_id": tenant_id,
+        "dimension": dimension,
+        "value": value,
+        "label": scope_label(tenant_id, dimension, value),
+    }
+
+
+# The longest value a budget scope can have: a tag value, or a "provider/model" of two labels.
+_MAX_SCOPE_VALUE_LEN = max(MAX_TAG_VALUE_LEN, 2 * MAX_LABEL_LEN + 1)
+
+
+def _scopes(
+    feature: str | None,
+    user_id: str | None,
+    environment: str | None = None,
+    *,
+    team: str | None = None,
+    api_key: str | None = None,
+    model: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> list[tuple[str, str]]:
+    """Every scope a call belongs to, as (dimension, value), the tenant first: the budget hierarchy a
+    ``check`` or ``reserve`` decides at once. ``model`` is ``provider/model``; each tag is a scope of its
+    own (``tag:<name>``, its value), so pass the call's tags that budgets may name."""
     scopes = [("tenant", "")]
-    for dimension, value in (("feature", feature), ("user", user_id), ("environment", environment)):
+    named = (
+        ("feature", feature),
+        ("user", user_id),
+        ("environment", environment),
+        ("team", team),
+        ("api_key", api_key),
+        ("model", model),
+    )
+    for dimension, value in named:
+        if value is not None and type(value) is not str:
+            raise TypeError(f"{dimension} must be a string, got {type(value).__name__}")
         if value:
             scopes.append((dimension, value))
+    if tags:
+        if not isinstance(tags, Mapping):
+            raise TypeError(f"tags must be a mapping of tag name to value, got {type(tags).__name__}")
+        if len(tags) > MAX_TAGS:
+            raise ValueError(f"at most {MAX_TAGS} tags, as on an event; got {len(tags)}")
+        for name, value in sorted(tags.items()):
+            if type(name) is not str or type(value) is not str or not name:
+                raise TypeError(f"tags are non-empty names with string values, got {name!r:.80}: {value!r:.80}")
+            if len(name) > MAX_TAG_KEY_LEN:
+                raise ValueError(f"tag names are at most {MAX_TAG_KEY_LEN} characters, got {len(name)}")
+            if value:
+                scopes.append((tag_dimension(name), value))
+    for dimension, value in scopes:
+        # No budget can name a longer value (streams/budgets.py), and each one is part of a Redis key name.
+        if len(value) > _MAX_SCOPE_VALUE_LEN:
+            raise ValueError(f"the {dimension} is longer than any budget scope ({len(value)} characters)")
     return scopes
 
 
@@ -227,21 +324,28 @@ class QuotaClient:
         user_id: str | None = None,
         *,
         environment: str | None = None,
+        team: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        tags: Mapping[str, str] | None = None,
         now: datetime | None = None,
     ) -> QuotaDecision:
-        """Allowed unless an exhausted hard budget or a reached rate limit of the tenant, feature, user or
-        environment says no; reports the tightest budget. One MGET."""
+        """Allowed unless an exhausted hard budget or a reached rate limit of any scope of the call (the
+        tenant, its feature, user, environment, team, API key id, ``provider/model`` and tags) says no;
+        reports the tightest budget. One MGET."""
         now = now or datetime.now(UTC)
-        scopes = _scopes(feature, user_id, environment)
+        scopes = _scopes(feature, user_id, environment, team=team, api_key=api_key, model=model, tags=tags)
         keys = [budget_key(tenant_id, d, v) for d, v in scopes]
         keys += [spend_key(tenant_id, d, v, p) for d, v in scopes for p in PERIODS]
         keys += [rate_limit_key(tenant_id, d, v) for d, v in scopes]
         keys += [key for d, v in scopes for key in rate_counter_keys(tenant_id, d, v, now)]
+        keys.append(credits_key(tenant_id))  # last: the prepaid balance, if the tenant has one
         pipe = self.redis.pipeline(transaction=False)  # one round trip: MGET + the freshness hash
         # A cluster pipeline refuses .mget() (keys may span slots); these share the tenant's slot.
         pipe.execute_command("MGET", *keys)
         pipe.hgetall(freshness_key(self.settings.worker_id))
         values, beats = pipe.execute()
+        credit_raw = values.pop()
         now_ms = int(now.timestamp() * 1000)
         caught_up = caught_up_ms(beats, now_ms)
         age = None if caught_up is None else max(0.0, (now_ms - caught_up) / 1000)
@@ -260,7 +364,7 @@ class QuotaClient:
             reached = rate_limit_reached(raw, counters[3 * i : 3 * i + 3])
             if reached and decision.allowed:
                 scope = scope_label(tenant_id, *scopes[i])
-                return QuotaDecision(
+                limited = QuotaDecision(
                     False,
                     decision.spent,
                     decision.limit,
@@ -270,8 +374,10 @@ class QuotaClient:
                     decision.period,
                     stale,
                     age,
+                    refused_by=refusing_scope(tenant_id, *scopes[i]),
                 )
-        return decision
+                return with_credit_balance(limited, tenant_id, credit_raw)
+        return with_credit_balance(decision, tenant_id, credit_raw)
 
     def reserve(
         self,
@@ -281,16 +387,24 @@ class QuotaClient:
         user_id: str | None = None,
         *,
         environment: str | None = None,
+        team: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        tags: Mapping[str, str] | None = None,
         tokens: int = 0,
         ttl_s: float = 300.0,
         now: datetime | None = None,
     ) -> Reservation:
-        """Before a model call: hold ``estimated_cost`` against every hard budget of the tenant, feature
-        and user and count the call (and its ``tokens``) against their rate limits — or refuse, if any
-        of them would be exceeded. Atomic across any number of service replicas."""
+        """Before a model call: hold ``estimated_cost`` against every hard budget of every scope of the call
+        (tenant, feature, user, environment, team, API key id, ``provider/model``, tags) and count the call
+        (and its ``tokens``) against their rate limits — or refuse, if any of them would be exceeded, naming
+        the scope that refused (the tightest hard budget the call does not fit). Atomic across any number
+        of service replicas."""
         now = now or datetime.now(UTC)
-        scopes = _scopes(feature, user_id, environment)
+        scopes = _scopes(feature, user_id, environment, team=team, api_key=api_key, model=model, tags=tags)
         keys = [key for d, v in scopes for key in scope_keys(tenant_id, d, v, now)]
+        held_keys = tuple(keys[_HELD :: len(SCOPE_KEYS)])
+        keys.append(credits_key(tenant_id))
         amount = to_nano(estimated_cost)
         now_ms, ttl_ms = int(now.timestamp() * 1000), int(ttl_s * 1000)
         if self._cluster:  # the freshness hash is in another slot: read it first (see _RESERVE_TEMPLATE)
@@ -314,8 +428,9 @@ class QuotaClient:
             LIVE_WITHIN_MS,
             int(self.settings.quota_hold_max_s * 1000),
             freshness,
+            scopes.index(("tenant", "")),
+            len(scopes),
         )
-        held_keys = tuple(keys[_HELD :: len(SCOPE_KEYS)])
         if outcome[0] == 1:
             if len(outcome) > 1 and outcome[1] == 1:  # allowed on stale data: remember it for the overrun alert
                 budgets = self.redis.mget([budget_key(tenant_id, d, v) for d, v in scopes])
@@ -323,14 +438,29 @@ class QuotaClient:
                 spend_raw = self.redis.mget([spend_key(tenant_id, d, v, p) for d, v, p in spend_scopes])
                 self._count_stale_calls(tenant_id, scopes, budgets, dict(zip(spend_scopes, spend_raw, strict=True)))
             return Reservation(reservation_id, True, estimated_cost, "reserved", held_keys)
-        dimension, value = scopes[int(outcome[1])]
-        scope = scope_label(tenant_id, dimension, value)
+        refusing = int(outcome[1])
         what = outcome[2].decode() if isinstance(outcome[2], bytes) else str(outcome[2])
+        if what == "budget" and len(scopes) > 1:
+            # The script stops at the first scope (in order) the call does not fit; name the tightest of all
+            # (best effort: the refusal stands, and without the read the script's scope is named).
+            tightest = None
+            with contextlib.suppress(redis.RedisError):
+                tightest = self._tightest_budget(tenant_id, scopes, amount, now)
+            if tightest is not None:
+                refusing, outcome = tightest[0], [0, tightest[0], "budget", tightest[1], tightest[2]]
+        dimension, value = scopes[refusing]
+        scope = scope_label(tenant_id, dimension, value)
         if what == "stale":
             age_text = "no worker has reported" if int(outcome[3]) < 0 else f"it is {int(outcome[3]) / 1000:.0f}s old"
             reason = (
                 f"hard budget of {scope} blocks while its spend data is stale ({age_text}, bound "
                 f"{self.settings.quota_stale_after_s:g}s): the pipeline is behind"
+            )
+        elif what == "credits":
+            balance, holding = Decimal(outcome[3]) / NANO, Decimal(outcome[4]) / NANO
+            reason = (
+                f"prepaid balance of {scope} cannot take ${estimated_cost}: "
+                f"${balance.normalize():f} left and ${holding.normalize():f} held by calls in flight"
             )
         elif what == "budget":
             spent, holding = Decimal(outcome[3]) / NANO, Decimal(outcome[4]) / NANO
@@ -340,7 +470,27 @@ class QuotaClient:
             )
         else:
             reason = f"rate limit of {scope}: {what.replace('_', ' ')} is {outcome[4]} ({outcome[3]} used)"
-        return Reservation(reservation_id, False, estimated_cost, reason, held_keys)
+        refused_by = refusing_scope(tenant_id, dimension, value)
+        return Reservation(reservation_id, False, estimated_cost, reason, held_keys, refused_by)
+
+    def _tightest_budget(
+        self, tenant_id: str, scopes: list[tuple[str, str]], amount_nano: int, now: datetime
+    ) -> tuple[int, int, int] | None:
+        """After a refusal by a hard budget (only then: one more round trip), the scope whose hard budget
+        has the least room among those the call does not fit, with its spent and held nano-USD."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.execute_command(
+            "MGET",
+            *(budget_key(tenant_id, d, v) for d, v in scopes),
+            *(spend_key(tenant_id, d, v, p) for d, v in scopes for p in PERIODS),
+        )
+        for d, v in scopes:
+            pipe.hgetall(held_key(tenant_id, d, v))
+        values, *held = pipe.execute()
+        n = len(scopes)
+        per_scope = len(PERIODS)
+        spend = [dict(zip(PERIODS, values[n + i * per_scope : n + (i + 1) * per_scope], strict=True)) for i in range(n)]
+        return tightest_budget(values[:n], spend, held, amount_nano, now)
 
     def _count_stale_calls(
         self,
@@ -394,6 +544,45 @@ class QuotaClient:
         pipe.execute()
 
 
+def with_credit_balance(decision: QuotaDecision, tenant_id: str, raw_balance: Any) -> QuotaDecision:
+    """The decision with the tenant's prepaid balance (if it is on prepaid terms): a balance used up
+    refuses the call. Calls in flight are not counted here (``reserve`` counts them)."""
+    mirrored = credit_balance(raw_balance)
+    if mirrored is None:
+        return decision
+    balance = mirrored[0]
+    if balance <= 0 and decision.allowed:
+        reason = f"the prepaid balance of {scope_label(tenant_id, 'tenant', '')} is used up"
+        by = refusing_scope(tenant_id, "tenant", "")
+        return replace(decision, allowed=False, reason=reason, credit_balance=balance, refused_by=by)
+    return replace(decision, credit_balance=balance)
+
+
+def tightest_budget(
+    budgets: list[Any], spend: list[dict[str, Any]], held: list[dict[Any, Any]], amount_nano: int, now: datetime
+) -> tuple[int, int, int] | None:
+    """Of the scopes (in order) whose hard budget cannot take ``amount_nano`` on top of its spend in the
+    budget's period and its unexpired held amounts, the one with the least room left, as (index, spent
+    nano-USD, held nano-USD); the first on a tie; None if every one fits."""
+    now_ms = int(now.timestamp() * 1000)
+    best: tuple[int, int, int] | None = None
+    best_room = 0
+    for i, raw in enumerate(budgets):
+        budget = json.loads(raw) if raw else {}
+        if not budget.get("hard"):
+            continue
+        spent = to_nano(spend_value(spend[i].get(budget["period"]), now))
+        holding = 0
+        for entry in held[i].values():
+            parts = (entry.decode() if isinstance(entry, bytes) else str(entry)).split(":")
+            if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() and int(parts[1]) >= now_ms:
+                holding += int(parts[0])
+        room = to_nano(Decimal(budget["limit"])) - spent - holding
+        if room < amount_nano and (best is None or room < best_room):
+            best, best_room = (i, spent, holding), room
+    return best
+
+
 def rate_limit_reached(raw_limits: Any, raw_counts: list[Any]) -> str | None:
     """The first rate limit the counts have reached (calls/min, tokens/min, calls/day), if any."""
     if not raw_limits:
@@ -417,8 +606,11 @@ def decide(
 ) -> QuotaDecision:
     """The pure decision: blocked by any exhausted hard budget, or by a hard budget whose ``on_stale``
     policy (``block``, or ``allow_reserved`` for a call that did not reserve) applies while the spend
-    data is ``stale``; otherwise report the tightest budget."""
+    data is ``stale``; otherwise report the tightest budget. Of several exhausted hard budgets (a budget
+    hierarchy), the one furthest over its limit refuses and is named (``refused_by``)."""
     tightest: QuotaDecision | None = None
+    blocked: QuotaDecision | None = None
+    stale_blocked: QuotaDecision | None = None
     for (dimension, value), raw in zip(scopes, budgets, strict=True):
         if not raw:
             continue
@@ -429,20 +621,34 @@ def decide(
         remaining = limit - spent
         scope = scope_label(tenant_id, dimension, value)
         if budget.get("hard") and remaining <= 0:
-            reason = f"hard {period} budget of ${limit} for {scope} is spent (${spent})"
-            return QuotaDecision(False, spent, limit, remaining, reason, scope, period, stale, data_age_s)
+            if blocked is None or remaining < (blocked.remaining or Decimal(0)):
+                reason = f"hard {period} budget of ${limit} for {scope} is spent (${spent})"
+                by = refusing_scope(tenant_id, dimension, value)
+                blocked = QuotaDecision(
+                    False, spent, limit, remaining, reason, scope, period, stale, data_age_s, refused_by=by
+                )
+            continue
         policy = budget.get("on_stale", "allow")
         if budget.get("hard") and stale and policy != "allow":
-            age = "no worker has reported" if data_age_s is None else f"it is {data_age_s:.0f}s old"
-            only = "blocks" if policy == "block" else "lets only reserved calls through"
-            reason = f"hard {period} budget of ${limit} for {scope} {only} while its spend data is stale ({age})"
-            return QuotaDecision(False, spent, limit, remaining, reason, scope, period, stale, data_age_s)
+            if stale_blocked is None:
+                age = "no worker has reported" if data_age_s is None else f"it is {data_age_s:.0f}s old"
+                only = "blocks" if policy == "block" else "lets only reserved calls through"
+                reason = f"hard {period} budget of ${limit} for {scope} {only} while its spend data is stale ({age})"
+                by = refusing_scope(tenant_id, dimension, value)
+                stale_blocked = QuotaDecision(
+                    False, spent, limit, remaining, reason, scope, period, stale, data_age_s, refused_by=by
+                )
+            continue
         if tightest is None or remaining < (tightest.remaining or Decimal(0)):
             kind = "hard" if budget.get("hard") else "soft"
             reason = f"within the {kind} {period} budget of ${limit} for {scope}"
             if remaining <= 0:
                 reason = f"soft {period} budget of ${limit} for {scope} is exceeded; calls are still allowed"
             tightest = QuotaDecision(True, spent, limit, remaining, reason, scope, period, stale, data_age_s)
+    if blocked is not None:
+        return blocked
+    if stale_blocked is not None:
+        return stale_blocked
     if tightest is not None:
         return tightest
     dimension, value = scopes[-1]

@@ -225,6 +225,8 @@ class UsageEvent(BaseModel):
     processing: Literal["batch"] | None = None
     cache_write_1h_tokens: Tokens | None = None
     usage_details: dict[StrictStr, Tokens] = Field(default_factory=dict)
+    # v4: the id the caller gives the API key that made the call (budgets per key); never the secret itself
+    api_key_id: Id | None = None
 
     @field_validator("timestamp")
     @classmethod
@@ -361,7 +363,8 @@ def decode_usage_body(data: bytes) -> tuple[UsageEvent, bytes | None]:
 _REQUIRED = ("event_id", "tenant_id", "provider", "model", "input_tokens", "output_tokens")
 _STRING_LIMITS = {
     **dict.fromkeys(
-        ("event_id", "tenant_id", "user_id", "trace_id", "request_id", "session_id", "team_id"), MAX_ID_LEN
+        ("event_id", "tenant_id", "user_id", "trace_id", "request_id", "session_id", "team_id", "api_key_id"),
+        MAX_ID_LEN,
     ),
     **dict.fromkeys(("provider", "model", "feature", "environment", "status"), MAX_LABEL_LEN),
 }

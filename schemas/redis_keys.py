@@ -5,8 +5,9 @@ mirrored from ``config.budgets``, stale-call counts read back by stage 2). Reade
 (``check`` in one ``MGET``, ``reserve`` in one Lua script) and the dashboard. Both sides build keys and
 values with the functions here, so neither can drift from the other.
 
-A scope is (tenant, dimension, value): ``dimension`` is one of :data:`SCOPE_DIMENSIONS` and ``value``
-is empty for ``tenant``. Percent signs, colons and braces inside names are percent-escaped
+A scope is (tenant, dimension, value): ``dimension`` is one of :data:`SCOPE_DIMENSIONS` or a tag
+dimension ``tag:<tag name>`` (:func:`tag_dimension`), and ``value`` is empty for ``tenant``; a model's
+value is ``<provider>/<model>``. Percent signs, colons and braces inside names are percent-escaped
 (:func:`escape_part`), so no two scopes share a key and no name can end the hash tag. Amounts are
 decimal strings, never floats.
 
@@ -21,6 +22,7 @@ decimal strings, never floats.
     tm:{<tenant>}:held:<scope>             hash: reservation id →                                 longest hold
                                                  "<nano-USD>:<expires ms>[:<counted after ms>]"
     tm:{<tenant>}:stale_calls:<scope>      hash: "<period>:<period end ms>" → calls               40 days
+    tm:{<tenant>}:credits:tenant:          "<prepaid balance, nano-USD> <counted up to, Unix ms>"  never
     tm:freshness:<worker id>               hash: stage-1 process → "<caught up to ms> <heartbeat ms>"  1 day
 
 ``<scope>`` is ``<dimension>:<value>``; budgets and rate limits are deleted with their config record.
@@ -51,6 +53,11 @@ decimal strings, never floats.
   field per stage-1 process, one hash per worker group (``TOKENMETER_WORKER_ID``: the quota clients of a
   deployment share it with its workers). The data is as old as the least current live process (heartbeat
   within :data:`LIVE_WITHIN_MS`); if none is live, the newest of them says how old it is.
+- Credits: only for a tenant on prepaid terms (``schemas/credits.py``), written by the worker
+  (``streams/credits.py``, :func:`credit_write_wins`), deleted when its last grant is voided. The
+  balance is what its open grants have left after every call produced before "counted up to" (a
+  caught-up time of the freshness hash, read before the balance was derived from Postgres). ``reserve``
+  keeps a committed cost of such a tenant held until both the spend and this balance have counted it.
 - Stale calls: calls a quota client let through under a hard budget whose spend data was stale
   (``on_stale=allow``), per budget window; stage 2 reads them when such a budget turns out overrun.
 
@@ -64,12 +71,30 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import NamedTuple
 
 from schemas.periods import PERIODS
 
-SCOPE_DIMENSIONS = ("tenant", "feature", "user", "environment")
+SCOPE_DIMENSIONS = ("tenant", "feature", "user", "environment", "team", "api_key", "model")
+# A tag scope's dimension is "tag:<tag name>" and its value the tag's value: ``tag:project`` / ``apollo``.
+# The name is the event's tag key as is (any printable text up to 64 characters, ':' and '=' included);
+# inside a key the whole dimension is escaped like a name (:func:`escape_part`), so ``tag%3Aproject``.
+TAG_DIMENSION_PREFIX = "tag:"
+
+
+def tag_dimension(tag_name: str) -> str:
+    """The dimension of a tag scope: ``tag_dimension("project") == "tag:project"``."""
+    return TAG_DIMENSION_PREFIX + tag_name
+
+
+def is_scope_dimension(dimension: str) -> bool:
+    """One of :data:`SCOPE_DIMENSIONS`, or a tag dimension with a non-empty name (its other rules are the
+    tag keys' of ``schemas/events.py``, checked where a budget is validated)."""
+    return dimension in SCOPE_DIMENSIONS or (
+        dimension.startswith(TAG_DIMENSION_PREFIX) and len(dimension) > len(TAG_DIMENSION_PREFIX)
+    )
+
 
 # The rate limits of a rate-limit value, and the counters they are checked against (same order).
 RATE_LIMITS = ("calls_per_minute", "tokens_per_minute", "calls_per_day")
@@ -100,13 +125,15 @@ def unescape_part(part: str) -> str:
 
 
 def _tenant_key(kind: str, tenant_id: str, dimension: str, value: str) -> str:
+    if dimension not in SCOPE_DIMENSIONS:  # a tag dimension holds a ':' and the tag name's own text
+        dimension = escape_part(dimension)
     return f"tm:{{{escape_part(tenant_id)}}}:{kind}:{dimension}:{escape_part(value)}"
 
 
 class ScopeKey(NamedTuple):
     """A per-tenant key taken apart (:func:`parse_scope_key`)."""
 
-    kind: str  # spend, budget, ratelimit, rate, held, stale_calls
+    kind: str  # spend, budget, ratelimit, rate, held, stale_calls, credits
     tenant_id: str
     dimension: str
     value: str
@@ -114,7 +141,7 @@ class ScopeKey(NamedTuple):
 
 
 # Escaped names hold no colon or brace, so each part is unambiguous.
-_SCOPE_KEY = re.compile(r"tm:\{([^{}:]*)\}:([a-z_]+):([a-z]+):([^{}:]*)(?::(.*))?")
+_SCOPE_KEY = re.compile(r"tm:\{([^{}:]*)\}:([a-z_]+):([^{}:]+):([^{}:]*)(?::(.*))?")
 
 
 def parse_scope_key(key: str) -> ScopeKey | None:
@@ -124,7 +151,7 @@ def parse_scope_key(key: str) -> ScopeKey | None:
     if match is None:
         return None
     tenant, kind, dimension, value, rest = match.groups()
-    return ScopeKey(kind, unescape_part(tenant), dimension, unescape_part(value), rest or "")
+    return ScopeKey(kind, unescape_part(tenant), unescape_part(dimension), unescape_part(value), rest or "")
 
 
 def _glob_literal(text: str) -> str:
@@ -135,7 +162,7 @@ def _glob_literal(text: str) -> str:
 def spend_pattern(dimension: str, value: str, period: str) -> str:
     """A SCAN pattern for the spend keys of one scope and period in every tenant, e.g. each tenant's own
     month: ``spend_pattern("tenant", "", "month")``."""
-    scope = f"{_glob_literal(dimension)}:{_glob_literal(escape_part(value))}:{_glob_literal(period)}"
+    scope = f"{_glob_literal(escape_part(dimension))}:{_glob_literal(escape_part(value))}:{_glob_literal(period)}"
     return f"tm:{{*}}:spend:{scope}"
 
 
@@ -288,3 +315,36 @@ def stale_calls_key(tenant_id: str, dimension: str, value: str) -> str:
 
 def stale_calls_field(period: str, end_ms: int) -> str:
     return f"{period}:{end_ms}"
+
+
+# ---------------------------------------------------------------- prepaid credits
+# The largest balance mirrored: integer nano-USD stay exact in the quota script's doubles below 2**53.
+MAX_MIRRORED_NANO = 9 * 10**15
+
+
+def credits_key(tenant_id: str) -> str:
+    """The tenant's prepaid balance (a tenant-scope key: it lives in the tenant's hash slot)."""
+    return _tenant_key("credits", tenant_id, "tenant", "")
+
+
+def format_credit_balance(balance: Decimal, counted_up_to_ms: int) -> str:
+    """The mirrored balance, in whole nano-USD rounded down (never more than the grants hold), capped."""
+    nano = min(int((balance * NANO).to_integral_value(rounding=ROUND_FLOOR)), MAX_MIRRORED_NANO)
+    return f"{nano} {counted_up_to_ms}"
+
+
+def credit_balance(raw: bytes | str | None) -> tuple[Decimal, int] | None:
+    """(balance USD, counted up to ms) of a mirrored value; None if absent or unreadable."""
+    if not raw:
+        return None
+    match = re.fullmatch(r"(-?\d+) (\d+)", raw.decode() if isinstance(raw, bytes) else raw, re.ASCII)
+    if match is None:
+        return None
+    return Decimal(int(match.group(1))) / NANO, int(match.group(2))
+
+
+def credit_write_wins(value: str, stored: bytes | str | None) -> bool:
+    """A balance write replaces the stored one unless that one counts up to a later instant (two workers
+    may write in either order; the quota script must never see "counted up to" go back)."""
+    old, new = credit_balance(stored), credit_balance(value)
+    return old is None or new is None or new[1] >= old[1]

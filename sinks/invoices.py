@@ -5,22 +5,31 @@ for. ``finalize`` freezes it: the usage it billed per model and the rate card ar
 then on the invoice reads back exactly as frozen. Usage that reaches a finalized month afterwards
 (late events) never changes that invoice: it is the month's rollups minus everything billed for it
 so far, and appears as an adjustment line on the tenant's next open invoice (DESIGN.md §4.3).
-Money is exact: no rounding anywhere here.
+Money is exact: no rounding anywhere here (``total_rounded`` in the JSON is the one, documented rounding).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 
+from schemas.currencies import (
+    USAGE_CURRENCY,
+    FxRate,
+    currency_code,
+    exact_sum,
+    round_to_minor_units,
+)
 from schemas.periods import local_midnight, period_end
 from schemas.records import TokenRates
+from sinks.credits import CreditApplied, freeze_credits, frozen_credits, month_credits
+from sinks.fx import rate_for_month
 from sinks.postgres import tenant_time_zone
 
 _PERIOD = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
@@ -40,10 +49,13 @@ class RateCard:
     mode: str = "pass_through"  # pass_through | cost_plus | custom
     markup_percent: Decimal = Decimal(0)
     rates: dict[str, dict[str, Decimal]] = field(default_factory=dict)
+    currency: str = USAGE_CURRENCY  # what invoices bill in (ISO 4217), converted from USD (schemas/currencies.py)
 
     def __post_init__(self) -> None:
         if self.mode not in ("pass_through", "cost_plus", "custom"):
             raise ValueError("mode must be pass_through, cost_plus or custom")
+        if currency_code(self.currency) != self.currency:
+            raise ValueError(f"the currency is an upper-case ISO 4217 code, got {self.currency!r}")
         if self.markup_percent < 0:
             raise ValueError("the markup cannot be negative")
         for model, rates in self.rates.items():
@@ -55,30 +67,35 @@ class RateCard:
             "mode": self.mode,
             "markup_percent": str(self.markup_percent),
             "rates": {m: {k: str(v) for k, v in r.items()} for m, r in self.rates.items()},
+            "currency": self.currency,
         }
 
     @classmethod
     def from_json(cls, tenant_id: str, data: dict[str, Any]) -> RateCard:
         rates = {m: {k: Decimal(v) for k, v in r.items()} for m, r in data.get("rates", {}).items()}
-        return cls(tenant_id, data["mode"], Decimal(data["markup_percent"]), rates)
+        currency = data.get("currency", USAGE_CURRENCY)  # cards frozen before currencies are USD
+        return cls(tenant_id, data["mode"], Decimal(data["markup_percent"]), rates, currency)
 
 
 def set_rate_card(conn: psycopg.Connection, card: RateCard) -> None:
     conn.execute(
-        "INSERT INTO tokenmeter.rate_cards (tenant_id, mode, markup_percent, rates) VALUES (%s, %s, %s, %s)"
+        "INSERT INTO tokenmeter.rate_cards (tenant_id, mode, markup_percent, rates, currency)"
+        " VALUES (%s, %s, %s, %s, %s)"
         " ON CONFLICT (tenant_id) DO UPDATE SET mode = excluded.mode, markup_percent = excluded.markup_percent,"
-        " rates = excluded.rates, updated_at = now()",
-        (card.tenant_id, card.mode, card.markup_percent, json.dumps(card.as_json()["rates"])),
+        " rates = excluded.rates, currency = excluded.currency, updated_at = now()",
+        (card.tenant_id, card.mode, card.markup_percent, json.dumps(card.as_json()["rates"]), card.currency),
     )
 
 
 def rate_card(conn: psycopg.Connection, tenant_id: str) -> RateCard:
     row = conn.execute(
-        "SELECT mode, markup_percent, rates FROM tokenmeter.rate_cards WHERE tenant_id = %s", (tenant_id,)
+        "SELECT mode, markup_percent, rates, currency FROM tokenmeter.rate_cards WHERE tenant_id = %s", (tenant_id,)
     ).fetchone()
     if row is None:
         return RateCard(tenant_id)
-    return RateCard.from_json(tenant_id, {"mode": row[0], "markup_percent": str(row[1]), "rates": row[2]})
+    return RateCard.from_json(
+        tenant_id, {"mode": row[0], "markup_percent": str(row[1]), "rates": row[2], "currency": row[3]}
+    )
 
 
 @dataclass(frozen=True)
@@ -110,7 +127,8 @@ class InvoiceItem:
     kind: str  # input (incl. cache, at cost), output, or with custom rates: input_uncached, cache_read, cache_write
     quantity: int  # tokens
     unit_price_mtok: Decimal | None  # USD per million tokens, when the card sets one
-    amount: Decimal
+    amount: Decimal  # in the invoice's currency
+    amount_usd: Decimal | None = None  # before conversion; set on every invoice returned (in_currency)
 
 
 @dataclass(frozen=True)
@@ -128,6 +146,40 @@ class InvoiceLine:
     unpriced_calls: int = 0
     input_cost: Decimal = Decimal(0)
     output_cost: Decimal = Decimal(0)
+    amount_usd: Decimal | None = None  # ``amount`` before conversion; set on every invoice returned (in_currency)
+
+
+def in_currency(lines: list[InvoiceLine], fx: FxRate | None) -> list[InvoiceLine]:
+    """Lines billed in USD (``bill_line``) converted with ``fx`` (None: a USD invoice), every amount
+    exactly; the USD amounts stay alongside in ``amount_usd``."""
+
+    def convert(amount: Decimal) -> Decimal:
+        return amount if fx is None else fx.convert(amount)
+
+    return [
+        replace(
+            line,
+            amount=convert(line.amount),
+            amount_usd=line.amount,
+            items=[replace(i, amount=convert(i.amount), amount_usd=i.amount) for i in line.items],
+        )
+        for line in lines
+    ]
+
+
+def billing_rate(conn: psycopg.Connection, tenant_id: str, currency: str, period: str) -> FxRate | None:
+    """The USD → ``currency`` rate of the month's invoice (None for USD); InvoiceError, with the
+    command that fixes it, when no rate is in effect: a missing rate is never taken as 1."""
+    if currency == USAGE_CURRENCY:
+        return None
+    fx = rate_for_month(conn, currency, period)
+    if fx is None:
+        raise InvoiceError(
+            f"{tenant_id} is billed in {currency} and no {USAGE_CURRENCY} to {currency} rate is effective on or"
+            f" before {period}-01; enter one: tokenmeter fx set --from {USAGE_CURRENCY} --to {currency}"
+            f" --rate RATE --effective {period}-01 --source SOURCE"
+        )
+    return fx
 
 
 def bill_line(
@@ -192,10 +244,33 @@ class Invoice:
     time_zone: str
     status: str  # open | finalized
     finalized_at: datetime | None = None
+    fx: FxRate | None = None  # the USD → currency rate the amounts were converted with; None for USD
+    credits: list[CreditApplied] = field(default_factory=list)  # prepaid credits drawn by the month (USD)
 
     @property
     def total(self) -> Decimal:
-        return sum((line.amount for line in self.lines + self.adjustments), Decimal(0))
+        """In the invoice's currency, exact."""
+        return exact_sum(line.amount for line in self.lines + self.adjustments)
+
+    @property
+    def total_usd(self) -> Decimal:
+        lines = self.lines + self.adjustments
+        return exact_sum(line.amount if line.amount_usd is None else line.amount_usd for line in lines)
+
+    @property
+    def credits_applied(self) -> Decimal:
+        """Prepaid credits drawn by this month's usage (``sinks/credits.py``), in the invoice's currency."""
+        return self.to_currency(sum((c.applied for c in self.credits), Decimal(0)))
+
+    @property
+    def amount_due(self) -> Decimal:
+        """The total less the credits applied, never below zero (credits are drawn by metered spend, which a
+        custom rate card may bill for less)."""
+        return max(self.total - self.credits_applied, Decimal(0))
+
+    def to_currency(self, amount_usd: Decimal) -> Decimal:
+        """A USD amount in this invoice's currency, at its rate, exactly."""
+        return amount_usd if self.fx is None else self.fx.convert(amount_usd)
 
     @property
     def calls(self) -> int:
@@ -221,11 +296,13 @@ class Invoice:
                 "cache_write_tokens": line.cache_write_tokens,
                 "cost": str(line.cost),
                 "amount": str(line.amount),
+                "amount_usd": str(line.amount if line.amount_usd is None else line.amount_usd),
                 "items": [
                     {
                         "kind": i.kind,
                         "quantity": i.quantity,
                         "amount": str(i.amount),
+                        "amount_usd": str(i.amount if i.amount_usd is None else i.amount_usd),
                         "unit_price_mtok": None if i.unit_price_mtok is None else str(i.unit_price_mtok),
                     }
                     for i in line.items
@@ -242,9 +319,19 @@ class Invoice:
             "lines": [line_json(x) for x in self.lines],
             "adjustments": [line_json(x) for x in self.adjustments],
             "total": str(self.total),
+            # Currencies (schemas/currencies.py): the one rounding, of the total to the currency's minor units.
+            "total_rounded": str(round_to_minor_units(self.total, self.currency)),
+            "total_usd": str(self.total_usd),
+            "fx": None if self.fx is None else self.fx.as_json(),
             "calls": self.calls,
             "unpriced_calls": self.unpriced_calls,
             "rate_card": self.rate_card.as_json(),
+            "credits": [
+                {**c.as_json(), "applied": str(self.to_currency(c.applied)), "applied_usd": str(c.applied)}
+                for c in self.credits
+            ],
+            "credits_applied": str(self.credits_applied),
+            "amount_due": str(self.amount_due),
         }
 
 
@@ -287,12 +374,15 @@ def _check_period(period: str) -> None:
 
 def _frozen(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice | None:
     row = conn.execute(
-        "SELECT rate_card, time_zone, finalized_at FROM tokenmeter.invoices WHERE tenant_id = %s AND period = %s",
+        "SELECT rate_card, time_zone, finalized_at, currency, fx_rate, fx_effective, fx_source, fx_entered_at, fx_id"
+        " FROM tokenmeter.invoices WHERE tenant_id = %s AND period = %s",
         (tenant_id, period),
     ).fetchone()
     if row is None:
         return None
     card = RateCard.from_json(tenant_id, row[0])
+    currency, rate = row[3], row[4]
+    fx = None if rate is None else FxRate(USAGE_CURRENCY, currency, rate, row[5], row[6], row[7], row[8] or 0)
     rows = conn.execute(
         f"SELECT usage_period, provider_model, {_USAGE_COLUMNS} FROM tokenmeter.invoice_usage"
         " WHERE tenant_id = %s AND period = %s",
@@ -301,7 +391,9 @@ def _frozen(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice | 
     lines = [_line(card, Usage(*r[1:]), r[0]) for r in rows]
     own = _ordered([x for x in lines if x.usage_period == period])
     adjustments = _ordered([x for x in lines if x.usage_period != period])
-    return Invoice(tenant_id, period, "USD", own, adjustments, card, row[1], "finalized", row[2])
+    own, adjustments = in_currency(own, fx), in_currency(adjustments, fx)
+    credits = frozen_credits(conn, tenant_id, period)
+    return Invoice(tenant_id, period, currency, own, adjustments, card, row[1], "finalized", row[2], fx, credits)
 
 
 def invoice(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice:
@@ -325,7 +417,20 @@ def invoice(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice:
             late = usage.minus(billed.get(model, Usage(model)))
             if not late.empty:
                 adjustments.append(_line(card, late, finalized))
-    return Invoice(tenant_id, period, "USD", _ordered(lines), _ordered(adjustments), card, zone, "open")
+    fx = billing_rate(conn, tenant_id, card.currency, period)
+    lines, adjustments = in_currency(_ordered(lines), fx), in_currency(_ordered(adjustments), fx)
+    credits = month_credits(conn, tenant_id, period, zone)
+    return Invoice(tenant_id, period, card.currency, lines, adjustments, card, zone, "open", fx=fx, credits=credits)
+
+
+_FROZEN_RATE_COLUMNS = "currency, fx_rate, fx_effective, fx_source, fx_entered_at, fx_id"
+
+
+def _frozen_rate(currency: str, fx: FxRate | None) -> tuple[Any, ...]:
+    """A finalizing invoice's currency and rate, stored with it: later corrections never change it."""
+    if fx is None:
+        return (currency, None, None, None, None, None)
+    return (currency, fx.rate, fx.effective, fx.source, fx.entered_at, fx.id)
 
 
 def finalize(conn: psycopg.Connection, tenant_id: str, period: str, now: datetime) -> Invoice:
@@ -344,11 +449,13 @@ def finalize(conn: psycopg.Connection, tenant_id: str, period: str, now: datetim
         )
         if now < ends:
             raise InvoiceError(f"{period} has not ended yet for {tenant_id} (it ends {ends.isoformat()})")
+        frozen_rate = _frozen_rate(draft.currency, draft.fx)
         conn.execute(
-            "INSERT INTO tokenmeter.invoices (tenant_id, period, time_zone, rate_card, total, finalized_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (tenant_id, period, draft.time_zone, json.dumps(draft.rate_card.as_json()), draft.total, now),
+            "INSERT INTO tokenmeter.invoices (tenant_id, period, time_zone, rate_card, total, finalized_at,"
+            f" {_FROZEN_RATE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (tenant_id, period, draft.time_zone, json.dumps(draft.rate_card.as_json()), draft.total, now, *frozen_rate),
         )
+        freeze_credits(conn, tenant_id, period, draft.credits)
         with conn.cursor() as cursor:
             cursor.executemany(
                 f"INSERT INTO tokenmeter.invoice_usage (tenant_id, period, usage_period, provider_model,"

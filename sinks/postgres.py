@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -56,11 +56,12 @@ _COLUMNS = (
     "processing",
     "cache_write_1h_tokens",
     "usage_details",
+    "api_key_id",
 )
 _COLUMN_LIST = ", ".join(_COLUMNS)
 
 GRANULARITIES = ("minute", "hour", "day", "week", "month")
-DIMENSIONS = ("tenant", "feature", "model", "user", "environment")
+DIMENSIONS = ("tenant", "feature", "model", "user", "environment", "team", "api_key")  # and tag:<name>, see below
 # Rollups are advanced in two steps, so Postgres aggregates each event 5 times, not 23:
 # 1. per (tenant, UTC minute, dimension, value), the events' sums (``_MINUTE_SUMS``): in a batch most
 #    events share their minute and values, so this is far fewer rows than events;
@@ -70,7 +71,11 @@ DIMENSIONS = ("tenant", "feature", "model", "user", "environment")
 #    exactly one local hour, day, week and month.
 # Dimension values: '' for the tenant itself and for events without that attribute. No minute windows
 # per user or environment: nothing reads them, and they were the most rows of all (one per user and
-# minute; state must stay bounded under many users).
+# minute; state must stay bounded under many users). Teams and API keys (budget hierarchies) have rows only
+# for events that carry one, and like tags only day, week and month windows (budgets and reports read those).
+# A tag has rows (dimension 'tag:<name>', value the tag's) only for the (tenant, tag name) pairs a caller
+# passes, the ones some budget names, so tags never multiply the rollups by what events carry (DESIGN.md
+# §4.5); without any, the query is as before.
 _MINUTE_SUMS = """
 SELECT {src}.tenant_id, date_trunc('minute', {src}.ts, 'UTC') AS minute, d.dimension, d.value,
        count(*) AS calls, count(*) FILTER (WHERE {src}.price_status = 'unpriced') AS unpriced_calls,
@@ -83,10 +88,33 @@ CROSS JOIN LATERAL (VALUES
     ('feature', coalesce({src}.feature, '')),
     ('model', {src}.provider || '/' || {src}.model),
     ('user', coalesce({src}.user_id, '')),
-    ('environment', coalesce({src}.environment, ''))
+    ('environment', coalesce({src}.environment, '')),
+    ('team', {src}.team_id),
+    ('api_key', {src}.api_key_id){tags}
 ) AS d(dimension, value)
+WHERE d.value IS NOT NULL
 GROUP BY 1, 2, 3, 4
 """
+# The budgeted tag names arrive as one JSON object, tenant -> [tag names]: a row looks up its own tenant's
+# names (a key lookup) instead of scanning every budgeted pair.
+_TAG_VALUES = """
+    UNION ALL SELECT 'tag:' || t.name, {src}.tags ->> t.name
+    FROM jsonb_array_elements_text(%(tag_names)s::jsonb -> {src}.tenant_id) AS t(name)
+    WHERE {src}.tags ? t.name"""
+
+
+def _minute_sums(src: str, source: str, tagged: bool = False) -> str:
+    """Step 1 over ``source`` (aliased ``src``); ``tagged``: with the tags named by the query's parameters."""
+    return _MINUTE_SUMS.format(src=src, source=source, tags=_TAG_VALUES.format(src=src) if tagged else "")
+
+
+def _tag_parameters(tag_dimensions: Collection[tuple[str, str]]) -> dict[str, str]:
+    names: dict[str, list[str]] = {}
+    for tenant_id, name in tag_dimensions:
+        names.setdefault(tenant_id, []).append(name)
+    return {"tag_names": json.dumps(names)}
+
+
 _ROLLUP_UPSERT = """
 INSERT INTO tokenmeter.rollups AS r
 SELECT m.tenant_id, g.granularity, date_trunc(g.granularity, m.minute, coalesce(zone.time_zone, 'UTC')),
@@ -95,7 +123,8 @@ SELECT m.tenant_id, g.granularity, date_trunc(g.granularity, m.minute, coalesce(
 FROM {minutes} AS m
 LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = m.tenant_id
 CROSS JOIN (VALUES ('minute'), ('hour'), ('day'), ('week'), ('month')) AS g(granularity)
-WHERE g.granularity <> 'minute' OR m.dimension NOT IN ('user', 'environment')
+WHERE g.granularity IN ('day', 'week', 'month') OR m.dimension IN ('tenant', 'feature', 'model')
+   OR (g.granularity = 'hour' AND m.dimension IN ('user', 'environment'))
 GROUP BY 1, 2, 3, 4, 5
 ORDER BY 1, 2, 3, 4, 5
 ON CONFLICT (tenant_id, granularity, window_start, dimension, dimension_value) DO UPDATE SET
@@ -116,9 +145,9 @@ _ROLLUP_COLUMNS = (
 )
 
 
-def _rollup_upsert(src: str, source: str) -> str:
+def _rollup_upsert(src: str, source: str, tagged: bool = False) -> str:
     """Advance the rollups by the rows of ``source`` (aliased ``src``); the caller passes them exactly once."""
-    minutes = f"({_MINUTE_SUMS.format(src=src, source=source)})"
+    minutes = f"({_minute_sums(src, source, tagged)})"
     return _ROLLUP_UPSERT.format(minutes=minutes)
 
 
@@ -135,7 +164,9 @@ class BatchResult:
 # are the de-duplication of record (``ledger_ids``); the staging table holds each id once (``write_batch``),
 # so the rows whose id was new are exactly one each. IN, not a join: Postgres hashes the new ids (a join
 # sorted both sides, 30 % slower).
-_INSERT_NEW_ROWS = f"""
+def _insert_new_rows(tagged: bool) -> str:
+    tags = " tags," if tagged else ""  # events' tags are copied out only when some are rolled up
+    return f"""
 WITH fresh AS (
     INSERT INTO tokenmeter.ledger_ids (event_id, ts)
     SELECT event_id, ts FROM ledger_staging
@@ -144,11 +175,16 @@ WITH fresh AS (
 ), new AS (
     INSERT INTO tokenmeter.ledger ({_COLUMN_LIST})
     SELECT {_COLUMN_LIST} FROM ledger_staging WHERE event_id IN (SELECT event_id FROM fresh)
-    RETURNING tenant_id, ts, provider, model, feature, user_id, environment, price_status, input_tokens,
-              output_tokens, cache_read_tokens, cache_write_tokens, input_cost, output_cost, total_cost
+    RETURNING tenant_id, ts, provider, model, feature, user_id, environment, team_id, api_key_id,{tags}
+              price_status, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, input_cost,
+              output_cost, total_cost
 )
-INSERT INTO new_minutes {_MINUTE_SUMS.format(src="new", source="new")}
+INSERT INTO new_minutes {_minute_sums("new", "new", tagged)}
 """
+
+
+# Without tag dimensions and with them (the second takes the tag parameters).
+_INSERT_NEW_ROWS_BY_TAGGED = {tagged: _insert_new_rows(tagged) for tagged in (False, True)}
 # The absolute totals of the windows just advanced, returned by the upsert itself.
 _ADVANCE_ROLLUPS = f"""
 WITH advanced AS ({_ROLLUP_UPSERT.format(minutes="new_minutes")} RETURNING r.*)
@@ -156,22 +192,28 @@ SELECT {_ROLLUP_COLUMNS} FROM advanced AS r LEFT JOIN tokenmeter.tenants AS zone
 """
 _NEW_PER_TENANT = "SELECT tenant_id, sum(calls), sum(cost) FROM new_minutes WHERE dimension = 'tenant' GROUP BY 1"
 
+
 # When some of the batch was already in the ledger (a replay), every window the batch belongs to is read
 # back, duplicates' windows included: that repairs a mirror left stale by a worker killed between its
 # Postgres commit and its own Redis write.
-_TOUCHED_ROLLUPS = f"""
-WITH minutes AS ({_MINUTE_SUMS.format(src="staging", source="ledger_staging AS staging")})
+def _touched_rollups(tagged: bool) -> str:
+    return f"""
+WITH minutes AS ({_minute_sums("staging", "ledger_staging AS staging", tagged)})
 SELECT {_ROLLUP_COLUMNS} FROM tokenmeter.rollups AS r
 JOIN (SELECT DISTINCT m.tenant_id, g.granularity,
              date_trunc(g.granularity, m.minute, coalesce(zone.time_zone, 'UTC')) AS window_start, m.dimension, m.value
       FROM minutes AS m
       LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = m.tenant_id
       CROSS JOIN (VALUES ('minute'), ('hour'), ('day'), ('week'), ('month')) AS g(granularity)
-      WHERE g.granularity <> 'minute' OR m.dimension NOT IN ('user', 'environment')) AS k
+      WHERE g.granularity IN ('day', 'week', 'month') OR m.dimension IN ('tenant', 'feature', 'model')
+         OR (g.granularity = 'hour' AND m.dimension IN ('user', 'environment'))) AS k
   ON (r.tenant_id, r.granularity, r.window_start, r.dimension, r.dimension_value)
    = (k.tenant_id, k.granularity, k.window_start, k.dimension, k.value)
 LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = r.tenant_id
 """
+
+
+_TOUCHED_ROLLUPS_BY_TAGGED = {tagged: _touched_rollups(tagged) for tagged in (False, True)}
 
 
 def _row(item: PricedEvent) -> tuple[object, ...]:
@@ -207,6 +249,7 @@ def _row(item: PricedEvent) -> tuple[object, ...]:
         e.processing,
         e.cache_write_1h_tokens,
         json.dumps(e.usage_details) if e.usage_details else None,
+        e.api_key_id,
     )
 
 
@@ -238,21 +281,26 @@ def ensure_partitions(conn: psycopg.Connection, months: Iterable[date]) -> None:
         known.update(missing)
 
 
-def write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> BatchResult:
-    """Write a batch in one transaction; return the new-row count and the touched rollups' totals."""
+def write_batch(
+    conn: psycopg.Connection, batch: Sequence[PricedEvent], tag_dimensions: Collection[tuple[str, str]] = ()
+) -> BatchResult:
+    """Write a batch in one transaction; return the new-row count and the touched rollups' totals.
+    ``tag_dimensions``: the (tenant, tag name) pairs that get tag rollups (the ones budgets name)."""
     if not batch:
         return BatchResult(0, [])
     try:
-        return _write_batch(conn, batch)
+        return _write_batch(conn, batch, tag_dimensions)
     except psycopg.errors.CheckViolation:
         # "No partition of relation ledger found for row": a month this process knew was detached since.
         # Forget what it knew and write once more (the months are looked up again); a row failing a real
         # CHECK fails again and is reported as before.
         _known_months.pop(_database(conn), None)
-        return _write_batch(conn, batch)
+        return _write_batch(conn, batch, tag_dimensions)
 
 
-def _write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> BatchResult:
+def _write_batch(
+    conn: psycopg.Connection, batch: Sequence[PricedEvent], tag_dimensions: Collection[tuple[str, str]]
+) -> BatchResult:
     # Each id once, the first one winning (as the pipeline's Deduplicator does): the ledger insert takes
     # the staging rows whose id ledger_ids accepted, so a second row of an id would be a second count.
     unique: dict[str, PricedEvent] = {}
@@ -282,12 +330,14 @@ def _write_batch(conn: psycopg.Connection, batch: Sequence[PricedEvent]) -> Batc
         with conn.cursor().copy(f"COPY ledger_staging ({_COLUMN_LIST}) FROM STDIN") as copy:
             for item in unique.values():
                 copy.write_row(_row(item))
-        conn.execute(_INSERT_NEW_ROWS)
+        tagged = bool(tag_dimensions)
+        tags = _tag_parameters(tag_dimensions) if tagged else None
+        conn.execute(_INSERT_NEW_ROWS_BY_TAGGED[tagged], tags)
         rollups = [Rollup(*row) for row in conn.execute(_ADVANCE_ROLLUPS)]
         new = conn.execute(_NEW_PER_TENANT).fetchall()
         inserted = sum(int(calls) for _, calls, _ in new)
         if inserted < len(batch):
-            rollups = [Rollup(*row) for row in conn.execute(_TOUCHED_ROLLUPS)]
+            rollups = [Rollup(*row) for row in conn.execute(_TOUCHED_ROLLUPS_BY_TAGGED[tagged], tags)]
     return BatchResult(inserted, rollups, {tenant: cost for tenant, _, cost in new})
 
 
@@ -311,9 +361,10 @@ def set_time_zone(conn: psycopg.Connection, tenant_id: str, time_zone: str) -> l
             " DO UPDATE SET time_zone = excluded.time_zone, updated_at = now()",
             (tenant_id, time_zone),
         )
+        tag_dimensions = _tenant_tag_dimensions(conn, tenant_id)  # the tags budgeted so far keep their rollups
         conn.execute("DELETE FROM tokenmeter.rollups WHERE tenant_id = %s", (tenant_id,))
         source = "(SELECT * FROM tokenmeter.ledger WHERE tenant_id = %(tenant)s) AS ledger"
-        conn.execute(_rollup_upsert("ledger", source), {"tenant": tenant_id})
+        conn.execute(_rollup_upsert("ledger", source, True), {"tenant": tenant_id, **_tag_parameters(tag_dimensions)})
         rows = conn.execute(
             f"SELECT {_ROLLUP_COLUMNS} FROM tokenmeter.rollups AS r"
             " LEFT JOIN tokenmeter.tenants AS zone ON zone.tenant_id = r.tenant_id"
@@ -322,6 +373,34 @@ def set_time_zone(conn: psycopg.Connection, tenant_id: str, time_zone: str) -> l
             (tenant_id,),
         ).fetchall()
     return [Rollup(*row) for row in rows]
+
+
+def _tenant_tag_dimensions(conn: psycopg.Connection, tenant_id: str) -> list[tuple[str, str]]:
+    rows = conn.execute(
+        "SELECT DISTINCT substr(dimension, 5) FROM tokenmeter.rollups"
+        " WHERE tenant_id = %s AND granularity = 'month' AND dimension LIKE 'tag:%%'",
+        (tenant_id,),
+    ).fetchall()
+    return [(tenant_id, name) for (name,) in rows]
+
+
+def rebuild_tag_rollups(conn: psycopg.Connection, tenant_id: str, tag_name: str) -> None:
+    """Rebuild a tenant's rollups of one tag from the ledger (attached months), in one transaction: a tag
+    has rollups only while a budget names it (``write_batch``), so when one starts to, its spend so far is
+    counted here. The locks wait for batches in flight and hold new ones until the rebuild commits, so
+    every ledger row is counted once: by the rebuild or by a later batch."""
+    dimension = f"tag:{tag_name}"
+    with conn.transaction():
+        conn.execute("LOCK TABLE tokenmeter.ledger, tokenmeter.rollups IN SHARE ROW EXCLUSIVE MODE")
+        conn.execute("DELETE FROM tokenmeter.rollups WHERE tenant_id = %s AND dimension = %s", (tenant_id, dimension))
+        # Every dimension of the tagged rows is summed, then all but the tag's dropped: one definition of
+        # a rollup (``_MINUTE_SUMS``), paid for only when a tag budget appears.
+        source = "(SELECT * FROM tokenmeter.ledger WHERE tenant_id = %(tenant)s AND tags ? %(name)s) AS ledger"
+        minutes = f"(SELECT * FROM ({_minute_sums('ledger', source, True)}) AS s WHERE s.dimension = %(dimension)s)"
+        conn.execute(
+            _ROLLUP_UPSERT.format(minutes=minutes),
+            {"tenant": tenant_id, "name": tag_name, "dimension": dimension, **_tag_parameters([(tenant_id, tag_name)])},
+        )
 
 
 def scope_rollups(conn: psycopg.Connection, tenant_id: str, dimension: str, value: str) -> list[Rollup]:

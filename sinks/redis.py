@@ -19,10 +19,10 @@ from schemas.periods import PERIODS, period_end
 from schemas.records import Rollup
 from schemas.redis_keys import (
     FRESHNESS_TTL_MS,
-    SCOPE_DIMENSIONS,
     format_freshness,
     format_spend,
     freshness_heartbeat_ms,
+    is_scope_dimension,
     spend_key,
 )
 
@@ -34,7 +34,7 @@ def spend_writes(rollups: Iterable[Rollup], now: datetime) -> dict[str, tuple[st
     (late events of an ended period, or events stamped in the future, would hide the current one)."""
     writes: dict[str, tuple[str, int]] = {}
     for r in rollups:
-        if r.granularity not in PERIODS or r.dimension not in SCOPE_DIMENSIONS or r.window_start > now:
+        if r.granularity not in PERIODS or not is_scope_dimension(r.dimension) or r.window_start > now:
             continue
         end = period_end(r.granularity, r.window_start, r.time_zone)
         if end <= now:
@@ -74,7 +74,7 @@ _CHUNK = 5000
 
 def forget_keys(scopes: Iterable[tuple[str, str, str]]) -> list[str]:
     """The spend keys of (tenant, dimension, value) scopes that lost their live state (``streams/live.py``)."""
-    return [spend_key(t, d, v, p) for t, d, v in scopes if d in SCOPE_DIMENSIONS for p in PERIODS]
+    return [spend_key(t, d, v, p) for t, d, v in scopes if is_scope_dimension(d) for p in PERIODS]
 
 
 def write_spend(

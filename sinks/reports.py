@@ -4,11 +4,13 @@
 2. ``by_provider`` and ``by_model``;
 3. ``by_feature`` and ``by_environment``;
 4. ``by_user``, ``avg_cost_per_call``, ``top_requests`` and ``top_conversations``; ``latency_by_model``;
-and spend by price context: ``by_service_tier`` and ``by_processing`` (batch or not).
+and spend by price context: ``by_service_tier`` and ``by_processing`` (batch or not); and by the levels of a
+budget hierarchy: ``by_team`` and ``by_api_key`` (calls without a team or key are not listed there).
 
-Breakdowns and trends read the day rollups (a few rows per tenant and day, however many calls);
-only the top requests, conversations and latencies read the ledger, through its (tenant, ts) and ts
-indexes. Money stays Decimal and is emitted as decimal strings.
+Breakdowns and trends read the day rollups (a few rows per tenant and day, however many calls). The
+top requests, conversations, latencies and price contexts of whole UTC months read the month summaries
+(``sinks/summaries.py``), exactly; of other periods, the ledger, through its (tenant, ts) and ts indexes.
+Money stays Decimal and is emitted as decimal strings.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import psycopg
 
 from schemas.periods import local_date, local_midnight, period_end, period_start
 from schemas.records import money
+from sinks import summaries
 
 BREAKDOWNS = {"by_model": "model", "by_feature": "feature", "by_environment": "environment", "by_user": "user"}
+# Budget hierarchies: spend per team and per API key id (only calls that carry one have rows there).
+BREAKDOWNS |= {"by_team": "team", "by_api_key": "api_key"}
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,7 @@ def build_report(
     }
     where, params = _tenant_filter(tenant_id)
     window = {"start": period.start, "end": period.end, "top": top, **params}
+    months = summaries.source(conn, period.start, period.end, top)
     report["top_requests"] = [
         {
             "event_id": r[0],
@@ -184,12 +190,7 @@ def build_report(
             "output_tokens": r[9],
             "cost": _money(r[10]),
         }
-        for r in conn.execute(
-            "SELECT event_id, tenant_id, ts, provider, model, feature, user_id, trace_id, input_tokens, output_tokens,"
-            f" total_cost FROM tokenmeter.ledger WHERE ts >= %(start)s AND ts < %(end)s {where}"
-            " ORDER BY total_cost DESC, event_id LIMIT %(top)s",
-            window,
-        )
+        for r in _section(conn, "top_requests", where, window, months)
     ]
     report["top_conversations"] = [
         {
@@ -200,40 +201,51 @@ def build_report(
             "first": r[4].isoformat(),
             "last": r[5].isoformat(),
         }
-        for r in conn.execute(
-            "SELECT tenant_id, coalesce(session_id, trace_id), count(*), sum(total_cost), min(ts), max(ts)"
-            f" FROM tokenmeter.ledger WHERE ts >= %(start)s AND ts < %(end)s {where}"
-            " AND coalesce(session_id, trace_id) IS NOT NULL GROUP BY 1, 2"
-            " ORDER BY sum(total_cost) DESC, 2 LIMIT %(top)s",
-            window,
-        )
+        for r in _section(conn, "top_conversations", where, window, months)
     ]
     report["latency_by_model"] = [
         {"model": f"{r[0]}/{r[1]}", "calls": int(r[2]), "p50_ms": int(r[3]), "p95_ms": int(r[4])}
-        for r in conn.execute(
-            "SELECT provider, model, count(*), percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms),"
-            " percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) FROM tokenmeter.ledger"
-            f" WHERE ts >= %(start)s AND ts < %(end)s AND latency_ms IS NOT NULL {where}"
-            " GROUP BY 1, 2 ORDER BY 3 DESC",
-            window,
-        )
+        for r in _section(conn, "latency_by_model", where, window, months)
     ]
-    report.update(_price_context_breakdowns(conn, where, window, total))
+    report.update(_price_context_breakdowns(_section(conn, "price_context", where, window, months), total))
     return report
 
 
-def _price_context_breakdowns(
-    conn: psycopg.Connection, where: str, window: dict[str, Any], total: Decimal
-) -> dict[str, list[dict[str, Any]]]:
-    """``by_service_tier`` and ``by_processing``, from the ledger in one scan of the period (the rollups have
-    no tier dimension). Calls without a tier, or not batch, are ``(none)``."""
+# The sections the rollups cannot answer, from the ledger (rows in the shape of ``sinks.summaries``' functions,
+# which answer them for whole UTC months). Spend per tier and processing: one scan of the period for both.
+_PERIOD = "FROM tokenmeter.ledger WHERE ts >= %(start)s AND ts < %(end)s {where}"
+_LEDGER_SECTIONS = {
+    "top_requests": "SELECT event_id, tenant_id, ts, provider, model, feature, user_id, trace_id, input_tokens,"
+    f" output_tokens, total_cost {_PERIOD} ORDER BY total_cost DESC, event_id LIMIT %(top)s",
+    "top_conversations": "SELECT tenant_id, coalesce(session_id, trace_id), count(*), sum(total_cost), min(ts),"
+    f" max(ts) {_PERIOD} AND coalesce(session_id, trace_id) IS NOT NULL GROUP BY 1, 2"
+    " ORDER BY sum(total_cost) DESC, 2 LIMIT %(top)s",
+    "latency_by_model": "SELECT provider, model, count(*), percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms),"
+    f" percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) {_PERIOD} AND latency_ms IS NOT NULL"
+    " GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+    "price_context": "SELECT GROUPING(service_tier), coalesce(service_tier, processing), sum(total_cost), count(*)"
+    f" {_PERIOD} GROUP BY GROUPING SETS ((service_tier), (processing)) ORDER BY 3 DESC, 2",
+}
+_SUMMARY_SECTIONS = {
+    "top_requests": summaries.top_requests,
+    "top_conversations": summaries.top_conversations,
+    "latency_by_model": summaries.latency_by_model,
+    "price_context": summaries.price_context,
+}
+
+
+def _section(
+    conn: psycopg.Connection, name: str, where: str, window: dict[str, Any], source: summaries.Source | None
+) -> list[tuple[Any, ...]]:
+    if source is not None:
+        return _SUMMARY_SECTIONS[name](conn, where, window, source)
+    return conn.execute(_LEDGER_SECTIONS[name].format(where=where), window).fetchall()
+
+
+def _price_context_breakdowns(rows: list[tuple[Any, ...]], total: Decimal) -> dict[str, list[dict[str, Any]]]:
+    """``by_service_tier`` and ``by_processing`` from (grouped by processing?, name, cost, calls) rows.
+    Calls without a tier, or not batch, are ``(none)``."""
     found: dict[str, list[dict[str, Any]]] = {"by_service_tier": [], "by_processing": []}
-    rows = conn.execute(
-        "SELECT GROUPING(service_tier), coalesce(service_tier, processing), sum(total_cost), count(*)"
-        f" FROM tokenmeter.ledger WHERE ts >= %(start)s AND ts < %(end)s {where}"
-        " GROUP BY GROUPING SETS ((service_tier), (processing)) ORDER BY 3 DESC, 2",
-        window,
-    ).fetchall()
     for by_processing, name, cost, calls in rows:
         found["by_processing" if by_processing else "by_service_tier"].append(
             {
@@ -319,6 +331,8 @@ CSV_SECTIONS = (
     "by_user",
     "by_service_tier",
     "by_processing",
+    "by_team",
+    "by_api_key",
 )
 
 

@@ -49,11 +49,13 @@ from schemas.records import Alert, Rollup, money
 from schemas.redis_keys import budget_key, rate_limit_key, stale_calls_field, stale_calls_key
 from sinks.alerts import store_alerts, top_contributors
 from sinks.retry import with_backoff
+from sinks.summaries import summarize_pending
 from sinks.webhooks import deliver_pending
 from streams import metrics
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
 from streams.budgets import Budget, budget_alerts, overrun_alerts, parse_config_record
 from streams.config_topic import ConfigFollower
+from streams.credits import CreditFollower
 from streams.health import Health
 from streams.lag import measure_lag
 from streams.meter import SESSION_TIMEOUT_S, optional, run_stage_one
@@ -196,6 +198,27 @@ class AlertSink:
                 deliver_pending(conn, self.settings.webhook_urls)
         except psycopg.OperationalError as exc:
             log.warning("cannot deliver alerts now: %s", exc)
+
+
+class ReportSummarizer:
+    """Folds the ledger's newly written batches into the report summaries (``sinks/summaries.py``). It bills
+    nothing, so it runs beside billing, never in its way: a failure is logged and the next run tries again;
+    reports stay exact meanwhile (they read the rows of batches not yet summarized from the ledger)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._conn: psycopg.Connection | None = None
+
+    def run(self) -> int:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.settings.database_url, autocommit=True, connect_timeout=5)
+        try:
+            done = summarize_pending(self._conn)
+        except psycopg.Error:
+            self._conn.close()
+            raise
+        metrics.REPORT_BATCHES_SUMMARIZED.inc(done)
+        return done
 
 
 def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFollower:
@@ -412,6 +435,12 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         if settings.webhook_urls:
             await asyncio.to_thread(optional, "webhooks", alert_sink.deliver, None)
 
+    summarizer = ReportSummarizer(settings)
+
+    @app.timer(interval=2.0)
+    async def summarize_reports() -> None:
+        await asyncio.to_thread(optional, "report summaries", summarizer.run, 0)
+
     @app.timer(interval=60.0)
     async def expire_windows() -> None:
         """Delete ended windows of the partitions this worker owns (a copy of another worker's partition,
@@ -501,6 +530,16 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
                     log.exception("stage 2 skipped a batch of %d rollup messages", len(batch))
                     metrics.OPTIONAL_FAILURES.labels(stage="windows").inc()
             windows_status.progressed(windows_status.behind)
+
+    credit_follower = CreditFollower(settings)
+
+    @app.timer(interval=1.0)
+    async def follow_credits() -> None:
+        """Prepaid balances to Redis and their alerts (``streams/credits.py``); alerts go the usual way."""
+        reached = await asyncio.to_thread(optional, "credits", lambda: credit_follower.tick(datetime.now(UTC)), [])
+        fresh = [alert for alert in reached if alert.alert_id not in alerted]
+        if fresh:
+            await send_alerts(fresh)
 
     return app
 

@@ -1,6 +1,7 @@
 """Budgets: configuration on the compacted ``config.budgets`` topic, and the pure threshold rule.
 
-A budget limits one scope — a tenant, or a tenant's feature, user or environment — over a calendar
+A budget limits one scope — a tenant, or a tenant's feature, user, environment, team, API key (its id),
+model (``provider/model``) or tag value (dimension ``tag:<name>``) — over a calendar
 period (day, ISO week or month in the tenant's time zone) and fires alerts at thresholds (default 50/80/100 %). A hard
 budget also blocks: once the scope's spend reaches the limit, ``QuotaClient.check`` answers not
 allowed (it compares the spend and the limit it reads from Redis, so a new period or a raised limit
@@ -20,13 +21,16 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from schemas.events import MAX_ID_LEN, printable_problem
+from schemas.events import MAX_ID_LEN, MAX_LABEL_LEN, MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, printable_problem
 from schemas.periods import PERIODS, period_label
 from schemas.records import Alert, Rollup, scope_label
-from schemas.redis_keys import SCOPE_DIMENSIONS
+from schemas.redis_keys import SCOPE_DIMENSIONS, TAG_DIMENSION_PREFIX, is_scope_dimension
 from streams.config_topic import config_amount, config_text
 
 SCOPES = SCOPE_DIMENSIONS
+MAX_MODEL_SCOPE_LEN = 2 * MAX_LABEL_LEN + 1  # "<provider>/<model>"
+# The longest scope value of any dimension (a tag's value): what a config record's value may hold.
+MAX_SCOPE_VALUE_LEN = max(MAX_ID_LEN, MAX_TAG_VALUE_LEN, MAX_MODEL_SCOPE_LEN)
 DEFAULT_THRESHOLDS = (50, 80, 100)
 # What a hard budget does while the spend data behind it is stale (the pipeline is behind, e.g. during
 # a Postgres outage; ``QuotaClient`` sees the age): ``allow`` decides on the data it has (calls made
@@ -44,13 +48,18 @@ MAX_RATE_LIMIT = 10**12
 def _check_scope(tenant_id: object, dimension: object, value: object) -> None:
     if not isinstance(tenant_id, str) or not 0 < len(tenant_id) <= MAX_ID_LEN:
         raise ValueError(f"the tenant must be 1-{MAX_ID_LEN} characters")
-    if dimension not in SCOPES:
-        raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
-    if not isinstance(value, str) or len(value) > MAX_ID_LEN:
-        raise ValueError(f"the scope value must be at most {MAX_ID_LEN} characters")
+    if not isinstance(dimension, str) or not is_scope_dimension(dimension):
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)} or {TAG_DIMENSION_PREFIX}<tag name>")
+    # A tag scope follows the event's tag rules (a value an event can carry), the others the id rules.
+    tag = dimension.startswith(TAG_DIMENSION_PREFIX)
+    if tag and len(dimension) - len(TAG_DIMENSION_PREFIX) > MAX_TAG_KEY_LEN:
+        raise ValueError(f"a tag name must be 1-{MAX_TAG_KEY_LEN} characters")
+    max_value = MAX_TAG_VALUE_LEN if tag else MAX_MODEL_SCOPE_LEN if dimension == "model" else MAX_ID_LEN
+    if not isinstance(value, str) or len(value) > max_value:
+        raise ValueError(f"the scope value must be at most {max_value} characters")
     if (dimension == "tenant") != (value == ""):
         raise ValueError("a tenant budget has no scope value; the others need one")
-    for name, text in (("tenant", tenant_id), (str(dimension), value)):
+    for name, text in (("tenant", tenant_id), ("scope", dimension), (dimension, value)):
         problem = printable_problem(text)
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
@@ -59,7 +68,7 @@ def _check_scope(tenant_id: object, dimension: object, value: object) -> None:
 @dataclass(frozen=True)
 class Budget:
     tenant_id: str
-    dimension: str  # tenant | feature | user | environment
+    dimension: str  # one of SCOPES (tenant, feature, user, environment, team, api_key, model) or tag:<name>
     value: str  # '' for the tenant itself
     period: str  # day | week | month
     limit: Decimal
@@ -141,7 +150,7 @@ def parse_budget(value: bytes) -> Budget:
     return Budget(
         tenant_id=config_text(data, "tenant_id", max_len=MAX_ID_LEN),
         dimension=config_text(data, "dimension"),
-        value=config_text(data, "value", max_len=MAX_ID_LEN, allow_empty=True),
+        value=config_text(data, "value", max_len=MAX_SCOPE_VALUE_LEN, allow_empty=True),
         period=config_text(data, "period"),
         limit=config_amount(data["limit"], "limit", positive=True, below=MAX_BUDGET),
         hard=data.get("hard", False),
@@ -161,7 +170,7 @@ def budget_alerts(budgets: dict[str, Budget], rollups: Iterable[Rollup], now: da
     (scope, limit, period window, threshold), so the caller can fire each one once."""
     alerts = []
     for r in rollups:
-        if r.granularity not in PERIODS or r.dimension not in SCOPES:
+        if r.granularity not in PERIODS or not is_scope_dimension(r.dimension):
             continue
         budget = budgets.get(budget_id(r.tenant_id, r.dimension, r.dimension_value))
         if budget is None or budget.period != r.granularity:
@@ -293,7 +302,7 @@ def parse_rate_limit(value: bytes) -> RateLimit:
     return RateLimit(
         tenant_id=config_text(data, "tenant_id", max_len=MAX_ID_LEN),
         dimension=config_text(data, "dimension"),
-        value=config_text(data, "value", max_len=MAX_ID_LEN, allow_empty=True),
+        value=config_text(data, "value", max_len=MAX_SCOPE_VALUE_LEN, allow_empty=True),
         calls_per_minute=data.get("calls_per_minute"),
         tokens_per_minute=data.get("tokens_per_minute"),
         calls_per_day=data.get("calls_per_day"),

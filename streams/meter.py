@@ -59,9 +59,9 @@ from producers.kafka_logging import logged
 from schemas import codec
 from schemas.events import UsageEvent
 from schemas.records import Alert, PricedEvent, Rollup, money
-from schemas.redis_keys import freshness_key
+from schemas.redis_keys import TAG_DIMENSION_PREFIX, freshness_key
 from sinks.alerts import store_alerts
-from sinks.postgres import BatchResult, scope_rollups, write_batch
+from sinks.postgres import BatchResult, rebuild_tag_rollups, scope_rollups, write_batch
 from sinks.redis import forget_keys, prune_freshness, write_freshness, write_spend
 from sinks.retry import with_backoff
 from streams import metrics
@@ -254,6 +254,8 @@ class Sinks:
         self.note = note
         self._pg: psycopg.Connection | None = None
         self.redis = redis_client(settings, socket_timeout=5.0)
+        # The (tenant, tag name) pairs that get tag rollups: Meter points this at its LiveScopes' snapshot.
+        self.tag_dimensions: Callable[[], frozenset[tuple[str, str]]] = frozenset
 
     def _postgres(self) -> psycopg.Connection:
         if self._pg is None or self._pg.closed:
@@ -283,7 +285,7 @@ class Sinks:
             return BatchResult(0, [])
         started = time.perf_counter()
         result = with_backoff(
-            lambda: write_batch(self._postgres(), priced),
+            lambda: write_batch(self._postgres(), priced, self.tag_dimensions()),
             (psycopg.Error,),
             "Postgres",
             on_failure=self._drop_postgres,
@@ -318,7 +320,10 @@ class Sinks:
             metrics.BATCH_FAILURES.labels(reason="redis_refused").inc()
 
     def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None:
-        """Write the open windows of these scopes from Postgres to Redis (one query and write each)."""
+        """Write the open windows of these scopes from Postgres to Redis (one query and write each). A tag
+        scope's rollups are first rebuilt from the ledger (they exist only while a budget names the tag)."""
+        for tenant_id, tag_dimension in {(t, d) for t, d, _ in scopes if d.startswith(TAG_DIMENSION_PREFIX)}:
+            rebuild_tag_rollups(self._postgres(), tenant_id, tag_dimension.removeprefix(TAG_DIMENSION_PREFIX))
         for tenant_id, dimension, value in scopes:
             rollups = scope_rollups(self._postgres(), tenant_id, dimension, value)
             write_spend(self.redis, rollups)
@@ -378,6 +383,7 @@ class MeterSinks(Protocol):
     """What stage 1 uses of ``Sinks``: the Postgres and Redis writes, each retried while down."""
 
     note: Callable[[str], None] | None
+    tag_dimensions: Callable[[], frozenset[tuple[str, str]]]
 
     def write(
         self,
@@ -446,6 +452,7 @@ class Meter:
         self.dedup = Deduplicator()
         self.conversations = ConversationRates()
         self.live = LiveScopes(settings.live_values_per_tenant)
+        self.sinks.tag_dimensions = lambda: self.live.named.tag_dimensions  # read on the sink thread: a snapshot
         self.status = status
         self._in_flight = 0  # messages of the batch in hand: behind too, until committed
         self.stats = MeterStats()
@@ -955,7 +962,10 @@ def scope_follower(
         if record.item is None:
             held.discard(record.kind)
         else:
-            if record.kind == "budget" and record.scope not in named:
+            # The scope's first budget, even if a rate limit named it already: a tag's rollups advanced only
+            # since it was named, so they are rebuilt from the ledger (``Sinks.refresh_spend``) before a
+            # budget counts them.
+            if record.kind == "budget" and "budget" not in held:
                 budgeted.append(record.scope)
             held.add(record.kind)
         (named.add if held else named.discard)(record.scope)
@@ -1015,6 +1025,12 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
     named = scope_follower(settings, meter.live.named, budgeted)
     optional("budget names", lambda: named.catch_up(1.0), 0)  # only bounds state: no need to wait long
     followed = time.monotonic()
+
+    def refresh_budgeted() -> bool:
+        meter.refresh_spend(budgeted)
+        return True
+
+    refresh_retry_at, refresh_backoff = 0.0, 5.0
     backoff = 1.0
     unsafe_to_commit = False
     try:
@@ -1024,9 +1040,16 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
                 optional("budget names", lambda: named.catch_up(0.0), 0)
                 followed = time.monotonic()
                 _exit_if_orphaned(parent_pid)
-            if budgeted:
-                optional("spend of newly budgeted scopes", lambda: meter.refresh_spend(budgeted), None)
-                budgeted.clear()
+            if budgeted and time.monotonic() >= refresh_retry_at:
+                # Cleared only once done: a tag rebuild that failed (Postgres blip, statement timeout) would leave
+                # the tag's rollups short for good, so it is tried again, backing off from 5 s to 5 min (a
+                # rebuild locks the ledger's writers while it runs; billing goes on in between).
+                if optional("spend of newly budgeted scopes", refresh_budgeted, False):
+                    budgeted.clear()
+                    refresh_backoff = 5.0
+                else:
+                    refresh_retry_at = time.monotonic() + refresh_backoff
+                    refresh_backoff = min(refresh_backoff * 2, 300.0)
             try:
                 done = meter.run_once(BATCH_WAIT_S)
                 meter.report_freshness()

@@ -5,12 +5,14 @@
 --                                                                    functions: DDL; nothing else runs as it
 --   tokenmeter_worker     `tokenmeter worker`                        append to the ledger (and ledger_ids),
 --                                                                    advance rollups, store alerts and mark
---                                                                    them delivered, read tenants' time zones;
+--                                                                    them delivered, read tenants' time zones
+--                                                                    and credit grants;
 --                                                                    no UPDATE/DELETE of billed rows
 --   tokenmeter_reporting  report, invoice (open), alerts list,       SELECT, and every transaction read-only
 --                         whatif, tenant show, dashboard
 --   tokenmeter_operator   tenant set, ratecard set,                  reporting, plus what those commands write
---                         invoice --finalize
+--                         invoice --finalize, credits grant|void,
+--                         fx set, reconcile (its mismatch alerts)
 --
 -- Apply as a superuser (or the database owner with CREATEROLE), connected to the tokenmeter database:
 --
@@ -119,12 +121,26 @@ BEGIN
             ('rollups',       'tokenmeter_worker',   'SELECT, INSERT, UPDATE'),
             ('alerts',        'tokenmeter_worker',   'SELECT, INSERT, UPDATE'),
             ('tenants',       'tokenmeter_worker',   'SELECT'),
+            ('credit_grants', 'tokenmeter_worker',   'SELECT'),  -- streams/credits.py follows the grants
+            ('credit_voids',  'tokenmeter_worker',   'SELECT'),
+            -- report summaries (migration 0016): the ledger's trigger queues each insert; the worker folds
+            -- queued batches into the summaries (upserts, and trims the top calls) and dequeues them
+            ('report_queue',         'tokenmeter_worker', 'SELECT, INSERT, UPDATE, DELETE'),
+            ('report_conversations', 'tokenmeter_worker', 'SELECT, INSERT, UPDATE'),
+            ('report_latency',       'tokenmeter_worker', 'SELECT, INSERT, UPDATE'),
+            ('report_price_context', 'tokenmeter_worker', 'SELECT, INSERT, UPDATE'),
+            ('report_top_calls',     'tokenmeter_worker', 'SELECT, INSERT, DELETE'),
             ('tenants',       'tokenmeter_operator', 'INSERT, UPDATE'),
             ('rollups',       'tokenmeter_operator', 'INSERT, UPDATE, DELETE'),
             ('ledger',        'tokenmeter_operator', lock_privilege),
             ('rate_cards',    'tokenmeter_operator', 'INSERT, UPDATE'),
+            ('fx_rates',      'tokenmeter_operator', 'INSERT'),  -- tokenmeter fx set (append-only)
             ('invoices',      'tokenmeter_operator', 'INSERT'),
-            ('invoice_usage', 'tokenmeter_operator', 'INSERT')
+            ('invoice_usage', 'tokenmeter_operator', 'INSERT'),
+            ('alerts',        'tokenmeter_operator', 'INSERT'),  -- tokenmeter reconcile: reconcile.mismatch alerts
+            ('credit_grants', 'tokenmeter_operator', 'INSERT'),  -- tokenmeter credits grant|void (append-only)
+            ('credit_voids',  'tokenmeter_operator', 'INSERT'),
+            ('invoice_credits', 'tokenmeter_operator', 'INSERT')  -- finalize freezes the credits applied
         ) AS grants (table_name, grantee, privileges)
     LOOP
         IF to_regclass(format('tokenmeter.%I', item.table_name)) IS NOT NULL THEN

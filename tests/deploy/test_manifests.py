@@ -17,7 +17,7 @@ import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
@@ -38,10 +38,13 @@ from deploy.settings import Settings
 from deploy.stack import LocalStack
 from deploy.topics import topic_specs
 from producers.quota import QuotaClient
+from schemas.currencies import FxRate
 from schemas.events import validate_event
 from schemas.records import Alert, PricedEvent, Rollup
 from schemas.redis_keys import budget_key, freshness_key, stale_calls_key
 from sinks.alerts import list_alerts, store_alerts
+from sinks.credits import forget_balance, mirror_balance, record_grant, tenant_allocation, void_grant
+from sinks.fx import add_fx_rate
 from sinks.invoices import RateCard, finalize, invoice, set_rate_card
 from sinks.migrate import migrate
 from sinks.postgres import set_time_zone, write_batch
@@ -535,6 +538,7 @@ def test_roles_sql_gives_each_component_what_its_code_needs(scratch_database: st
         assert result.inserted == 20 and result.rollups
         assert write_batch(worker, batch).inserted == 0  # a replay
         assert store_alerts(worker, [_alert(tenant)]) == {f"{tenant}-roles-test"}
+        assert tenant_allocation(worker, tenant, now).balance == 0  # prepaid credits: the worker follows grants
         worker.commit()
         assert deliver_pending(worker, ["https://hooks.example/x"], post=lambda _u, _b, _h: 200) >= 1
         for statement in (
@@ -569,8 +573,14 @@ def test_roles_sql_gives_each_component_what_its_code_needs(scratch_database: st
     with psycopg.connect(url("operator"), autocommit=True) as operator:
         set_rate_card(operator, RateCard(tenant, "cost_plus", Decimal("20")))
         assert set_time_zone(operator, tenant, "Europe/Berlin")
+        credit = record_grant(operator, tenant, Decimal(1), priority=0, starts_at=now, expires_at=None)
+        assert void_grant(operator, credit.grant_id, now).voided_at == now  # credits grant, credits void
         last_month = f"{(now.replace(day=1) - timedelta(days=1)):%Y-%m}"
         assert finalize(operator, tenant, last_month, now).status == "finalized"
+        # Currencies: `fx set` and finalizing an invoice in EUR (its rate frozen in the same INSERT).
+        add_fx_rate(operator, FxRate("USD", "EUR", Decimal("0.9213"), date(2000, 1, 1), "roles test"))
+        set_rate_card(operator, RateCard(f"{tenant}-eur", currency="EUR"))
+        assert finalize(operator, f"{tenant}-eur", last_month, now).fx is not None
         for statement in ("UPDATE tokenmeter.ledger SET total_cost = 0", "DELETE FROM tokenmeter.alerts"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 operator.execute(statement.encode())
@@ -637,6 +647,7 @@ def test_compose_redis_users_let_the_worker_and_services_work(
         budget = Budget(tenant, "tenant", "", "day", Decimal(10), hard=True)
         worker.set(budget_key(tenant, "tenant", ""), budget.redis_json())
         worker.hget(stale_calls_key(tenant, "tenant", ""), "day:0")
+        assert mirror_balance(worker, tenant, Decimal(5), int(now.timestamp() * 1000))  # a prepaid balance
 
         # The services: $2 of a hard $10 budget spent, but no worker reports freshness for this worker id:
         # the data is stale, and on_stale=allow lets the call through and counts it (tm:stale_calls).
@@ -644,7 +655,7 @@ def test_compose_redis_users_let_the_worker_and_services_work(
             settings.model_copy(update={"worker_id": f"acl-{unique}", "redis_url": "unused"}), client=service_client
         )
         decision = quota.check(tenant, "search", "u1")
-        assert decision.allowed and decision.stale
+        assert decision.allowed and decision.stale and decision.credit_balance == Decimal(5)
         assert sum(int(v) for v in admin.hvals(stale_calls_key(tenant, "tenant", ""))) == 1
         reservation = quota.reserve(tenant, Decimal("0.01"), "search", "u1", tokens=100)
         assert reservation.allowed, reservation.reason
@@ -652,6 +663,7 @@ def test_compose_redis_users_let_the_worker_and_services_work(
         quota.release(quota.reserve(tenant, Decimal("0.01"), tokens=10))
 
         worker.delete(budget_key(tenant, "tenant", ""))
+        forget_balance(worker, tenant)
         for client in (worker, service_client):
             for forbidden in (
                 lambda c: c.get("not-tokenmeter"),

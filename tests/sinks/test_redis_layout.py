@@ -39,7 +39,12 @@ def test_spend_writes_cover_open_periods_of_quota_scopes_only() -> None:
         ],
         now,
     )
-    assert sorted(writes) == ["tm:{acme}:spend:tenant::day", "tm:{acme}:spend:tenant::month"]
+    # a model is a quota scope too (budget hierarchies); an hour window never is
+    assert sorted(writes) == [
+        "tm:{acme}:spend:model::day",
+        "tm:{acme}:spend:tenant::day",
+        "tm:{acme}:spend:tenant::month",
+    ]
     value, ttl = writes["tm:{acme}:spend:tenant::day"]
     end = datetime(2025, 7, 3, tzinfo=UTC)
     assert ttl == 36 * 3600  # to the end of the day plus a day

@@ -59,7 +59,7 @@ def test_budgets_round_trip_and_reject_nonsense() -> None:
     assert parse_budget(budget.to_json()) == budget
     assert budget.key == budget_id("acme", "user", "u:1")
     for bad in [
-        dict(dimension="team", value="x"),
+        dict(dimension="region", value="x"),
         dict(period="year"),
         dict(limit=Decimal(0)),
         dict(dimension="tenant", value="x"),
@@ -145,9 +145,9 @@ def budget_record(**changes: Any) -> bytes:
         ({"tenant_id": ""}, "tenant_id must be 1-200 characters"),
         ({"tenant_id": "ac\x00me"}, "tenant_id: control character U+0000 at position 2"),
         ({"value": "se\ud800arch"}, "value: lone surrogate U+D800 at position 2"),
-        ({"value": "x" * 201}, "value must be 0-200 characters"),
+        ({"value": "x" * 201}, "the scope value must be at most 200 characters"),
         ({"dimension": ...}, "dimension must be a string, got nothing"),
-        ({"dimension": "team"}, "scope must be one of"),
+        ({"dimension": "region"}, "scope must be one of"),
         ({"dimension": "tenant"}, "a tenant budget has no scope value"),
         ({"period": "year"}, "period must be one of"),
         ({"period": ...}, "period must be a string"),
@@ -226,7 +226,7 @@ def test_budgets_built_in_code_follow_the_same_rules() -> None:
         ({"calls_per_minute": None}, "give at least one limit"),
         ({"burst": 5}, "unknown rate limit fields: 'burst'"),
         ({"tenant_id": None}, "tenant_id must be a string"),
-        ({"dimension": "team"}, "scope must be one of"),
+        ({"dimension": "region"}, "scope must be one of"),
         ({"tenant_id": "a\x7f"}, "tenant_id: control character U+007F"),
     ],
 )
@@ -253,7 +253,7 @@ def test_bad_rate_limit_records_are_value_errors_with_a_reason(changes: dict[str
         ('["acme", "tenant", 1]', "is not a JSON list"),
         ('{"tenant": "acme"}', "is not a JSON list"),
         ("ratelimit:nope", "is not a JSON list"),
-        ('["acme", "team", "x"]', "scope must be one of"),
+        ('["acme", "region", "x"]', "scope must be one of"),
         ('["ac\\u0000me", "tenant", ""]', "control character U+0000"),
         ('["acme", "tenant", ""]', "the key names scope ['acme', 'tenant', '']"),
         ('ratelimit:["acme", "feature", "chat"]', "unknown rate limit fields"),

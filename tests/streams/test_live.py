@@ -40,4 +40,7 @@ def test_only_the_most_recent_values_of_each_tenant_stay_live_and_budgets_keep_t
     assert live.live(day("acme", "tenant", "")) and live.live(day("beta", "user", "x"))
     assert live.tracked() == 3
     assert forget_keys(evicted) == [spend_key("acme", "user", "b", p) for p in ("day", "week", "month")]
-    assert forget_keys([("acme", "model", "openai/gpt-4o")]) == []  # models have no spend keys
+    # models have spend keys since budgets may name them (budget hierarchies)
+    assert forget_keys([("acme", "model", "openai/gpt-4o")]) == [
+        spend_key("acme", "model", "openai/gpt-4o", p) for p in ("day", "week", "month")
+    ]

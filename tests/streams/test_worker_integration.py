@@ -189,6 +189,9 @@ def test_quota_check_sees_new_spend_within_a_second(running: Settings, tmp_path:
         "scope": tenant,
         "period": "month",
         "stale": False,
+        "refused_by": None,
+        "prepaid": False,  # no credit grants: postpaid
+        "credit_balance": None,
     }
 
 
