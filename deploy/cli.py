@@ -922,7 +922,7 @@ def ratecard_set(
     import psycopg
 
     from schemas.currencies import CurrencyError, currency_code
-    from sinks.invoices import RateCard, rate_card, set_rate_card
+    from sinks.invoices import InvoiceError, RateCard, rate_card, set_rate_card
 
     only_currency = currency is not None and not (pass_through or markup is not None or rates_file is not None)
     if not only_currency and sum((pass_through, markup is not None, rates_file is not None)) != 1:
@@ -944,7 +944,12 @@ def ratecard_set(
     except (InvalidOperation, ValueError, AttributeError) as exc:
         _fail(f"invalid rate card: {exc}")
     with psycopg.connect(_settings().database_url, connect_timeout=5) as conn:
-        current = rate_card(conn, tenant)
+        try:
+            current = rate_card(conn, tenant)
+        except InvoiceError as exc:  # a card broken by hand: a whole new card with its currency replaces it
+            if only_currency or code is None:
+                _fail(str(exc))
+            current = card
         card = replace(current if only_currency else card, currency=code or current.currency)
         set_rate_card(conn, card)
     click.echo(
@@ -1011,7 +1016,8 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
     import psycopg
 
     from deploy.cli_credits import invoice_credit_rows, print_invoice_credits
-    from deploy.cli_fx import amount_header, fx_csv_columns, fx_note, money
+    from deploy.cli_fx import amount_header, fx_csv_columns, fx_note
+    from deploy.output import invoice_rounding_note, summing_column
     from sinks import invoices
 
     try:
@@ -1069,17 +1075,23 @@ def invoice_cmd(tenant: str, period: str, fmt: str, finalize: bool) -> None:
             *(["amount USD"] if bill.fx else []),
         ):
             table.add_column(column, justify="left" if column in ("provider/model", "usage of") else "right")
-        for line in bill.lines + bill.adjustments:
+        rows = bill.lines + bill.adjustments
+        # Shown lines add up to the shown total (largest remainder), in each amount column; JSON and CSV are exact.
+        shown = [summing_column([line.amount for line in rows], bill.currency)]
+        if bill.fx:
+            shown.append(summing_column([line.amount_usd or line.amount for line in rows], "USD"))
+        for index, line in enumerate(rows):
             counts = [line.calls, line.input_tokens, line.output_tokens]
             counts += [line.cache_read_tokens, line.cache_write_tokens]
             usage_of = line.usage_period + (" (adjustment)" if line.usage_period != bill.period else "")
-            amounts = [money(line.amount, bill.currency), *([usd(line.amount_usd or 0)] if bill.fx else [])]
+            amounts = [column.lines[index] for column in shown]
             table.add_row(cell(line.provider_model), cell(usage_of), *(f"{n:,}" for n in counts), *amounts)
-        totals = [money(bill.total, bill.currency), *([usd(bill.total_usd)] if bill.fx else [])]
+        totals = [column.total for column in shown]
         table.add_row("TOTAL", "", f"{bill.calls:,}", "", "", "", "", *totals, style="bold")
         Console().print(table)
         print_invoice_credits(bill)
         click.secho(rounding_note("json", "csv"), dim=True)
+        click.secho(invoice_rounding_note(bill.currency), dim=True)
         if note := fx_note(bill):
             click.echo(note)
         if bill.unpriced_calls:

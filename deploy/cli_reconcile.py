@@ -39,6 +39,9 @@ from sinks.reconcile import (
 
 MAX_EXPORT_BYTES = 256 * 1024 * 1024
 DEFAULT_FETCH_DAYS = 7
+# --fetch ends its default range this many days before today (UTC): providers keep revising a day's cost
+# data for a while after it ends, and a partial yesterday would read as missing spend and be alerted.
+DEFAULT_FETCH_LAG_DAYS = 2
 EXIT_FLAGGED = 1
 EXIT_BAD_INPUT = 2
 
@@ -70,6 +73,20 @@ def _decimal_option(_ctx: click.Context, param: click.Parameter, value: str) -> 
     if number != number.quantize(Decimal("1e-12"), context=Context(prec=40)):  # compared exactly
         raise click.BadParameter(f"{value!r} has more than 12 decimal places", param=param)
     return number
+
+
+def default_fetch_range(today: date, first: date | None, last: date | None) -> tuple[date, date]:
+    """The UTC days ``--fetch`` compares when --from or --to is not given: the DEFAULT_FETCH_DAYS days
+    ending DEFAULT_FETCH_LAG_DAYS before ``today`` (with today the 10th: the 2nd to the 8th), or the
+    DEFAULT_FETCH_DAYS days ending at --to. UsageError when a given --from is after that default end."""
+    end = last or today - timedelta(days=DEFAULT_FETCH_LAG_DAYS)
+    start = first or end - timedelta(days=DEFAULT_FETCH_DAYS - 1)
+    if end < start:
+        raise click.UsageError(
+            f"--from {start} is after the default --to ({end}: cost data of the last {DEFAULT_FETCH_LAG_DAYS}"
+            " days may not be final); give --to as well"
+        )
+    return start, end
 
 
 def read_export_file(provider: ProviderName, path: Path) -> ProviderExport:
@@ -181,9 +198,24 @@ def render(result: Reconciliation, fmt: str) -> str:
     default=None,
     help="Saved JSON of the provider's cost endpoint: one page or a JSON array of pages.",
 )
-@click.option("--fetch", is_flag=True, help="Fetch it with the admin key in TOKENMETER_<PROVIDER>_ADMIN_KEY.")
-@click.option("--from", "first", callback=_day, default=None, help="First UTC day (default: the export's first).")
-@click.option("--to", "last", callback=_day, default=None, help="Last UTC day, inclusive (default: the export's last).")
+@click.option(
+    "--fetch",
+    is_flag=True,
+    help=(
+        "Fetch it with the admin key in TOKENMETER_<PROVIDER>_ADMIN_KEY. Default range: the 7 UTC days ending"
+        " two days ago, since providers may still revise yesterday's costs (a partial day reads as a mismatch)."
+    ),
+)
+@click.option(
+    "--from", "first", callback=_day, default=None, help="First UTC day (default: the export's first; --fetch: above)."
+)
+@click.option(
+    "--to",
+    "last",
+    callback=_day,
+    default=None,
+    help="Last UTC day, inclusive (default: the export's last; --fetch: two days ago).",
+)
 @click.option("--tenant", default=None, help="Compare one tenant's metered cost (see README on what that means).")
 @click.option("--all", "all_tenants", is_flag=True, help="Compare all tenants together (the default).")
 @click.option("--project", default=None, help="Only the provider lines of this OpenAI project / Anthropic workspace.")
@@ -217,7 +249,9 @@ def reconcile_cmd(
 ) -> None:
     """Metered cost vs the provider's own cost data, per UTC day × model: provider, metered, delta
     (provider − metered) and delta % (of the provider's amount), flagging rows beyond --threshold.
-    Provider lines that name no model are listed as unmapped, never dropped.
+    Provider lines that name no model are listed as unmapped, never dropped. A flagged row is a
+    reconcile.mismatch alert, stored and sent once per day, model and provider amount (to the cent): it
+    fires again only when the provider's figure for that day changes.
 
     Exit status: 0 when no row is flagged, 1 when some row is flagged, 2 on bad input or when the
     export, the provider API or Postgres cannot be read.
@@ -241,11 +275,7 @@ def reconcile_cmd(
     settings = get_settings()
     try:
         if fetch:
-            yesterday = datetime.now(UTC).date() - timedelta(days=1)
-            last = last or yesterday
-            first = first or last - timedelta(days=DEFAULT_FETCH_DAYS - 1)
-            if last < first:
-                raise click.UsageError(f"--from {first} is after the default --to (yesterday, {last})")
+            first, last = default_fetch_range(datetime.now(UTC).date(), first, last)
             export = fetch_export(settings, provider, first, last, project)
         else:
             assert export_file is not None

@@ -9,11 +9,17 @@ terminal, and a CSV cell starting with ``=`` is a formula to a spreadsheet (OWAS
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from fractions import Fraction
 from typing import Literal
 
 from rich.text import Text
+
+from schemas.currencies import MINOR_UNITS, USAGE_CURRENCY
 
 # C0 controls, DEL and C1 controls: shown as escapes, never sent to the terminal.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -90,3 +96,68 @@ def usd_in_text(text: str) -> str:
     (``$30.5012345678``) rounded as totals; amounts already written for people (``$30.24``, ``$0.00892``)
     stay as they are."""
     return _EXACT_AMOUNT.sub(lambda found: usd(found.group(1)), text)
+
+
+# ---------------------------------------------------------------- invoice tables
+def _half_up(value: Fraction) -> int:
+    """``value`` rounded to a whole number, halves away from zero (Decimal's ROUND_HALF_UP, which the
+    invoice's ``total_rounded`` uses)."""
+    magnitude = math.floor(abs(value) + Fraction(1, 2))
+    return -magnitude if value < 0 else magnitude
+
+
+def _minor_units(units: int, places: int) -> Decimal:
+    # From text, so no context precision ever rounds it: 1234 with 2 places is Decimal("12.34").
+    return Decimal(f"{units}E-{places}")
+
+
+def allocate_rounded(exact: Sequence[Decimal], places: int) -> tuple[list[Decimal], Decimal]:
+    """Round the lines of a table so that they add up to their rounded total (largest remainder).
+
+    The total is the exact sum rounded half up to ``places`` decimals (the invoice's ``total_rounded``).
+    Every line is first rounded down; the minor units the total still needs then go, one each, to the
+    lines with the largest remainders (ties: the earlier line). So each shown line is its exact amount
+    rounded down or up (less than one minor unit away), the lines add up to the shown total, and the
+    units given out are at most the number of lines that were not already whole.
+    Returns ``(lines, total)``, both with exactly ``places`` decimals.
+    """
+    scale = 10**places
+    scaled = [Fraction(amount) * scale for amount in exact]  # Fraction: exact at any number of digits
+    floors = [math.floor(value) for value in scaled]
+    total = _half_up(sum(scaled, Fraction(0)))
+    missing = total - sum(floors)  # 0 <= missing <= lines with a remainder (total is within 1/2 of the sum)
+    by_remainder = sorted(range(len(scaled)), key=lambda i: (floors[i] - scaled[i], i))
+    raised = set(by_remainder[:missing])
+    lines = [_minor_units(floor + (i in raised), places) for i, floor in enumerate(floors)]
+    return lines, _minor_units(total, places)
+
+
+@dataclass(frozen=True)
+class SummingColumn:
+    """An amount column of an invoice table as shown: line cells that add up to the total cell."""
+
+    lines: list[str]
+    total: str
+
+
+def summing_column(exact: Sequence[Decimal], currency: str) -> SummingColumn:
+    """The amounts of a table column for people, in ``currency``'s minor units (cents; none for JPY; 3
+    decimals for KWD), allocated by ``allocate_rounded`` so the rows add up to the shown total, which is
+    the exact total rounded half up. Dollars read as every table shows them (``$1,234.57``), another
+    currency as a plain number (its code is in the column header). A line below one minor unit can show as
+    zero here: the exact amounts are in JSON and CSV."""
+    lines, total = allocate_rounded(exact, MINOR_UNITS[currency])
+
+    def shown(amount: Decimal) -> str:
+        return usd(amount) if currency == USAGE_CURRENCY else f"{amount:,f}"
+
+    return SummingColumn([shown(amount) for amount in lines], shown(total))
+
+
+def invoice_rounding_note(currency: str) -> str:
+    """The line under an invoice table that says how its rows are rounded (``summing_column``)."""
+    unit = "cent" if MINOR_UNITS[currency] == 2 else "minor unit"
+    return (
+        "invoice lines add up to the total: the total is rounded half up, and each line is its exact amount"
+        f" rounded down or up so they sum to it (largest remainder): at most one {unit} from its own rounding"
+    )

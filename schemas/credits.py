@@ -22,7 +22,7 @@ change, so usage need not be read call by call: the sum of each slice between bo
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -131,6 +131,25 @@ class Allocation:
             if start <= d.start and d.end is not None and d.end <= end:
                 applied[d.grant_id] = applied.get(d.grant_id, Decimal(0)) + d.amount
         return applied
+
+
+def credits_still_due(
+    drawn_by_billed_usage: Iterable[Mapping[int, Decimal]], applied_before: Mapping[int, Decimal]
+) -> dict[int, Decimal]:
+    """Per grant, the credit an invoice applies: what the usage it bills *or earlier invoices billed*
+    drew (one mapping per month of usage: the invoice's own and every earlier finalized one, late usage
+    included) less what earlier invoices applied already. Late usage of a settled month thus gets its
+    credit on the invoice that bills its adjustment line, and each draw is applied exactly once.
+
+    Never negative: a grant's draws only grow as usage is added, so the difference is negative only
+    when draws moved between months that are not all billed (a month before the first invoice getting
+    usage after a later month was finalized); such a grant applies nothing. Grants with nothing omitted."""
+    drawn: dict[int, Decimal] = {}
+    for month in drawn_by_billed_usage:
+        for grant_id, amount in month.items():
+            drawn[grant_id] = drawn.get(grant_id, Decimal(0)) + amount
+    due = {grant_id: amount - applied_before.get(grant_id, Decimal(0)) for grant_id, amount in drawn.items()}
+    return {grant_id: amount for grant_id, amount in sorted(due.items()) if amount > 0}
 
 
 def plain(amount: Decimal) -> str:

@@ -15,7 +15,16 @@ from decimal import Decimal
 import psycopg
 import redis
 
-from schemas.credits import Allocation, Grant, UsageSlice, allocate, check_grant, check_note, cut_points
+from schemas.credits import (
+    Allocation,
+    Grant,
+    UsageSlice,
+    allocate,
+    check_grant,
+    check_note,
+    credits_still_due,
+    cut_points,
+)
 from schemas.periods import local_midnight, period_end
 from schemas.redis_keys import credit_balance, credits_key, format_credit_balance
 
@@ -181,17 +190,33 @@ class CreditApplied:
         return {"grant_id": self.grant_id, "note": self.note, "applied": str(self.applied)}
 
 
-def month_credits(conn: psycopg.Connection, tenant_id: str, period: str, time_zone: str) -> list[CreditApplied]:
-    """Per grant (by id), what the tenant's usage of the month ``YYYY-MM`` (in its time zone) drew."""
+def month_bounds(period: str, time_zone: str) -> tuple[datetime, datetime]:
+    """The instants the month ``YYYY-MM`` starts and ends at in the tenant's time zone."""
+    start = local_midnight(datetime.strptime(period, "%Y-%m").date(), time_zone)
+    return start, period_end("month", start, time_zone)
+
+
+def open_invoice_credits(
+    conn: psycopg.Connection, tenant_id: str, period: str, time_zone: str, finalized_before: Sequence[str]
+) -> list[CreditApplied]:
+    """Per grant (by id), the credit the open invoice of ``period`` applies (:func:`credits_still_due`):
+    the draws of the usage of the month and of every earlier finalized month (``finalized_before``,
+    whose late usage it bills as adjustments), less what the tenant's earlier invoices applied."""
     grants = grants_of(conn, tenant_id)
     if not grants:
         return []
-    start = local_midnight(datetime.strptime(period, "%Y-%m").date(), time_zone)
-    end = period_end("month", start, time_zone)
-    allocation = tenant_allocation(conn, tenant_id, end, grants, (start, end))
-    applied = allocation.applied_between(start, end)
+    months = [month_bounds(month, time_zone) for month in (period, *finalized_before)]
+    ends = months[0][1]
+    allocation = tenant_allocation(conn, tenant_id, ends, grants, [t for bounds in months for t in bounds])
+    drawn = [allocation.applied_between(start, end) for start, end in months]
+    rows = conn.execute(
+        "SELECT grant_id, sum(applied) FROM tokenmeter.invoice_credits WHERE tenant_id = %s AND period < %s"
+        " GROUP BY grant_id",
+        (tenant_id, period),
+    ).fetchall()
+    applied = credits_still_due(drawn, {int(grant_id): Decimal(amount) for grant_id, amount in rows})
     by_id = {g.grant_id: g for g in grants}
-    return [CreditApplied(grant_id, by_id[grant_id].note, applied[grant_id]) for grant_id in sorted(applied)]
+    return [CreditApplied(grant_id, by_id[grant_id].note, amount) for grant_id, amount in applied.items()]
 
 
 def frozen_credits(conn: psycopg.Connection, tenant_id: str, period: str) -> list[CreditApplied]:

@@ -26,9 +26,9 @@ from schemas.currencies import (
     exact_sum,
     round_to_minor_units,
 )
-from schemas.periods import local_midnight, period_end
+from schemas.periods import local_midnight
 from schemas.records import TokenRates
-from sinks.credits import CreditApplied, freeze_credits, frozen_credits, month_credits
+from sinks.credits import CreditApplied, freeze_credits, frozen_credits, month_bounds, open_invoice_credits
 from sinks.fx import rate_for_month
 from sinks.postgres import tenant_time_zone
 
@@ -93,9 +93,16 @@ def rate_card(conn: psycopg.Connection, tenant_id: str) -> RateCard:
     ).fetchone()
     if row is None:
         return RateCard(tenant_id)
-    return RateCard.from_json(
-        tenant_id, {"mode": row[0], "markup_percent": str(row[1]), "rates": row[2], "currency": row[3]}
-    )
+    try:
+        return RateCard.from_json(
+            tenant_id, {"mode": row[0], "markup_percent": str(row[1]), "rates": row[2], "currency": row[3]}
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # Written by hand past `ratecard set` (the table only checks the shape): one clear line, no traceback.
+        raise InvoiceError(
+            f"the rate card of {tenant_id} is invalid ({exc}); replace it, e.g.:"
+            f" tokenmeter ratecard set --tenant {tenant_id} --pass-through --currency USD"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -245,7 +252,7 @@ class Invoice:
     status: str  # open | finalized
     finalized_at: datetime | None = None
     fx: FxRate | None = None  # the USD → currency rate the amounts were converted with; None for USD
-    credits: list[CreditApplied] = field(default_factory=list)  # prepaid credits drawn by the month (USD)
+    credits: list[CreditApplied] = field(default_factory=list)  # prepaid credits for the billed usage (USD)
 
     @property
     def total(self) -> Decimal:
@@ -259,7 +266,8 @@ class Invoice:
 
     @property
     def credits_applied(self) -> Decimal:
-        """Prepaid credits drawn by this month's usage (``sinks/credits.py``), in the invoice's currency."""
+        """Prepaid credits drawn by the usage this invoice bills, its adjustments included
+        (``sinks.credits.open_invoice_credits``), in the invoice's currency."""
         return self.to_currency(sum((c.applied for c in self.credits), Decimal(0)))
 
     @property
@@ -419,7 +427,8 @@ def invoice(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice:
                 adjustments.append(_line(card, late, finalized))
     fx = billing_rate(conn, tenant_id, card.currency, period)
     lines, adjustments = in_currency(_ordered(lines), fx), in_currency(_ordered(adjustments), fx)
-    credits = month_credits(conn, tenant_id, period, zone)
+    # Credits for this month's usage and for the late usage billed above (sinks.credits.open_invoice_credits).
+    credits = open_invoice_credits(conn, tenant_id, period, zone, [finalized for (finalized,) in earlier])
     return Invoice(tenant_id, period, card.currency, lines, adjustments, card, zone, "open", fx=fx, credits=credits)
 
 
@@ -444,9 +453,7 @@ def finalize(conn: psycopg.Connection, tenant_id: str, period: str, now: datetim
         if _frozen(conn, tenant_id, period) is not None:
             raise InvoiceError(f"the invoice of {tenant_id} for {period} is already finalized")
         draft = invoice(conn, tenant_id, period)
-        ends = period_end(
-            "month", local_midnight(datetime.strptime(period, "%Y-%m").date(), draft.time_zone), draft.time_zone
-        )
+        ends = month_bounds(period, draft.time_zone)[1]
         if now < ends:
             raise InvoiceError(f"{period} has not ended yet for {tenant_id} (it ends {ends.isoformat()})")
         frozen_rate = _frozen_rate(draft.currency, draft.fx)

@@ -635,16 +635,26 @@ def _dollars(value: Decimal) -> str:
     return f"{'-' if value < 0 else ''}${whole}.{places.ljust(2, '0')}"
 
 
+def mismatch_alert_id(provider: str, tenant: str, day: date, model: str, provider_cost: Decimal) -> str:
+    """The id of a ``reconcile.mismatch`` alert: provider, tenant scope, day, model and the provider's
+    amount in cents (half up). Reconciling the same day against the same bill again gives the same id, so
+    it is stored and sent once; when the provider's figure for the day changes by a cent or more (its cost
+    data for a recent day was not final yet) and the row is still flagged, the id changes and it fires
+    again with the new numbers, instead of the first, possibly false, alert using the day up for good."""
+    cents = provider_cost.quantize(Decimal("0.01"), ROUND_HALF_UP, Context(prec=60))  # rounds: not _EXACT
+    return f"{ALERT_KIND}:{provider}:{tenant}:{day.isoformat()}:{model}:{cents:f}"
+
+
 def mismatch_alerts(result: Reconciliation, now: datetime) -> list[Alert]:
-    """One ``reconcile.mismatch`` alert per flagged day × model. The id names provider, tenant scope, day
-    and model, so reconciling the same day again never stores or sends it twice."""
+    """One ``reconcile.mismatch`` alert per flagged day × model, with an id (``mismatch_alert_id``) that
+    is stable while the provider's amount for that day and model stays the same."""
     tenant = result.tenant_id if result.tenant_id is not None else ALL_TENANTS
     alerts = []
     for r in result.flagged:
         percent = "n/a (no provider cost)" if r.delta_percent is None else f"{r.delta_percent:f} %"
         alerts.append(
             Alert(
-                alert_id=f"{ALERT_KIND}:{result.provider}:{tenant}:{r.day.isoformat()}:{r.model}",
+                alert_id=mismatch_alert_id(result.provider, tenant, r.day, r.model, r.provider_cost),
                 kind=ALERT_KIND,
                 tenant_id=tenant,
                 scope={"provider": result.provider, "model": r.model},

@@ -69,8 +69,32 @@ def boundary_passed(grants: Iterable[Grant], since: datetime | None, now: dateti
     return since is None or any(since < t <= now for t in cut_points(grants))
 
 
+class UnconfirmedAlerts:
+    """Alerts reached but not yet confirmed stored, offered again every round until :meth:`confirm`.
+
+    A balance alert is derived when the balance changes; an exhausted tenant makes no new calls, so if
+    the alert store fails that round the alert would never be derived again. Holding it here until the
+    store has it makes one failure a delay, not a loss; offering it twice is harmless (the store keeps
+    each alert id once). Bounded: at most three alerts per grant wait, only while the store fails."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, Alert] = {}
+
+    def add(self, alerts: Iterable[Alert]) -> None:
+        for alert in alerts:
+            self._waiting.setdefault(alert.alert_id, alert)  # the first one reached is the one to store
+
+    def due(self) -> list[Alert]:
+        return list(self._waiting.values())
+
+    def confirm(self, alert_ids: Iterable[str]) -> None:
+        for alert_id in alert_ids:
+            self._waiting.pop(alert_id, None)
+
+
 class CreditFollower:
-    """``tick(now)``: one round of following, mirroring and alerting; returns the alerts reached."""
+    """``tick(now)``: one round of following, mirroring and alerting; returns the alerts reached that
+    the caller has not yet :meth:`confirm`-ed as stored (so every round, until it does)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -80,6 +104,7 @@ class CreditFollower:
         self._last: datetime | None = None
         self._forgotten: set[str] = set()
         self._failed: dict[str, tuple[tuple[Grant, ...], int]] = {}  # tenant → the data it failed on
+        self._unconfirmed = UnconfirmedAlerts()
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -134,12 +159,13 @@ class CreditFollower:
                 derived_now.append(tenant)
                 alerts += credit_alerts(allocation, now)
             self._forgotten.discard(tenant)
+        self._unconfirmed.add(alerts)
         balances = {t: self._derived[t][2].balance for t in prepaid if t in self._derived}
         try:
             mirror_balances(self.redis, balances, counted)
         except Exception:
-            # This round's alerts are lost with it (the caller gets none): derive these tenants again next
-            # round, so their alerts come again (a used-up tenant may have no new usage to trigger it).
+            # The caller gets no alerts this round (they wait in _unconfirmed); derive these tenants again
+            # next round all the same, so their balances are written.
             for tenant in derived_now:
                 self._derived.pop(tenant, None)
             raise
@@ -148,7 +174,11 @@ class CreditFollower:
             self._derived.pop(tenant, None)
             self._forgotten.add(tenant)
         self._last = now
-        return alerts
+        return self._unconfirmed.due()
+
+    def confirm(self, alert_ids: Iterable[str]) -> None:
+        """The alert store has these (stored now or before): stop offering them."""
+        self._unconfirmed.confirm(alert_ids)
 
     def close(self) -> None:
         if self._conn is not None:

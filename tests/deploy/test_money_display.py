@@ -23,7 +23,7 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
-from deploy.output import csv_safe, rounding_note, usd, usd_in_text
+from deploy.output import csv_safe, rounding_note, summing_column, usd, usd_in_text
 from deploy.report_render import render_html
 from deploy.settings import Settings
 from deploy.stack import LocalStack
@@ -133,9 +133,10 @@ def test_invoice_table_rounds_and_json_and_csv_are_exact(conn: psycopg.Connectio
     assert EXACT.fullmatch(f"{bill.total:f}"), bill.total
     table = cli("invoice", "--tenant", tenant, "--period", "2025-07", "--format", "table").stdout
     assert rounding_note("json", "csv") in table and not EXACT.search(table)
-    for line in bill.lines:
-        assert usd(line.amount) in next(row for row in table.splitlines() if line.provider_model in row)
-    assert usd(bill.total) in next(row for row in table.splitlines() if "TOTAL" in row)
+    shown = summing_column([line.amount for line in bill.lines], "USD")  # rows add up (test_invoice_display.py)
+    for line, amount in zip(bill.lines, shown.lines, strict=True):
+        assert amount in next(row for row in table.splitlines() if line.provider_model in row)
+    assert usd(bill.total) == shown.total and shown.total in next(row for row in table.splitlines() if "TOTAL" in row)
     as_json = json.loads(cli("invoice", "--tenant", tenant, "--period", "2025-07", "--format", "json").stdout)
     assert as_json == json.loads(json.dumps(bill.as_json()))
     *lines, total = csv.DictReader(

@@ -4,14 +4,16 @@ endpoint): request URLs and headers, pagination, retries on 429/5xx, clear error
 from __future__ import annotations
 
 import urllib.parse
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from deploy.cli import cli
+from deploy.cli_reconcile import default_fetch_range
 from deploy.provider_costs import FetchError, fetch_pages, request_url
 from sinks.reconcile import merge_exports, parse_export
 from tests.deploy.cost_api_server import ADMIN_KEY, CostApi, sample_pages, serve
@@ -196,3 +198,32 @@ def test_an_endless_file_is_read_only_up_to_the_limit(monkeypatch: pytest.Monkey
     monkeypatch.setattr(deploy.cli_reconcile, "MAX_EXPORT_BYTES", 4 * 2**20)
     status, output = reconcile_cli("--provider", "openai", "--file", "/dev/zero")  # stat() says 0 bytes
     assert status == 2 and "/dev/zero is larger than 4 MiB" in output
+
+
+def test_the_default_fetch_range_ends_two_days_ago_when_cost_data_is_final() -> None:
+    today = date(2026, 11, 10)
+    assert default_fetch_range(today, None, None) == (date(2026, 11, 2), date(2026, 11, 8))  # 7 days, not the 9th
+    assert default_fetch_range(today, date(2026, 11, 5), None) == (date(2026, 11, 5), date(2026, 11, 8))
+    assert default_fetch_range(today, None, date(2026, 11, 9)) == (date(2026, 11, 3), date(2026, 11, 9))  # asked for
+    assert default_fetch_range(date(2026, 3, 1), None, None) == (date(2026, 2, 21), date(2026, 2, 27))
+    with pytest.raises(click.UsageError, match=r"--from 2026-11-09 is after the default --to \(2026-11-08"):
+        default_fetch_range(today, date(2026, 11, 9), None)
+
+
+def test_fetch_without_a_range_asks_the_provider_for_the_week_ending_two_days_ago() -> None:
+    today = datetime.now(UTC).date()
+    with serve(CostApi({"openai": sample_pages("openai")})) as api:
+        status, output = reconcile_cli(
+            "--provider",
+            "openai",
+            "--fetch",
+            TOKENMETER_OPENAI_ADMIN_KEY=ADMIN_KEY,
+            TOKENMETER_OPENAI_ADMIN_BASE_URL=api.url,
+            TOKENMETER_DATABASE_URL="postgresql://tokenmeter@127.0.0.1:1/none",  # nothing listens: exit 2 after
+        )
+    assert status == 2 and "Postgres" in output, output
+    midnight = datetime(today.year, today.month, today.day, tzinfo=UTC)
+    asked = api.seen[0].query
+    # Independent of the code: the 7 UTC days from today−8 to today−2 inclusive, as [start, end) in seconds.
+    assert int(asked["start_time"][0]) == int((midnight - timedelta(days=8)).timestamp())
+    assert int(asked["end_time"][0]) == int((midnight - timedelta(days=1)).timestamp())

@@ -163,7 +163,7 @@ def test_the_twelve_percent_gap_is_found_from_the_file_and_from_the_api(running:
     # One alert for the flagged day x model, stored once and published once, however often it is reconciled.
     listed = json.loads(run_cli(running, "alerts", "list", "--tenant", tenant, "--format", "json").stdout)
     mine = [a for a in listed if a["kind"] == "reconcile.mismatch"]
-    assert [a["alert_id"] for a in mine] == [f"reconcile.mismatch:openai:{tenant}:{NOV3}:gpt-4o"]
+    assert [a["alert_id"] for a in mine] == [f"reconcile.mismatch:openai:{tenant}:{NOV3}:gpt-4o:2.50"]
     assert (Decimal(mine[0]["current"]), Decimal(mine[0]["baseline"])) == (Decimal("2.2"), Decimal("2.5"))
     published = [codec.decode("alert", v) for v in read_all(running, running.topic_alerts_anomaly, timeout=10)]
     ours = [a["alert_id"] for a in published if a["tenant_id"] == tenant and a["kind"] == "reconcile.mismatch"]

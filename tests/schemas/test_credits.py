@@ -16,6 +16,7 @@ from schemas.credits import (
     alert_levels,
     allocate,
     check_grant,
+    credits_still_due,
     cut_points,
     grant_amount,
 )
@@ -54,9 +55,11 @@ def grant(
     )
 
 
-def slices(calls: list[tuple[datetime, Decimal]], grants: list[Grant]) -> list[UsageSlice]:
-    """Sum the calls between the grants' boundaries, as the Postgres query does."""
-    points = cut_points(grants)
+def slices(
+    calls: list[tuple[datetime, Decimal]], grants: list[Grant], extra: list[datetime] | None = None
+) -> list[UsageSlice]:
+    """Sum the calls between the grants' boundaries (and ``extra`` points), as the Postgres query does."""
+    points = cut_points(grants, extra or [])
     sums: dict[int, Decimal] = {}
     for at, cost in calls:
         index = sum(1 for p in points if p <= at)  # width_bucket
@@ -249,3 +252,68 @@ def test_the_mirrored_balance_is_exact_nano_usd_rounded_down_and_never_goes_back
     assert credit_balance(b"junk") is None and credit_balance(None) is None
     assert credit_write_wins("5 200", b"7 100") and credit_write_wins("5 200", "7 200")
     assert not credit_write_wins("5 100", b"7 200")
+
+
+# ---------------------------------------------------------------- credits applied on invoices (issue #16)
+def test_credits_still_due_are_the_draws_less_what_earlier_invoices_applied() -> None:
+    drawn = [{1: Decimal("3"), 2: Decimal("0.5")}, {1: Decimal("1.25"), 3: Decimal("2")}]
+    applied_before = {1: Decimal("4"), 2: Decimal("0.5"), 4: Decimal("9")}
+    # grant 1: 4.25 drawn, 4 applied → 0.25; grant 2: settled; grant 3: new; grant 4: no draws here
+    assert credits_still_due(drawn, applied_before) == {1: Decimal("0.25"), 3: Decimal("2")}
+    assert credits_still_due([{1: Decimal("1")}], {1: Decimal("2")}) == {}  # never negative
+    assert credits_still_due([], {}) == {}
+
+
+MONTH_DAYS = 10
+
+
+def month_of(at: datetime) -> int:
+    return int((at - T0) / timedelta(days=MONTH_DAYS))
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_late_usage_is_paid_once_by_credit_or_amount_due(seed: int) -> None:
+    """Months of 10 days, finalized in order; between finalizations, calls of the open month and late
+    calls into finalized months arrive. Each invoice applies credits_still_due over the draws of the
+    usage it and earlier invoices bill. Checked against the call-by-call simulation: per grant, the
+    credits applied over all invoices equal its draws by every call; each invoice's credits are at
+    most what it bills; and amount due + credits over all invoices is every call's cost, once."""
+    rng = random.Random(seed)
+    months = 4
+    grants = []
+    for grant_id in range(1, rng.randint(1, 4) + 1):
+        starts = rng.uniform(0, 25)
+        expires = starts + rng.uniform(1, 20) if rng.random() < 0.5 else None
+        voided = starts + rng.uniform(0.5, 20) if rng.random() < 0.2 else None
+        amount = Decimal(rng.randint(1, 4000)).scaleb(-3)
+        grants.append(grant(grant_id, f"{amount}", rng.choice((0, 1, 100)), starts, expires, voided))
+
+    def call(month: int) -> tuple[datetime, Decimal]:
+        return day(month * MONTH_DAYS + rng.uniform(0, MONTH_DAYS)), Decimal(rng.randint(1, 900)).scaleb(-3)
+
+    bounds = [day(m * MONTH_DAYS) for m in range(months + 1)]
+    calls: list[tuple[datetime, Decimal]] = []
+    billed_cost: list[Decimal] = []  # what each invoice bills: its month's calls and late calls, at cost
+    applied: list[dict[int, Decimal]] = []
+    cost_billed_before = Decimal(0)
+    for month in range(months):
+        calls += [call(month) for _ in range(rng.randint(0, 6))]
+        calls += [call(rng.randrange(month)) for _ in range(rng.randint(0, 3) if month else 0)]  # late
+        allocation = allocate(grants, slices(calls, grants, bounds), day(100))
+        drawn = [allocation.applied_between(bounds[m], bounds[m + 1]) for m in range(month + 1)]
+        before: dict[int, Decimal] = {}
+        for earlier in applied:
+            for grant_id, amount in earlier.items():
+                before[grant_id] = before.get(grant_id, Decimal(0)) + amount
+        applied.append(credits_still_due(drawn, before))
+        cost_now = sum((c for at, c in calls if month_of(at) <= month), Decimal(0))
+        billed_cost.append(cost_now - cost_billed_before)
+        cost_billed_before = cost_now
+        assert sum(applied[-1].values(), Decimal(0)) <= billed_cost[-1]
+
+    expected_draws, uncovered = simulate(grants, calls)
+    total_applied = {g.grant_id: sum((a.get(g.grant_id, Decimal(0)) for a in applied), Decimal(0)) for g in grants}
+    assert total_applied == expected_draws
+    due = [cost - sum(a.values(), Decimal(0)) for cost, a in zip(billed_cost, applied, strict=True)]
+    assert sum(due, Decimal(0)) == uncovered
+    assert sum(due, Decimal(0)) + sum(total_applied.values(), Decimal(0)) == sum(c for _, c in calls)

@@ -119,9 +119,14 @@ def test_the_worker_mirrors_the_balance_and_alerts_once_per_grant(
     want += [f"credits:{big.grant_id}:{level}" for level in (20, 5) if big_left <= level]
     assert mine == sorted(want)
     assert {a.kind for a in alerts if a.tenant_id == tenant} >= {"credits.exhausted", "credits.low"}
-    assert [a for a in follower.tick(now + timedelta(seconds=1)) if a.tenant_id == tenant] == []  # nothing new
+    # Until the caller confirms them stored, every round offers the same alerts again (issue #16) ...
+    again = follower.tick(now + timedelta(seconds=1))
+    assert sorted(a.alert_id for a in again if a.tenant_id == tenant) == mine
     assert store_alerts(conn, alerts) >= set(mine)
-    assert store_alerts(conn, alerts) == set()  # once each
+    assert store_alerts(conn, again) == set()  # once each: offering them again stores nothing new
+    follower.confirm(a.alert_id for a in again)
+    # ... and once confirmed, nothing: the balance has not changed, so no alert is derived again.
+    assert [a for a in follower.tick(now + timedelta(seconds=1, milliseconds=500)) if a.tenant_id == tenant] == []
     void_grant(conn, small.grant_id, now + timedelta(seconds=2))
     void_grant(conn, big.grant_id, now + timedelta(seconds=2))
     follower.tick(now + timedelta(seconds=3))
@@ -166,18 +171,58 @@ def test_invoices_show_credits_per_grant_and_amount_due_frozen_when_finalized(
     write_batch(conn, calls(tenant, "late", at("2025-06-11"), 2))
     assert invoice(conn, tenant, "2025-06").as_json() == frozen.as_json()
 
-    # July: its own calls draw what June (late calls included) left; the late calls are an adjustment
-    # line billed in full (their credit went to June's usage, which is settled).
+    # July: its own calls and the late June calls (its adjustment line) get the credit they drew; June's
+    # frozen credits are not applied again, so per grant June + July apply exactly what every call drew.
     late = calls(tenant, "late", at("2025-06-11"), 2)
     open_july = invoice(conn, tenant, "2025-07").as_json()
     july_applied = {c["grant_id"]: Decimal(c["applied"]) for c in open_july["credits"]}
-    june_now, _ = simulate(grants, costs(june + late))
-    every, _ = simulate(grants, costs(june + late + july))
-    assert july_applied == {g: every[g] - june_now[g] for g in every if every[g] != june_now[g]}
-    assert promo.grant_id not in july_applied  # expired on the 15th, before the July calls
+    every, every_uncovered = simulate(grants, costs(june + late + july))
+    assert july_applied == {g: every[g] - june_drawn[g] for g in every if every[g] != june_drawn[g]}
     july_total = sum((c for _, c in costs(july + late)), Decimal(0))  # pass-through: billed at cost
     assert Decimal(open_july["total"]) == july_total
     assert Decimal(open_july["amount_due"]) == july_total - sum(july_applied.values(), Decimal(0))
+    assert Decimal(document["amount_due"]) + Decimal(open_july["amount_due"]) == every_uncovered
+
+
+def test_late_usage_of_a_finalized_month_is_paid_once_by_credit_or_amount_due(
+    conn: psycopg.Connection, unique: str
+) -> None:
+    """Issue #16: the late calls' adjustment line gets the credit they drew. Over every invoice, amount due
+    plus credits applied is the cost of every call once, and each grant applies exactly what the
+    call-by-call simulation says every call drew from it."""
+    tenant = f"late-cred-{unique}"
+    promo = give(conn, tenant, "0.006", 0, "2025-03-01", "2025-05-01")  # expires before the May calls
+    wallet = give(conn, tenant, "0.02", 10, "2025-03-01", None)
+    grants = [promo, wallet]
+    batches = {
+        "2025-03": calls(tenant, "march", at("2025-03-05"), 3),
+        "2025-04": calls(tenant, "april", at("2025-04-03"), 2) + calls(tenant, "late-march", at("2025-03-02"), 2),
+        "2025-05": calls(tenant, "may", at("2025-05-07"), 3)
+        + calls(tenant, "late-march-2", at("2025-03-20"), 1)
+        + calls(tenant, "late-april", at("2025-04-01"), 2),
+    }
+    everything: list[PricedEvent] = []
+    bills = []
+    for period, items in batches.items():  # each month's calls (and late ones) arrive, then it is finalized
+        write_batch(conn, items)
+        everything += items
+        ends = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC) + timedelta(days=32)
+        bills.append(finalize(conn, tenant, period, now=ends).as_json())
+    drawn, uncovered = simulate(grants, costs(everything))
+    all_cost = sum((c for _, c in costs(everything)), Decimal(0))
+    applied = {g.grant_id: Decimal(0) for g in grants}
+    for bill in bills:
+        credits = sum((Decimal(c["applied"]) for c in bill["credits"]), Decimal(0))
+        assert credits == Decimal(bill["credits_applied"]) <= Decimal(bill["total"])
+        for c in bill["credits"]:
+            applied[c["grant_id"]] += Decimal(c["applied"])
+    assert applied == drawn
+    assert drawn[promo.grant_id] > 0 and drawn[wallet.grant_id] == Decimal("0.02")  # both drawn, wallet used up
+    assert sum(Decimal(b["amount_due"]) + Decimal(b["credits_applied"]) for b in bills) == all_cost
+    assert sum(Decimal(b["amount_due"]) for b in bills) == uncovered > 0
+    assert [len(b["adjustments"]) > 0 for b in bills] == [False, True, True]
+    # Finalized invoices read back as frozen: their credits do not move with later usage.
+    assert [invoice(conn, tenant, p).as_json()["credits"] for p in batches] == [b["credits"] for b in bills]
 
 
 def test_voids_are_recorded_once_and_refused_when_they_cannot_apply(conn: psycopg.Connection, unique: str) -> None:

@@ -221,3 +221,24 @@ def test_a_finalized_invoice_keeps_its_rate_and_late_usage_takes_the_next_invoic
     )
     listed = json.loads(cli("fx", "list", "--format", "json").stdout)
     assert listed and "ABC" not in {r["to"] for r in listed} and "by hand" not in cli("fx", "list").stdout
+
+
+def test_a_currency_written_by_hand_that_is_not_iso_4217_is_a_clear_error(
+    conn: psycopg.Connection, unique: str
+) -> None:
+    tenant = f"fx-bad-{unique}"
+    cli("ratecard", "set", "--tenant", tenant, "--markup", "10", "--currency", "EUR")
+    write_batch(conn, calls(tenant, "x", datetime(2026, 7, 3, tzinfo=UTC), 1))
+    # Passes the table's three-capital-letters check, but is no ISO 4217 currency.
+    conn.execute("UPDATE tokenmeter.rate_cards SET currency = 'ABC' WHERE tenant_id = %s", (tenant,))
+    with pytest.raises(InvoiceError, match=f"the rate card of {tenant} is invalid .*unknown currency 'ABC'"):
+        invoice(conn, tenant, "2026-07")
+    refused = cli("invoice", "--tenant", tenant, "--period", "2026-07", ok=False)
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "unknown currency 'ABC'" in refused.stderr and "ratecard set --tenant" in refused.stderr
+    # Changing only the currency keeps the broken card's other terms, so it is refused with the same error;
+    # the repair the message names replaces the whole card.
+    assert "unknown currency 'ABC'" in cli("ratecard", "set", "--tenant", tenant, "--currency", "EUR", ok=False).stderr
+    cli("ratecard", "set", "--tenant", tenant, "--pass-through", "--currency", "USD")
+    repaired = json.loads(cli("invoice", "--tenant", tenant, "--period", "2026-07", "--format", "json").stdout)
+    assert (repaired["currency"], repaired["calls"]) == ("USD", 1)

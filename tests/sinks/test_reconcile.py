@@ -324,7 +324,9 @@ def test_alerts_one_per_flagged_row_with_stable_ids() -> None:
     first = mismatch_alerts(reconcile(export, metered, NOV2, NOV2, "acme"), now)
     again = mismatch_alerts(reconcile(export, metered, NOV2, NOV2, "acme"), datetime(2026, 11, 6, tzinfo=UTC))
     assert (
-        [a.alert_id for a in first] == [a.alert_id for a in again] == ["reconcile.mismatch:openai:acme:2026-11-02:o3"]
+        [a.alert_id for a in first]
+        == [a.alert_id for a in again]
+        == ["reconcile.mismatch:openai:acme:2026-11-02:o3:2.50"]  # the provider's amount, in cents
     )
     alert = first[0]
     assert (alert.kind, alert.tenant_id, alert.period) == ("reconcile.mismatch", "acme", "2026-11-02")
@@ -439,3 +441,23 @@ def test_an_export_not_grouped_by_model_is_refused_not_flagged() -> None:
     mixed_result = reconcile(mixed, metered, NOV2, NOV2, None)
     assert [u.amount for u in mixed_result.unmapped] == [Decimal("0.01")]
     assert [(r.provider_cost, r.flagged) for r in mixed_result.rows] == [(Decimal("0.06"), False)]
+
+
+def test_a_mismatch_fires_again_only_when_the_providers_amount_changes_by_a_cent() -> None:
+    metered = [MeteredCost(NOV2, "o3", Decimal("2.2"), 4)]
+    now = datetime(2026, 11, 5, tzinfo=UTC)
+
+    def ids(provider_amount: str, tenant: str | None = "acme") -> list[str]:
+        export = export_of(ProviderLine(NOV2, "o3, input", "o3", Decimal(provider_amount)))
+        return [a.alert_id for a in mismatch_alerts(reconcile(export, metered, NOV2, NOV2, tenant), now)]
+
+    partial = ids("1.104")  # the provider's day not final yet: a false mismatch (−50 %)
+    assert partial == ["reconcile.mismatch:openai:acme:2026-11-02:o3:1.10"]
+    assert ids("1.1") == ids("1.1049999") == partial  # the same bill (to the cent): stored and sent once
+    final = ids("2.5")  # the day settled, still 12 % apart: a new alert with the final numbers
+    assert final == ["reconcile.mismatch:openai:acme:2026-11-02:o3:2.50"] and final != partial
+    assert ids("2.2") == []  # settled and matching: nothing fires
+    assert ids("2.505") == ["reconcile.mismatch:openai:acme:2026-11-02:o3:2.51"]  # half a cent rounds up
+    assert ids("999999999999.995", None) == ["reconcile.mismatch:openai:*:2026-11-02:o3:1000000000000.00"]
+    no_bill = mismatch_alerts(reconcile(export_of(days={NOV2}), metered, NOV2, NOV2, "acme"), now)
+    assert [a.alert_id for a in no_bill] == ["reconcile.mismatch:openai:acme:2026-11-02:o3:0.00"]  # unbilled usage

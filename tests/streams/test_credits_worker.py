@@ -15,8 +15,11 @@ from deploy.isolation import WorkerProcess, isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.quota import QuotaClient
+from schemas.credits import Grant, UsageSlice, allocate
+from schemas.records import Alert
 from sinks.alerts import list_alerts
 from sinks.credits import record_grant
+from streams.credits import UnconfirmedAlerts, credit_alerts
 from streams.lag import wait_for_sinks
 from tests.streams.test_worker_integration import record, send_raw, usage
 
@@ -65,3 +68,41 @@ def test_a_running_worker_mirrors_the_drawn_down_balance_and_alerts_once(
         assert worker.alive(), worker.output()
     finally:
         worker.stop()
+
+
+def test_credit_alerts_survive_a_failed_alert_store() -> None:
+    """The follower's side of the worker's credit alert round (streams/app.py ``follow_credits``): the
+    alerts reached are offered every round until the store confirms them, so a store that fails once
+    delays them by a round instead of losing them (a used-up tenant makes no usage to derive them again)."""
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    grant = Grant(7, "acme", Decimal("10"), 0, start, None, start, "promo")
+    used_up = allocate([grant], [UsageSlice(start, None, Decimal("10"))], start + timedelta(days=2))
+    reached = credit_alerts(used_up, start + timedelta(days=2))
+    assert sorted(a.alert_id for a in reached) == ["credits:7:0", "credits:7:20", "credits:7:5"]
+
+    stored: dict[str, Alert] = {}  # keeps each alert id once, as the Postgres alert store does
+    failures = [True]  # the first attempt fails (a Postgres blip), later ones succeed
+
+    def store(alerts: list[Alert]) -> set[str]:
+        if failures and failures.pop():
+            raise psycopg.OperationalError("connection lost")
+        new = {a.alert_id for a in alerts if a.alert_id not in stored}
+        stored.update({a.alert_id: a for a in alerts if a.alert_id in new})
+        return new
+
+    def one_round(pending: UnconfirmedAlerts, derived: list[Alert]) -> None:
+        pending.add(derived)
+        offered = pending.due()
+        try:
+            store(offered)
+        except psycopg.OperationalError:
+            return  # not confirmed: offered again next round
+        pending.confirm(a.alert_id for a in offered)
+
+    pending = UnconfirmedAlerts()
+    one_round(pending, reached)  # derived once (the balance changed), the store fails
+    assert stored == {} and {a.alert_id for a in pending.due()} == {a.alert_id for a in reached}
+    one_round(pending, [])  # nothing derived again (no new usage): the waiting alerts are stored now
+    assert set(stored) == {a.alert_id for a in reached} and pending.due() == []
+    one_round(pending, reached)  # derived again later: offered, stored once only
+    assert len(stored) == 3 and pending.due() == []
