@@ -1,8 +1,9 @@
 """Report summaries per UTC month: how they are kept current and how a report reads them exactly.
 
 Migration 0016 says what they hold. Every ledger insert queues its (transaction id, month) in
-``tokenmeter.report_queue``; :func:`summarize_pending` (the worker calls it every few seconds, off the
-billing path) folds queued batches into the summaries and dequeues them in one transaction. A report of
+``tokenmeter.report_queue``; :func:`summarize_pending` (the worker calls it every
+``report_summary_interval_s``, off the billing path) folds queued batches into the summaries and
+dequeues them in one transaction. A report of
 whole UTC months reads the summaries plus the ledger rows of batches still queued (``_tail``), so it is
 exact however far behind the summaries are; other periods (a local month of a tenant in another time
 zone, a week, a range) read the ledger as before.

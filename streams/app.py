@@ -437,7 +437,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
 
     summarizer = ReportSummarizer(settings)
 
-    @app.timer(interval=2.0)
+    @app.timer(interval=settings.report_summary_interval_s)
     async def summarize_reports() -> None:
         await asyncio.to_thread(optional, "report summaries", summarizer.run, 0)
 
@@ -538,8 +538,15 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         """Prepaid balances to Redis and their alerts (``streams/credits.py``); alerts go the usual way."""
         reached = await asyncio.to_thread(optional, "credits", lambda: credit_follower.tick(datetime.now(UTC)), [])
         fresh = [alert for alert in reached if alert.alert_id not in alerted]
-        if fresh:
-            await send_alerts(fresh)
+        try:
+            if fresh:
+                await send_alerts(fresh)
+        except Exception:
+            # Not confirmed: the follower offers them again next round (a used-up tenant makes no new usage).
+            log.exception("storing %d credit alerts failed; offered again next round", len(fresh))
+            metrics.OPTIONAL_FAILURES.labels(stage="credit alerts").inc()
+            return
+        credit_follower.confirm(alert.alert_id for alert in reached)
 
     return app
 
