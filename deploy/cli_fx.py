@@ -72,8 +72,8 @@ def fx_note(bill: Invoice) -> str | None:
     if bill.fx is None:
         return None
     return (
-        f"converted from USD at {bill.fx.label}; USD total {usd(bill.total_usd)}; {bill.currency} amounts"
-        f" rounded half up to {MINOR_UNITS[bill.currency]} decimals for display"
+        f"converted from USD at {bill.fx.label}; USD total {usd(bill.total_usd)}; the {bill.currency} total"
+        f" rounded half up to {MINOR_UNITS[bill.currency]} decimals, lines allocated to add up to it"
     )
 
 

@@ -444,7 +444,8 @@ class QuotaClient:
             # The script stops at the first scope (in order) the call does not fit; name the tightest of all
             # (best effort: the refusal stands, and without the read the script's scope is named).
             tightest = None
-            with contextlib.suppress(redis.RedisError):
+            # A malformed value (a hand-written budget key) must not turn a refusal into an exception either.
+            with contextlib.suppress(redis.RedisError, ValueError, KeyError, TypeError):
                 tightest = self._tightest_budget(tenant_id, scopes, amount, now)
             if tightest is not None:
                 refusing, outcome = tightest[0], [0, tightest[0], "budget", tightest[1], tightest[2]]

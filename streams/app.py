@@ -212,12 +212,19 @@ class ReportSummarizer:
     def run(self) -> int:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.settings.database_url, autocommit=True, connect_timeout=5)
+        done, started = 0, time.monotonic()
         try:
-            done = summarize_pending(self._conn)
+            # Until the queue is empty (a backlog after an outage, or many small batches), within about one
+            # interval, so a run never delays the next by much.
+            while time.monotonic() - started < self.settings.report_summary_interval_s:
+                folded = summarize_pending(self._conn)
+                done += folded
+                metrics.REPORT_BATCHES_SUMMARIZED.inc(folded)
+                if folded == 0:
+                    break
         except psycopg.Error:
             self._conn.close()
             raise
-        metrics.REPORT_BATCHES_SUMMARIZED.inc(done)
         return done
 
 

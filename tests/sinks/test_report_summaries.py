@@ -269,3 +269,22 @@ def test_the_kept_top_calls_match_the_migration() -> None:
 
     sql = (Path(summaries.__file__).parent / "migrations" / "0016_report_summaries.sql").read_text()
     assert f"summarize_rows(m.first, NULL, {TOP_CALLS_KEPT})" in sql
+
+
+def test_the_workers_summarizer_empties_the_queue_in_one_run(
+    conn: psycopg.Connection, settings: Settings, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage-2 job (``streams.app.ReportSummarizer``) folds every queued batch in one run, however many
+    calls of ``summarize_pending`` that takes (a backlog after an outage)."""
+    from streams.app import ReportSummarizer
+
+    tenants = [f"sum-h-{unique}"]
+    items = priced(events(tenants, 400, seed=6))
+    for chunk in range(0, len(items), 10):
+        write_batch(conn, items[chunk : chunk + 10])
+    queued = pending_batches(conn)
+    assert queued >= 40
+    monkeypatch.setattr("streams.app.summarize_pending", lambda c: summarize_pending(c, max_batches=7))
+    assert ReportSummarizer(settings).run() == queued
+    assert pending_batches(conn) == 0
+    check_reports(conn, items, tenants)
