@@ -332,6 +332,8 @@ def _write_batch(
                 copy.write_row(_row(item))
         tagged = bool(tag_dimensions)
         tags = _tag_parameters(tag_dimensions) if tagged else None
+        if tagged:  # the un-tagged path (most deployments) takes no lock at all
+            _share_tag_locks(conn, {item.event.tenant_id for item in unique.values()}, tag_dimensions)
         conn.execute(_INSERT_NEW_ROWS_BY_TAGGED[tagged], tags)
         rollups = [Rollup(*row) for row in conn.execute(_ADVANCE_ROLLUPS)]
         new = conn.execute(_NEW_PER_TENANT).fetchall()
@@ -384,22 +386,123 @@ def _tenant_tag_dimensions(conn: psycopg.Connection, tenant_id: str) -> list[tup
     return [(tenant_id, name) for (name,) in rows]
 
 
+# ---------------------------------------------------------------- tag rollups: rebuild and its bookkeeping
+# A rebuild of one (tenant, tag name) must count every ledger row of the tenant once: rows committed before
+# it by a scan, rows committed after it by the batches (which advance the tag's rollups once they name it).
+# It used to lock the ledger and rollups tables for the whole scan, stalling every tenant's batches for up
+# to the statement timeout. Now:
+# - the bulk is summed with no lock at all, from one snapshot, and the ids it counted are kept aside;
+# - then a transaction-level advisory lock keyed by the tenant is taken exclusively: the batches that count
+#   tags of that tenant take it shared (``_share_tag_locks``), so it waits for those in flight and holds new
+#   ones back. Under it only the rows committed since the snapshot are summed (an anti-join on the counted
+#   ids, over the tenant's rows), the tag's rollups replaced and the pair recorded as complete.
+# Other tenants' batches never wait; a batch holding the tenant's calls waits only for the short second step.
+# Batches of a tenant no budget names a tag of take no lock (the un-tagged hot path is unchanged).
+_TAG_LOCK = "pg_advisory_xact_lock{mode}(hashtext('tokenmeter.tag_rollups'), hashtext({tenant}))"
+_REBUILD_TABLES = (
+    "CREATE TEMP TABLE IF NOT EXISTS tag_rebuild_ids (event_id text PRIMARY KEY) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS tag_rebuild_minutes (tenant_id text, minute timestamptz, dimension text,"
+    " value text, calls bigint, unpriced_calls bigint, input_tokens numeric, output_tokens numeric,"
+    " cache_read_tokens numeric, cache_write_tokens numeric, input_cost numeric, output_cost numeric,"
+    " cost numeric) ON COMMIT DELETE ROWS",
+)
+# One tag's minute sums over ``rows`` (the tenant's ledger rows carrying the tag): only the tag's dimension,
+# not the seven others ``_MINUTE_SUMS`` would compute and drop.
+_TAG_MINUTES = """
+INSERT INTO tag_rebuild_minutes
+SELECT tenant_id, date_trunc('minute', ts, 'UTC'), 'tag:' || %(name)s::text, tags ->> %(name)s::text,
+       count(*), count(*) FILTER (WHERE price_status = 'unpriced'), sum(input_tokens), sum(output_tokens),
+       sum(cache_read_tokens), sum(cache_write_tokens), sum(input_cost), sum(output_cost), sum(total_cost)
+FROM rows GROUP BY 1, 2, 3, 4
+"""
+_TAGGED_ROWS = "SELECT * FROM tokenmeter.ledger AS l WHERE l.tenant_id = %(tenant)s AND l.tags ? %(name)s::text"
+# Step 1, one statement so one snapshot: the sums and the ids they counted.
+_REBUILD_BULK = f"""
+WITH rows AS MATERIALIZED ({_TAGGED_ROWS}),
+     counted AS (INSERT INTO tag_rebuild_ids SELECT event_id FROM rows)
+{_TAG_MINUTES}
+"""
+# Step 2, under the tenant's lock: the rows committed since step 1's snapshot.
+_REBUILD_REST = f"""
+WITH rows AS MATERIALIZED (
+    {_TAGGED_ROWS} AND NOT EXISTS (SELECT 1 FROM tag_rebuild_ids AS i WHERE i.event_id = l.event_id))
+{_TAG_MINUTES}
+"""
+
+_ZERO_TAG_ROLLUPS = (
+    "UPDATE tokenmeter.rollups SET calls = 0, unpriced_calls = 0, input_tokens = 0, output_tokens = 0,"
+    " cache_read_tokens = 0, cache_write_tokens = 0, input_cost = 0, output_cost = 0, cost = 0"
+    " WHERE tenant_id = %s AND dimension = %s"
+)
+
+
+def _share_tag_locks(
+    conn: psycopg.Connection, batch_tenants: Collection[str], tag_dimensions: Collection[tuple[str, str]]
+) -> None:
+    """Take, for this transaction, the shared tag lock of each tenant of the batch whose tags get rollups."""
+    tenants = sorted({tenant for tenant, _ in tag_dimensions}.intersection(batch_tenants))
+    if tenants:
+        lock = _TAG_LOCK.format(mode="_shared", tenant="t")
+        conn.execute(f"SELECT {lock} FROM unnest(%s::text[]) AS t", (tenants,))
+
+
 def rebuild_tag_rollups(conn: psycopg.Connection, tenant_id: str, tag_name: str) -> None:
-    """Rebuild a tenant's rollups of one tag from the ledger (attached months), in one transaction: a tag
-    has rollups only while a budget names it (``write_batch``), so when one starts to, its spend so far is
-    counted here. The locks wait for batches in flight and hold new ones until the rebuild commits, so
-    every ledger row is counted once: by the rebuild or by a later batch."""
-    dimension = f"tag:{tag_name}"
+    """Rebuild a tenant's rollups of one tag from the ledger (attached months) and record the pair as
+    complete (``tokenmeter.tag_scopes``), in one transaction: a tag has rollups only while a budget names it
+    (``write_batch``), so when one starts to, its spend so far is counted here. Locks only this tenant's
+    tag-counting batches, and only for the remainder (see above)."""
+    params = {"tenant": tenant_id, "name": tag_name}
     with conn.transaction():
-        conn.execute("LOCK TABLE tokenmeter.ledger, tokenmeter.rollups IN SHARE ROW EXCLUSIVE MODE")
-        conn.execute("DELETE FROM tokenmeter.rollups WHERE tenant_id = %s AND dimension = %s", (tenant_id, dimension))
-        # Every dimension of the tagged rows is summed, then all but the tag's dropped: one definition of
-        # a rollup (``_MINUTE_SUMS``), paid for only when a tag budget appears.
-        source = "(SELECT * FROM tokenmeter.ledger WHERE tenant_id = %(tenant)s AND tags ? %(name)s) AS ledger"
-        minutes = f"(SELECT * FROM ({_minute_sums('ledger', source, True)}) AS s WHERE s.dimension = %(dimension)s)"
+        for statement in _REBUILD_TABLES:
+            conn.execute(statement)
+        conn.execute(_REBUILD_BULK, params)
+        conn.execute(f"SELECT {_TAG_LOCK.format(mode='', tenant='%(tenant)s')}", params)
+        conn.execute(_REBUILD_REST, params)
+        # Zeroed, then advanced by the sums (an upsert adds to them): the worker's role may update rollups
+        # but not delete them (deploy/sql/roles.sql).
+        conn.execute(_ZERO_TAG_ROLLUPS, (tenant_id, f"tag:{tag_name}"))
+        conn.execute(_ROLLUP_UPSERT.format(minutes="tag_rebuild_minutes"))
         conn.execute(
-            _ROLLUP_UPSERT.format(minutes=minutes),
-            {"tenant": tenant_id, "name": tag_name, "dimension": dimension, **_tag_parameters([(tenant_id, tag_name)])},
+            "INSERT INTO tokenmeter.tag_scopes (tenant_id, tag_name, state, rebuilt_at)"
+            " VALUES (%(tenant)s, %(name)s, 'complete', now()) ON CONFLICT (tenant_id, tag_name)"
+            " DO UPDATE SET state = 'complete', rebuilt_at = now(), stale_since = NULL",
+            params,
+        )
+
+
+def ensure_tag_rollups(conn: psycopg.Connection, tenant_id: str, tag_name: str) -> bool:
+    """Rebuild one tag's rollups unless they are recorded complete (a worker restart finds them so);
+    return whether it rebuilt."""
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT state FROM tokenmeter.tag_scopes WHERE tenant_id = %s AND tag_name = %s", (tenant_id, tag_name)
+        ).fetchone()
+    if row is not None and row[0] == "complete":
+        return False
+    rebuild_tag_rollups(conn, tenant_id, tag_name)
+    return True
+
+
+def complete_tag_scopes(conn: psycopg.Connection) -> set[tuple[str, str]]:
+    """The (tenant, tag name) pairs recorded complete: a starting stage 1 keeps counting them until it knows
+    whether a budget still names them, so none misses a batch before it is marked stale."""
+    with conn.transaction():
+        rows = conn.execute("SELECT tenant_id, tag_name FROM tokenmeter.tag_scopes WHERE state = 'complete'")
+        return {(tenant, name) for tenant, name in rows}
+
+
+def mark_tag_scopes_stale(conn: psycopg.Connection, pairs: Collection[tuple[str, str]]) -> None:
+    """Record that these (tenant, tag name) pairs stopped being named: their rollups stop advancing, so a
+    budget naming them again needs a rebuild. Called before the batches stop counting them."""
+    if not pairs:
+        return
+    tenants, names = zip(*sorted(pairs), strict=True)
+    with conn.transaction():
+        conn.execute(
+            "UPDATE tokenmeter.tag_scopes AS s SET state = 'stale', stale_since = now()"
+            " FROM unnest(%s::text[], %s::text[]) AS p(tenant_id, tag_name)"
+            " WHERE (s.tenant_id, s.tag_name) = (p.tenant_id, p.tag_name) AND s.state = 'complete'",
+            (list(tenants), list(names)),
         )
 
 

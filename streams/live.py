@@ -12,7 +12,8 @@ table and alerts (``metering.rollups``), and the spend a quota check reads from 
   absolute totals from Postgres again.
 
 Tags have rollups at all only for the tag names some budget or rate limit of the tenant names
-(``NamedScopes.tag_dimensions``).
+(``NamedScopes.tag_dimensions``). Models, teams and API keys have spend in Redis only for the values a
+budget or rate limit names (``LiveScopes.mirrored``); their recent values still reach stage 2.
 
 A value outside these has no live spend in Redis (its keys are deleted when it drops out, so a quota
 check without a budget reports $0 for it) and no per-user anomaly rule; everything it spent is in the
@@ -22,12 +23,17 @@ ledger, the rollups, reports and invoices.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 
 from schemas.records import Rollup
 from schemas.redis_keys import TAG_DIMENSION_PREFIX
 
 BOUNDED_DIMENSIONS = ("feature", "user", "environment", "model", "team", "api_key")
+# Dimensions whose spend Redis mirrors only for the values a budget or rate limit names: a quota check
+# reads their spend only then, and every active model of a tenant would otherwise cost three keys per batch
+# in every workload. (Stage 2 still gets their recent values' windows: its rules read model months.)
+NAMED_ONLY_DIMENSIONS = ("model", "team", "api_key")
 
 
 def bounded(dimension: str) -> bool:
@@ -35,43 +41,82 @@ def bounded(dimension: str) -> bool:
     return dimension in BOUNDED_DIMENSIONS or dimension.startswith(TAG_DIMENSION_PREFIX)
 
 
-class NamedScopes(set[tuple[str, str, str]]):
-    """The (tenant, dimension, value) scopes config.budgets names, and the (tenant, tag name) pairs among
-    them: the only tags stage 1 makes rollups for (``sinks.postgres.write_batch``), so the rollups of
+class NamedScopes(AbstractSet[tuple[str, str, str]]):
+    """The (tenant, dimension, value) scopes config.budgets names, and the (tenant, tag name) pairs that get
+    tag rollups: the only tags stage 1 makes rollups for (``sinks.postgres.write_batch``), so the rollups of
     tags stay bounded by the budgets, not by what events carry (DESIGN.md §4.5).
 
-    Changed by the config follower on stage 1's main thread, read by its sink thread: ``tag_dimensions``
-    is a frozenset rebound whole on each change, so the reader always takes one consistent snapshot."""
+    A read-only set changed only by ``add`` and ``discard`` (not a ``set`` subclass: its other mutators
+    would bypass the tag bookkeeping). ``tag_dimensions`` is a frozenset rebound whole on each change, so
+    stage 1's sink thread always reads one consistent snapshot.
 
-    def __init__(self) -> None:
-        super().__init__()
+    A pair stays in ``tag_dimensions`` after its last named scope goes, until the caller has recorded it
+    stale in Postgres and ``retire``s it (``unnamed_tags``): no batch skips a tag whose rollups are still
+    recorded complete, so a budget naming it later knows it must rebuild them. ``keep`` does the same for
+    the pairs Postgres records complete when stage 1 starts (before its budgets are all read back)."""
+
+    def __init__(self, scopes: Iterable[tuple[str, str, str]] = ()) -> None:
+        self._scopes: set[tuple[str, str, str]] = set()
         self._tag_scopes: dict[tuple[str, str], int] = {}  # (tenant, tag name) -> named scopes with it
+        self._kept: set[tuple[str, str]] = set()  # pairs still counted though perhaps unnamed
         self.tag_dimensions: frozenset[tuple[str, str]] = frozenset()
+        for scope in scopes:  # also how the set operators (&, |, -) build their results
+            self.add(scope)
+
+    def __contains__(self, scope: object) -> bool:
+        return scope in self._scopes
+
+    def __iter__(self) -> Iterator[tuple[str, str, str]]:
+        return iter(self._scopes)
+
+    def __len__(self) -> int:
+        return len(self._scopes)
 
     def add(self, scope: tuple[str, str, str]) -> None:
-        if scope in self:
+        if scope in self._scopes:
             return
-        super().add(scope)
-        tenant_id, dimension, _ = scope
-        if dimension.startswith(TAG_DIMENSION_PREFIX):
-            pair = (tenant_id, dimension.removeprefix(TAG_DIMENSION_PREFIX))
+        self._scopes.add(scope)
+        pair = _tag_pair(scope)
+        if pair is not None:
             self._tag_scopes[pair] = self._tag_scopes.get(pair, 0) + 1
-            self.tag_dimensions = frozenset(self._tag_scopes)
+            self._publish()
 
-    def discard(self, scope: object) -> None:
-        if scope not in self:
+    def discard(self, scope: tuple[str, str, str]) -> None:
+        if scope not in self._scopes:
             return
-        super().discard(scope)
-        assert isinstance(scope, tuple)  # a member, so a (tenant, dimension, value) tuple
-        tenant_id, dimension, _ = scope
-        if dimension.startswith(TAG_DIMENSION_PREFIX):
-            pair = (tenant_id, dimension.removeprefix(TAG_DIMENSION_PREFIX))
+        self._scopes.discard(scope)
+        pair = _tag_pair(scope)
+        if pair is not None:
             left = self._tag_scopes[pair] - 1
             if left:
                 self._tag_scopes[pair] = left
             else:
                 del self._tag_scopes[pair]
-            self.tag_dimensions = frozenset(self._tag_scopes)
+                self._kept.add(pair)  # counted on until recorded stale (``retire``)
+
+    def keep(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Count these (tenant, tag name) pairs whether named or not, until ``retire``d."""
+        self._kept.update(pairs)
+        self._publish()
+
+    def unnamed_tags(self) -> frozenset[tuple[str, str]]:
+        """The pairs still counted that nothing names: to be recorded stale, then ``retire``d."""
+        return frozenset(self._kept.difference(self._tag_scopes))
+
+    def retire(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Stop counting these pairs, unless a scope names one again meanwhile."""
+        self._kept.difference_update(pair for pair in pairs if pair not in self._tag_scopes)
+        self._publish()
+
+    def _publish(self) -> None:
+        self.tag_dimensions = frozenset(self._kept.union(self._tag_scopes))
+
+
+def _tag_pair(scope: tuple[str, str, str]) -> tuple[str, str] | None:
+    tenant_id, dimension, _ = scope
+    if dimension.startswith(TAG_DIMENSION_PREFIX):
+        return tenant_id, dimension.removeprefix(TAG_DIMENSION_PREFIX)
+    return None
 
 
 class LiveScopes:
@@ -105,6 +150,12 @@ class LiveScopes:
             return True
         recent = self._recent.get((r.tenant_id, r.dimension))
         return recent is not None and r.dimension_value in recent
+
+    def mirrored(self, r: Rollup) -> bool:
+        """Whether Redis mirrors this window's scope: a live one, but of ``NAMED_ONLY_DIMENSIONS`` only a named one."""
+        if r.dimension in NAMED_ONLY_DIMENSIONS:
+            return (r.tenant_id, r.dimension, r.dimension_value) in self.named
+        return self.live(r)
 
     def tracked(self) -> int:
         """How many values are tracked in all (for tests and metrics)."""

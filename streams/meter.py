@@ -44,7 +44,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,7 +61,14 @@ from schemas.events import UsageEvent
 from schemas.records import Alert, PricedEvent, Rollup, money
 from schemas.redis_keys import TAG_DIMENSION_PREFIX, freshness_key
 from sinks.alerts import store_alerts
-from sinks.postgres import BatchResult, rebuild_tag_rollups, scope_rollups, write_batch
+from sinks.postgres import (
+    BatchResult,
+    complete_tag_scopes,
+    ensure_tag_rollups,
+    mark_tag_scopes_stale,
+    scope_rollups,
+    write_batch,
+)
 from sinks.redis import forget_keys, prune_freshness, write_freshness, write_spend
 from sinks.retry import with_backoff
 from streams import metrics
@@ -69,7 +76,7 @@ from streams.anomaly import ConversationRates
 from streams.budgets import parse_config_record
 from streams.config_topic import ConfigFollower
 from streams.health import StageStatus
-from streams.live import LiveScopes
+from streams.live import NAMED_ONLY_DIMENSIONS, LiveScopes, NamedScopes
 from streams.overrides import override_follower
 from streams.pipeline import Deduplicator, RawMessage, Rejected, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
@@ -321,12 +328,19 @@ class Sinks:
 
     def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None:
         """Write the open windows of these scopes from Postgres to Redis (one query and write each). A tag
-        scope's rollups are first rebuilt from the ledger (they exist only while a budget names the tag)."""
+        scope's rollups are first rebuilt from the ledger unless recorded complete (they exist only while a
+        budget names the tag, so a restart finds them complete and rebuilds nothing)."""
         for tenant_id, tag_dimension in {(t, d) for t, d, _ in scopes if d.startswith(TAG_DIMENSION_PREFIX)}:
-            rebuild_tag_rollups(self._postgres(), tenant_id, tag_dimension.removeprefix(TAG_DIMENSION_PREFIX))
+            ensure_tag_rollups(self._postgres(), tenant_id, tag_dimension.removeprefix(TAG_DIMENSION_PREFIX))
         for tenant_id, dimension, value in scopes:
             rollups = scope_rollups(self._postgres(), tenant_id, dimension, value)
             write_spend(self.redis, rollups)
+
+    def complete_tags(self) -> set[tuple[str, str]]:
+        return complete_tag_scopes(self._postgres())
+
+    def mark_tags_stale(self, pairs: Collection[tuple[str, str]]) -> None:
+        mark_tag_scopes_stale(self._postgres(), pairs)
 
     def write_freshness(self, key: str, member: str, caught_up_ms: int, now_ms: int) -> None:
         write_freshness(self.redis, key, member, caught_up_ms, now_ms)
@@ -392,6 +406,8 @@ class MeterSinks(Protocol):
         live: Callable[[Sequence[Rollup], list[str]], list[Rollup]] | None = None,
     ) -> BatchResult: ...
     def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None: ...
+    def complete_tags(self) -> set[tuple[str, str]]: ...
+    def mark_tags_stale(self, pairs: Collection[tuple[str, str]]) -> None: ...
     def store_alerts(self, alerts: Sequence[Alert]) -> set[str]: ...
     def write_freshness(self, key: str, member: str, caught_up_ms: int, now_ms: int) -> None: ...
     def prune_freshness(self, key: str, now_ms: int) -> None: ...
@@ -759,11 +775,26 @@ class Meter:
         """``Sinks.refresh_spend`` on the sink thread (its Postgres connection is that thread's)."""
         self._sink_thread.submit(self.sinks.refresh_spend, scopes).result()
 
+    def keep_complete_tags(self) -> bool:
+        """Count the tags Postgres records complete until they are known unnamed (``NamedScopes.keep``)."""
+        self.live.named.keep(self._sink_thread.submit(self.sinks.complete_tags).result())
+        return True
+
+    def retire_unnamed_tags(self) -> bool:
+        """Record the tags no budget names any more stale, then stop counting them (in that order: a crash in
+        between leaves them counted, never skipped while recorded complete)."""
+        unnamed = self.live.named.unnamed_tags()
+        if unnamed:
+            self._sink_thread.submit(self.sinks.mark_tags_stale, unnamed).result()
+            self.live.named.retire(unnamed)
+        return True
+
     def _live(self, rollups: Sequence[Rollup], forget: list[str]) -> list[Rollup]:
         """The windows of scopes with live structures (``streams/live.py``), after noting this batch's;
         adds the spend keys of scopes that dropped out to ``forget``."""
-        forget += forget_keys(self.live.observe(rollups))
-        return [r for r in rollups if self.live.live(r)]
+        evicted = self.live.observe(rollups)
+        forget += forget_keys(s for s in evicted if s[1] not in NAMED_ONLY_DIMENSIONS)  # those were never written
+        return [r for r in rollups if self.live.mirrored(r)]
 
     def _runaway_alerts(self, fresh: Sequence[UsageEvent]) -> list[Alert]:
         """Runaway conversations of this batch, stored once in Postgres; the ones new there."""
@@ -948,9 +979,7 @@ def rollup_messages(
     ]
 
 
-def scope_follower(
-    settings: Settings, named: set[tuple[str, str, str]], budgeted: list[tuple[str, str, str]]
-) -> ConfigFollower:
+def scope_follower(settings: Settings, named: NamedScopes, budgeted: list[tuple[str, str, str]]) -> ConfigFollower:
     """Keeps ``named`` equal to the scopes config.budgets names (by a budget, a rate limit or both): they
     stay live. Scopes that get a budget are added to ``budgeted``, whose Redis spend the caller rewrites
     from Postgres (a scope that was not live has no spend there, and a new hard budget must not read $0)."""
@@ -1025,6 +1054,8 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
     named = scope_follower(settings, meter.live.named, budgeted)
     optional("budget names", lambda: named.catch_up(1.0), 0)  # only bounds state: no need to wait long
     followed = time.monotonic()
+    # Before any batch: the tags recorded complete are counted until known unnamed, so none misses a batch.
+    tags_kept = optional("tags recorded complete", meter.keep_complete_tags, False)
 
     def refresh_budgeted() -> bool:
         meter.refresh_spend(budgeted)
@@ -1037,19 +1068,29 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
         while not stop.is_set():
             if time.monotonic() - followed > 5.0:
                 optional("price overrides", lambda: overrides.catch_up(0.0), 0)
-                optional("budget names", lambda: named.catch_up(0.0), 0)
+                caught_up = optional("budget names", lambda: named.catch_up(0.0), -1) == 0
+                if tags_kept and caught_up:  # nothing new to read: a pair unnamed now is unnamed, not unread yet
+                    optional("stale tag rollups", meter.retire_unnamed_tags, False)
                 followed = time.monotonic()
                 _exit_if_orphaned(parent_pid)
             if budgeted and time.monotonic() >= refresh_retry_at:
                 # Cleared only once done: a tag rebuild that failed (Postgres blip, statement timeout) would leave
                 # the tag's rollups short for good, so it is tried again, backing off from 5 s to 5 min (a
-                # rebuild locks the ledger's writers while it runs; billing goes on in between).
+                # rebuild holds back its tenant's tag-counting batches for its last step; billing goes on in between).
                 if optional("spend of newly budgeted scopes", refresh_budgeted, False):
                     budgeted.clear()
                     refresh_backoff = 5.0
                 else:
                     refresh_retry_at = time.monotonic() + refresh_backoff
                     refresh_backoff = min(refresh_backoff * 2, 300.0)
+            if not tags_kept:  # Postgres down at the start: no batch could be written yet anyway
+                tags_kept = optional("tags recorded complete", meter.keep_complete_tags, False)
+                if not tags_kept:
+                    if status is not None:
+                        status.failed("Postgres: the tags recorded complete could not be read")
+                        status.alive(meter.measure_lag())
+                    stop.wait(1.0)
+                    continue
             try:
                 done = meter.run_once(BATCH_WAIT_S)
                 meter.report_freshness()

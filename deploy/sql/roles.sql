@@ -130,6 +130,7 @@ BEGIN
             ('report_latency',       'tokenmeter_worker', 'SELECT, INSERT, UPDATE'),
             ('report_price_context', 'tokenmeter_worker', 'SELECT, INSERT, UPDATE'),
             ('report_top_calls',     'tokenmeter_worker', 'SELECT, INSERT, DELETE'),
+            ('tag_scopes',    'tokenmeter_worker',   'SELECT, INSERT, UPDATE'),  -- tag rollups recorded complete (0017)
             ('tenants',       'tokenmeter_operator', 'INSERT, UPDATE'),
             ('rollups',       'tokenmeter_operator', 'INSERT, UPDATE, DELETE'),
             ('ledger',        'tokenmeter_operator', lock_privilege),

@@ -39,7 +39,8 @@ def test_spend_writes_cover_open_periods_of_quota_scopes_only() -> None:
         ],
         now,
     )
-    # a model is a quota scope too (budget hierarchies); an hour window never is
+    # a model is a quota scope too (budget hierarchies), so a model window given is written; which are given
+    # is stage 1's choice (only named models: streams.live.LiveScopes.mirrored); an hour window never is
     assert sorted(writes) == [
         "tm:{acme}:spend:model::day",
         "tm:{acme}:spend:tenant::day",

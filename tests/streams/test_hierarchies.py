@@ -160,7 +160,34 @@ def test_named_scopes_track_the_tag_names_budgets_name() -> None:
     named.discard(("acme", "tag:project", "gemini"))
     named.discard(("acme", "tag:project", "never-named"))
     named.discard(("beta", "tag:a=b", "x"))
-    assert named.tag_dimensions == frozenset() and named == {("acme", "team", "search")}
+    assert named == {("acme", "team", "search")}
+    # unnamed, but still counted until recorded stale in Postgres and retired (stage 1 does both in order)
+    assert named.unnamed_tags() == {("acme", "project"), ("beta", "a=b")} == named.tag_dimensions
+    named.add(("beta", "tag:a=b", "y"))  # named again before the retirement: it stays
+    named.retire(named.unnamed_tags() | {("beta", "a=b")})
+    assert named.tag_dimensions == {("beta", "a=b")} and named.unnamed_tags() == frozenset()
+
+
+def test_tags_recorded_complete_are_counted_until_known_unnamed() -> None:
+    named = NamedScopes()
+    named.keep([("acme", "project"), ("acme", "region")])  # what Postgres records complete at the start
+    named.add(("acme", "tag:project", "apollo"))  # the budgets read back
+    assert named.tag_dimensions == {("acme", "project"), ("acme", "region")}
+    assert named.unnamed_tags() == {("acme", "region")}
+    named.retire(named.unnamed_tags())
+    assert named.tag_dimensions == {("acme", "project")}
+
+
+def test_named_scopes_change_only_through_add_and_discard() -> None:
+    named = NamedScopes([("acme", "tag:p", "v"), ("acme", "user", "u")])
+    for mutator in ("update", "clear", "pop", "remove", "difference_update", "intersection_update", "__ior__"):
+        assert not hasattr(named, mutator), mutator
+    assert not isinstance(named, set)
+    assert named.tag_dimensions == {("acme", "p")}
+    joined = named | {("beta", "tag:q", "w")}  # a new NamedScopes with its own bookkeeping; named unchanged
+    assert isinstance(joined, NamedScopes) and joined.tag_dimensions == {("acme", "p"), ("beta", "q")}
+    assert named.tag_dimensions == {("acme", "p")} and len(named) == 2 and ("acme", "user", "u") in named
+    assert named - {("acme", "tag:p", "v")} == {("acme", "user", "u")}
 
 
 def test_values_of_budgeted_tags_teams_and_keys_are_bounded_like_users() -> None:
@@ -172,6 +199,33 @@ def test_values_of_budgeted_tags_teams_and_keys_are_bounded_like_users() -> None
     assert [r.dimension_value for r in day if live.live(r)] == ["vip", "r2", "r3"]
     teams = [rollup("team", f"t{i}", "1", "day") for i in range(3)]
     assert live.observe(teams) == [("acme", "team", "t0")]
+
+
+def test_redis_mirrors_models_teams_and_keys_only_for_named_values() -> None:
+    """A quota check reads their spend only when a budget names them: unnamed ones would cost three keys
+    per active value and batch in every workload (stage 2 still gets their recent windows)."""
+    live = LiveScopes(per_tenant=10)
+    live.named.add(("acme", "model", "openai/gpt-4o"))
+    live.named.add(("acme", "team", "search"))
+    windows = [
+        rollup("model", "openai/gpt-4o", "1", "day"),
+        rollup("model", "openai/gpt-4o-mini", "1", "day"),
+        rollup("team", "search", "1", "day"),
+        rollup("team", "ads", "1", "day"),
+        rollup("api_key", "key-1", "1", "day"),
+        rollup("user", "u-1", "1", "day"),
+        rollup("tag:req", "r1", "1", "day"),
+        rollup("tenant", "", "1", "day"),
+    ]
+    live.observe(windows)
+    assert [(r.dimension, r.dimension_value) for r in windows if live.mirrored(r)] == [
+        ("model", "openai/gpt-4o"),
+        ("team", "search"),
+        ("user", "u-1"),
+        ("tag:req", "r1"),
+        ("tenant", ""),
+    ]
+    assert all(live.live(r) for r in windows)  # stage 2's selection is unchanged
 
 
 # ---------------------------------------------------------------- the quota client's decisions

@@ -10,6 +10,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,10 +42,11 @@ from schemas.redis_keys import (
     spend_key,
     spend_value,
 )
-from sinks.postgres import rebuild_tag_rollups, set_time_zone, write_batch
+from sinks.postgres import ensure_tag_rollups, mark_tag_scopes_stale, rebuild_tag_rollups, set_time_zone, write_batch
 from sinks.redis import write_freshness
 from streams.budgets import Budget, RateLimit
 from streams.lag import wait_for_sinks
+from streams.meter import Sinks
 from streams.pricing import PriceBook
 
 
@@ -151,6 +153,155 @@ def test_rollups_per_team_key_model_and_budgeted_tag_equal_the_events_sums(
     set_time_zone(conn, tenant, "Asia/Tokyo")
     for dimension, value_of in LEVELS.items():
         assert month_rollups(conn, tenant, dimension) == sums(events, value_of), dimension
+
+
+# ---------------------------------------------------------------- tag rebuilds at scale
+def tagged_calls(tenant: str, count: int, start: datetime, prefix: str) -> list[dict[str, Any]]:
+    """Calls of one tenant in one month, most with a ``project`` tag; few distinct token counts, so the
+    independent sums price each distinct call once."""
+    return [
+        {
+            "event_id": f"{prefix}-{i}",
+            "timestamp": start + timedelta(seconds=i % 86_400, days=i % 20),
+            "tenant_id": tenant,
+            "provider": "openai",
+            "model": ("gpt-4o", "gpt-4o-mini")[i % 2],
+            "input_tokens": 1_000 * (i % 7 + 1),
+            "output_tokens": 100 * (i % 5),
+            "tags": {"project": ("apollo", "gemini", "vega")[i % 3]} if i % 4 else {},
+        }
+        for i in range(count)
+    ]
+
+
+def tag_sums(events: list[dict[str, Any]]) -> dict[str, Decimal]:
+    """Spend per ``project`` value, pricing each distinct (model, tokens) once with genai-prices."""
+    prices: dict[tuple[str, int, int], Decimal] = {}
+    out: dict[str, Decimal] = {}
+    for event in events:
+        if project := event["tags"].get("project"):
+            key = (event["model"], event["input_tokens"], event["output_tokens"])
+            if key not in prices:
+                prices[key] = price(event)
+            out[project] = out.get(project, Decimal(0)) + prices[key]
+    return out
+
+
+def priced(book: PriceBook, events: list[dict[str, Any]]) -> list[PricedEvent]:
+    return [PricedEvent(e, book.price(e)) for e in (validate_event(d) for d in events)]
+
+
+def test_a_rebuild_of_a_large_tenant_does_not_block_other_tenants_and_misses_no_call(
+    conn: psycopg.Connection, settings: Settings, unique: str
+) -> None:
+    big, other = f"big-{unique}", f"other-{unique}"
+    start = datetime(2025, 8, 1, tzinfo=UTC)
+    book = PriceBook()
+    bulk = tagged_calls(big, 50_000, start, f"{big}-bulk")
+    items = priced(book, bulk)
+    for first in range(0, len(items), 5_000):  # no budget names the tag yet: no tag rollups
+        write_batch(conn, items[first : first + 5_000])
+    assert month_rollups(conn, big, "tag:project") == {}
+    named = {(big, "project"), (other, "project")}  # from now on a budget names the tag in both tenants
+    during_big = tagged_calls(big, 2_000, start, f"{big}-during")
+    other_calls = tagged_calls(other, 4_000, start, f"{other}-calls")
+    big_items, other_items = priced(book, during_big), priced(book, other_calls)
+    rebuilt = threading.Event()
+    spans: dict[str, tuple[float, float]] = {}
+    failures: list[BaseException] = []
+
+    def rebuild() -> None:
+        try:
+            with psycopg.connect(settings.database_url) as own:
+                began = time.monotonic()
+                rebuild_tag_rollups(own, big, "project")
+                spans["rebuild"] = (began, time.monotonic())
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+        finally:
+            rebuilt.set()
+
+    def write_big_meanwhile() -> None:  # the large tenant's own batches go on during the rebuild too
+        try:
+            with psycopg.connect(settings.database_url) as own:
+                for first in range(0, len(big_items), 100):
+                    write_batch(own, big_items[first : first + 100], named)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=rebuild), threading.Thread(target=write_big_meanwhile)]
+    for thread in threads:
+        thread.start()
+    other_batches: list[tuple[float, float]] = []
+    with psycopg.connect(settings.database_url) as own:
+        for first in range(0, len(other_items), 100):  # until the rebuild is done, and the rest after it
+            began = time.monotonic()
+            write_batch(own, other_items[first : first + 100], named)
+            other_batches.append((began, time.monotonic()))
+            if rebuilt.is_set() and first >= 1_000:
+                write_batch(own, other_items[first + 100 :], named)
+                break
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    began, ended = spans["rebuild"]
+    during = [(b, e) for b, e in other_batches if b >= began and e <= ended]
+    longest = max(e - b for b, e in other_batches)
+    # the other tenant's batches kept committing while the rebuild ran, none waiting for it
+    assert len(during) >= 3 and longest < (ended - began) / 2, (len(during), longest, ended - began)
+    # every call counted once: the rebuild's, those written during it, and the other tenant's
+    assert month_rollups(conn, big, "tag:project") == tag_sums(bulk + during_big)
+    assert month_rollups(conn, other, "tag:project") == tag_sums(other_calls)
+
+
+def tag_scope(conn: psycopg.Connection, tenant: str) -> tuple[str, datetime, datetime | None]:
+    row = conn.execute(
+        "SELECT state, rebuilt_at, stale_since FROM tokenmeter.tag_scopes WHERE tenant_id = %s AND tag_name = %s",
+        (tenant, "project"),
+    ).fetchone()
+    conn.commit()
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+def refresh_as_a_new_worker(settings: Settings, scopes: list[tuple[str, str, str]]) -> None:
+    """What a starting stage 1 does for the budgets it reads back (``run_stage_one``), on new connections."""
+    sinks = Sinks(settings)
+    try:
+        sinks.refresh_spend(scopes)
+    finally:
+        sinks.close()
+
+
+def test_a_restart_does_not_rebuild_but_a_tag_named_again_after_a_gap_is_rebuilt(
+    conn: psycopg.Connection, settings: Settings, unique: str
+) -> None:
+    tenant = f"restart-{unique}"
+    start = datetime(2025, 8, 1, tzinfo=UTC)
+    book = PriceBook()
+    calls = tagged_calls(tenant, 400, start, tenant)
+    items = priced(book, calls)
+    named = {(tenant, "project")}
+    write_batch(conn, items[:200])  # before any budget names the tag
+    scope = [(tenant, "tag:project", "apollo")]
+    refresh_as_a_new_worker(settings, scope)  # its first budget: rebuilt
+    state, rebuilt_at, stale_since = tag_scope(conn, tenant)
+    assert state == "complete" and stale_since is None
+    write_batch(conn, items[200:300], named)
+    refresh_as_a_new_worker(settings, scope)  # a restarted worker reads the same budget back: nothing rebuilt
+    assert tag_scope(conn, tenant) == (state, rebuilt_at, None)
+    assert not ensure_tag_rollups(conn, tenant, "project")
+    assert month_rollups(conn, tenant, "tag:project") == tag_sums(calls[:300])
+    # the last budget goes: recorded stale before the batches stop counting the tag, which then miss calls
+    mark_tag_scopes_stale(conn, named)
+    state, _, stale_since = tag_scope(conn, tenant)
+    assert state == "stale" and stale_since is not None
+    write_batch(conn, items[300:])
+    assert month_rollups(conn, tenant, "tag:project") == tag_sums(calls[:300])
+    refresh_as_a_new_worker(settings, scope)  # named again: rebuilt, the gap's calls included
+    state, again, stale_since = tag_scope(conn, tenant)
+    assert state == "complete" and again > rebuilt_at and stale_since is None
+    assert month_rollups(conn, tenant, "tag:project") == tag_sums(calls)
 
 
 # ---------------------------------------------------------------- one reserve over the hierarchy
@@ -325,8 +476,11 @@ def test_the_worker_counts_every_level_so_thresholds_alert_and_hard_budgets_bloc
         for dimension, value_of in LEVELS.items():
             expected = sums(events, value_of)
             assert month_rollups(conn, tenant, dimension) == expected, dimension
-            for value, cost in expected.items():  # the quota check's copy in Redis says the same
-                wait_until(lambda d=dimension, v=value, c=cost: redis_spend(d, v) == c, f"{dimension}={value}", 5)
+            for value, cost in expected.items():
+                if (dimension, value) in budgeted:  # the quota check's copy in Redis says the same
+                    wait_until(lambda d=dimension, v=value, c=cost: redis_spend(d, v) == c, f"{dimension}={value}", 5)
+                elif dimension != "tag:project":  # unnamed models, teams and keys are not mirrored at all
+                    assert not client.redis.exists(spend_key(tenant, dimension, value, "month")), (dimension, value)
         assert month_rollups(conn, tenant, "tag:run") == {}
     # key-1 spent 8 x $0.008 = $0.064 of its hard $0.05: blocked, and named whatever else the call names
     decision = client.check(tenant, team="search", api_key="key-1", tags={"project": "apollo", "run": "a"})
@@ -354,3 +508,11 @@ def test_the_worker_counts_every_level_so_thresholds_alert_and_hard_budgets_bloc
         ("team", "search", 50, "budget.threshold"),
     ]
     wait_until(lambda: fired() == expected_alerts, f"budget alerts: {fired()}", 30)
+    # the tag's rollups are recorded complete; once its only budget goes they are recorded stale (a budget
+    # naming the tag later rebuilds them), and no worker start rebuilt them meanwhile
+    with psycopg.connect(running.database_url) as conn:
+        state, rebuilt_at, _ = tag_scope(conn, tenant)
+        assert state == "complete"
+        cli(running, "budget", "delete", "--tenant", tenant, "--tag", "project=apollo")
+        wait_until(lambda: tag_scope(conn, tenant)[0] == "stale", "tag scope not marked stale", 30)
+        assert tag_scope(conn, tenant)[1] == rebuilt_at

@@ -40,7 +40,8 @@ def test_only_the_most_recent_values_of_each_tenant_stay_live_and_budgets_keep_t
     assert live.live(day("acme", "tenant", "")) and live.live(day("beta", "user", "x"))
     assert live.tracked() == 3
     assert forget_keys(evicted) == [spend_key("acme", "user", "b", p) for p in ("day", "week", "month")]
-    # models have spend keys since budgets may name them (budget hierarchies)
+    # models have spend keys since budgets may name them (budget hierarchies); Redis holds them only for
+    # named models (``LiveScopes.mirrored``), whose keys are deleted like any scope's when forgotten
     assert forget_keys([("acme", "model", "openai/gpt-4o")]) == [
         spend_key("acme", "model", "openai/gpt-4o", p) for p in ("day", "week", "month")
     ]
