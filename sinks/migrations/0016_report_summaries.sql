@@ -9,11 +9,12 @@
 --
 -- Off the billing path. A ledger row carries the id of the transaction that wrote it (batch_id, by
 -- default), and a statement trigger queues (batch_id, month) for every insert, whoever the writer;
--- `tokenmeter.summarize_queued` folds queued batches' rows into the summaries and dequeues it in one
--- transaction (so each row is summarized once), called by the worker a few seconds after the batch.
--- A report reads the summaries plus the ledger rows of batches still queued, in one statement and so
--- one snapshot: exact whether the summaries are behind or not. Rows from before this migration are
--- summarized by it (batch_id NULL).
+-- `tokenmeter.summarize_queued` folds queued batches' rows into the summaries and dequeues them in one
+-- transaction (so each row is summarized once), called by the worker every
+-- TOKENMETER_REPORT_SUMMARY_INTERVAL_S. A report reads the summaries plus the ledger rows of batches
+-- still queued, the queue checked in each section's own statement (one snapshot): exact whether the
+-- summaries are behind or not (sinks/summaries.py). Rows from before this migration are summarized by
+-- it (batch_id NULL).
 
 ALTER TABLE tokenmeter.ledger ADD COLUMN batch_id bigint;
 -- A default, not a value on the ADD: an existing row keeps NULL and no partition is rewritten.
