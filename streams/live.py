@@ -22,6 +22,7 @@ ledger, the rollups, reports and invoices.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
@@ -56,6 +57,8 @@ class NamedScopes(AbstractSet[tuple[str, str, str]]):
     the pairs Postgres records complete when stage 1 starts (before its budgets are all read back)."""
 
     def __init__(self, scopes: Iterable[tuple[str, str, str]] = ()) -> None:
+        # ``keep`` runs on stage 1's sink thread (before its first write), the rest on its main thread.
+        self._lock = threading.Lock()
         self._scopes: set[tuple[str, str, str]] = set()
         self._tag_scopes: dict[tuple[str, str], int] = {}  # (tenant, tag name) -> named scopes with it
         self._kept: set[tuple[str, str]] = set()  # pairs still counted though perhaps unnamed
@@ -73,40 +76,45 @@ class NamedScopes(AbstractSet[tuple[str, str, str]]):
         return len(self._scopes)
 
     def add(self, scope: tuple[str, str, str]) -> None:
-        if scope in self._scopes:
-            return
-        self._scopes.add(scope)
-        pair = _tag_pair(scope)
-        if pair is not None:
-            self._tag_scopes[pair] = self._tag_scopes.get(pair, 0) + 1
-            self._publish()
+        with self._lock:
+            if scope in self._scopes:
+                return
+            self._scopes.add(scope)
+            pair = _tag_pair(scope)
+            if pair is not None:
+                self._tag_scopes[pair] = self._tag_scopes.get(pair, 0) + 1
+                self._publish()
 
     def discard(self, scope: tuple[str, str, str]) -> None:
-        if scope not in self._scopes:
-            return
-        self._scopes.discard(scope)
-        pair = _tag_pair(scope)
-        if pair is not None:
-            left = self._tag_scopes[pair] - 1
-            if left:
-                self._tag_scopes[pair] = left
-            else:
-                del self._tag_scopes[pair]
-                self._kept.add(pair)  # counted on until recorded stale (``retire``)
+        with self._lock:
+            if scope not in self._scopes:
+                return
+            self._scopes.discard(scope)
+            pair = _tag_pair(scope)
+            if pair is not None:
+                left = self._tag_scopes[pair] - 1
+                if left:
+                    self._tag_scopes[pair] = left
+                else:
+                    del self._tag_scopes[pair]
+                    self._kept.add(pair)  # counted on until recorded stale (``retire``)
 
     def keep(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Count these (tenant, tag name) pairs whether named or not, until ``retire``d."""
-        self._kept.update(pairs)
-        self._publish()
+        with self._lock:
+            self._kept.update(pairs)
+            self._publish()
 
     def unnamed_tags(self) -> frozenset[tuple[str, str]]:
         """The pairs still counted that nothing names: to be recorded stale, then ``retire``d."""
-        return frozenset(self._kept.difference(self._tag_scopes))
+        with self._lock:
+            return frozenset(self._kept.difference(self._tag_scopes))
 
     def retire(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Stop counting these pairs, unless a scope names one again meanwhile."""
-        self._kept.difference_update(pair for pair in pairs if pair not in self._tag_scopes)
-        self._publish()
+        with self._lock:
+            self._kept.difference_update(pair for pair in pairs if pair not in self._tag_scopes)
+            self._publish()
 
     def _publish(self) -> None:
         self.tag_dimensions = frozenset(self._kept.union(self._tag_scopes))

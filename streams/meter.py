@@ -263,6 +263,10 @@ class Sinks:
         self.redis = redis_client(settings, socket_timeout=5.0)
         # The (tenant, tag name) pairs that get tag rollups: Meter points this at its LiveScopes' snapshot.
         self.tag_dimensions: Callable[[], frozenset[tuple[str, str]]] = frozenset
+        # Until called once: where the pairs Postgres records complete go before the first batch is written
+        # (``NamedScopes.keep``), so no batch skips a tag whose rollups are recorded complete. Part of the
+        # write, so Postgres being down at the start is the write's transient failure (retried, reported).
+        self.keep_complete_tags: Callable[[set[tuple[str, str]]], None] | None = None
 
     def _postgres(self) -> psycopg.Connection:
         if self._pg is None or self._pg.closed:
@@ -292,7 +296,7 @@ class Sinks:
             return BatchResult(0, [])
         started = time.perf_counter()
         result = with_backoff(
-            lambda: write_batch(self._postgres(), priced, self.tag_dimensions()),
+            lambda: self._write_postgres(priced),
             (psycopg.Error,),
             "Postgres",
             on_failure=self._drop_postgres,
@@ -308,6 +312,13 @@ class Sinks:
         metrics.BATCH_SIZE.labels(sink="postgres").observe(len(priced))
         metrics.BATCH_SIZE.labels(sink="redis").observe(len(result.rollups))
         return dataclasses.replace(result, seconds=time.perf_counter() - started)
+
+    def _write_postgres(self, priced: Sequence[PricedEvent]) -> BatchResult:
+        conn = self._postgres()
+        if self.keep_complete_tags is not None:
+            self.keep_complete_tags(complete_tag_scopes(conn))
+            self.keep_complete_tags = None
+        return write_batch(conn, priced, self.tag_dimensions())
 
     def write_spend(
         self, rollups: Sequence[Rollup], should_stop: Callable[[], bool] | None = None, forget: Sequence[str] = ()
@@ -335,9 +346,6 @@ class Sinks:
         for tenant_id, dimension, value in scopes:
             rollups = scope_rollups(self._postgres(), tenant_id, dimension, value)
             write_spend(self.redis, rollups)
-
-    def complete_tags(self) -> set[tuple[str, str]]:
-        return complete_tag_scopes(self._postgres())
 
     def mark_tags_stale(self, pairs: Collection[tuple[str, str]]) -> None:
         mark_tag_scopes_stale(self._postgres(), pairs)
@@ -398,6 +406,7 @@ class MeterSinks(Protocol):
 
     note: Callable[[str], None] | None
     tag_dimensions: Callable[[], frozenset[tuple[str, str]]]
+    keep_complete_tags: Callable[[set[tuple[str, str]]], None] | None
 
     def write(
         self,
@@ -406,7 +415,6 @@ class MeterSinks(Protocol):
         live: Callable[[Sequence[Rollup], list[str]], list[Rollup]] | None = None,
     ) -> BatchResult: ...
     def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None: ...
-    def complete_tags(self) -> set[tuple[str, str]]: ...
     def mark_tags_stale(self, pairs: Collection[tuple[str, str]]) -> None: ...
     def store_alerts(self, alerts: Sequence[Alert]) -> set[str]: ...
     def write_freshness(self, key: str, member: str, caught_up_ms: int, now_ms: int) -> None: ...
@@ -469,6 +477,7 @@ class Meter:
         self.conversations = ConversationRates()
         self.live = LiveScopes(settings.live_values_per_tenant)
         self.sinks.tag_dimensions = lambda: self.live.named.tag_dimensions  # read on the sink thread: a snapshot
+        self.sinks.keep_complete_tags = self.live.named.keep  # called on the sink thread (NamedScopes locks)
         self.status = status
         self._in_flight = 0  # messages of the batch in hand: behind too, until committed
         self.stats = MeterStats()
@@ -775,10 +784,10 @@ class Meter:
         """``Sinks.refresh_spend`` on the sink thread (its Postgres connection is that thread's)."""
         self._sink_thread.submit(self.sinks.refresh_spend, scopes).result()
 
-    def keep_complete_tags(self) -> bool:
-        """Count the tags Postgres records complete until they are known unnamed (``NamedScopes.keep``)."""
-        self.live.named.keep(self._sink_thread.submit(self.sinks.complete_tags).result())
-        return True
+    @property
+    def tags_known(self) -> bool:
+        """Whether the tags Postgres records complete have been read (by the first batch's write)."""
+        return self.sinks.keep_complete_tags is None
 
     def retire_unnamed_tags(self) -> bool:
         """Record the tags no budget names any more stale, then stop counting them (in that order: a crash in
@@ -1054,8 +1063,6 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
     named = scope_follower(settings, meter.live.named, budgeted)
     optional("budget names", lambda: named.catch_up(1.0), 0)  # only bounds state: no need to wait long
     followed = time.monotonic()
-    # Before any batch: the tags recorded complete are counted until known unnamed, so none misses a batch.
-    tags_kept = optional("tags recorded complete", meter.keep_complete_tags, False)
 
     def refresh_budgeted() -> bool:
         meter.refresh_spend(budgeted)
@@ -1069,7 +1076,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
             if time.monotonic() - followed > 5.0:
                 optional("price overrides", lambda: overrides.catch_up(0.0), 0)
                 caught_up = optional("budget names", lambda: named.catch_up(0.0), -1) == 0
-                if tags_kept and caught_up:  # nothing new to read: a pair unnamed now is unnamed, not unread yet
+                if meter.tags_known and caught_up:  # nothing new to read: a pair unnamed now is unnamed, not unread yet
                     optional("stale tag rollups", meter.retire_unnamed_tags, False)
                 followed = time.monotonic()
                 _exit_if_orphaned(parent_pid)
@@ -1083,14 +1090,6 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
                 else:
                     refresh_retry_at = time.monotonic() + refresh_backoff
                     refresh_backoff = min(refresh_backoff * 2, 300.0)
-            if not tags_kept:  # Postgres down at the start: no batch could be written yet anyway
-                tags_kept = optional("tags recorded complete", meter.keep_complete_tags, False)
-                if not tags_kept:
-                    if status is not None:
-                        status.failed("Postgres: the tags recorded complete could not be read")
-                        status.alive(meter.measure_lag())
-                    stop.wait(1.0)
-                    continue
             try:
                 done = meter.run_once(BATCH_WAIT_S)
                 meter.report_freshness()
