@@ -200,6 +200,9 @@ class AlertSink:
             log.warning("cannot deliver alerts now: %s", exc)
 
 
+SUMMARY_CHUNK_BATCHES = 100  # ledger batches folded per transaction by the worker's summarizer
+
+
 class ReportSummarizer:
     """Folds the ledger's newly written batches into the report summaries (``sinks/summaries.py``). It bills
     nothing, so it runs beside billing, never in its way: a failure is logged and the next run tries again;
@@ -215,13 +218,17 @@ class ReportSummarizer:
         done, started = 0, time.monotonic()
         try:
             # Until the queue is empty (a backlog after an outage, or many small batches), within about one
-            # interval, so a run never delays the next by much.
+            # interval, so a run never delays the next by much. Paced: after each chunk it rests twice as
+            # long as the chunk took, so folding never holds a Postgres core for long while stage 1's batches
+            # wait on the same server (measured: unpaced, a 30 s run raised p99 quota visibility by ~1 s).
             while time.monotonic() - started < self.settings.report_summary_interval_s:
-                folded = summarize_pending(self._conn)
+                chunk_started = time.monotonic()
+                folded = summarize_pending(self._conn, max_batches=SUMMARY_CHUNK_BATCHES)
                 done += folded
                 metrics.REPORT_BATCHES_SUMMARIZED.inc(folded)
                 if folded == 0:
                     break
+                time.sleep(2 * (time.monotonic() - chunk_started))
         except psycopg.Error:
             self._conn.close()
             raise

@@ -284,7 +284,7 @@ def test_the_workers_summarizer_empties_the_queue_in_one_run(
         write_batch(conn, items[chunk : chunk + 10])
     queued = pending_batches(conn)
     assert queued >= 40
-    monkeypatch.setattr("streams.app.summarize_pending", lambda c: summarize_pending(c, max_batches=7))
+    monkeypatch.setattr("streams.app.SUMMARY_CHUNK_BATCHES", 7)
     assert ReportSummarizer(settings).run() == queued
     assert pending_batches(conn) == 0
     check_reports(conn, items, tenants)
