@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from deploy.isolation import WorkerProcess, isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from streams.lag import with_broker_retries
@@ -70,3 +74,18 @@ def kafka_beside(settings: Settings, home: Path, port_offset: int, nodes: int = 
     local = LocalStack(base.model_copy(update={"kafka_bootstrap": bootstrap}))
     local.start_kafka(progress=lambda _m: None, nodes=nodes, secure=secure)
     return local
+
+
+@contextmanager
+def worker_running(settings: Settings, work_dir: Path) -> Iterator[tuple[Settings, WorkerProcess]]:
+    """A worker on its own topics and group (``deploy.isolation.isolated``) for a module's tests; fails the
+    tests if it died meanwhile."""
+    own = isolated(settings, uuid.uuid4().hex[:10])
+    worker = WorkerProcess(own, work_dir)
+    worker.start()
+    try:
+        yield own, worker
+        alive = worker.alive()
+    finally:
+        worker.stop()
+    assert alive, "the worker died during the tests:\n" + worker.output()

@@ -29,26 +29,21 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from deploy.isolation import WorkerProcess, env_for, isolated
+from deploy.isolation import env_for
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas import codec
 from sinks.invoices import invoice
 from streams.lag import wait_for_sinks
-from tests.helpers import read_all
+from tests.helpers import read_all, worker_running
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def pipeline(stack: LocalStack, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    own = isolated(settings, uuid.uuid4().hex[:10])
-    worker = WorkerProcess(own, tmp_path_factory.mktemp("worker"))
-    worker.start()
-    yield own
-    alive = worker.alive()
-    worker.stop()
-    assert alive, "the worker died during the test:\n" + worker.output()
+    with worker_running(settings, tmp_path_factory.mktemp("worker")) as (own, _worker):
+        yield own
 
 
 @dataclass

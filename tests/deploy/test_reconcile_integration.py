@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 from genai_prices import Usage, calc_price
 
-from deploy.isolation import WorkerProcess, env_for, isolated
+from deploy.isolation import env_for
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.producer import UsageProducer
 from schemas import codec
 from streams.lag import wait_for_sinks
 from tests.deploy.cost_api_server import ADMIN_KEY, SAMPLES, CostApi, sample_pages, serve
-from tests.helpers import read_all
+from tests.helpers import read_all, worker_running
 
 # How the sample exports name models, written out by hand for this test (the mapping under test is
 # sinks.reconcile.canonical_model).
@@ -39,13 +39,8 @@ NOV3 = "2026-11-03"
 
 @pytest.fixture(scope="module")
 def running(stack: LocalStack, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    own = isolated(settings, uuid.uuid4().hex[:10])
-    worker = WorkerProcess(own, tmp_path_factory.mktemp("worker"))
-    worker.start()
-    yield own
-    alive = worker.alive()
-    worker.stop()
-    assert alive, "the worker died during the tests:\n" + worker.output()
+    with worker_running(settings, tmp_path_factory.mktemp("worker")) as (own, _worker):
+        yield own
 
 
 @pytest.fixture(scope="module")

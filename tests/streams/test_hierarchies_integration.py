@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import redis
 
-from deploy.isolation import WorkerProcess, env_for, isolated
+from deploy.isolation import env_for
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.producer import UsageProducer
@@ -48,6 +48,7 @@ from streams.budgets import Budget, RateLimit
 from streams.lag import wait_for_sinks
 from streams.meter import Sinks
 from streams.pricing import PriceBook
+from tests.helpers import worker_running
 
 
 def price(event: dict[str, Any]) -> Decimal:
@@ -398,16 +399,11 @@ def test_rate_limits_at_a_tag_and_a_key_count_every_reservation_and_name_the_sco
 # ---------------------------------------------------------------- the worker
 @pytest.fixture(scope="module")
 def running(stack: LocalStack, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    own = isolated(settings, uuid.uuid4().hex[:10])
-    worker = WorkerProcess(own, tmp_path_factory.mktemp("worker"))
-    worker.start()
-    with UsageProducer(own.model_copy(update={"spool_dir": tmp_path_factory.mktemp("spool")})) as producer:
-        producer.record(call("warm-up", {}, datetime.now(UTC)))
-    assert wait_for_sinks(own, timeout=120), worker.output()
-    yield own
-    alive = worker.alive()
-    worker.stop()
-    assert alive, "the worker died during the tests:\n" + worker.output()
+    with worker_running(settings, tmp_path_factory.mktemp("worker")) as (own, worker):
+        with UsageProducer(own.model_copy(update={"spool_dir": tmp_path_factory.mktemp("spool")})) as producer:
+            producer.record(call("warm-up", {}, datetime.now(UTC)))
+        assert wait_for_sinks(own, timeout=120), worker.output()
+        yield own
 
 
 def call(tenant: str, attribution: dict[str, Any], when: datetime, model: str = "gpt-4o") -> dict[str, Any]:

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from deploy.isolation import WorkerProcess, env_for, isolated
+from deploy.isolation import env_for
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.producer import UsageProducer
@@ -30,20 +30,15 @@ from sinks.invoices import invoice
 from streams.lag import wait_for_sinks
 from streams.overrides import override_message
 from streams.pricing import PriceOverride
-from tests.helpers import read_all
+from tests.helpers import read_all, worker_running
 
 
 @pytest.fixture(scope="module")
 def running(stack: LocalStack, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    own = isolated(settings, uuid.uuid4().hex[:10])
-    worker = WorkerProcess(own, tmp_path_factory.mktemp("worker"))
-    worker.start()
-    send_raw(own, [json.dumps(usage("warm-up")).encode()])
-    assert wait_for_sinks(own, timeout=120), worker.output()  # joined its group and working
-    yield own
-    alive = worker.alive()
-    worker.stop()
-    assert alive, "the worker died during the tests:\n" + worker.output()
+    with worker_running(settings, tmp_path_factory.mktemp("worker")) as (own, worker):
+        send_raw(own, [json.dumps(usage("warm-up")).encode()])
+        assert wait_for_sinks(own, timeout=120), worker.output()  # joined its group and working
+        yield own
 
 
 def send_raw(settings: Settings, payloads: list[bytes]) -> None:
