@@ -138,16 +138,17 @@ if credit then
     if counted == nil or tonumber(counted_text) < counted then counted = tonumber(counted_text) end
   end
 end
--- held amounts: a reservation until it expires; a committed cost until the spend has counted it
-local function held(key)
+-- held amounts: a reservation until it expires; a committed cost until ``cutoff`` (the spend's caught_up for
+-- budgets, the balance's ``counted`` for credits) has counted it. An entry is deleted only once both have
+-- (``counted`` is the earlier of the two), so a lagging balance never makes budgets count a cost twice.
+local function held(key, cutoff)
   local total, fields = 0, redis.call('HGETALL', key)
   for i = 1, #fields, 2 do
     local amount_text, expires, counted_after = string.match(fields[i + 1], '^(%d+):(%d+):?(%d*)$')
-    local done = counted_after ~= nil and counted_after ~= '' and counted ~= nil
-      and counted >= tonumber(counted_after)
-    if amount_text == nil or tonumber(expires) < now or done then
+    local after = (counted_after ~= nil and counted_after ~= '') and tonumber(counted_after) or nil
+    if amount_text == nil or tonumber(expires) < now or (after and counted ~= nil and counted >= after) then
       redis.call('HDEL', key, fields[i])
-    else
+    elseif not (after and cutoff ~= nil and cutoff >= after) then
       total = total + tonumber(amount_text)
     end
   end
@@ -170,7 +171,7 @@ for s = 0, scopes - 1 do
         local amount_text, ends = string.match(raw_spend, '^(%S+) (%d+)')  -- then calls and zone, if versioned
         if ends and tonumber(ends) > now then spent = math.floor(tonumber(amount_text) * 1e9 + 0.5) end
       end
-      local holding = held(KEYS[k + @held@])
+      local holding = held(KEYS[k + @held@], caught_up)
       cleaned[s] = true
       if spent + holding + amount > math.floor(tonumber(budget['limit']) * 1e9 + 0.5) then
         return {0, s, 'budget', spent, holding}
@@ -193,7 +194,7 @@ for s = 0, scopes - 1 do
   end
 end
 if balance then
-  local holding = held(KEYS[tenant_scope * @per_scope@ + @held@])
+  local holding = held(KEYS[tenant_scope * @per_scope@ + @held@], counted)
   cleaned[tenant_scope] = true
   -- a used-up balance refuses every call, a $0 estimate too (as ``check`` does)
   if balance <= 0 or holding + amount > balance then return {0, tenant_scope, 'credits', balance, holding} end

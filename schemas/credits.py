@@ -224,8 +224,9 @@ def alert_levels(state: GrantState) -> list[int]:
     that expired or was voided with credit left is not running low, and a pending one has not begun."""
     if state.status not in ("active", "used_up"):
         return []
-    left = percent_left(state)
-    return [p for p in ALERT_PERCENTS if (left <= p if p else state.remaining == 0)]
+    # remaining / amount <= p / 100, compared without dividing (no rounding at the context's 28 digits).
+    remaining, amount = state.remaining, state.grant.amount
+    return [p for p in ALERT_PERCENTS if (remaining * 100 <= p * amount if p else remaining == 0)]
 
 
 # ---------------------------------------------------------------- validation of a new grant

@@ -390,7 +390,10 @@ def _frozen(conn: psycopg.Connection, tenant_id: str, period: str) -> Invoice | 
         return None
     card = RateCard.from_json(tenant_id, row[0])
     currency, rate = row[3], row[4]
-    fx = None if rate is None else FxRate(USAGE_CURRENCY, currency, rate, row[5], row[6], row[7], row[8] or 0)
+    try:
+        fx = None if rate is None else FxRate(USAGE_CURRENCY, currency, rate, row[5], row[6], row[7], row[8] or 0)
+    except (ValueError, TypeError) as exc:  # a row edited by hand: say which invoice, not a traceback
+        raise InvoiceError(f"the finalized invoice {tenant_id} {period} has an unusable exchange rate: {exc}") from None
     rows = conn.execute(
         f"SELECT usage_period, provider_model, {_USAGE_COLUMNS} FROM tokenmeter.invoice_usage"
         " WHERE tenant_id = %s AND period = %s",

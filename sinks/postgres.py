@@ -330,10 +330,14 @@ def _write_batch(
         with conn.cursor().copy(f"COPY ledger_staging ({_COLUMN_LIST}) FROM STDIN") as copy:
             for item in unique.values():
                 copy.write_row(_row(item))
-        tagged = bool(tag_dimensions)
-        tags = _tag_parameters(tag_dimensions) if tagged else None
-        if tagged:  # the un-tagged path (most deployments) takes no lock at all
-            _share_tag_locks(conn, {item.event.tenant_id for item in unique.values()}, tag_dimensions)
+        # Only the batch's tenants whose tags get rollups: a batch without any takes the un-tagged SQL and no
+        # lock, whatever other tenants' budgets name.
+        batch_tenants = {item.event.tenant_id for item in unique.values()}
+        batch_tags = [(tenant, name) for tenant, name in tag_dimensions if tenant in batch_tenants]
+        tagged = bool(batch_tags)
+        tags = _tag_parameters(batch_tags) if tagged else None
+        if tagged:
+            _share_tag_locks(conn, batch_tenants, batch_tags)
         conn.execute(_INSERT_NEW_ROWS_BY_TAGGED[tagged], tags)
         rollups = [Rollup(*row) for row in conn.execute(_ADVANCE_ROLLUPS)]
         new = conn.execute(_NEW_PER_TENANT).fetchall()

@@ -137,8 +137,11 @@ class CreditFollower:
             if changed and self._failed.get(tenant) != (grants, version):
                 try:
                     allocation = tenant_allocation(conn, tenant, now, grants)
-                except psycopg.OperationalError:
-                    raise  # the store, not the tenant: the whole round is retried next tick
+                except psycopg.Error:
+                    # The store, not the tenant (down, a lagging migration, an aborted transaction): the whole
+                    # round is retried next tick. Counting it as this tenant's bad data would skip an idle
+                    # tenant until its data changes, which for a used-up tenant is never.
+                    raise
                 except Exception as exc:
                     # One tenant's data must not stop every other balance: skip it, count it once, and try
                     # again when its grants or usage change. Its last balance stays in Redis, with the

@@ -15,7 +15,7 @@ import redis
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from producers.quota import QuotaClient, Reservation
-from schemas.redis_keys import budget_key, freshness_key
+from schemas.redis_keys import budget_key, freshness_key, spend_key
 from sinks.credits import mirror_balance
 from sinks.redis import write_freshness
 from tests.deploy.test_redis_cluster import cluster  # noqa: F401  (the module-scoped cluster fixture)
@@ -117,3 +117,32 @@ def test_the_balance_is_checked_in_the_tenants_slot_on_a_cluster(
     assert "$0.1 left and $0.09 held" in made[3].reason
     client.release(made[0])
     assert client.reserve(tenant, Decimal("0.03"), "chat").allowed
+
+
+def test_a_cost_the_spend_counted_is_not_held_again_by_budgets_while_the_balance_lags(
+    stack: LocalStack, settings: Settings
+) -> None:
+    """A committed cost stays held for the balance until the balance has counted it, but a hard budget of a
+    prepaid tenant's feature reads the spend, which already has it: held there too, it would count twice."""
+    client = QuotaClient(own_redis(settings, 15))
+    tenant = f"lag-{uuid.uuid4().hex[:6]}"
+    client.redis.set(
+        budget_key(tenant, "feature", "search"), json.dumps({"limit": "1", "period": "month", "hard": True})
+    )
+    pipeline_caught_up(client)
+    worker_mirrors(client, tenant, "10")  # counted up to now
+    call = client.reserve(tenant, Decimal("0.8"), feature="search")
+    assert call.allowed
+    client.commit(call, Decimal("0.8"), settle_s=0.1)
+    time.sleep(0.3)
+    # The pipeline has counted the call ($0.80 of the feature's month), the balance not yet (mirror unchanged).
+    far = int(time.time() * 1000) + 86_400_000
+    client.redis.set(spend_key(tenant, "feature", "search", "month"), f"0.8 {far} 1 UTC")
+    pipeline_caught_up(client)
+    fits = client.reserve(tenant, Decimal("0.15"), feature="search")  # 0.80 + 0.15 <= 1: fits the budget
+    assert fits.allowed, fits.reason
+    client.release(fits)
+    over = client.reserve(tenant, Decimal("0.25"), feature="search")  # 0.80 + 0.25 > 1
+    assert not over.allowed and "hard budget" in over.reason
+    # For the balance the $0.80 is still held: $10 - 0.80 held leaves $9.20.
+    assert not client.reserve(tenant, Decimal("9.3")).allowed
