@@ -67,8 +67,9 @@ def test_kafka_logger_takes_confluent_kafkas_call(caplog: pytest.LogCaptureFixtu
 @pytest.fixture
 def fresh_kafka(tmp_path: Path) -> Iterator[Settings]:
     """A broker of its own, just started (about 3 s), on ports no test slot's stack, `dev up` or
-    tests/deploy/test_private_clone.py uses (+ 100 per test slot, as theirs)."""
-    port = 35094 + 100 * int(os.environ.get("TOKENMETER_TEST_SLOT", "0") or 0)
+    tests/deploy/test_private_clone.py uses (+ 100 per test slot, as theirs), and below Linux's ephemeral
+    range (32768-60999): 35094 once collided with an outgoing connection's local port (bind failed)."""
+    port = 31094 + 100 * int(os.environ.get("TOKENMETER_TEST_SLOT", "0") or 0)
     settings = Settings(home=tmp_path / "stack", kafka_port=port, kafka_controller_port=port + 1)
     stack = LocalStack(settings)
     stack.start_kafka(progress=lambda _m: None)
