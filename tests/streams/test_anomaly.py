@@ -6,6 +6,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from schemas.records import Rollup
 from streams.anomaly import (
     Window,
@@ -105,7 +108,7 @@ def test_a_batch_spanning_months_of_sessions_is_counted_without_error() -> None:
     rates = ConversationRates(keep_minutes=10)
     findings = rates.observe(calls)
     assert [(tenant, conversation) for tenant, conversation, _minute, _finding in findings] == [("acme", "agent-7")]
-    assert all(minute >= start + 99 * 1_300 - 10 for _t, _c, minute in rates._counts)  # old minutes dropped
+    assert all(minute >= start + 99 * 1_300 - 10 for _t, _c, minute in rates.counted())  # old minutes dropped
     assert rates.observe(list(reversed(calls))) != []  # same batch again, newest first: still no error
 
 
@@ -117,3 +120,69 @@ def test_days_without_calls_are_missing_history_not_quiet_days() -> None:
     assert spend_spike(Window(Decimal(3), 10), history) is not None  # 3× the average hour of the day it had
     assert daily_spend_spike(Window(Decimal(30), 10), history) is None
     assert daily_spend_spike(Window(Decimal(80), 10), history) is not None
+
+
+class _ScanningRates:
+    """The straightforward ConversationRates (every count scanned and sorted per batch): the reference
+    the incremental one must agree with."""
+
+    def __init__(self, keep_minutes: int, max_counts: int) -> None:
+        self.keep_minutes, self.max_counts = keep_minutes, max_counts
+        self.counts: dict[tuple[str, str, int], int] = {}
+
+    def observe(self, calls: list[tuple[str, str | None, int]]) -> list[tuple[str, str, int, Any]]:
+        from streams.anomaly import runaway_loop
+
+        touched = set()
+        for tenant, conversation, minute in calls:
+            if conversation is not None:
+                key = (tenant, conversation, minute)
+                self.counts[key] = self.counts.get(key, 0) + 1
+                touched.add(key)
+        if not touched:
+            return []
+        oldest_kept = max(m for _, _, m in touched) - self.keep_minutes
+        self.counts = {k: n for k, n in self.counts.items() if k[2] >= oldest_kept}
+        if len(self.counts) > self.max_counts:
+            for key in sorted(self.counts, key=lambda k: k[2])[: len(self.counts) - self.max_counts]:
+                del self.counts[key]
+        recent = [k for k in touched if k in self.counts]
+        others = sorted(n for k, n in self.counts.items() if k not in set(recent))
+        typical = Decimal(others[len(others) // 2]) if others else Decimal(1)
+        found = [(k, runaway_loop(self.counts[k], typical)) for k in sorted(recent)]
+        return [(k[0], k[1], k[2], f) for k, f in found if f is not None]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["acme", "globex"]),
+                st.one_of(st.none(), st.sampled_from([f"s{i}" for i in range(6)])),
+                st.integers(0, 40),
+            ),
+            max_size=120,
+        ),
+        max_size=8,
+    ),
+    keep_minutes=st.integers(0, 12),
+    max_counts=st.integers(1, 30),
+    loops=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 40), st.integers(30, 200)), max_size=3),
+)
+def test_incremental_conversation_rates_agree_with_scanning_every_count(
+    batches: list[list[tuple[str, str | None, int]]],
+    keep_minutes: int,
+    max_counts: int,
+    loops: list[tuple[int, int, int]],
+) -> None:
+    from streams.anomaly import ConversationRates
+
+    for batch_no, minute, calls in loops:  # some conversations that do run away
+        if batch_no < len(batches):
+            batches[batch_no] = batches[batch_no] + [("acme", "loop", minute)] * calls
+    incremental = ConversationRates(keep_minutes=keep_minutes, max_counts=max_counts)
+    reference = _ScanningRates(keep_minutes, max_counts)
+    for batch in batches:
+        assert incremental.observe(batch) == reference.observe(batch)
+        assert sorted(incremental.counted()) == sorted(reference.counts)
