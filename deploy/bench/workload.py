@@ -173,3 +173,49 @@ def usage_events(
 def to_json(event: dict[str, Any]) -> str:
     """The event as one JSON line's text (``tokenmeter produce``, kcat): the timestamp in ISO 8601."""
     return json.dumps(event, default=lambda value: value.isoformat())
+
+
+def _zigzag_varint(n: int) -> bytes:
+    """Avro's encoding of a long."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+class EncodedCalls:
+    """Live traffic already in the wire format, for a load generator that must not compete with what it
+    loads: calls of ``Workload.calls`` encoded once (Avro, ``usage_event``), each message then given a
+    fresh 32-hex-digit id and the current time by splicing bytes (the two are the record's first fields),
+    about a microsecond per message instead of the library's validate-and-encode. The bytes equal
+    ``codec.encode`` of the same event (tested)."""
+
+    ID_DIGITS = 32
+
+    def __init__(self, workload: Workload | None = None, distinct: int = 5_000, seed: int | str = 3) -> None:
+        from schemas import codec  # the workload module itself stays free of the codec
+
+        self._rng = random.Random(seed)
+        self._templates: list[tuple[bytes, bytes]] = []
+        calls = (workload or Workload()).calls(seed)
+        for _ in range(distinct):
+            call = next(calls)
+            body = codec.encode("usage_event", {**call, "event_id": "0" * self.ID_DIGITS, "timestamp": _EPOCH})
+            self._header = body[: codec.HEADER_LEN]
+            rest = body[codec.HEADER_LEN + len(self._id_length) + self.ID_DIGITS + len(_zigzag_varint(0)) :]
+            self._templates.append((call["tenant_id"].encode(), rest))
+
+    _id_length = _zigzag_varint(ID_DIGITS)
+
+    def message(self, n: int, now: datetime) -> tuple[bytes, bytes]:
+        """The n-th message (key, value): a call of the mix with a new id, timestamped ``now``."""
+        key, rest = self._templates[n % len(self._templates)]
+        event_id = f"{self._rng.getrandbits(128):032x}".encode()
+        micros = (now - _EPOCH) // timedelta(microseconds=1)
+        return key, b"".join((self._header, self._id_length, event_id, _zigzag_varint(micros), rest))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

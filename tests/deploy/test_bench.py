@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from deploy.bench.workload import FEATURES, MODELS, UNPRICED, Model, Tenant, Workload, as_tenants, to_json, usage_events
+from deploy.bench.workload import (
+    FEATURES,
+    MODELS,
+    UNPRICED,
+    EncodedCalls,
+    Model,
+    Tenant,
+    Workload,
+    as_tenants,
+    to_json,
+    usage_events,
+)
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas import codec
@@ -59,6 +70,25 @@ def test_ids_times_and_retries() -> None:
     assert len({e["event_id"] for e in unseeded}) == 100 and all(len(e["event_id"]) == 32 for e in unseeded)
     assert unseeded[-1]["timestamp"] - unseeded[0]["timestamp"] == timedelta(milliseconds=99)
     assert abs(unseeded[0]["timestamp"] - datetime.now(UTC)) < timedelta(minutes=1)
+
+
+def test_encoded_calls_are_the_codecs_bytes_with_fresh_ids_and_the_given_time() -> None:
+    """The bench's cheap load generator splices ids and times into encoded calls: the same bytes as
+    encoding each event whole, every id new."""
+    traffic = EncodedCalls(distinct=40, seed=9)
+    calls = Workload().calls(seed=9)
+    expected_calls = [next(calls) for _ in range(40)]
+    ids = set()
+    for n, now in enumerate(
+        datetime(2026, 11, 26, 12, tzinfo=UTC) + timedelta(microseconds=7_777 * k) for k in range(120)
+    ):
+        key, value = traffic.message(n, now)
+        event = decode_usage(value)
+        ids.add(event.event_id)
+        whole = {**expected_calls[n % 40], "event_id": event.event_id, "timestamp": now}
+        assert value == codec.encode("usage_event", whole)
+        assert key == whole["tenant_id"].encode() and event.timestamp == now
+    assert len(ids) == 120
 
 
 def test_make_up_tenants_users_features_models() -> None:
