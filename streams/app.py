@@ -332,12 +332,19 @@ def faust_credentials(settings: Settings) -> Any:
     )
 
 
+def stage_one_names(processes: int) -> list[str]:
+    """The names stage 1's processes go by in /healthz, /readyz and the logs."""
+    return ["stage 1 (metering)"] + [f"stage 1 (metering) #{n}" for n in range(2, processes + 1)]
+
+
 def make_app(settings: Settings | None = None, health: Health | None = None) -> faust.App:
     settings = settings or get_settings()
     health = health or Health(settings.worker_stall_timeout_s)
-    meter_status = health.stage("stage 1 (metering)")
+    meter_names = stage_one_names(settings.worker_meter_processes)
+    meter_statuses = [health.stage(name) for name in meter_names]
     windows_status = health.stage("stage 2 (budgets and alerts)")
-    health.processes["stage 1 (metering)"] = None  # not running until the supervisor starts it
+    for name in meter_names:
+        health.processes[name] = None  # not running until the supervisor starts it
     app = faust.App(
         settings.worker_id,
         broker=faust_brokers(settings),
@@ -391,15 +398,18 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
 
     @app.task
     async def supervise() -> None:
-        """Run stage 1's process; every second, check both stages. A dead or stuck stage makes the worker
+        """Run stage 1's processes; every second, check both stages. A dead or stuck stage makes the worker
         exit non-zero with the reason (``streams/health.py``); the process manager restarts it."""
         spawn = multiprocessing.get_context("spawn")
-        process = spawn.Process(
-            target=run_stage_one, args=(settings, meter_status, os.getpid()), name="tokenmeter-stage-1"
-        )
-        meter_status.restart_clock()
-        process.start()
-        health.processes["stage 1 (metering)"] = process
+        processes = []
+        for number, (name, status) in enumerate(zip(meter_names, meter_statuses, strict=True), 1):
+            process = spawn.Process(
+                target=run_stage_one, args=(settings, status, os.getpid()), name=f"tokenmeter-stage-1-{number}"
+            )
+            status.restart_clock()
+            process.start()
+            health.processes[name] = process
+            processes.append(process)
         try:
             while True:
                 await asyncio.sleep(1.0)
@@ -417,10 +427,13 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
                     sys.stderr.flush()
                     await asyncio.sleep(0.2)
                     os._exit(3)  # stage 1 dies with us (PR_SET_PDEATHSIG); uncommitted work is replayed
-        finally:  # cancelled when the worker stops: let stage 1 finish its batch and close
-            health.processes.pop("stage 1 (metering)", None)
-            if process.is_alive():
-                process.terminate()
+        finally:  # cancelled when the worker stops: let stage 1 finish its batches and close
+            for name in meter_names:
+                health.processes.pop(name, None)
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+            for process in processes:
                 await asyncio.to_thread(process.join, 30)
 
     @app.timer(interval=5.0)

@@ -43,7 +43,7 @@ def _component(pid: int, processes: dict[int, tuple[int, int, str]], stack: Stac
     if pid == stack.worker_pid:
         return "stage2_faust"
     if parent == stack.worker_pid:
-        return "stage1_meter"  # the worker's one child process
+        return "stage1_meter"  # the worker's child processes (stage 1)
     if pid == os.getpid():
         return "bench_client"
     if "kafka.Kafka" in command and stack.kafka_home in command:
