@@ -425,3 +425,24 @@ def test_a_redis_cluster_failover_is_waited_out_not_taken_for_a_refusal(
     meter_module.Sinks(Settings()).write_spend([])
     assert len(attempts) == 2
     assert meter_module.transient_reason(redis.ResponseError("WRONGTYPE")) is None  # a real refusal stays one
+
+
+def test_a_runaway_loop_found_batch_after_batch_is_stored_once_not_on_every_batch(book: PriceBook) -> None:
+    """Each batch of a running loop finds it again (same id: conversation and hour); stage 1's thread used to
+    wait for a Postgres round trip storing it on every batch."""
+
+    def looping(event_id: str) -> bytes:
+        fields = json.loads(usage(event_id))
+        return json.dumps({**fields, "timestamp": "2025-07-02T10:00:05+00:00", "session_id": "agent-7"}).encode()
+
+    first = [FakeMessage(0, n, looping(f"a{n}")) for n in range(40)]
+    second = [FakeMessage(0, 40 + n, looping(f"b{n}")) for n in range(40)]
+    meter, _log, producer, sinks = make([first, second], book)
+    stored: list[list[str]] = []
+    sinks.store_alerts = lambda alerts: (stored.append([a.alert_id for a in alerts]), {a.alert_id for a in alerts})[1]  # type: ignore[method-assign]
+    meter.run_once()
+    meter.run_once()
+    meter.drain()
+    assert stored == [["anomaly.runaway_loop:acme:agent-7:2025-07-02T10:00:00+00:00"]]
+    runaway = [v for topic, v in producer.delivered if topic == Settings().topic_alerts_anomaly]
+    assert len(runaway) == 1  # published once, when first stored
