@@ -91,9 +91,10 @@ def test_a_worker_on_a_cluster_without_topics_creates_them_and_alerts_on_budgets
     try:
         _status, body = wait_until(lambda: (r := get(own, "/readyz"))[0] == 200 and r, 90, "ready", worker)
         assert body["status"] == "ok" and body["problems"] == []
-        # Two stage-1 processes by default (TOKENMETER_WORKER_METER_PROCESSES), each supervised on its own.
-        assert set(body["stages"]) == {"stage 1 (metering)", "stage 1 (metering) #2", "stage 2 (budgets and alerts)"}
-        assert all(body["pids"][name] for name in ("stage 1 (metering)", "stage 1 (metering) #2"))
+        # Four stage-1 processes by default (TOKENMETER_WORKER_METER_PROCESSES), each supervised on its own.
+        stage_one = ["stage 1 (metering)", "stage 1 (metering) #2", "stage 1 (metering) #3", "stage 1 (metering) #4"]
+        assert set(body["stages"]) == {*stage_one, "stage 2 (budgets and alerts)"}
+        assert all(body["pids"][name] for name in stage_one)
         existing = AdminClient({"bootstrap.servers": own.kafka_bootstrap}).list_topics(timeout=10).topics
         assert all(getattr(own, name) in existing for name in TOPIC_FIELDS)
         tenant = f"fresh-{uuid.uuid4().hex[:6]}"
@@ -156,7 +157,7 @@ def test_a_stuck_stage_shows_in_readyz_and_then_the_worker_exits_non_zero(
         assert stalled and "Postgres unavailable" in stalled[0], body
         assert exit_code(worker, 60) == 3, worker.output()
         # whichever stage-1 process had the message on its partitions
-        assert re.search(r"stopping the worker: stage 1 \(metering\)( #2)? made no progress", worker.output())
+        assert re.search(r"stopping the worker: stage 1 \(metering\)( #\d)? made no progress", worker.output())
     finally:
         worker.stop()
 
