@@ -201,6 +201,15 @@ class AlertSink:
 
 
 SUMMARY_CHUNK_BATCHES = 100  # ledger batches folded per transaction by the worker's summarizer
+SUMMARY_MAX_DEFERRAL_S = 300.0  # folding waits for a busy stage 1 at most this long after the queue was last empty
+
+
+def defer_summaries(stage_one_behind: int, batch_size: int, since_drained_s: float) -> bool:
+    """Whether the summarizer should leave Postgres to stage 1 for now: stage 1 has more than a batch waiting
+    (a burst, a backlog after an outage) and the queue was emptied less than ``SUMMARY_MAX_DEFERRAL_S`` ago.
+    Reports stay exact meanwhile (they read batches not yet folded from the ledger); under load that never
+    eases, folding goes on anyway, paced, so report queries do not slow down for good."""
+    return stage_one_behind > batch_size and since_drained_s < SUMMARY_MAX_DEFERRAL_S
 
 
 class ReportSummarizer:
@@ -208,9 +217,11 @@ class ReportSummarizer:
     nothing, so it runs beside billing, never in its way: a failure is logged and the next run tries again;
     reports stay exact meanwhile (they read the rows of batches not yet summarized from the ledger)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stage_one_behind: Callable[[], int] = lambda: 0) -> None:
         self.settings = settings
+        self.stage_one_behind = stage_one_behind
         self._conn: psycopg.Connection | None = None
+        self._drained = time.monotonic()  # when the queue was last found empty
 
     def run(self) -> int:
         if self._conn is None or self._conn.closed:
@@ -222,11 +233,16 @@ class ReportSummarizer:
             # long as the chunk took, so folding never holds a Postgres core for long while stage 1's batches
             # wait on the same server (measured: unpaced, a 30 s run raised p99 quota visibility by ~1 s).
             while time.monotonic() - started < self.settings.report_summary_interval_s:
+                behind = self.stage_one_behind()
+                if defer_summaries(behind, self.settings.worker_batch_size, time.monotonic() - self._drained):
+                    log.info("report summaries wait: stage 1 has %d messages to do", behind)
+                    break
                 chunk_started = time.monotonic()
                 folded = summarize_pending(self._conn, max_batches=SUMMARY_CHUNK_BATCHES)
                 done += folded
                 metrics.REPORT_BATCHES_SUMMARIZED.inc(folded)
                 if folded == 0:
+                    self._drained = time.monotonic()
                     break
                 time.sleep(2 * (time.monotonic() - chunk_started))
         except psycopg.Error:
@@ -462,7 +478,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         if settings.webhook_urls:
             await asyncio.to_thread(optional, "webhooks", alert_sink.deliver, None)
 
-    summarizer = ReportSummarizer(settings)
+    summarizer = ReportSummarizer(settings, lambda: sum(status.behind for status in meter_statuses))
 
     @app.timer(interval=settings.report_summary_interval_s)
     async def summarize_reports() -> None:

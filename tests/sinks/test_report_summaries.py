@@ -288,3 +288,28 @@ def test_the_workers_summarizer_empties_the_queue_in_one_run(
     assert ReportSummarizer(settings).run() == queued
     assert pending_batches(conn) == 0
     check_reports(conn, items, tenants)
+
+
+def test_the_summarizer_leaves_postgres_to_a_busy_stage_one_for_a_while_not_for_good(
+    conn: psycopg.Connection, settings: Settings, unique: str
+) -> None:
+    """A burst or a backlog: stage 1 has more than a batch to do, so folding waits (reports stay exact: they
+    read unfolded batches from the ledger); past SUMMARY_MAX_DEFERRAL_S since the queue was last empty it
+    folds anyway."""
+    from streams.app import SUMMARY_MAX_DEFERRAL_S, ReportSummarizer
+
+    tenants = [f"sum-d-{unique}"]
+    items = priced(events(tenants, 60, seed=8))
+    for chunk in range(0, len(items), 20):
+        write_batch(conn, items[chunk : chunk + 20])
+    behind = [settings.worker_batch_size + 1]
+    summarizer = ReportSummarizer(settings, lambda: behind[0])
+    queued = pending_batches(conn)
+    assert queued >= 3
+    assert summarizer.run() == 0 and pending_batches(conn) >= queued  # (other tests may queue more)
+    check_reports(conn, items, tenants)  # exact while waiting
+    summarizer._drained -= SUMMARY_MAX_DEFERRAL_S + 1  # busy for longer than the deferral
+    assert summarizer.run() >= queued and pending_batches(conn) == 0
+    behind[0] = settings.worker_batch_size  # a batch or less waiting: not busy
+    write_batch(conn, priced(events(tenants, 5, seed=9)))
+    assert summarizer.run() >= 1 and pending_batches(conn) == 0

@@ -186,3 +186,12 @@ def test_incremental_conversation_rates_agree_with_scanning_every_count(
     for batch in batches:
         assert incremental.observe(batch) == reference.observe(batch)
         assert sorted(incremental.counted()) == sorted(reference.counts)
+
+
+def test_report_folding_defers_to_a_stage_one_with_more_than_a_batch_to_do_for_at_most_the_deferral() -> None:
+    from streams.app import SUMMARY_MAX_DEFERRAL_S, defer_summaries
+
+    assert defer_summaries(10_001, 10_000, 0.0)
+    assert not defer_summaries(10_000, 10_000, 0.0)  # a batch or less: folding goes on
+    assert defer_summaries(500_000, 10_000, SUMMARY_MAX_DEFERRAL_S - 1)
+    assert not defer_summaries(500_000, 10_000, SUMMARY_MAX_DEFERRAL_S)  # waited long enough: fold anyway
