@@ -93,6 +93,10 @@ static PyObject *read_map(cursor *c, int long_values) {
         if (count < 0) {
             int64_t block_bytes;
             if (read_long(c, &block_bytes) < 0) goto fail;
+            if (count == INT64_MIN) { /* -count would overflow; no buffer holds that many entries anyway */
+                corrupt("map block count out of range");
+                goto fail;
+            }
             count = -count;
         }
         for (int64_t i = 0; i < count; i++) {

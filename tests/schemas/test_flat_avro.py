@@ -130,3 +130,14 @@ def _minimal() -> dict[str, Any]:
         usage_details={},
     )
     return fields
+
+
+def test_a_map_block_count_of_the_most_negative_long_is_refused_like_fastavro_does() -> None:
+    """-count of INT64_MIN overflows in C; both readers must refuse the record (it cannot hold 2^63 entries)."""
+    whole = codec.encode("usage_event", _minimal())
+    tags_at = (
+        len(whole) - 6
+    )  # one byte each: tags, service_tier, processing, cache_write_1h_tokens, usage_details, api_key_id
+    assert whole[tags_at] == 0  # the empty tags map's end-of-blocks count
+    data = whole[:tags_at] + b"\xff" * 9 + b"\x01" + b"\x02" + whole[tags_at + 1 :]  # count -2^63, block size 1
+    assert compiled(data) is None and reference(data) is None

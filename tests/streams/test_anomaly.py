@@ -147,7 +147,8 @@ class _ScanningRates:
             for key in sorted(self.counts, key=lambda k: k[2])[: len(self.counts) - self.max_counts]:
                 del self.counts[key]
         recent = [k for k in touched if k in self.counts]
-        others = sorted(n for k, n in self.counts.items() if k not in set(recent))
+        recent_set = set(recent)
+        others = sorted(n for k, n in self.counts.items() if k not in recent_set)
         typical = Decimal(others[len(others) // 2]) if others else Decimal(1)
         found = [(k, runaway_loop(self.counts[k], typical)) for k in sorted(recent)]
         return [(k[0], k[1], k[2], f) for k, f in found if f is not None]
