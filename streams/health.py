@@ -44,10 +44,11 @@ class StageStatus:
         self._error = context.Array("c", _ERROR_BYTES, lock=False)
         self._error_at = context.Value("d", 0.0, lock=False)
 
-    def progressed(self, behind: int = 0) -> None:
-        """A batch was committed, or there was nothing to do."""
+    def progressed(self, behind: int = 0, since: float | None = None) -> None:
+        """A batch was committed, or there was nothing to do. ``since``: a part of the stage's work (a
+        partition) has not moved since then, so progress counts from there."""
         now = time.time()
-        self._values[_PROGRESS] = now
+        self._values[_PROGRESS] = now if since is None else min(now, since)
         self._values[_HEARTBEAT] = now
         self._values[_BEHIND] = float(behind)
 

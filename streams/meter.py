@@ -86,6 +86,7 @@ log = logging.getLogger("tokenmeter.meter")
 # A batch is what arrived within this wait (or a full batch): short, because spend must reach the quota
 # check within a second; under load batches fill long before it.
 BATCH_WAIT_S = 0.05
+UNMOVED_WARNING_S = 30.0  # a partition behind whose position stays put this long is logged (once)
 STORED_ALERT_IDS = 10_000  # runaway alert ids remembered as stored (an id is per conversation and hour)
 SESSION_TIMEOUT_S = 10  # how long a killed worker's partitions wait before another worker takes them
 
@@ -492,6 +493,8 @@ class Meter:
         self._writing: Pipelined | None = None
         self._delivery_errors: list[KafkaError] = []
         self._lag_measured = 0.0
+        self._unmoved: dict[tuple[str, int], tuple[int, float]] = {}  # partition -> (position, since)
+        self._unmoved_warned: set[tuple[str, int]] = set()
         self.caught_up_ms = 0  # every event produced before this is in the sinks (0: not known yet)
         self._partition_caught_up: dict[tuple[str, int], int] = {}
         self._committed_cache: dict[tuple[str, int], tuple[int, float]] = {}
@@ -853,27 +856,69 @@ class Meter:
     def behind(self) -> int:
         """Messages between this consumer's positions and the ends of its partitions, as last fetched. A
         partition with no position yet (just assigned or rewound, nothing fetched) counts from its
-        committed offset: it is behind, not caught up."""
+        committed offset: it is behind, not caught up. A partition never fetched has no cached end: its
+        end is asked of the broker, else a partition librdkafka holds but does not fetch looks idle."""
         assigned = self.consumer.assignment()
-        behind = 0
+        waiting: dict[tuple[str, int], tuple[int, int]] = {}  # partition -> (messages behind, position)
         unknown = []
         for position in self.consumer.position(assigned) if assigned else []:
             _low, high = self.consumer.get_watermark_offsets(position, cached=True)
             if high < 0:
-                continue
+                try:
+                    asked = self.consumer.get_watermark_offsets(position, timeout=1.0, cached=False)
+                except KafkaException:
+                    asked = None
+                if asked is None or asked[1] < 0:
+                    continue  # the broker did not answer: the next call asks again
+                high = asked[1]
             if position.offset >= 0:
-                behind += max(high - position.offset, 0)
+                waiting[(position.topic, position.partition)] = (max(high - position.offset, 0), position.offset)
             else:
                 unknown.append((position, high))
         if unknown:
             try:
                 committed = self.consumer.committed([p for p, _ in unknown], timeout=2)
             except KafkaException:
-                return behind  # the coordinator is away; the next call counts them
-            for tp, (_p, high) in zip(committed, unknown, strict=True):
+                committed = []  # the coordinator is away; the next call counts them
+            for tp, (_p, high) in zip(committed, unknown, strict=False):
                 if tp.offset >= 0:
-                    behind += max(high - tp.offset, 0)
-        return behind
+                    waiting[(tp.topic, tp.partition)] = (max(high - tp.offset, 0), tp.offset)
+        self._note_unmoved(waiting)
+        return sum(behind for behind, _position in waiting.values())
+
+    def _note_unmoved(self, waiting: dict[tuple[str, int], tuple[int, int]]) -> None:
+        """Since when each partition with messages waiting has kept its position (for ``stuck_since``)."""
+        now = time.time()
+        unmoved: dict[tuple[str, int], tuple[int, float]] = {}
+        for key, (behind, position) in waiting.items():
+            if behind > 0:
+                before = self._unmoved.get(key)
+                unmoved[key] = before if before is not None and before[0] == position else (position, now)
+                if now - unmoved[key][1] > UNMOVED_WARNING_S and key not in self._unmoved_warned:
+                    self._unmoved_warned.add(key)
+                    self._restart_fetching(key, position, behind, now - unmoved[key][1])
+        self._unmoved = unmoved
+        self._unmoved_warned &= unmoved.keys()
+
+    def _restart_fetching(self, key: tuple[str, int], position: int, behind: int, unmoved_s: float) -> None:
+        """Seeking a partition to where it stands restarts librdkafka's fetcher for it and skips nothing; if
+        it still does not move, supervision stops the worker (``stuck_since``)."""
+        log.warning(
+            "%s[%d]: %d messages behind, position %d unchanged for %.0fs: held but not consumed; restarting its fetch",
+            *key,
+            behind,
+            position,
+            unmoved_s,
+        )
+        try:
+            self.consumer.seek(TopicPartition(key[0], key[1], position))
+        except KafkaException as exc:  # revoked meanwhile, or not fetchable at all: supervision decides
+            log.warning("%s[%d]: restarting its fetch failed: %s", *key, exc)
+
+    def stuck_since(self) -> float | None:
+        """When the partition that has waited longest without moving last moved (epoch seconds), if any
+        waits: batches of other partitions are no progress for it, so supervision counts from here."""
+        return min((since for _position, since in self._unmoved.values()), default=None)
 
     def _publish(
         self,
@@ -1110,7 +1155,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
                 backoff = 1.0
                 if status is not None:
                     if done:
-                        status.progressed(meter.measure_lag() + meter.in_flight)
+                        status.progressed(meter.measure_lag() + meter.in_flight, since=meter.stuck_since())
                     else:
                         status.alive(meter.measure_lag() + meter.in_flight)
             except RewindFailed:

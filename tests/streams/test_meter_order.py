@@ -9,6 +9,8 @@ replays it; a record no stage can handle is dead-lettered alone and the rest is 
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -17,11 +19,14 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
-from deploy.settings import Settings
+from deploy.settings import Settings, kafka_config
+from deploy.stack import LocalStack
 from schemas.records import Alert, PricedEvent, Rollup
 from sinks.postgres import BatchResult
+from streams.health import Health
 from streams.meter import Meter, OutputsNotDelivered, RewindFailed
 from streams.pricing import PriceBook
 
@@ -395,6 +400,90 @@ def test_a_partition_without_a_position_counts_as_behind_from_its_commit(book: P
     log: list[str] = []
     meter = Meter(Settings(), JustAssignedConsumer(log, []), FakeProducer(log), FakeSinks(log), book)
     assert meter.behind() == 10 + 60
+
+
+class NeverFetchedConsumer(JustAssignedConsumer):
+    """Both partitions hold positions, but partition 1 was never fetched: no cached end offset."""
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition("usage.raw", 0, 90), TopicPartition("usage.raw", 1, 40)]
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = 0, cached: bool = False) -> tuple:
+        if partition.partition == 1 and cached:
+            return (-1001, -1001)
+        return (0, 100)
+
+
+def test_a_partition_never_fetched_counts_as_behind_by_the_end_the_broker_reports(book: PriceBook) -> None:
+    """A partition held but not fetched used to count as caught up, so a stall there was never reported."""
+    log: list[str] = []
+    meter = Meter(Settings(), NeverFetchedConsumer(log, []), FakeProducer(log), FakeSinks(log), book)
+    assert meter.behind() == 10 + 60
+
+
+class OnePartitionStuckConsumer(NeverFetchedConsumer):
+    """Partition 0 moves on every look; partition 1 stays at 40 of 100."""
+
+    def __init__(self, log: list[str], batches: list[list[FakeMessage]]) -> None:
+        super().__init__(log, batches)
+        self.looks = 0
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        self.looks += 1
+        return [TopicPartition("usage.raw", 0, 50 + self.looks), TopicPartition("usage.raw", 1, 40)]
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = 0, cached: bool = False) -> tuple:
+        return (0, 100)
+
+
+def test_a_partition_that_waits_without_moving_holds_back_the_stages_progress(
+    book: PriceBook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of the other partitions are no progress for it: its fetch is restarted, and supervision sees it
+    stuck if that does not help."""
+    clock = [1_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    log: list[str] = []
+    consumer = OnePartitionStuckConsumer(log, [])
+    meter = Meter(Settings(), consumer, FakeProducer(log), FakeSinks(log), book)
+    meter.behind()
+    clock[0] += 200.0
+    meter.behind()
+    assert meter.stuck_since() == 1_000.0
+    assert log == ["seek 1@40"]  # its fetch restarted where it stands, once
+    health = Health(120.0)
+    health.stage("stage 1 (metering)").progressed(meter.behind(), since=meter.stuck_since())
+    reason = health.stuck()
+    assert reason is not None and "made no progress for 200s with 107 messages behind" in reason
+    clock[0] += 1.0  # partition 1 moves at last: progress is now
+    moved = [TopicPartition("usage.raw", 0, 100), TopicPartition("usage.raw", 1, 41)]
+    monkeypatch.setattr(consumer, "position", lambda partitions: moved)
+    health.stage("stage 1 (metering)").progressed(meter.behind(), since=meter.stuck_since())
+    assert meter.stuck_since() == clock[0] and health.stuck() is None
+
+
+@pytest.mark.integration
+def test_on_a_real_broker_a_partition_assigned_but_not_yet_fetched_is_behind(
+    stack: LocalStack, settings: Settings
+) -> None:
+    """librdkafka knows no end offset of a partition it has not fetched; the broker does."""
+    topic = f"behind.{uuid.uuid4().hex[:10]}"
+    admin = AdminClient(kafka_config(settings))
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(timeout=30)
+    producer = Producer(kafka_config(settings))
+    for n in range(10):
+        producer.produce(topic, value=str(n).encode(), partition=0)
+    assert producer.flush(30) == 0
+    consumer = Consumer({**kafka_config(settings), "group.id": f"g{topic}", "enable.auto.commit": False})
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+        consumer.assign([TopicPartition(topic, 0, 3)])  # held, never consumed from
+        log: list[str] = []
+        meter = Meter(settings, consumer, FakeProducer(log), FakeSinks(log), PriceBook())
+        assert meter.behind() == 7
+    finally:
+        consumer.close()
+        admin.delete_topics([topic])
 
 
 @pytest.mark.parametrize(
