@@ -1165,6 +1165,9 @@ def _bench_pipeline(settings: Settings, events: int, record_calls: int) -> dict[
         "record_latency": figures,
         # The yardsticks (#15): the pipeline against the baselines measured in this same run.
         "pipeline_vs_naive_postgres": round(pipeline.pipeline_events_per_s / pipeline.naive_postgres_events_per_s, 2),
+        "pipeline_vs_naive_durable_postgres": round(
+            pipeline.pipeline_events_per_s / pipeline.naive_durable_postgres_events_per_s, 2
+        ),
         "pipeline_vs_bare_consume": round(pipeline.pipeline_events_per_s / pipeline.bare_consume_events_per_s, 3),
     }
     for key in (
@@ -1172,6 +1175,8 @@ def _bench_pipeline(settings: Settings, events: int, record_calls: int) -> dict[
         "bare_consume_events_per_s",
         "naive_postgres_events_per_s",
         "pipeline_vs_naive_postgres",
+        "naive_durable_postgres_events_per_s",
+        "pipeline_vs_naive_durable_postgres",
         "p99_event_to_quota_ms",
         "quota_check_p99_us",
         "p99_budget_alert_ms",

@@ -31,7 +31,6 @@ import os
 import ssl
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -59,6 +58,7 @@ from streams.credits import CreditFollower
 from streams.health import Health
 from streams.lag import measure_lag
 from streams.meter import SESSION_TIMEOUT_S, optional, run_stage_one
+from streams.pipeline import RecentIds
 
 log = logging.getLogger("tokenmeter.worker")
 
@@ -390,7 +390,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
     # its changelog on every missed lookup.
     rollups = TenantTable(app, name="rollups", partitions=settings.topic_partitions, beacon=app.tables.beacon)
     app.tables.add(rollups)
-    alerted: OrderedDict[str, None] = OrderedDict()  # bounded: see RECENT_ALERTS
+    alerted = RecentIds(RECENT_ALERTS)
 
     def window(key: str) -> dict[str, Any] | None:
         return rollups[key] if key in rollups else None  # noqa: SIM401 (.get would write a default)
@@ -520,19 +520,13 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
         ]
         return [alert for alert in fired if alert.alert_id not in alerted]
 
-    def remember(alert_id: str) -> None:
-        alerted[alert_id] = None
-        alerted.move_to_end(alert_id)
-        while len(alerted) > RECENT_ALERTS:
-            alerted.popitem(last=False)
-
     async def send_alerts(fresh: list[Alert]) -> None:
         # Stored first: Postgres keeps each alert_id once, whatever a crash or a lost table entry repeats;
         # only the ids new there are published and counted.
         new = await asyncio.to_thread(alert_sink.store, fresh)
         for alert in fresh:
             if alert.alert_id not in new:
-                remember(alert.alert_id)
+                alerted.add(alert.alert_id)
                 continue
             topic = budget_topic if alert.is_budget else anomaly_topic
             try:
@@ -540,10 +534,10 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
             except Exception:
                 log.exception("alert %s cannot be encoded; kept in Postgres only", alert.alert_id)
                 metrics.OPTIONAL_FAILURES.labels(stage="alert encoding").inc()
-                remember(alert.alert_id)
+                alerted.add(alert.alert_id)
                 continue
             await topic.send(key=alert.tenant_id.encode(), value=value)
-            remember(alert.alert_id)
+            alerted.add(alert.alert_id)
             metrics.ALERTS.labels(kind=alert.kind).inc()
             metrics.EVENTS_OUT.labels(stage="windows", output="alerts").inc()
             log.warning("alert %s: %s", alert.kind, alert.message)

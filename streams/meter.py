@@ -78,7 +78,15 @@ from streams.config_topic import ConfigFollower
 from streams.health import StageStatus
 from streams.live import NAMED_ONLY_DIMENSIONS, LiveScopes, NamedScopes
 from streams.overrides import override_follower
-from streams.pipeline import Deduplicator, RawMessage, Rejected, dead_letter_record, decode_batch, price_batch
+from streams.pipeline import (
+    Deduplicator,
+    RawMessage,
+    RecentIds,
+    Rejected,
+    dead_letter_record,
+    decode_batch,
+    price_batch,
+)
 from streams.pricing import PriceBook
 
 log = logging.getLogger("tokenmeter.meter")
@@ -427,6 +435,7 @@ class MeterSinks(Protocol):
 
 def build_meter(settings: Settings, book: PriceBook | None = None, status: StageStatus | None = None) -> Meter:
     """Stage 1 with its real clients: a consumer of ``usage.raw``, an idempotent producer, the sinks."""
+    commits = Commits()
     consumer = Consumer(
         {
             **kafka_config(settings, **logged()),
@@ -438,6 +447,7 @@ def build_meter(settings: Settings, book: PriceBook | None = None, status: Stage
             "queued.max.messages.kbytes": 65536,
             "session.timeout.ms": SESSION_TIMEOUT_S * 1000,
             "heartbeat.interval.ms": 2000,
+            "on_commit": commits.answered,
         }
     )
     consumer.subscribe([settings.topic_raw])
@@ -457,7 +467,43 @@ def build_meter(settings: Settings, book: PriceBook | None = None, status: Stage
             "partitioner": "murmur2_random",
         }
     )
-    return Meter(settings, consumer, producer, Sinks(settings), book or PriceBook(), status)
+    return Meter(settings, consumer, producer, Sinks(settings), book or PriceBook(), status, commits)
+
+
+class Commits:
+    """What stage 1 finished per partition, and whether Kafka refused a commit since. Commits are
+    asynchronous: one refused during a rebalance (ILLEGAL_GENERATION) is lost, and a partition this process
+    keeps but gets no new messages on would never be committed past it: its lag would stay, and a restart
+    would replay it. So a refusal makes the next loop commit everything finished again."""
+
+    def __init__(self) -> None:
+        self.finished: dict[tuple[str, int], int] = {}  # next offset after the last batch finished
+        self.refused = False
+
+    def asked(self, ends: dict[tuple[str, int], int]) -> None:
+        self.finished.update(ends)
+
+    def answered(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's ``on_commit`` (served within ``consume``, on stage 1's thread)."""
+        failed = [tp for tp in partitions if tp.error is not None]
+        if err is None and not failed:
+            return
+        self.refused = True
+        metrics.COMMIT_FAILURES.labels(stage="meter").inc(max(len(failed), 1))
+        log.warning(
+            "committing offsets failed (committed again next): %s",
+            err or "; ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}: {tp.error}" for tp in failed),
+        )
+
+    def to_retry(self, assigned: Collection[tuple[str, int]]) -> list[TopicPartition]:
+        """After a refusal: the finished offsets of the partitions still assigned (the others' new owners
+        start from their commits). Never beyond what was finished; at worst behind a commit another owner
+        made meanwhile, which only means a replay (the ledger ids make it harmless)."""
+        if not self.refused:
+            return []
+        self.refused = False
+        self.finished = {key: offset for key, offset in self.finished.items() if key in assigned}
+        return [TopicPartition(topic, partition, offset) for (topic, partition), offset in self.finished.items()]
 
 
 class Meter:
@@ -471,16 +517,19 @@ class Meter:
         sinks: MeterSinks,
         book: PriceBook,
         status: StageStatus | None = None,
+        commits: Commits | None = None,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
+        self.commits = commits or Commits()  # the real consumer reports to it (build_meter)
+        self._committed_again_at = 0.0
         self.producer = producer
         self.sinks = sinks
         self.sinks.note = self._note
         self.book = book
         self.dedup = Deduplicator()
         self.conversations = ConversationRates()
-        self._stored_alerts: dict[str, None] = {}  # runaway alert ids stored in Postgres, oldest first
+        self._stored_alerts = RecentIds(STORED_ALERT_IDS)  # runaway alert ids stored in Postgres
         self.live = LiveScopes(settings.live_values_per_tenant)
         self.sinks.tag_dimensions = lambda: self.live.named.tag_dimensions  # read on the sink thread: a snapshot
         self.sinks.keep_complete_tags = self.live.named.keep  # called on the sink thread (NamedScopes locks)
@@ -528,6 +577,8 @@ class Meter:
         Raises only for transient failures, after rewinding every batch not committed, so the next call
         replays them."""
         raw, consumed_ms = self._consume(timeout)
+        if self.commits.refused:
+            self._commit_again()
         if not raw and self._writing is None:
             self._advance_freshness(raw, consumed_ms)
             return 0
@@ -822,10 +873,7 @@ class Meter:
         if not alerts:
             return []
         new = self._sink_thread.submit(self.sinks.store_alerts, alerts).result()  # once per id, whatever replays
-        for alert in alerts:
-            self._stored_alerts[alert.alert_id] = None
-        while len(self._stored_alerts) > STORED_ALERT_IDS:
-            del self._stored_alerts[next(iter(self._stored_alerts))]
+        self._stored_alerts.add_all(alert.alert_id for alert in alerts)
         return [alert for alert in alerts if alert.alert_id in new]
 
     def _count(
@@ -915,6 +963,24 @@ class Meter:
         except KafkaException as exc:  # revoked meanwhile, or not fetchable at all: supervision decides
             log.warning("%s[%d]: restarting its fetch failed: %s", *key, exc)
 
+    def log_partition_state(self) -> None:
+        """Per assigned partition: position, committed offset, cached and broker end (what an operator
+        asks of a stage that looks idle while its group shows lag)."""
+        assigned = self.consumer.assignment()
+        committed = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(assigned, timeout=5)}
+        for tp in self.consumer.position(assigned) if assigned else []:
+            key = (tp.topic, tp.partition)
+            log.warning(
+                "state %s[%d]: position %d, committed %s, end cached %s, end %s, unmoved since %s",
+                *key,
+                tp.offset,
+                committed.get(key),
+                self.consumer.get_watermark_offsets(tp, cached=True)[1],
+                (self.consumer.get_watermark_offsets(tp, timeout=2.0) or (None, None))[1],
+                self._unmoved.get(key),
+            )
+        log.warning("state: %d partitions assigned, %d messages in flight", len(assigned), self._in_flight)
+
     def stuck_since(self) -> float | None:
         """When the partition that has waited longest without moving last moved (epoch seconds), if any
         waits: batches of other partitions are no progress for it, so supervision counts from here."""
@@ -989,10 +1055,23 @@ class Meter:
             ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), -1), m.offset + 1)
         if ends:
             # Asynchronous: librdkafka keeps commits in order; a lost one only means a replay, which is harmless.
+            self.commits.asked(ends)
             try:
                 self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=True)
             except KafkaException as exc:  # about the consumer, not a record: the batch is replayed
                 raise CommitFailed(f"committing offsets failed: {exc}") from exc
+
+    def _commit_again(self) -> None:
+        if time.monotonic() - self._committed_again_at < 1.0:  # a rebalance takes a while: once a second
+            return
+        self._committed_again_at = time.monotonic()
+        offsets = self.commits.to_retry({(tp.topic, tp.partition) for tp in self.consumer.assignment()})
+        if offsets:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+            except KafkaException as exc:  # a rebalance still going on: the next loop tries again
+                log.info("committing again failed: %s", exc)
+                self.commits.refused = True
 
     def _rewind(self, raw: Sequence[RawMessage]) -> None:
         starts: dict[tuple[str, int], int] = {}
@@ -1113,6 +1192,8 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    wanted_state = threading.Event()  # `kill -USR1 <stage-1 pid>`: its partitions' state to the log
+    signal.signal(signal.SIGUSR1, lambda *_: wanted_state.set())
     book = PriceBook()
     overrides = override_follower(settings, book)
     optional("price overrides", lambda: overrides.catch_up(5.0), 0)  # price nothing before the overrides are in
@@ -1149,6 +1230,9 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
                 else:
                     refresh_retry_at = time.monotonic() + refresh_backoff
                     refresh_backoff = min(refresh_backoff * 2, 300.0)
+            if wanted_state.is_set():
+                wanted_state.clear()
+                optional("partition state", meter.log_partition_state, None)
             try:
                 done = meter.run_once(BATCH_WAIT_S)
                 meter.report_freshness()

@@ -43,6 +43,9 @@ OPTIONAL_FAILURES = Counter(
     "Failures of stages that bill nothing (anomaly rules, runaway detection, webhooks), skipped",
     ["stage"],
 )
+COMMIT_FAILURES = Counter(
+    "tokenmeter_commit_failures", "Offset commits Kafka refused (per partition; the batch is replayed)", ["stage"]
+)
 DUPLICATES = Counter("tokenmeter_duplicate_events", "Events whose event_id was already counted")
 UNPRICED = Counter("tokenmeter_unpriced_events", "Events of models without a price (pricing misses)")
 CONFIG_REJECTED = Counter(

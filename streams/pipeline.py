@@ -80,6 +80,34 @@ def decode_batch(
     return events, rejected
 
 
+class RecentIds:
+    """The last ``capacity`` ids added, the least recently added forgotten first: a bounded memory of work
+    already done (events seen, alerts stored or sent), so a long-running worker's memory stays flat."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, id_: str) -> None:
+        self.add_all((id_,))
+
+    def add_all(self, ids: Iterable[str]) -> None:
+        known = self._ids
+        for id_ in ids:
+            if id_ in known:
+                known.move_to_end(id_)
+            else:
+                known[id_] = None
+        while len(known) > self.capacity:
+            known.popitem(last=False)
+
+
 class Deduplicator:
     """Drops events whose ``event_id`` was already seen by this worker, within a bounded horizon.
 
@@ -89,8 +117,7 @@ class Deduplicator:
     """
 
     def __init__(self, capacity: int = 250_000) -> None:
-        self.capacity = capacity
-        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._seen = RecentIds(capacity)
         self.dropped = 0
 
     def fresh(self, events: Sequence[UsageEvent]) -> list[UsageEvent]:
@@ -107,11 +134,7 @@ class Deduplicator:
 
     def mark_seen(self, events: Iterable[UsageEvent]) -> None:
         """Call once the events are committed to the sinks."""
-        seen = self._seen
-        for event in events:
-            seen[event.event_id] = None
-        while len(seen) > self.capacity:
-            seen.popitem(last=False)
+        self._seen.add_all(event.event_id for event in events)
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -6,7 +6,8 @@ database 15, dropped afterwards. The workload is ``deploy.bench.workload.usage_e
 - ``bare_consume_events_per_s``: confluent-kafka consume + fastavro decode of the workload, nothing
   else: the ceiling for any Python consumer here.
 - ``naive_postgres_events_per_s``: one ``INSERT`` per event in its own transaction, the approach in
-  the guides.
+  the guides, into a temporary table (not WAL-logged: the cheapest an INSERT per call can be);
+  ``naive_durable_postgres_events_per_s``: the same into an ordinary table, durable as the ledger is.
 - ``pipeline_events_per_s``: after an untimed warm-up (a fifth of the workload, at most 20,000 events),
   the worker (``tokenmeter worker``, a subprocess) takes the workload from
   usage.raw through validation, de-duplication, pricing, Postgres, Redis and the output topics;
@@ -46,7 +47,10 @@ from producers.producer import UsageProducer
 from producers.quota import QuotaClient
 from schemas import codec
 from streams.budgets import Budget
-from streams.lag import wait_for_sinks, with_broker_retries
+from streams.lag import measure_lag, wait_for_sinks, with_broker_retries
+from streams.meter import meter_group
+
+STALL_S = 180.0  # no commit for this long mid-workload: the run fails with the worker's log instead of hanging
 
 
 def produce_all(settings: Settings, payloads: list[tuple[bytes, bytes]]) -> None:
@@ -94,35 +98,46 @@ def bare_consume(settings: Settings, expected: int) -> float:
     return seen / elapsed
 
 
-def naive_postgres(settings: Settings, events: list[dict[str, Any]]) -> float:
+def naive_postgres(settings: Settings, events: list[dict[str, Any]], durable: bool = False) -> float:
+    """One autocommit INSERT per event into a table of the ledger's shape. ``durable``: an ordinary table,
+    as the guides' ledger is (each commit waits for its WAL flush); else a temporary one, which Postgres
+    does not WAL-log at all: the cheapest any INSERT-per-call design can be, and the issue's yardstick."""
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         # The ledger's shape with the de-duplicating key on event_id the naive approach needs (the
         # partitioned ledger keeps it in ledger_ids, which LIKE does not copy).
+        table = "naive" if not durable else f"naive_{uuid.uuid4().hex[:8]}"
         conn.execute(
-            "CREATE TEMP TABLE naive (LIKE tokenmeter.ledger INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
-            " INCLUDING INDEXES, PRIMARY KEY (event_id))"
+            f"CREATE {'' if durable else 'TEMP '}TABLE {table} (LIKE tokenmeter.ledger INCLUDING DEFAULTS"
+            " INCLUDING CONSTRAINTS INCLUDING INDEXES, PRIMARY KEY (event_id))"
         )
-        started = time.perf_counter()
-        for e in events:
-            conn.execute(
-                "INSERT INTO naive (event_id, ts, tenant_id, provider, model, user_id, feature, input_tokens,"
-                " output_tokens, cache_read_tokens, cache_write_tokens, price_status, input_cost, output_cost,"
-                " total_cost, price_source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, 'priced', 0, 0, 0, '')"
-                " ON CONFLICT DO NOTHING",
-                (
-                    e["event_id"],
-                    e["timestamp"],
-                    e["tenant_id"],
-                    e["provider"],
-                    e["model"],
-                    e["user_id"],
-                    e["feature"],
-                    e["input_tokens"],
-                    e["output_tokens"],
-                    e["cache_read_tokens"],
-                ),
-            )
-        return len(events) / (time.perf_counter() - started)
+        try:
+            return _insert_one_by_one(conn, table, events)
+        finally:
+            conn.execute(f"DROP TABLE {table}")
+
+
+def _insert_one_by_one(conn: psycopg.Connection, table: str, events: list[dict[str, Any]]) -> float:
+    started = time.perf_counter()
+    for e in events:
+        conn.execute(
+            f"INSERT INTO {table} (event_id, ts, tenant_id, provider, model, user_id, feature, input_tokens,"
+            " output_tokens, cache_read_tokens, cache_write_tokens, price_status, input_cost, output_cost,"
+            " total_cost, price_source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, 'priced', 0, 0, 0, '')"
+            " ON CONFLICT DO NOTHING",
+            (
+                e["event_id"],
+                e["timestamp"],
+                e["tenant_id"],
+                e["provider"],
+                e["model"],
+                e["user_id"],
+                e["feature"],
+                e["input_tokens"],
+                e["output_tokens"],
+                e["cache_read_tokens"],
+            ),
+        )
+    return len(events) / (time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,7 @@ class PipelineFigures:
     pipeline_events_per_s: float
     bare_consume_events_per_s: float
     naive_postgres_events_per_s: float
+    naive_durable_postgres_events_per_s: float
     p50_event_to_quota_ms: float
     p99_event_to_quota_ms: float
     quota_probes: int
@@ -305,12 +321,21 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
         produced_in = time.perf_counter() - started
         total = len(warmup) + len(payloads)
         last_report = 0.0
-        while committed_total(own) < total:
+        last_count, moved_at = -1, time.perf_counter()
+        while (count := committed_total(own)) < total:
             if not worker.alive():
                 raise RuntimeError(f"the worker exited:\n{worker.output()}")
+            if count != last_count:
+                last_count, moved_at = count, time.perf_counter()
+            elif time.perf_counter() - moved_at > STALL_S:  # the worker's own supervision should have said so
+                lags = [(p.partition, p.committed, p.end) for p in measure_lag(own, own.topic_raw, meter_group(own))]
+                raise RuntimeError(
+                    f"no commit for {STALL_S:.0f}s at {count - len(warmup):,} / {len(payloads):,} "
+                    f"(partition, committed, end: {lags}); the worker's log:\n{worker.output()[-20_000:]}"
+                )
             if time.perf_counter() - last_report > 2:
                 last_report = time.perf_counter()
-                say(f"  {committed_total(own) - len(warmup):,} / {len(payloads):,} through the pipeline")
+                say(f"  {count - len(warmup):,} / {len(payloads):,} through the pipeline")
             time.sleep(0.02)
         stage_one_done = time.perf_counter()
         pipeline = len(payloads) / (stage_one_done - started)
@@ -335,13 +360,15 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
 
     say("bare consume + decode loop")
     bare = bare_consume(own, total)
-    say("naive per-call Postgres INSERT")
+    say("naive per-call Postgres INSERT (temporary table, and an ordinary one)")
     naive = naive_postgres(own, data[: min(len(data), 5000)])
+    naive_durable = naive_postgres(own, data[: min(len(data), 5000)], durable=True)
     return PipelineFigures(
         events=len(payloads),
         pipeline_events_per_s=round(pipeline, 1),
         bare_consume_events_per_s=round(bare, 1),
         naive_postgres_events_per_s=round(naive, 1),
+        naive_durable_postgres_events_per_s=round(naive_durable, 1),
         p50_event_to_quota_ms=round(_percentile(to_visible, 0.5), 1),
         p99_event_to_quota_ms=round(_percentile(to_visible, 0.99), 1),
         quota_probes=len(to_visible),

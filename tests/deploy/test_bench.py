@@ -136,6 +136,7 @@ PIPELINE_KEYS = {
     "pipeline_events_per_s",
     "bare_consume_events_per_s",
     "naive_postgres_events_per_s",
+    "naive_durable_postgres_events_per_s",
     "p50_event_to_quota_ms",
     "p99_event_to_quota_ms",
     "quota_probes",
@@ -151,6 +152,7 @@ PIPELINE_KEYS = {
     "record_p99_us_idle_caller",
     "record_latency",
     "pipeline_vs_naive_postgres",
+    "pipeline_vs_naive_durable_postgres",
     "pipeline_vs_bare_consume",
 }
 REPORT_KEYS = {
@@ -178,11 +180,15 @@ def test_a_small_bench_run_prints_its_figures_and_leaves_no_faust_folder(
     assert set(figures["record_latency"]) == {"back-to-back", "busy 5000/s", "busy 1000/s", "idle 5000/s"}
     assert set(figures["report_bench"]) == REPORT_KEYS and figures["report_bench"]["ledger_rows"] == 5000
     assert figures["events"] >= 3000  # the workload, its producer retries included
-    for key in ("pipeline_events_per_s", "bare_consume_events_per_s", "naive_postgres_events_per_s"):
+    rates = ("pipeline_events_per_s", "bare_consume_events_per_s", "naive_postgres_events_per_s")
+    for key in (*rates, "naive_durable_postgres_events_per_s"):
         assert figures[key] > 0, key
         assert f"{key:>28}: " in done.stderr
     assert figures["pipeline_vs_naive_postgres"] == round(
         figures["pipeline_events_per_s"] / figures["naive_postgres_events_per_s"], 2
+    )
+    assert figures["pipeline_vs_naive_durable_postgres"] == round(
+        figures["pipeline_events_per_s"] / figures["naive_durable_postgres_events_per_s"], 2
     )
     assert figures["quota_probes"] == 100 and 0 < figures["p99_event_to_quota_ms"] < 30_000
     assert "events (1% producer retries)" in done.stderr

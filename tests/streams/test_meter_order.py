@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -27,7 +28,7 @@ from deploy.stack import LocalStack
 from schemas.records import Alert, PricedEvent, Rollup
 from sinks.postgres import BatchResult
 from streams.health import Health
-from streams.meter import Meter, OutputsNotDelivered, RewindFailed
+from streams.meter import Commits, Meter, OutputsNotDelivered, RewindFailed
 from streams.pricing import PriceBook
 
 TOPIC = "usage.raw"
@@ -535,3 +536,48 @@ def test_a_runaway_loop_found_batch_after_batch_is_stored_once_not_on_every_batc
     assert stored == [["anomaly.runaway_loop:acme:agent-7:2025-07-02T10:00:00+00:00"]]
     runaway = [v for topic, v in producer.delivered if topic == Settings().topic_alerts_anomaly]
     assert len(runaway) == 1  # published once, when first stored
+
+
+class HoldingConsumer(FakeConsumer):
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("usage.raw", 0), TopicPartition("usage.raw", 1)]
+
+
+def test_a_commit_kafka_refused_is_made_again_for_the_partitions_still_held(book: PriceBook) -> None:
+    """A refused asynchronous commit (a rebalance) is lost; a partition kept but quiet would stay uncommitted."""
+    first = [FakeMessage(0, 10, usage("a")), FakeMessage(1, 5, usage("bb"))]
+    log: list[str] = []
+    consumer = HoldingConsumer(log, [first, []])
+    meter = Meter(Settings(), consumer, FakeProducer(log), FakeSinks(log), book)
+    meter.run_once()
+    meter.drain()
+    assert log[-1] == "commit 0@11,1@6"
+    generation = KafkaError(KafkaError.ILLEGAL_GENERATION)
+    meter.commits.answered(generation, [TopicPartition("usage.raw", 0, 11), TopicPartition("usage.raw", 1, 6)])
+    meter.run_once()  # nothing new arrives on either partition
+    assert log[-1] == "commit 0@11,1@6"
+    log.clear()
+    meter.run_once()
+    assert not any(entry.startswith("commit") for entry in log)  # once per refusal
+
+
+@dataclass
+class RefusedPartition:
+    """A TopicPartition as on_commit reports one Kafka refused (its ``error`` cannot be set on the real one)."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: KafkaError
+
+
+def test_commits_answered_without_an_error_leave_nothing_to_retry() -> None:
+    commits = Commits()
+    commits.asked({("usage.raw", 0): 11})
+    commits.answered(None, [TopicPartition("usage.raw", 0, 11)])
+    assert commits.to_retry({("usage.raw", 0)}) == []
+    commits.asked({("usage.raw", 1): 3})
+    refused = RefusedPartition("usage.raw", 0, 11, KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
+    commits.answered(None, [refused])  # type: ignore[list-item]
+    retry = commits.to_retry({("usage.raw", 0)})  # partition 1 went to another process meanwhile
+    assert [(tp.partition, tp.offset) for tp in retry] == [(0, 11)]

@@ -6,12 +6,15 @@ import json
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from schemas import codec
 from schemas.events import validate_event
 from schemas.records import Rollup, money
 from streams.app import expired, table_key, unpriced_model_alerts
 from streams.meter import priced_message
-from streams.pipeline import Deduplicator, RawMessage, dead_letter_record, decode_batch, price_batch
+from streams.pipeline import Deduplicator, RawMessage, RecentIds, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
 
 
@@ -156,3 +159,19 @@ def test_a_dead_letter_of_a_huge_message_is_truncated_with_its_length_and_hash()
     assert back["original_value"] == huge[:DEAD_LETTER_MAX_VALUE] and len(back["original_key"]) == 4096
     small = dead_letter_record(decode_one(raw(b"nope")))  # type: ignore[arg-type]
     assert small["truncated"] is False and small["original_value"] == b"nope" and small["original_size"] == 4
+
+
+@given(
+    capacity=st.integers(min_value=1, max_value=8),
+    batches=st.lists(st.lists(st.sampled_from("abcdefghijkl"), max_size=6), max_size=12),
+)
+def test_recent_ids_hold_the_last_ids_added_up_to_their_capacity(capacity: int, batches: list[list[str]]) -> None:
+    recent = RecentIds(capacity)
+    order: list[str] = []  # the independent model: ids by their last addition, oldest first
+    for batch in batches:
+        recent.add_all(batch)
+        for id_ in batch:
+            order = [x for x in order if x != id_] + [id_]
+    kept = set(order[-capacity:])
+    assert len(recent) == len(kept)
+    assert all(id_ in recent for id_ in kept) and not any(id_ in recent for id_ in set(order) - kept)
