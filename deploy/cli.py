@@ -300,6 +300,7 @@ def worker(loglevel: str) -> None:
                 click.echo(f"topic {change.topic}: {change.action} {change.detail}".rstrip(), err=True)
         except TopicsMissing as exc:
             _fail(str(exc))
+        _require_migrated(settings)
         from deploy.topics import cluster_replication
         from streams.app import run_worker
 
@@ -307,6 +308,22 @@ def worker(loglevel: str) -> None:
         run_worker(settings, loglevel=loglevel)
     finally:
         shutil.rmtree(metrics_folder, ignore_errors=True)
+
+
+def _require_migrated(settings: Settings) -> None:
+    """A database without this version's migrations would fail every batch ("relation … does not exist")
+    until the stall timeout: say so at once instead. Postgres down is not this: the worker waits for it."""
+    import psycopg
+
+    from sinks.migrate import pending_migrations
+
+    try:
+        missing = pending_migrations(settings.database_url)
+    except psycopg.OperationalError as exc:
+        click.echo(f"Postgres is not reachable yet ({str(exc).strip()[:200]}); the worker waits for it", err=True)
+        return
+    if missing:
+        _fail(f"the database lacks {len(missing)} migration(s) ({', '.join(missing)}): run `tokenmeter db migrate`")
 
 
 @cli.command("lag")

@@ -41,6 +41,20 @@ def available_migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+def pending_migrations(database_url: str, connect_timeout: int = 5) -> list[str] | None:
+    """The migrations (``NNNN_name``) this version has that the database has not applied; None when this
+    role may not read ``schema_migrations`` (roles.sql's worker may not: nothing to tell then). Raises
+    ``psycopg.OperationalError`` when Postgres cannot be reached."""
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=connect_timeout) as conn:
+        try:
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations").fetchall()}
+        except psycopg.errors.UndefinedTable:
+            done = set()
+        except psycopg.errors.InsufficientPrivilege:
+            return None
+    return [f"{m.version}_{m.name}" for m in available_migrations() if m.version not in done]
+
+
 def migrate(database_url: str) -> list[str]:
     """Apply the pending migrations; return the versions applied now."""
     applied_now: list[str] = []

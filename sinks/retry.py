@@ -22,11 +22,13 @@ def with_backoff(
     max_delay: float = 5.0,
     retry_if: Callable[[BaseException], bool] | None = None,
     note: Callable[[str], None] | None = None,
+    describe: Callable[[BaseException], str] | None = None,
 ) -> T:
     """``call()`` until it succeeds; ``on_failure`` runs after each failure (e.g. drop a broken
     connection); ``should_stop`` makes the failure final (the caller replays the work later).
     ``retry_if`` narrows ``retry_on`` (anything else is raised at once); ``note`` hears each failure,
-    so supervision can say what a stage is waiting for."""
+    so supervision can say what a stage is waiting for; ``describe`` words a failure (default: "``what``
+    unavailable (…)")."""
     delay = first_delay
     while True:
         try:
@@ -34,7 +36,7 @@ def with_backoff(
         except retry_on as exc:
             if retry_if is not None and not retry_if(exc):
                 raise
-            message = f"{what} unavailable ({str(exc).strip()[:200]})"
+            message = describe(exc) if describe is not None else f"{what} unavailable ({str(exc).strip()[:200]})"
             log.warning("%s; retrying in %.1fs", message, delay)
             if note is not None:
                 note(message)

@@ -226,6 +226,19 @@ def postgres_transient(exc: BaseException) -> bool:
     return sqlstate[:2] not in _PG_RECORD_CLASSES
 
 
+def describe_postgres_failure(exc: BaseException) -> str:
+    """A retried Postgres failure in words: a statement refused for the schema or grants (SQLSTATE classes
+    42 and 0A: a missing table or privilege) is not the server being away, and says what fixes it."""
+    text = str(exc).strip()[:200]
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if sqlstate[:2] in ("42", "0A"):
+        return (
+            f"Postgres refused the statement (SQLSTATE {sqlstate}: {text}); the schema or grants are not what "
+            "this version expects: run `tokenmeter db migrate` (and roles.sql where roles are used)"
+        )
+    return f"Postgres unavailable ({text})"
+
+
 # Redis failures that pass: the server is away or busy, or a cluster is moving slots or promoting a replica
 # (redis-py raises the cluster ones as ResponseError subclasses, which otherwise mean "refused").
 REDIS_TRANSIENT: tuple[type[Exception], ...] = (
@@ -312,6 +325,7 @@ class Sinks:
             on_failure=self._drop_postgres,
             should_stop=should_stop,
             retry_if=postgres_transient,
+            describe=describe_postgres_failure,
             note=self.note,
         )
         written = time.perf_counter()
@@ -376,6 +390,7 @@ class Sinks:
             "Postgres (alerts)",
             on_failure=self._drop_postgres,
             retry_if=postgres_transient,
+            describe=describe_postgres_failure,
             note=self.note,
         )
 

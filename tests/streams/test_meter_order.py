@@ -28,7 +28,7 @@ from deploy.stack import LocalStack
 from schemas.records import Alert, PricedEvent, Rollup
 from sinks.postgres import BatchResult
 from streams.health import Health
-from streams.meter import Commits, Meter, OutputsNotDelivered, RewindFailed
+from streams.meter import Commits, Meter, OutputsNotDelivered, RewindFailed, describe_postgres_failure
 from streams.pricing import PriceBook
 
 TOPIC = "usage.raw"
@@ -581,3 +581,11 @@ def test_commits_answered_without_an_error_leave_nothing_to_retry() -> None:
     commits.answered(None, [refused])  # type: ignore[list-item]
     retry = commits.to_retry({("usage.raw", 0)})  # partition 1 went to another process meanwhile
     assert [(tp.partition, tp.offset) for tp in retry] == [(0, 11)]
+
+
+def test_a_statement_refused_for_the_schema_is_worded_as_such_not_as_postgres_being_away() -> None:
+    missing = describe_postgres_failure(psycopg.errors.UndefinedTable('relation "tokenmeter.ledger" does not exist'))
+    assert missing.startswith("Postgres refused the statement (SQLSTATE 42P01: relation")
+    assert "run `tokenmeter db migrate`" in missing
+    away = describe_postgres_failure(psycopg.OperationalError("connection refused"))
+    assert away == "Postgres unavailable (connection refused)"

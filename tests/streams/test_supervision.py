@@ -19,10 +19,13 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from deploy.isolation import TOPIC_FIELDS, WorkerProcess, env_for, free_port
 from deploy.settings import Settings
 from deploy.stack import LocalStack
+from sinks.migrate import available_migrations, migrate, pending_migrations
 from streams.lag import wait_for_sinks
 
 pytestmark = pytest.mark.integration
@@ -131,6 +134,32 @@ def test_a_worker_that_may_not_create_topics_names_the_missing_one_and_exits(
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: topic '{own.topic_raw}' does not exist")
     assert "Traceback" not in done.stderr
+
+
+def test_a_worker_on_a_database_without_the_migrations_names_them_and_exits(
+    stack: LocalStack, settings: Settings
+) -> None:
+    """Every batch would fail on a missing table until the stall timeout; the worker says why at once."""
+    name = f"tokenmeter_unmigrated_{uuid.uuid4().hex[:8]}"
+    server = make_conninfo(settings.database_url, dbname="postgres")
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        url = make_conninfo(settings.database_url, dbname=name)
+        own = fresh_settings(settings, database_url=url)
+        done = subprocess.run(
+            [sys.executable, "-m", "deploy", "worker"], env=env_for(own), capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1
+        every = len(available_migrations())
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: the database lacks {every} migration(s) (0001_"), last
+        assert last.endswith("run `tokenmeter db migrate`") and "Traceback" not in done.stderr
+        migrate(url)
+        assert pending_migrations(url) == []
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def test_a_stuck_stage_shows_in_readyz_and_then_the_worker_exits_non_zero(
