@@ -99,10 +99,9 @@ class Settings(BaseSettings):
     # partitions; tenants are the message keys, so one tenant stays with one process). Stage 1 is bound
     # by one interpreter, and a big tenant's partition by the process that has it: on the 2-core bench box
     # (4 partitions) 1 process did 11.3-11.7k events/s, 2 did 13.1k, 4 did 13.7-14.1k with quota
-    # visibility p99 at half load ~0.5 s. Experimental, hence 1: with 2 processes a bench run once left a
-    # partition assigned (broker's view) but never fetched, with no process reporting itself behind; with
-    # two workers of 4 a kill during a rebalance left usage.raw undrained (see the issue #15 notes).
-    worker_meter_processes: int = Field(default=1, ge=1, le=64, description="stage-1 processes per worker")
+    # visibility p99 at half load ~0.5 s. 2 by default: the bench runs with 2 that once hung were a commit
+    # refused during the processes' first rebalance and never made again (now it is: ``Commits``).
+    worker_meter_processes: int = Field(default=2, ge=1, le=64, description="stage-1 processes per worker")
     # Compression of what stage 1 publishes (usage.priced, usage.dlq, rollups, alerts). None by default:
     # with the broker on the same box or LAN, lz4 cost the broker 36 µs of CPU per event against 22 µs
     # without (bench cpu_us_per_event, Kafka 4.4). Over a slow or metered network, lz4 or zstd save bytes.

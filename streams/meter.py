@@ -48,7 +48,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import psycopg
 import redis
@@ -465,7 +465,6 @@ def build_meter(settings: Settings, book: PriceBook | None = None, status: Stage
             "on_commit": commits.answered,
         }
     )
-    consumer.subscribe([settings.topic_raw])
     producer = Producer(
         {
             **kafka_config(settings, **logged()),
@@ -482,7 +481,9 @@ def build_meter(settings: Settings, book: PriceBook | None = None, status: Stage
             "partitioner": "murmur2_random",
         }
     )
-    return Meter(settings, consumer, producer, Sinks(settings), book or PriceBook(), status, commits)
+    meter = Meter(settings, consumer, producer, Sinks(settings), book or PriceBook(), status, commits)
+    consumer.subscribe([settings.topic_raw], on_revoke=meter.partitions_revoked)
+    return meter
 
 
 class Commits:
@@ -538,6 +539,8 @@ class Meter:
         self.consumer = consumer
         self.commits = commits or Commits()  # the real consumer reports to it (build_meter)
         self._committed_again_at = 0.0
+        self._commit_synchronously = False  # while handing partitions over (partitions_revoked)
+        self._failed_in_revoke: Exception | None = None
         self.producer = producer
         self.sinks = sinks
         self.sinks.note = self._note
@@ -592,6 +595,10 @@ class Meter:
         Raises only for transient failures, after rewinding every batch not committed, so the next call
         replays them."""
         raw, consumed_ms = self._consume(timeout)
+        if self._failed_in_revoke is not None:  # the batch in the sinks failed while partitions were handed over
+            failure, self._failed_in_revoke = self._failed_in_revoke, None
+            self._rewind(raw)  # taken after the failed batch: going on would commit past it
+            raise failure
         if self.commits.refused:
             self._commit_again()
         if not raw and self._writing is None:
@@ -1069,12 +1076,33 @@ class Meter:
         for m in raw:
             ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), -1), m.offset + 1)
         if ends:
-            # Asynchronous: librdkafka keeps commits in order; a lost one only means a replay, which is harmless.
+            # Asynchronous (but synchronous while handing partitions over): librdkafka keeps commits in order; a
+            # refused one is made again (``Commits``), and a lost one only means a replay, which is harmless.
             self.commits.asked(ends)
             try:
-                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=True)
+                offsets = [TopicPartition(t, p, o) for (t, p), o in ends.items()]
+                if self._commit_synchronously:  # the synchronous overload returns the offsets; nothing reads them
+                    cast(Any, self.consumer).commit(offsets=offsets, asynchronous=False)
+                else:
+                    self.consumer.commit(offsets=offsets, asynchronous=True)
             except KafkaException as exc:  # about the consumer, not a record: the batch is replayed
                 raise CommitFailed(f"committing offsets failed: {exc}") from exc
+
+    def partitions_revoked(self, _consumer: object, partitions: list[TopicPartition]) -> None:
+        """librdkafka's ``on_revoke`` (called within ``consume``, on this thread, before the partitions go):
+        the batch in the sinks is finished and committed synchronously first, so the partitions' next owner
+        starts after it instead of replaying it. A replay bills nothing twice, but it would repeat the
+        batch's dead letters and ``usage.priced`` messages; a rebalance is routine (a stage-1 process or a
+        worker joining), so it should cost nothing. A failure here is raised by the ``run_once`` in progress."""
+        if self._writing is None or not partitions:
+            return
+        self._commit_synchronously = True
+        try:
+            self._finish_writing(rewind_too=())
+        except Exception as exc:  # rewound already; raising inside librdkafka's callback would lose it
+            self._failed_in_revoke = exc
+        finally:
+            self._commit_synchronously = False
 
     def _commit_again(self) -> None:
         if time.monotonic() - self._committed_again_at < 1.0:  # a rebalance takes a while: once a second

@@ -85,7 +85,8 @@ class FakeConsumer:
     def commit(self, *, offsets: list[TopicPartition], asynchronous: bool = True) -> None:
         for tp in offsets:
             self.committed_offsets[(tp.topic, tp.partition)] = tp.offset
-        self.log.append("commit " + ",".join(f"{tp.partition}@{tp.offset}" for tp in offsets))
+        waited = "" if asynchronous else " (synchronous)"
+        self.log.append("commit " + ",".join(f"{tp.partition}@{tp.offset}" for tp in offsets) + waited)
 
     def seek(self, partition: TopicPartition) -> None:
         self.log.append(f"seek {partition.partition}@{partition.offset}")
@@ -589,3 +590,57 @@ def test_a_statement_refused_for_the_schema_is_worded_as_such_not_as_postgres_be
     assert "run `tokenmeter db migrate`" in missing
     away = describe_postgres_failure(psycopg.OperationalError("connection refused"))
     assert away == "Postgres unavailable (connection refused)"
+
+
+class RebalancingConsumer(HoldingConsumer):
+    """The second consume revokes partition 1 (librdkafka calls on_revoke inside consume), then hands out
+    its batch."""
+
+    def __init__(self, log: list[str], batches: list[list[FakeMessage]]) -> None:
+        super().__init__(log, batches)
+        self.on_revoke: Callable[[object, list[TopicPartition]], None] | None = None
+        self.consumes = 0
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        self.consumes += 1
+        if self.consumes == 2 and self.on_revoke is not None:
+            self.log.append("revoke 1")
+            self.on_revoke(self, [TopicPartition("usage.raw", 1)])
+        return super().consume(num_messages, timeout)
+
+
+def test_partitions_are_handed_over_after_the_batch_in_the_sinks_is_committed(book: PriceBook) -> None:
+    """Their next owner starts after it: no replay, so no second dead letter or usage.priced message."""
+    first = [FakeMessage(0, 10, usage("a")), FakeMessage(1, 5, b"{not json")]
+    second = [FakeMessage(0, 11, usage("b"))]
+    log: list[str] = []
+    consumer = RebalancingConsumer(log, [first, second])
+    meter = Meter(Settings(), consumer, FakeProducer(log), FakeSinks(log), book)
+    consumer.on_revoke = meter.partitions_revoked
+    meter.run_once()  # the first batch goes to the sinks
+    meter.run_once()  # the revoke comes while it is there
+    meter.drain()
+    revoked = log.index("revoke 1")
+    assert kinds(log[revoked:]) == ["revoke", "produce", "flush", "commit", "sinks", "produce", "flush", "commit"]
+    assert log[revoked + 1 :].count("commit 0@11,1@6 (synchronous)") == 1
+    assert log[-1] == "commit 0@12"
+
+
+def test_a_batch_that_fails_while_partitions_are_handed_over_fails_the_run_and_is_replayed(book: PriceBook) -> None:
+    first = [FakeMessage(0, 10, usage("a"))]
+    second = [FakeMessage(0, 11, usage("b"))]
+    log: list[str] = []
+    consumer = RebalancingConsumer(log, [first, second])
+    sinks = FakeSinks(log)
+    meter = Meter(Settings(), consumer, FakeProducer(log), sinks, book)
+    consumer.on_revoke = meter.partitions_revoked
+
+    def fail(_batch: Sequence[PricedEvent]) -> None:
+        raise psycopg.OperationalError("server closed the connection")
+
+    sinks.fail = fail
+    meter.run_once()  # the first batch goes to the sinks, and fails there
+    with pytest.raises(psycopg.OperationalError):
+        meter.run_once()
+    assert not any(entry.startswith("commit") for entry in log)
+    assert "seek 0@10" in log and "seek 0@11" in log  # both batches are taken again, in order
