@@ -95,6 +95,7 @@ log = logging.getLogger("tokenmeter.meter")
 # check within a second; under load batches fill long before it.
 BATCH_WAIT_S = 0.05
 UNMOVED_WARNING_S = 30.0  # a partition behind whose position stays put this long is logged (once)
+END_QUERY_INTERVAL_S = 10.0  # a partition never fetched: its end offset asked of the broker at most this often
 STORED_ALERT_IDS = 10_000  # runaway alert ids remembered as stored (an id is per conversation and hour)
 SESSION_TIMEOUT_S = 10  # how long a killed worker's partitions wait before another worker takes them
 
@@ -482,7 +483,7 @@ def build_meter(settings: Settings, book: PriceBook | None = None, status: Stage
         }
     )
     meter = Meter(settings, consumer, producer, Sinks(settings), book or PriceBook(), status, commits)
-    consumer.subscribe([settings.topic_raw], on_revoke=meter.partitions_revoked)
+    consumer.subscribe([settings.topic_raw], on_revoke=meter.partitions_revoked, on_lost=meter.partitions_lost)
     return meter
 
 
@@ -510,6 +511,10 @@ class Commits:
             "committing offsets failed (committed again next): %s",
             err or "; ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}: {tp.error}" for tp in failed),
         )
+
+    def forget(self, partitions: Collection[tuple[str, int]]) -> None:
+        for key in partitions:
+            self.finished.pop(key, None)
 
     def to_retry(self, assigned: Collection[tuple[str, int]]) -> list[TopicPartition]:
         """After a refusal: the finished offsets of the partitions still assigned (the others' new owners
@@ -540,7 +545,10 @@ class Meter:
         self.commits = commits or Commits()  # the real consumer reports to it (build_meter)
         self._committed_again_at = 0.0
         self._commit_synchronously = False  # while handing partitions over (partitions_revoked)
-        self._failed_in_revoke: Exception | None = None
+        self._failed_in_revoke: tuple[Exception, Sequence[RawMessage]] | None = None  # and the batch that failed
+        self._queue_drained = True  # the last consume returned less than a full batch
+        self._fetch_restarts: list[tuple[str, int]] = []  # partitions whose fetch the main thread restarts
+        self._end_asked_at: dict[tuple[str, int], float] = {}
         self.producer = producer
         self.sinks = sinks
         self.sinks.note = self._note
@@ -596,9 +604,11 @@ class Meter:
         replays them."""
         raw, consumed_ms = self._consume(timeout)
         if self._failed_in_revoke is not None:  # the batch in the sinks failed while partitions were handed over
-            failure, self._failed_in_revoke = self._failed_in_revoke, None
-            self._rewind(raw)  # taken after the failed batch: going on would commit past it
+            (failure, failed), self._failed_in_revoke = self._failed_in_revoke, None
+            self._rewind([*failed, *raw])  # both, to the earliest offset of each partition: nothing passed over
             raise failure
+        if self._fetch_restarts:
+            self._restart_fetching()
         if self.commits.refused:
             self._commit_again()
         if not raw and self._writing is None:
@@ -636,6 +646,7 @@ class Meter:
 
     def _consume(self, timeout: float) -> tuple[list[RawMessage], int]:
         messages = self.consumer.consume(self.settings.worker_batch_size, timeout)
+        self._queue_drained = len(messages) < self.settings.worker_batch_size
         raw = []
         for m in messages:
             err = m.error()
@@ -934,12 +945,16 @@ class Meter:
         for position in self.consumer.position(assigned) if assigned else []:
             _low, high = self.consumer.get_watermark_offsets(position, cached=True)
             if high < 0:
+                key = (position.topic, position.partition)
+                if time.monotonic() - self._end_asked_at.get(key, 0.0) < END_QUERY_INTERVAL_S:
+                    continue  # asked lately (each ask may wait a second for the broker)
+                self._end_asked_at[key] = time.monotonic()
                 try:
                     asked = self.consumer.get_watermark_offsets(position, timeout=1.0, cached=False)
                 except KafkaException:
                     asked = None
                 if asked is None or asked[1] < 0:
-                    continue  # the broker did not answer: the next call asks again
+                    continue  # the broker did not answer: asked again later
                 high = asked[1]
             if position.offset >= 0:
                 waiting[(position.topic, position.partition)] = (max(high - position.offset, 0), position.offset)
@@ -953,37 +968,51 @@ class Meter:
             for tp, (_p, high) in zip(committed, unknown, strict=False):
                 if tp.offset >= 0:
                     waiting[(tp.topic, tp.partition)] = (max(high - tp.offset, 0), tp.offset)
-        self._note_unmoved(waiting)
+        self._note_unmoved(waiting, without_position={(p.topic, p.partition) for p, _high in unknown})
         return sum(behind for behind, _position in waiting.values())
 
-    def _note_unmoved(self, waiting: dict[tuple[str, int], tuple[int, int]]) -> None:
-        """Since when each partition with messages waiting has kept its position (for ``stuck_since``)."""
+    def _note_unmoved(
+        self, waiting: dict[tuple[str, int], tuple[int, int]], without_position: Collection[tuple[str, int]] = ()
+    ) -> None:
+        """Since when each partition with messages waiting has kept its position (for ``stuck_since``). Only
+        while the consumer's queue is drained: in a backlog a partition's messages may wait behind up to 64 MB
+        of other partitions' for a while, and that is not a stall."""
         now = time.time()
         unmoved: dict[tuple[str, int], tuple[int, float]] = {}
         for key, (behind, position) in waiting.items():
             if behind > 0:
                 before = self._unmoved.get(key)
-                unmoved[key] = before if before is not None and before[0] == position else (position, now)
+                if before is not None and before[0] == position and self._queue_drained:
+                    unmoved[key] = before
+                else:
+                    unmoved[key] = (position, now)
                 if now - unmoved[key][1] > UNMOVED_WARNING_S and key not in self._unmoved_warned:
                     self._unmoved_warned.add(key)
-                    self._restart_fetching(key, position, behind, now - unmoved[key][1])
+                    log.warning(
+                        "%s[%d]: %d messages behind, position %d unchanged for %.0fs: held but not consumed%s",
+                        *key,
+                        behind,
+                        position,
+                        now - unmoved[key][1],
+                        "" if key in without_position else "; restarting its fetch",
+                    )
+                    if key not in without_position:  # seeking to a committed offset could replay: not that
+                        self._fetch_restarts.append(key)
         self._unmoved = unmoved
         self._unmoved_warned &= unmoved.keys()
 
-    def _restart_fetching(self, key: tuple[str, int], position: int, behind: int, unmoved_s: float) -> None:
-        """Seeking a partition to where it stands restarts librdkafka's fetcher for it and skips nothing; if
-        it still does not move, supervision stops the worker (``stuck_since``)."""
-        log.warning(
-            "%s[%d]: %d messages behind, position %d unchanged for %.0fs: held but not consumed; restarting its fetch",
-            *key,
-            behind,
-            position,
-            unmoved_s,
-        )
-        try:
-            self.consumer.seek(TopicPartition(key[0], key[1], position))
-        except KafkaException as exc:  # revoked meanwhile, or not fetchable at all: supervision decides
-            log.warning("%s[%d]: restarting its fetch failed: %s", *key, exc)
+    def _restart_fetching(self) -> None:
+        """Seek each partition flagged by ``_note_unmoved`` to where it stands now (read here, on the thread
+        that consumes): librdkafka's fetcher for it restarts and nothing is skipped or taken twice. If it still
+        does not move, supervision stops the worker (``stuck_since``)."""
+        flagged, self._fetch_restarts = self._fetch_restarts, []
+        for topic, partition in flagged:
+            try:
+                for position in self.consumer.position([TopicPartition(topic, partition)]):
+                    if (position.topic, position.partition) == (topic, partition) and position.offset >= 0:
+                        self.consumer.seek(position)
+            except KafkaException as exc:  # revoked meanwhile, or not fetchable: supervision decides
+                log.warning("%s[%d]: restarting its fetch failed: %s", topic, partition, exc)
 
     def log_partition_state(self) -> None:
         """Per assigned partition: position, committed offset, cached and broker end (what an operator
@@ -1094,15 +1123,24 @@ class Meter:
         starts after it instead of replaying it. A replay bills nothing twice, but it would repeat the
         batch's dead letters and ``usage.priced`` messages; a rebalance is routine (a stage-1 process or a
         worker joining), so it should cost nothing. A failure here is raised by the ``run_once`` in progress."""
-        if self._writing is None or not partitions:
-            return
-        self._commit_synchronously = True
-        try:
-            self._finish_writing(rewind_too=())
-        except Exception as exc:  # rewound already; raising inside librdkafka's callback would lose it
-            self._failed_in_revoke = exc
-        finally:
-            self._commit_synchronously = False
+        if self._writing is not None and partitions:
+            batch = self._writing.batch.raw
+            self._commit_synchronously = True
+            try:
+                self._finish_writing(rewind_too=())
+            except Exception as exc:  # raising inside librdkafka's callback would lose it
+                self._failed_in_revoke = (exc, batch)
+            finally:
+                self._commit_synchronously = False
+        # Gone: their next owner commits them. A finished offset kept here could later be committed again over
+        # a newer one (Commits.to_retry) if they came back.
+        self.commits.forget({(tp.topic, tp.partition) for tp in partitions})
+
+    def partitions_lost(self, _consumer: object, partitions: list[TopicPartition]) -> None:
+        """librdkafka's ``on_lost`` (a session timed out: the partitions are someone else's already): nothing
+        can be committed for them; the batch in the sinks finishes as usual and its commit is refused."""
+        log.warning("lost %d partitions of usage.raw (session timed out); their new owner replays", len(partitions))
+        self.commits.forget({(tp.topic, tp.partition) for tp in partitions})
 
     def _commit_again(self) -> None:
         if time.monotonic() - self._committed_again_at < 1.0:  # a rebalance takes a while: once a second

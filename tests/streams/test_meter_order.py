@@ -9,6 +9,7 @@ replays it; a record no stage can handle is dead-lettered alone and the rest is 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -452,11 +453,14 @@ def test_a_partition_that_waits_without_moving_holds_back_the_stages_progress(
     clock[0] += 200.0
     meter.behind()
     assert meter.stuck_since() == 1_000.0
-    assert log == ["seek 1@40"]  # its fetch restarted where it stands, once
+    assert log == []  # flagged; the consuming thread restarts its fetch, where it stands, once
+    meter.run_once()
+    meter.run_once()
+    assert log == ["seek 1@40"]
     health = Health(120.0)
     health.stage("stage 1 (metering)").progressed(meter.behind(), since=meter.stuck_since())
     reason = health.stuck()
-    assert reason is not None and "made no progress for 200s with 107 messages behind" in reason
+    assert reason is not None and re.search(r"made no progress for 200s with \d+ messages behind", reason), reason
     clock[0] += 1.0  # partition 1 moves at last: progress is now
     moved = [TopicPartition("usage.raw", 0, 100), TopicPartition("usage.raw", 1, 41)]
     monkeypatch.setattr(consumer, "position", lambda partitions: moved)
@@ -624,6 +628,7 @@ def test_partitions_are_handed_over_after_the_batch_in_the_sinks_is_committed(bo
     assert kinds(log[revoked:]) == ["revoke", "produce", "flush", "commit", "sinks", "produce", "flush", "commit"]
     assert log[revoked + 1 :].count("commit 0@11,1@6 (synchronous)") == 1
     assert log[-1] == "commit 0@12"
+    assert ("usage.raw", 1) not in meter.commits.finished  # its next owner commits it from now on
 
 
 def test_a_batch_that_fails_while_partitions_are_handed_over_fails_the_run_and_is_replayed(book: PriceBook) -> None:
@@ -643,4 +648,21 @@ def test_a_batch_that_fails_while_partitions_are_handed_over_fails_the_run_and_i
     with pytest.raises(psycopg.OperationalError):
         meter.run_once()
     assert not any(entry.startswith("commit") for entry in log)
-    assert "seek 0@10" in log and "seek 0@11" in log  # both batches are taken again, in order
+    seeks = [entry for entry in log if entry.startswith("seek")]
+    assert seeks[-1] == "seek 0@10" and "seek 0@11" not in seeks  # from the failed batch on: nothing passed over
+
+
+def test_a_partition_waiting_behind_a_full_queue_is_not_taken_for_stuck(
+    book: PriceBook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a backlog, consume returns full batches and a partition's messages may wait behind others' for a while."""
+    clock = [1_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    log: list[str] = []
+    consumer = OnePartitionStuckConsumer(log, [])
+    meter = Meter(Settings(), consumer, FakeProducer(log), FakeSinks(log), book)
+    meter._queue_drained = False  # what _consume notes after a full batch
+    meter.behind()
+    clock[0] += 200.0
+    meter.behind()
+    assert meter.stuck_since() == clock[0] and not meter._fetch_restarts
