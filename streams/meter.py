@@ -569,6 +569,7 @@ class Meter:
         self._delivery_errors: list[KafkaError] = []
         self._lag_measured = 0.0
         self._unmoved: dict[tuple[str, int], tuple[int, float]] = {}  # partition -> (position, since)
+        self._consuming_thread = threading.get_ident()  # the only one that tracks movement (see _note_unmoved)
         self._unmoved_warned: set[tuple[str, int]] = set()
         self.caught_up_ms = 0  # every event produced before this is in the sinks (0: not known yet)
         self._partition_caught_up: dict[tuple[str, int], int] = {}
@@ -976,7 +977,10 @@ class Meter:
     ) -> None:
         """Since when each partition with messages waiting has kept its position (for ``stuck_since``). Only
         while the consumer's queue is drained: in a backlog a partition's messages may wait behind up to 64 MB
-        of other partitions' for a while, and that is not a stall."""
+        of other partitions' for a while, and that is not a stall. Only on the consuming thread: the sink
+        thread also measures lag (``_note``), and a flag it set could be lost in ``_restart_fetching``'s swap."""
+        if threading.get_ident() != self._consuming_thread:
+            return
         now = time.time()
         unmoved: dict[tuple[str, int], tuple[int, float]] = {}
         for key, (behind, position) in waiting.items():
