@@ -77,6 +77,11 @@ def forget_keys(scopes: Iterable[tuple[str, str, str]]) -> list[str]:
     return [spend_key(t, d, v, p) for t, d, v in scopes if is_scope_dimension(d) for p in PERIODS]
 
 
+def delete_keys(client: redis.Redis | redis.RedisCluster, keys: Sequence[str]) -> None:
+    for first in range(0, len(keys), _CHUNK):
+        client.delete(*keys[first : first + _CHUNK])  # a cluster client splits a DEL by slot itself
+
+
 def write_spend(
     client: redis.Redis | redis.RedisCluster,
     rollups: Iterable[Rollup],
@@ -86,8 +91,7 @@ def write_spend(
     """Mirror the rollups' absolute spend into Redis (SET with expiry unless a newer value is there, one
     script call per 5,000 keys; on a cluster, per 5,000 keys of one hash slot); delete the ``forget`` keys
     first. Returns how many keys were sent."""
-    for first in range(0, len(forget), _CHUNK):
-        client.delete(*forget[first : first + _CHUNK])  # a cluster client splits a DEL by slot itself
+    delete_keys(client, forget)
     now = now or datetime.now(UTC)
     writes = list(spend_writes(rollups, now).items())
     if isinstance(client, redis.RedisCluster):

@@ -151,6 +151,16 @@ class LiveScopes:
                     evicted.append((r.tenant_id, r.dimension, value))
         return [(t, d, v) for t, d, v in evicted if v not in self._recent[(t, d)]]  # not back in the same batch
 
+    def drop_tenants(self, tenants: AbstractSet[str]) -> list[tuple[str, str, str]]:
+        """Stop tracking these tenants' values (their partitions went to another process, which tracks the
+        values it sees from now on); return the dropped scopes no budget names (their live state goes)."""
+        dropped = []
+        for tenant_id, dimension in [pair for pair in self._recent if pair[0] in tenants]:
+            for value in self._recent.pop((tenant_id, dimension)):
+                if (tenant_id, dimension, value) not in self.named:
+                    dropped.append((tenant_id, dimension, value))
+        return dropped
+
     def live(self, r: Rollup) -> bool:
         if not bounded(r.dimension):
             return True

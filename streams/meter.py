@@ -69,7 +69,7 @@ from sinks.postgres import (
     scope_rollups,
     write_batch,
 )
-from sinks.redis import forget_keys, prune_freshness, write_freshness, write_spend
+from sinks.redis import delete_keys, forget_keys, prune_freshness, write_freshness, write_spend
 from sinks.retry import with_backoff
 from streams import metrics
 from streams.anomaly import ConversationRates
@@ -384,6 +384,10 @@ class Sinks:
     def forget_freshness(self, key: str, member: str) -> None:
         self.redis.hdel(key, member)
 
+    def forget_spend(self, keys: Sequence[str]) -> None:
+        """Delete spend keys once (not retried: keys left behind expire with their windows)."""
+        delete_keys(self.redis, keys)
+
     def store_alerts(self, alerts: Sequence[Alert]) -> set[str]:
         return with_backoff(
             lambda: store_alerts(self._postgres(), alerts),
@@ -446,6 +450,7 @@ class MeterSinks(Protocol):
     def write_freshness(self, key: str, member: str, caught_up_ms: int, now_ms: int) -> None: ...
     def prune_freshness(self, key: str, now_ms: int) -> None: ...
     def forget_freshness(self, key: str, member: str) -> None: ...
+    def forget_spend(self, keys: Sequence[str]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -549,6 +554,9 @@ class Meter:
         self._queue_drained = True  # the last consume returned less than a full batch
         self._fetch_restarts: list[tuple[str, int]] = []  # partitions whose fetch the main thread restarts
         self._end_asked_at: dict[tuple[str, int], float] = {}
+        # (partition, message key) pairs consumed: which tenants (the producer keys by tenant) each partition
+        # brings, so their live scopes go with a partition handed over (``partitions_revoked``).
+        self._partition_keys: set[tuple[int, bytes | None]] = set()
         self.producer = producer
         self.sinks = sinks
         self.sinks.note = self._note
@@ -658,6 +666,7 @@ class Meter:
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             assert topic is not None and partition is not None and offset is not None  # set on fetched messages
             raw.append(RawMessage(topic, partition, offset, m.key(), m.value(), m.timestamp()[1]))
+        self._partition_keys.update({(m.partition, m.key) for m in raw})
         return raw, int(time.time() * 1000)
 
     def status_alive(self, taken: int) -> None:
@@ -1136,6 +1145,8 @@ class Meter:
                 self._failed_in_revoke = (exc, batch)
             finally:
                 self._commit_synchronously = False
+        if partitions:  # before the next owner writes them; on the sink thread, idle now (or shut down: closing)
+            self._on_sink_thread(self._drop_moved_tenants, partitions, True)
         # Gone: their next owner commits them. A finished offset kept here could later be committed again over
         # a newer one (Commits.to_retry) if they came back.
         self.commits.forget({(tp.topic, tp.partition) for tp in partitions})
@@ -1144,7 +1155,42 @@ class Meter:
         """librdkafka's ``on_lost`` (a session timed out: the partitions are someone else's already): nothing
         can be committed for them; the batch in the sinks finishes as usual and its commit is refused."""
         log.warning("lost %d partitions of usage.raw (session timed out); their new owner replays", len(partitions))
+        # After the batch in the sinks (same thread); the keys stay: the new owner may be writing them already.
+        self._on_sink_thread(self._drop_moved_tenants, partitions, False)
         self.commits.forget({(tp.topic, tp.partition) for tp in partitions})
+
+    def _on_sink_thread(self, call: Callable[..., None], *args: Any) -> None:
+        """Run ``call`` after whatever the sink thread is doing; directly once the thread is shut down
+        (``close``: nothing else runs then)."""
+        if self.stopping:
+            call(*args)
+        else:
+            self._sink_thread.submit(call, *args).result()
+
+    def _drop_moved_tenants(self, partitions: Sequence[TopicPartition], delete_spend: bool) -> None:
+        """Stop tracking the live scopes of the tenants only these partitions brought (on the sink thread,
+        which owns ``live``): their next owner tracks the values it sees. Without this, every process that
+        ever held a tenant's partition would keep up to ``live_values_per_tenant`` of its users' spend keys
+        until their windows expire. Bills nothing: a failure is logged and the keys expire on their own."""
+        try:
+            gone = {tp.partition for tp in partitions if tp.topic == self.settings.topic_raw}
+            moved = {key for partition, key in self._partition_keys if partition in gone}
+            self._partition_keys = {(p, key) for p, key in self._partition_keys if p not in gone}
+            moved.difference_update(key for _p, key in self._partition_keys)  # still brought by a partition held
+            tenants = {key.decode("utf-8", "replace") for key in moved if key}
+            dropped = self.live.drop_tenants(tenants)
+            keys = forget_keys(s for s in dropped if s[1] not in NAMED_ONLY_DIMENSIONS)  # those were never written
+            if keys and delete_spend:
+                self.sinks.forget_spend(keys)
+            if tenants:
+                log.info(
+                    "%d tenants moved with their partitions (%d live spend keys deleted)",
+                    len(tenants),
+                    len(keys) if delete_spend else 0,
+                )
+        except Exception:
+            log.exception("forgetting the live scopes of moved tenants failed (their keys expire on their own)")
+            metrics.OPTIONAL_FAILURES.labels(stage="moved tenants").inc()
 
     def _commit_again(self) -> None:
         if time.monotonic() - self._committed_again_at < 1.0:  # a rebalance takes a while: once a second

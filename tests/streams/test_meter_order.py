@@ -28,6 +28,7 @@ from deploy.settings import Settings, kafka_config
 from deploy.stack import LocalStack
 from schemas.records import Alert, PricedEvent, Rollup
 from sinks.postgres import BatchResult
+from sinks.redis import forget_keys
 from streams.health import Health
 from streams.meter import Commits, Meter, OutputsNotDelivered, RewindFailed, describe_postgres_failure
 from streams.pricing import PriceBook
@@ -36,8 +37,8 @@ TOPIC = "usage.raw"
 
 
 class FakeMessage:
-    def __init__(self, partition: int, offset: int, value: bytes) -> None:
-        self._partition, self._offset, self._value = partition, offset, value
+    def __init__(self, partition: int, offset: int, value: bytes, key: bytes = b"acme") -> None:
+        self._partition, self._offset, self._value, self._key = partition, offset, value, key
 
     def error(self) -> None:
         return None
@@ -52,7 +53,7 @@ class FakeMessage:
         return self._offset
 
     def key(self) -> bytes:
-        return b"acme"
+        return self._key
 
     def value(self) -> bytes:
         return self._value
@@ -133,6 +134,7 @@ class FakeSinks:
         self.note: Callable[[str], None] | None = None
         self.ledger: dict[str, Decimal] = {}
         self.fail: Callable[[Sequence[PricedEvent]], None] = lambda _batch: None
+        self.forgotten: list[str] = []  # spend keys deleted
 
     def write(
         self,
@@ -164,6 +166,10 @@ class FakeSinks:
 
     def forget_freshness(self, key: str, member: str) -> None:
         pass
+
+    def forget_spend(self, keys: Sequence[str]) -> None:
+        self.log.append(f"forget {len(keys)}")
+        self.forgotten += keys
 
     def close(self) -> None:
         pass
@@ -666,3 +672,72 @@ def test_a_partition_waiting_behind_a_full_queue_is_not_taken_for_stuck(
     clock[0] += 200.0
     meter.behind()
     assert meter.stuck_since() == clock[0] and not meter._fetch_restarts
+
+
+class UserSinks(FakeSinks):
+    """Writes each event's user day window and lets the meter's live scopes choose what Redis mirrors."""
+
+    def write(
+        self,
+        priced: Sequence[PricedEvent],
+        should_stop: Callable[[], bool] | None = None,
+        live: Callable[[Sequence[Rollup], list[str]], list[Rollup]] | None = None,
+    ) -> BatchResult:
+        super().write(priced, should_stop, live)
+        day = datetime(2025, 7, 2, tzinfo=UTC)
+        rollups = [
+            Rollup(p.event.tenant_id, "day", day, "user", p.event.user_id or "", 1, 0, 0, 0, 0, 0, *[Decimal(0)] * 3)
+            for p in priced
+        ]
+        forget: list[str] = []
+        assert live is not None
+        live(rollups, forget)
+        self.forgotten += forget
+        return BatchResult(len(priced), rollups)
+
+
+def user_usage(event_id: str, tenant: str, user: str) -> bytes:
+    record = json.loads(usage(event_id))
+    return json.dumps({**record, "tenant_id": tenant, "user_id": user}).encode()
+
+
+def test_a_tenant_handed_over_with_its_partition_takes_its_live_user_spend_keys_along(book: PriceBook) -> None:
+    """Else every process that ever held a tenant's partition keeps up to live_values_per_tenant of its
+    users' spend keys in Redis until their windows expire. Budgeted users are kept (their keys too)."""
+    first = [
+        FakeMessage(0, 10, user_usage("a", "acme", "ann"), key=b"acme"),
+        FakeMessage(1, 5, user_usage("b", "globex", "bob"), key=b"globex"),
+        FakeMessage(1, 6, user_usage("c", "globex", "cy"), key=b"globex"),
+    ]
+    second = [FakeMessage(0, 11, user_usage("d", "acme", "dee"), key=b"acme")]
+    log: list[str] = []
+    consumer = RebalancingConsumer(log, [first, second])
+    sinks = UserSinks(log)
+    meter = Meter(Settings(), consumer, FakeProducer(log), sinks, book)
+    meter.live.named.add(("globex", "user", "cy"))  # a budget names cy
+    consumer.on_revoke = meter.partitions_revoked
+    meter.run_once()
+    meter.run_once()  # partition 1 (globex) is revoked while the first batch is in the sinks
+    meter.drain()
+    assert log.index("forget 3") > log.index("commit 0@11,1@7 (synchronous)")  # after the hand-over commit
+    # bob's spend keys (each period's); not cy's (a budget names cy), not acme's
+    assert sorted(sinks.forgotten) == sorted(forget_keys([("globex", "user", "bob")]))
+    assert sorted((t, v) for (t, _d), values in meter.live._recent.items() for v in values) == [
+        ("acme", "ann"),
+        ("acme", "dee"),
+    ]
+
+
+def test_a_tenant_whose_key_another_held_partition_still_brings_stays_tracked(book: PriceBook) -> None:
+    first = [
+        FakeMessage(0, 10, user_usage("a", "acme", "ann"), key=b"acme"),
+        FakeMessage(1, 5, user_usage("b", "acme", "bob"), key=b"acme"),
+    ]
+    log: list[str] = []
+    consumer = RebalancingConsumer(log, [first, []])
+    sinks = UserSinks(log)
+    meter = Meter(Settings(), consumer, FakeProducer(log), sinks, book)
+    consumer.on_revoke = meter.partitions_revoked
+    meter.run_once()
+    meter.run_once()
+    assert sinks.forgotten == [] and meter.live.tracked() == 2

@@ -94,8 +94,8 @@ def test_a_worker_on_a_cluster_without_topics_creates_them_and_alerts_on_budgets
     try:
         _status, body = wait_until(lambda: (r := get(own, "/readyz"))[0] == 200 and r, 90, "ready", worker)
         assert body["status"] == "ok" and body["problems"] == []
-        # One stage-1 process by default (TOKENMETER_WORKER_METER_PROCESSES; each supervised on its own).
-        stage_one = ["stage 1 (metering)"]
+        # Two stage-1 processes by default (TOKENMETER_WORKER_METER_PROCESSES; each supervised on its own).
+        stage_one = ["stage 1 (metering)", "stage 1 (metering) #2"]
         assert set(body["stages"]) == {*stage_one, "stage 2 (budgets and alerts)"}
         assert all(body["pids"][name] for name in stage_one)
         existing = AdminClient({"bootstrap.servers": own.kafka_bootstrap}).list_topics(timeout=10).topics
