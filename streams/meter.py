@@ -554,9 +554,10 @@ class Meter:
         self._queue_drained = True  # the last consume returned less than a full batch
         self._fetch_restarts: list[tuple[str, int]] = []  # partitions whose fetch the main thread restarts
         self._end_asked_at: dict[tuple[str, int], float] = {}
-        # (partition, message key) pairs consumed: which tenants (the producer keys by tenant) each partition
-        # brings, so their live scopes go with a partition handed over (``partitions_revoked``).
-        self._partition_keys: set[tuple[int, bytes | None]] = set()
+        # (partition, tenant) pairs of the events taken: which tenants each partition brings, so their live
+        # scopes go with a partition handed over (``partitions_revoked``). Bounded by tenants x partitions.
+        self._partition_tenants: set[tuple[int, str]] = set()
+        self._sinks_shut = False  # the sink thread is shut down (close): what it ran runs on this thread
         self.producer = producer
         self.sinks = sinks
         self.sinks.note = self._note
@@ -666,7 +667,6 @@ class Meter:
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             assert topic is not None and partition is not None and offset is not None  # set on fetched messages
             raw.append(RawMessage(topic, partition, offset, m.key(), m.value(), m.timestamp()[1]))
-        self._partition_keys.update({(m.partition, m.key) for m in raw})
         return raw, int(time.time() * 1000)
 
     def status_alive(self, taken: int) -> None:
@@ -855,7 +855,7 @@ class Meter:
         """Decode, validate, de-duplicate and price (this thread's share of a batch)."""
         started = time.perf_counter()
         bodies: dict[str, bytes] = {}
-        events, rejected = decode_batch(raw, bodies)
+        events, rejected = decode_batch(raw, bodies, self._partition_tenants)
         fresh = self.dedup.fresh(events)
         if self._writing is not None:  # ids in the batch still in the sinks are not fresh either
             writing = self._writing.batch.fresh_ids
@@ -1145,8 +1145,10 @@ class Meter:
                 self._failed_in_revoke = (exc, batch)
             finally:
                 self._commit_synchronously = False
-        if partitions:  # before the next owner writes them; on the sink thread, idle now (or shut down: closing)
-            self._on_sink_thread(self._drop_moved_tenants, partitions, True)
+        if partitions:  # before the next owner writes them; on the sink thread, idle now
+            # Not when closing: a process that stops holds no state, and its keys stay as after a crash (a
+            # deploy would otherwise empty the live spend of every recent unbudgeted user until their next call).
+            self._on_sink_thread(self._drop_moved_tenants, self._held_after(partitions), not self._sinks_shut)
         # Gone: their next owner commits them. A finished offset kept here could later be committed again over
         # a newer one (Commits.to_retry) if they came back.
         self.commits.forget({(tp.topic, tp.partition) for tp in partitions})
@@ -1156,38 +1158,39 @@ class Meter:
         can be committed for them; the batch in the sinks finishes as usual and its commit is refused."""
         log.warning("lost %d partitions of usage.raw (session timed out); their new owner replays", len(partitions))
         # After the batch in the sinks (same thread); the keys stay: the new owner may be writing them already.
-        self._on_sink_thread(self._drop_moved_tenants, partitions, False)
+        self._on_sink_thread(self._drop_moved_tenants, self._held_after(partitions), False)
         self.commits.forget({(tp.topic, tp.partition) for tp in partitions})
+
+    def _held_after(self, gone: Sequence[TopicPartition]) -> set[int]:
+        """The partitions of usage.raw this process keeps once ``gone`` goes (read on the consuming thread)."""
+        left = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        left.difference_update((tp.topic, tp.partition) for tp in gone)
+        return {partition for topic, partition in left if topic == self.settings.topic_raw}
 
     def _on_sink_thread(self, call: Callable[..., None], *args: Any) -> None:
         """Run ``call`` after whatever the sink thread is doing; directly once the thread is shut down
         (``close``: nothing else runs then)."""
-        if self.stopping:
+        if self._sinks_shut:
             call(*args)
         else:
             self._sink_thread.submit(call, *args).result()
 
-    def _drop_moved_tenants(self, partitions: Sequence[TopicPartition], delete_spend: bool) -> None:
-        """Stop tracking the live scopes of the tenants only these partitions brought (on the sink thread,
-        which owns ``live``): their next owner tracks the values it sees. Without this, every process that
-        ever held a tenant's partition would keep up to ``live_values_per_tenant`` of its users' spend keys
-        until their windows expire. Bills nothing: a failure is logged and the keys expire on their own."""
+    def _drop_moved_tenants(self, held: set[int], delete_spend: bool) -> None:
+        """Stop tracking the live scopes of the tenants that only partitions no longer ``held`` brought (on
+        the sink thread, which owns ``live``): their next owner tracks the values it sees. Without this,
+        every process that ever held a tenant's partition would keep up to ``live_values_per_tenant`` of its
+        users' spend keys until their windows expire. Bills nothing: a failure is logged, keys expire."""
         try:
-            gone = {tp.partition for tp in partitions if tp.topic == self.settings.topic_raw}
-            moved = {key for partition, key in self._partition_keys if partition in gone}
-            self._partition_keys = {(p, key) for p, key in self._partition_keys if p not in gone}
-            moved.difference_update(key for _p, key in self._partition_keys)  # still brought by a partition held
-            tenants = {key.decode("utf-8", "replace") for key in moved if key}
-            dropped = self.live.drop_tenants(tenants)
+            moved = {tenant for partition, tenant in self._partition_tenants if partition not in held}
+            self._partition_tenants = {(p, tenant) for p, tenant in self._partition_tenants if p in held}
+            moved.difference_update(tenant for _p, tenant in self._partition_tenants)  # still brought by one held
+            dropped = self.live.drop_tenants(moved)
             keys = forget_keys(s for s in dropped if s[1] not in NAMED_ONLY_DIMENSIONS)  # those were never written
             if keys and delete_spend:
                 self.sinks.forget_spend(keys)
-            if tenants:
-                log.info(
-                    "%d tenants moved with their partitions (%d live spend keys deleted)",
-                    len(tenants),
-                    len(keys) if delete_spend else 0,
-                )
+            if moved:
+                deleted = len(keys) if delete_spend else 0
+                log.info("%d tenants moved with their partitions (%d live spend keys deleted)", len(moved), deleted)
         except Exception:
             log.exception("forgetting the live scopes of moved tenants failed (their keys expire on their own)")
             metrics.OPTIONAL_FAILURES.labels(stage="moved tenants").inc()
@@ -1227,6 +1230,7 @@ class Meter:
                 self._writing.write.result()
             self._writing = None
         self._sink_thread.shutdown(wait=True)
+        self._sinks_shut = True
         self.consumer.close()
         self.producer.flush(5.0)
         try:  # a stopped process no longer speaks for the spend's freshness

@@ -62,10 +62,13 @@ def decode_one_body(message: RawMessage) -> tuple[UsageEvent, bytes | None] | Re
 
 
 def decode_batch(
-    messages: Iterable[RawMessage], bodies: dict[str, bytes] | None = None
+    messages: Iterable[RawMessage],
+    bodies: dict[str, bytes] | None = None,
+    tenants: set[tuple[int, str]] | None = None,
 ) -> tuple[list[UsageEvent], list[Rejected]]:
     """Decode and validate a batch; with ``bodies``, also collect each event id's reusable Avro body
-    (the first one of an id, like ``Deduplicator.fresh``)."""
+    (the first one of an id, like ``Deduplicator.fresh``); with ``tenants``, the (partition, tenant)
+    pairs of the batch's events."""
     events: list[UsageEvent] = []
     rejected: list[Rejected] = []
     for message in messages:
@@ -77,6 +80,8 @@ def decode_batch(
         events.append(event)
         if bodies is not None and body is not None:
             bodies.setdefault(event.event_id, body)
+        if tenants is not None:
+            tenants.add((message.partition, event.tenant_id))
     return events, rejected
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -135,6 +136,7 @@ class FakeSinks:
         self.ledger: dict[str, Decimal] = {}
         self.fail: Callable[[Sequence[PricedEvent]], None] = lambda _batch: None
         self.forgotten: list[str] = []  # spend keys deleted
+        self.forgotten_on: list[str] = []  # by which thread (name prefix)
 
     def write(
         self,
@@ -170,6 +172,7 @@ class FakeSinks:
     def forget_spend(self, keys: Sequence[str]) -> None:
         self.log.append(f"forget {len(keys)}")
         self.forgotten += keys
+        self.forgotten_on.append(threading.current_thread().name.split("_")[0])
 
     def close(self) -> None:
         pass
@@ -703,13 +706,14 @@ def user_usage(event_id: str, tenant: str, user: str) -> bytes:
 
 def test_a_tenant_handed_over_with_its_partition_takes_its_live_user_spend_keys_along(book: PriceBook) -> None:
     """Else every process that ever held a tenant's partition keeps up to live_values_per_tenant of its
-    users' spend keys in Redis until their windows expire. Budgeted users are kept (their keys too)."""
+    users' spend keys in Redis until their windows expire. Budgeted users are kept (their keys too). The
+    tenant is the events', whatever the producer keyed by (here tenant and user, as a hot tenant may)."""
     first = [
-        FakeMessage(0, 10, user_usage("a", "acme", "ann"), key=b"acme"),
-        FakeMessage(1, 5, user_usage("b", "globex", "bob"), key=b"globex"),
-        FakeMessage(1, 6, user_usage("c", "globex", "cy"), key=b"globex"),
+        FakeMessage(0, 10, user_usage("a", "acme", "ann"), key=b"acme/ann"),
+        FakeMessage(1, 5, user_usage("b", "globex", "bob"), key=b"globex/bob"),
+        FakeMessage(1, 6, user_usage("c", "globex", "cy"), key=b"globex/cy"),
     ]
-    second = [FakeMessage(0, 11, user_usage("d", "acme", "dee"), key=b"acme")]
+    second = [FakeMessage(0, 11, user_usage("d", "acme", "dee"), key=b"acme/dee")]
     log: list[str] = []
     consumer = RebalancingConsumer(log, [first, second])
     sinks = UserSinks(log)
@@ -720,18 +724,20 @@ def test_a_tenant_handed_over_with_its_partition_takes_its_live_user_spend_keys_
     meter.run_once()  # partition 1 (globex) is revoked while the first batch is in the sinks
     meter.drain()
     assert log.index("forget 3") > log.index("commit 0@11,1@7 (synchronous)")  # after the hand-over commit
-    # bob's spend keys (each period's); not cy's (a budget names cy), not acme's
+    # bob's spend keys (each period's), deleted on the sink thread; not cy's (a budget names cy), not acme's
     assert sorted(sinks.forgotten) == sorted(forget_keys([("globex", "user", "bob")]))
+    assert sinks.forgotten_on == ["sinks"]
     assert sorted((t, v) for (t, _d), values in meter.live._recent.items() for v in values) == [
         ("acme", "ann"),
         ("acme", "dee"),
     ]
+    assert meter._partition_tenants == {(0, "acme")}
 
 
-def test_a_tenant_whose_key_another_held_partition_still_brings_stays_tracked(book: PriceBook) -> None:
+def test_a_tenant_another_held_partition_still_brings_stays_tracked(book: PriceBook) -> None:
     first = [
-        FakeMessage(0, 10, user_usage("a", "acme", "ann"), key=b"acme"),
-        FakeMessage(1, 5, user_usage("b", "acme", "bob"), key=b"acme"),
+        FakeMessage(0, 10, user_usage("a", "acme", "ann")),
+        FakeMessage(1, 5, user_usage("b", "acme", "bob")),
     ]
     log: list[str] = []
     consumer = RebalancingConsumer(log, [first, []])
@@ -740,4 +746,24 @@ def test_a_tenant_whose_key_another_held_partition_still_brings_stays_tracked(bo
     consumer.on_revoke = meter.partitions_revoked
     meter.run_once()
     meter.run_once()
+    assert meter._partition_tenants == {(0, "acme")}  # partition 1's pair went with it
     assert sinks.forgotten == [] and meter.live.tracked() == 2
+
+
+def test_lost_partitions_and_a_stopping_process_leave_the_spend_keys(book: PriceBook) -> None:
+    """Lost: the next owner may be writing those keys already. Stopping: a deploy must not empty every
+    recent user's live spend; the keys stay as after a crash, until their windows expire."""
+    log: list[str] = []
+    consumer = HoldingConsumer(log, [[FakeMessage(0, 10, user_usage("a", "acme", "ann"))]])
+    sinks = UserSinks(log)
+    meter = Meter(Settings(), consumer, FakeProducer(log), sinks, book)
+    meter.run_once()
+    meter.drain()
+    meter.partitions_lost(consumer, [TopicPartition("usage.raw", 0)])
+    assert sinks.forgotten == [] and meter.live.tracked() == 0  # no longer tracked here
+    consumer.batches.append([FakeMessage(1, 3, user_usage("b", "globex", "bob"))])
+    meter.run_once()
+    meter.drain()
+    meter.close()
+    meter.partitions_revoked(consumer, [TopicPartition("usage.raw", 1)])  # what consumer.close() calls
+    assert sinks.forgotten == [] and meter.live.tracked() == 0
