@@ -50,7 +50,7 @@ from sinks.alerts import store_alerts, top_contributors
 from sinks.retry import with_backoff
 from sinks.summaries import summarize_pending
 from sinks.webhooks import deliver_pending
-from streams import metrics
+from streams import heap, metrics
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
 from streams.budgets import Budget, budget_alerts, overrun_alerts, parse_config_record
 from streams.config_topic import ConfigFollower
@@ -596,6 +596,7 @@ def run_worker(settings: Settings | None = None, loglevel: str = "warning") -> N
 
     serve(health, settings.metrics_host, settings.metrics_port)
     app = make_app(settings, health)
+    heap.settle()
     # Faust warns on every changelog burst ("producer buffer full"); it is flow control, not a fault.
     logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)

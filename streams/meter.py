@@ -71,7 +71,7 @@ from sinks.postgres import (
 )
 from sinks.redis import delete_keys, forget_keys, prune_freshness, write_freshness, write_spend
 from sinks.retry import with_backoff
-from streams import metrics
+from streams import heap, metrics
 from streams.anomaly import ConversationRates
 from streams.budgets import parse_config_record
 from streams.config_topic import ConfigFollower
@@ -1337,6 +1337,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
     budgeted: list[tuple[str, str, str]] = []
     named = scope_follower(settings, meter.live.named, budgeted)
     optional("budget names", lambda: named.catch_up(1.0), 0)  # only bounds state: no need to wait long
+    heap.settle()  # what start-up built stays: out of the cycle collector's way
     followed = time.monotonic()
 
     def refresh_budgeted() -> bool:
