@@ -8,10 +8,10 @@ database 15, dropped afterwards. The workload is ``deploy.bench.workload.usage_e
 - ``naive_postgres_events_per_s``: one ``INSERT`` per event in its own transaction, the approach in
   the guides, into a temporary table (not WAL-logged: the cheapest an INSERT per call can be);
   ``naive_durable_postgres_events_per_s``: the same into an ordinary table, durable as the ledger is.
-- ``pipeline_events_per_s``: after an untimed warm-up (a fifth of the workload, at most 20,000 events),
-  the worker (``tokenmeter worker``, a subprocess) takes the workload from
-  usage.raw through validation, de-duplication, pricing, Postgres, Redis and the output topics;
-  events / (last commit - first produce).
+- ``pipeline_events_per_s``: after an untimed warm-up (a fifth of the workload, at most 20,000 events)
+  and once every stage-1 process holds partitions of usage.raw, the worker (``tokenmeter worker``, a
+  subprocess) takes the workload from usage.raw through validation, de-duplication, pricing, Postgres,
+  Redis and the output topics; events / (last commit - first produce).
 - ``p99_event_to_quota_ms``: while background traffic flows at half ``pipeline_events_per_s``
   (``quota_background_events_per_s``: the rate reached; calls of the workload encoded once and sent by a
   bare producer, so the generator leaves the shared cores to the pipeline), single probe events are
@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from deploy.bench.cpu import CpuMeter, Stack
 from deploy.bench.workload import EncodedCalls, usage_events
@@ -96,6 +97,37 @@ def bare_consume(settings: Settings, expected: int) -> float:
     elapsed = time.perf_counter() - started
     consumer.close()
     return seen / elapsed
+
+
+def wait_for_members(settings: Settings, timeout: float, worker: WorkerProcess) -> int:
+    """Wait until stage 1's consumer group is stable with a member per stage-1 process (at most one per
+    partition of usage.raw), each holding partitions; return how many. The first process to join takes
+    every partition and the others join seconds later (imports, price book): timed from then, the burst
+    would include their rebalance (partitions handed over and fetched anew), which a worker that has been
+    running does not go through."""
+    admin = AdminClient(kafka_config(settings))
+    partitions = len(
+        with_broker_retries(lambda: admin.list_topics(settings.topic_raw, timeout=10))
+        .topics[settings.topic_raw]
+        .partitions
+    )
+    wanted = min(settings.worker_meter_processes, partitions)
+    group = meter_group(settings)
+    deadline = time.monotonic() + timeout
+    holding = 0
+    while time.monotonic() < deadline:
+        if not worker.alive():
+            raise RuntimeError(f"the worker exited:\n{worker.output()}")
+        try:
+            described = admin.describe_consumer_groups([group], request_timeout=5)[group].result()
+        except KafkaException:
+            described = None
+        if described is not None and described.state == ConsumerGroupState.STABLE:
+            holding = sum(1 for m in described.members if m.assignment and m.assignment.topic_partitions)
+            if holding >= wanted:
+                return holding
+        time.sleep(0.2)
+    raise TimeoutError(f"{holding} of {wanted} stage-1 processes held partitions after {timeout:.0f}s")
 
 
 def naive_postgres(settings: Settings, events: list[dict[str, Any]], durable: bool = False) -> float:
@@ -311,7 +343,8 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
         # the broker alone took 3x the CPU per event, and the pipeline ran ~25 % slower).
         warmup = encode(usage_events(min(20_000, max(200, events // 5)), seed=2))
         produce_all(own, warmup)
-        wait_for_commits(own, len(warmup), timeout=300, worker=worker)  # joined, warm, idle
+        wait_for_commits(own, len(warmup), timeout=300, worker=worker)  # warm, idle
+        wait_for_members(own, timeout=120, worker=worker)  # every stage-1 process holds partitions
         say("worker ready; producing the workload")
         assert worker.process is not None
         cpu = CpuMeter(Stack(worker.process.pid, str(own.home / "kafka"), own.postgres_port, own.redis_port))
