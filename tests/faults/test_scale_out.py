@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from deploy.isolation import WorkerProcess, env_for, free_port, isolated
 from deploy.settings import Settings
@@ -118,7 +119,16 @@ def _topic_layout(settings: Settings) -> dict[str, object]:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     partitions = admin.list_topics(settings.topic_raw, timeout=10).topics[settings.topic_raw].partitions
     resource = ConfigResource(ConfigResource.Type.TOPIC, settings.topic_raw)
-    config = admin.describe_configs([resource])[resource].result()
+    # Just created: a node the request reaches may not know the topic for a moment (UNKNOWN_TOPIC_OR_PART).
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            config = admin.describe_configs([resource])[resource].result()
+            break
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     return {
         "replicas": min(len(p.replicas) for p in partitions.values()),
         "min.insync.replicas": config["min.insync.replicas"].value,
