@@ -8,6 +8,7 @@ database 15, dropped afterwards. The workload is ``deploy.bench.workload.usage_e
 - ``naive_postgres_events_per_s``: one ``INSERT`` per event in its own transaction, the approach in
   the guides, into a temporary table (not WAL-logged: the cheapest an INSERT per call can be);
   ``naive_durable_postgres_events_per_s``: the same into an ordinary table, durable as the ledger is.
+  Each is the median of three rounds of 5,000 events (``NAIVE_ROUNDS``), before the worker starts.
 - ``pipeline_events_per_s``: after an untimed warm-up (a fifth of the workload, at most 20,000 events)
   and once every stage-1 process holds partitions of usage.raw, the worker (``tokenmeter worker``, a
   subprocess) takes the workload from usage.raw through validation, de-duplication, pricing, Postgres,
@@ -25,6 +26,7 @@ database 15, dropped afterwards. The workload is ``deploy.bench.workload.usage_e
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 import uuid
@@ -52,6 +54,7 @@ from streams.lag import measure_lag, wait_for_sinks, with_broker_retries
 from streams.meter import meter_group
 
 STALL_S = 180.0  # no commit for this long mid-workload: the run fails with the worker's log instead of hanging
+NAIVE_ROUNDS = 3  # the naive baselines: the median of this many rounds of 5,000 INSERTs
 
 
 def produce_all(settings: Settings, payloads: list[tuple[bytes, bytes]]) -> None:
@@ -130,10 +133,14 @@ def wait_for_members(settings: Settings, timeout: float, worker: WorkerProcess) 
     raise TimeoutError(f"{holding} of {wanted} stage-1 processes held partitions after {timeout:.0f}s")
 
 
-def naive_postgres(settings: Settings, events: list[dict[str, Any]], durable: bool = False) -> float:
-    """One autocommit INSERT per event into a table of the ledger's shape. ``durable``: an ordinary table,
-    as the guides' ledger is (each commit waits for its WAL flush); else a temporary one, which Postgres
-    does not WAL-log at all: the cheapest any INSERT-per-call design can be, and the issue's yardstick."""
+def naive_postgres(
+    settings: Settings, events: list[dict[str, Any]], durable: bool = False, rounds: int = NAIVE_ROUNDS
+) -> float:
+    """One autocommit INSERT per event into a table of the ledger's shape; the median rate of ``rounds``
+    rounds, each over its own share of ``events`` (a single half-second round swung between 7,500 and
+    12,400/s from run to run on the same box). ``durable``: an ordinary table, as the guides' ledger is
+    (each commit waits for its WAL flush); else a temporary one, which Postgres does not WAL-log at all:
+    the cheapest any INSERT-per-call design can be, and the issue's yardstick."""
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         # The ledger's shape with the de-duplicating key on event_id the naive approach needs (the
         # partitioned ledger keeps it in ledger_ids, which LIKE does not copy).
@@ -142,8 +149,10 @@ def naive_postgres(settings: Settings, events: list[dict[str, Any]], durable: bo
             f"CREATE {'' if durable else 'TEMP '}TABLE {table} (LIKE tokenmeter.ledger INCLUDING DEFAULTS"
             " INCLUDING CONSTRAINTS INCLUDING INDEXES, PRIMARY KEY (event_id))"
         )
+        share = max(1, len(events) // rounds)
         try:
-            return _insert_one_by_one(conn, table, events)
+            rates = [_insert_one_by_one(conn, table, events[i * share : (i + 1) * share]) for i in range(rounds)]
+            return statistics.median(rates)
         finally:
             conn.execute(f"DROP TABLE {table}")
 
@@ -334,6 +343,11 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
     data = usage_events(events, duplicates=0.01)
     payloads = encode(data)
     say(f"workload: {len(payloads):,} events (1% producer retries), {len({e['tenant_id'] for e in data})} tenants")
+    # First, on a quiet box: measured after the pipeline, Postgres was still busy with what it had just
+    # written (autovacuum) and the baseline swung between 7,500 and 12,400/s from run to run.
+    say("naive per-call Postgres INSERT (temporary table, and an ordinary one)")
+    naive = naive_postgres(own, data[: min(len(data), 5000 * NAIVE_ROUNDS)])
+    naive_durable = naive_postgres(own, data[: min(len(data), 5000 * NAIVE_ROUNDS)], durable=True)
 
     worker = WorkerProcess(own, work_dir)
     worker.start(loglevel="warning")
@@ -393,9 +407,6 @@ def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callabl
 
     say("bare consume + decode loop")
     bare = bare_consume(own, total)
-    say("naive per-call Postgres INSERT (temporary table, and an ordinary one)")
-    naive = naive_postgres(own, data[: min(len(data), 5000)])
-    naive_durable = naive_postgres(own, data[: min(len(data), 5000)], durable=True)
     return PipelineFigures(
         events=len(payloads),
         pipeline_events_per_s=round(pipeline, 1),
