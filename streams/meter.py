@@ -388,12 +388,15 @@ class Sinks:
         """Delete spend keys once (not retried: keys left behind expire with their windows)."""
         delete_keys(self.redis, keys)
 
-    def store_alerts(self, alerts: Sequence[Alert]) -> set[str]:
+    def store_alerts(self, alerts: Sequence[Alert], should_stop: Callable[[], bool] | None = None) -> set[str]:
+        """Store the alerts once; retried while Postgres is down, until ``should_stop`` (a stopping process
+        must not hang here: the batch's runaway alerts are found again when it is replayed)."""
         return with_backoff(
             lambda: store_alerts(self._postgres(), alerts),
             (psycopg.Error,),
             "Postgres (alerts)",
             on_failure=self._drop_postgres,
+            should_stop=should_stop,
             retry_if=postgres_transient,
             describe=describe_postgres_failure,
             note=self.note,
@@ -446,7 +449,7 @@ class MeterSinks(Protocol):
     ) -> BatchResult: ...
     def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None: ...
     def mark_tags_stale(self, pairs: Collection[tuple[str, str]]) -> None: ...
-    def store_alerts(self, alerts: Sequence[Alert]) -> set[str]: ...
+    def store_alerts(self, alerts: Sequence[Alert], should_stop: Callable[[], bool] | None = None) -> set[str]: ...
     def write_freshness(self, key: str, member: str, caught_up_ms: int, now_ms: int) -> None: ...
     def prune_freshness(self, key: str, now_ms: int) -> None: ...
     def forget_freshness(self, key: str, member: str) -> None: ...
@@ -920,7 +923,10 @@ class Meter:
         alerts = [alert for alert in found if alert.alert_id not in self._stored_alerts]
         if not alerts:
             return []
-        new = self._sink_thread.submit(self.sinks.store_alerts, alerts).result()  # once per id, whatever replays
+        stopping = lambda: self.stopping  # noqa: E731
+        new = self._sink_thread.submit(
+            self.sinks.store_alerts, alerts, stopping
+        ).result()  # once per id, whatever replays
         self._stored_alerts.add_all(alert.alert_id for alert in alerts)
         return [alert for alert in alerts if alert.alert_id in new]
 

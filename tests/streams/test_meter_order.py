@@ -31,7 +31,7 @@ from schemas.records import Alert, PricedEvent, Rollup
 from sinks.postgres import BatchResult
 from sinks.redis import forget_keys
 from streams.health import Health
-from streams.meter import Commits, Meter, OutputsNotDelivered, RewindFailed, describe_postgres_failure
+from streams.meter import Commits, Meter, OutputsNotDelivered, RewindFailed, Sinks, describe_postgres_failure
 from streams.pricing import PriceBook
 
 TOPIC = "usage.raw"
@@ -157,7 +157,7 @@ class FakeSinks:
     def refresh_spend(self, scopes: Sequence[tuple[str, str, str]]) -> None:
         pass
 
-    def store_alerts(self, alerts: Sequence[Alert]) -> set[str]:
+    def store_alerts(self, alerts: Sequence[Alert], should_stop: Callable[[], bool] | None = None) -> set[str]:
         return {a.alert_id for a in alerts}
 
     def write_freshness(self, key: str, member: str, caught_up_ms: int, now_ms: int) -> None:
@@ -543,7 +543,10 @@ def test_a_runaway_loop_found_batch_after_batch_is_stored_once_not_on_every_batc
     second = [FakeMessage(0, 40 + n, looping(f"b{n}")) for n in range(40)]
     meter, _log, producer, sinks = make([first, second], book)
     stored: list[list[str]] = []
-    sinks.store_alerts = lambda alerts: (stored.append([a.alert_id for a in alerts]), {a.alert_id for a in alerts})[1]  # type: ignore[method-assign]
+    sinks.store_alerts = lambda alerts, _stop=None: (
+        stored.append([a.alert_id for a in alerts]),
+        {a.alert_id for a in alerts},
+    )[1]  # type: ignore[method-assign]
     meter.run_once()
     meter.run_once()
     meter.drain()
@@ -768,3 +771,24 @@ def test_lost_partitions_and_a_stopping_process_leave_the_spend_keys(book: Price
     meter.close()
     meter.partitions_revoked(consumer, [TopicPartition("usage.raw", 1)])  # what consumer.close() calls
     assert sinks.forgotten == [] and meter.live.tracked() == 0
+
+
+def test_storing_alerts_gives_up_while_postgres_is_away_once_the_process_stops() -> None:
+    """Without ``should_stop`` a SIGTERM during a Postgres outage left stage 1 retrying here for ever."""
+    sinks = Sinks(Settings(database_url="postgresql://postgres@127.0.0.1:9/nowhere"))
+    alert = Alert(
+        alert_id="anomaly.runaway_loop:acme:s-1:2025-07-02T10:00:00+00:00",
+        kind="anomaly.runaway_loop",
+        tenant_id="acme",
+        scope={"conversation": "s-1"},
+        period="minute:2025-07-02T10:00:00+00:00",
+        current=Decimal(1),
+        baseline=Decimal(0),
+        message="acme/s-1: a loop?",
+        details={},
+        created_at=datetime(2025, 7, 2, 10, tzinfo=UTC),
+    )
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):
+        sinks.store_alerts([alert], should_stop=lambda: True)
+    assert time.monotonic() - started < 10
