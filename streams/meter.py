@@ -268,9 +268,12 @@ def transient_reason(exc: BaseException) -> str | None:
 
 
 def optional(what: str, call: Callable[[], T], default: T) -> T:
-    """Run a stage that bills nothing: on any failure log it, count it and go on with ``default``."""
+    """Run a stage that bills nothing: on any failure log it, count it and go on with ``default``. Stopping
+    is not a failure of the stage: it goes through, and the batch is replayed by the next start."""
     try:
         return call()
+    except Stopping:
+        raise
     except Exception:
         log.exception("%s failed; skipped for this batch (billing goes on)", what)
         metrics.OPTIONAL_FAILURES.labels(stage=what).inc()
@@ -390,7 +393,7 @@ class Sinks:
 
     def store_alerts(self, alerts: Sequence[Alert], should_stop: Callable[[], bool] | None = None) -> set[str]:
         """Store the alerts once; retried while Postgres is down, until ``should_stop`` (a stopping process
-        must not hang here: the batch's runaway alerts are found again when it is replayed)."""
+        must not hang here)."""
         return with_backoff(
             lambda: store_alerts(self._postgres(), alerts),
             (psycopg.Error,),
@@ -599,6 +602,9 @@ class Meter:
         except redis.RedisError as exc:
             log.info("could not prune old freshness entries: %s", exc)
 
+    def _stopping(self) -> bool:
+        return self.stopping
+
     def _note(self, failure: str) -> None:
         """A sink is retrying: tell supervision why, and how much waits meanwhile."""
         metrics.BATCH_FAILURES.labels(reason="redis" if failure.startswith("Redis") else "postgres").inc()
@@ -647,8 +653,7 @@ class Meter:
             self._process_alone(raw, consumed_ms)
             return committed + len(raw)  # committed too
         if prepared is not None:
-            stopping = lambda: self.stopping  # noqa: E731
-            write = self._sink_thread.submit(self.sinks.write, prepared.priced, stopping, self._live)
+            write = self._sink_thread.submit(self.sinks.write, prepared.priced, self._stopping, self._live)
             self._writing = Pipelined(prepared, write)
             self._in_flight = len(prepared.raw)  # behind until committed: a stuck write shows as a stall
         return committed
@@ -855,8 +860,7 @@ class Meter:
     def _process(self, raw: Sequence[RawMessage]) -> None:
         """One batch (or part of one) through every stage, up to Kafka's acks for its outputs."""
         batch = self._prepare(raw, 0)
-        stopping = lambda: self.stopping  # noqa: E731
-        result = self._sink_thread.submit(self.sinks.write, batch.priced, stopping, self._live).result()
+        result = self._sink_thread.submit(self.sinks.write, batch.priced, self._stopping, self._live).result()
         self._finish(batch, result)
 
     def _prepare(self, raw: Sequence[RawMessage], consumed_ms: int) -> Prepared:
@@ -923,10 +927,12 @@ class Meter:
         alerts = [alert for alert in found if alert.alert_id not in self._stored_alerts]
         if not alerts:
             return []
-        stopping = lambda: self.stopping  # noqa: E731
-        new = self._sink_thread.submit(
-            self.sinks.store_alerts, alerts, stopping
-        ).result()  # once per id, whatever replays
+        try:  # once per id, whatever replays
+            new = self._sink_thread.submit(self.sinks.store_alerts, alerts, self._stopping).result()
+        except psycopg.Error as exc:
+            if self.stopping:  # not committed without its alerts: the next start replays the batch, finds them
+                raise Stopping("stopping while Postgres is away; the batch will be replayed") from exc
+            raise
         self._stored_alerts.add_all(alert.alert_id for alert in alerts)
         return [alert for alert in alerts if alert.alert_id in new]
 

@@ -31,7 +31,15 @@ from schemas.records import Alert, PricedEvent, Rollup
 from sinks.postgres import BatchResult
 from sinks.redis import forget_keys
 from streams.health import Health
-from streams.meter import Commits, Meter, OutputsNotDelivered, RewindFailed, Sinks, describe_postgres_failure
+from streams.meter import (
+    Commits,
+    Meter,
+    OutputsNotDelivered,
+    RewindFailed,
+    Sinks,
+    Stopping,
+    describe_postgres_failure,
+)
 from streams.pricing import PriceBook
 
 TOPIC = "usage.raw"
@@ -553,6 +561,30 @@ def test_a_runaway_loop_found_batch_after_batch_is_stored_once_not_on_every_batc
     assert stored == [["anomaly.runaway_loop:acme:agent-7:2025-07-02T10:00:00+00:00"]]
     runaway = [v for topic, v in producer.delivered if topic == Settings().topic_alerts_anomaly]
     assert len(runaway) == 1  # published once, when first stored
+
+
+def test_a_stopping_process_does_not_commit_a_batch_whose_runaway_alerts_postgres_did_not_take(
+    book: PriceBook,
+) -> None:
+    """Storing the alerts gives up once stopping (it must not hang); the batch then is not committed
+    without them (runaway detection is optional, but stopping is not its failure): it is replayed."""
+    looping = [
+        json.dumps({**json.loads(usage(f"a{n}")), "timestamp": "2025-07-02T10:00:05+00:00", "session_id": "s"})
+        for n in range(40)
+    ]
+    meter, log, _producer, sinks = make([[FakeMessage(0, n, v.encode()) for n, v in enumerate(looping)]], book)
+
+    def away(_alerts: Sequence[Alert], should_stop: Callable[[], bool] | None = None) -> set[str]:
+        meter.stopping = True  # SIGTERM during the outage
+        assert should_stop is not None and should_stop()
+        raise psycopg.OperationalError("connection refused")
+
+    sinks.store_alerts = away  # type: ignore[method-assign]
+    meter.run_once()
+    with pytest.raises(Stopping):
+        meter.drain()
+    assert not any(entry.startswith("commit") for entry in log)
+    assert log[-1] == "seek 0@0"
 
 
 class HoldingConsumer(FakeConsumer):
