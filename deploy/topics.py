@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from confluent_kafka.admin import (
@@ -91,6 +92,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
                 changes.append(TopicChange(spec.name, "unchanged", "created concurrently"))
+        _await_metadata(admin, [s.name for s in to_create], timeout)
 
     for spec in specs:
         if spec.name not in existing:
@@ -118,6 +120,23 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[TopicChange
         if not detail:
             changes.append(TopicChange(spec.name, "unchanged", f"{have} partitions"))
     return changes
+
+
+def _await_metadata(admin: AdminClient, names: list[str], timeout: float) -> None:
+    """Creation returns once the controller has the topic; the broker a client asks next may not know it
+    for a moment (no partitions in its metadata, UNKNOWN_TOPIC_OR_PART). Wait, bounded, until every
+    partition has a leader, so whoever runs next (a worker, a test reading the layout) finds it usable."""
+    deadline = time.monotonic() + timeout
+    pending = set(names)
+    while pending and time.monotonic() < deadline:
+        for name in sorted(pending):
+            topic = admin.list_topics(name, timeout=max(0.1, deadline - time.monotonic())).topics.get(name)
+            if topic is None or topic.error is not None or not topic.partitions:
+                continue
+            if all(p.leader >= 0 for p in topic.partitions.values()):
+                pending.discard(name)
+        if pending:
+            time.sleep(0.1)
 
 
 class TopicsMissing(RuntimeError):

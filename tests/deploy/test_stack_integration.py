@@ -11,6 +11,7 @@ import redis
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
+from deploy.isolation import isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from deploy.topics import ensure_topics
@@ -45,6 +46,16 @@ def test_topics_ensure_is_idempotent(stack: LocalStack, settings: Settings) -> N
     assert {c.action for c in again} == {"unchanged"}
     meta = AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=10)
     assert len(meta.topics[settings.topic_raw].partitions) == settings.topic_partitions
+
+
+def test_created_topics_are_usable_when_ensure_returns(stack: LocalStack, settings: Settings, unique: str) -> None:
+    # A caller (a worker, a test reading the layout) may ask any broker right away.
+    own = isolated(settings, f"fresh{unique}")
+    meta = AdminClient({"bootstrap.servers": own.kafka_bootstrap}).list_topics(own.topic_raw, timeout=10)
+    topic = meta.topics[own.topic_raw]
+    assert topic.error is None
+    assert len(topic.partitions) == own.topic_partitions
+    assert all(p.leader >= 0 for p in topic.partitions.values())
 
 
 def test_postgres_migrations_recorded_and_usable(stack: LocalStack, settings: Settings, unique: str) -> None:

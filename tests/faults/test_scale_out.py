@@ -117,10 +117,14 @@ def _topic_layout(settings: Settings) -> dict[str, object]:
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    partitions = admin.list_topics(settings.topic_raw, timeout=10).topics[settings.topic_raw].partitions
     resource = ConfigResource(ConfigResource.Type.TOPIC, settings.topic_raw)
-    # Just created: a node the request reaches may not know the topic for a moment (UNKNOWN_TOPIC_OR_PART).
+    # Just created: a node the request reaches may not know the topic for a moment (no partitions in its
+    # metadata, UNKNOWN_TOPIC_OR_PART). ensure_topics waits for that; this test reads the layout anyway.
     deadline = time.monotonic() + 30
+    partitions = admin.list_topics(settings.topic_raw, timeout=10).topics[settings.topic_raw].partitions
+    while not partitions and time.monotonic() < deadline:
+        time.sleep(0.2)
+        partitions = admin.list_topics(settings.topic_raw, timeout=10).topics[settings.topic_raw].partitions
     while True:
         try:
             config = admin.describe_configs([resource])[resource].result()
