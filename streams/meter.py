@@ -189,11 +189,21 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class Written:
+    """What the sinks did with a batch: the result, and the windows stage 2 gets (``streamed`` ones of live
+    scopes), chosen on the sink thread right after the write: it owns ``live``, which the next batch's write
+    changes while this thread publishes."""
+
+    result: BatchResult
+    streamed: list[Rollup]
+
+
+@dataclass(frozen=True)
 class Pipelined:
     """The batch in the sinks (on the sink thread) while the next one is prepared."""
 
     batch: Prepared
-    write: Future[BatchResult]
+    write: Future[Written]
 
 
 class CommitFailed(RuntimeError):
@@ -622,8 +632,9 @@ class Meter:
         messages were committed (a batch only taken is not progress yet: ``in_flight`` counts it).
 
         Two batches overlap (``Pipelined`` below): while batch N is in Postgres and Redis on the sink
-        thread, this thread decodes and prices batch N+1; then N is published, flushed and committed, and
-        N+1 goes to the sinks. Each batch still goes sinks → produce → flush → commit, in order.
+        thread, this thread decodes and prices batch N+1; once N is through the sinks, N+1 goes to them and
+        this thread publishes, flushes and commits N meanwhile. Each batch still goes sinks → produce →
+        flush → commit, in order; N+1's offsets are committed only after N's.
         Raises only for transient failures, after rewinding every batch not committed, so the next call
         replays them."""
         raw, consumed_ms = self._consume(timeout)
@@ -646,17 +657,24 @@ class Meter:
                 prepared = self._prepare(raw, consumed_ms)
             except Exception as exc:  # a record the stages cannot handle: the batch goes the careful way
                 log.warning("preparing a batch failed (%s: %s)", type(exc).__name__, str(exc)[:300])
-        committed = self._finish_writing(rewind_too=raw)
+        committed = self._finish_writing(rewind_too=raw, then=prepared)
         if committed < 0:  # the batch before failed and went alone; this one was rewound, to be taken again
             return -committed
         if raw and prepared is None:
             self._process_alone(raw, consumed_ms)
             return committed + len(raw)  # committed too
-        if prepared is not None:
-            write = self._sink_thread.submit(self.sinks.write, prepared.priced, self._stopping, self._live)
-            self._writing = Pipelined(prepared, write)
-            self._in_flight = len(prepared.raw)  # behind until committed: a stuck write shows as a stall
+        if prepared is not None and self._writing is None:  # no batch was in the sinks before it
+            self._submit(prepared)
         return committed
+
+    def _submit(self, prepared: Prepared) -> None:
+        """Hand a prepared batch to the sink thread."""
+        self._writing = Pipelined(prepared, self._sink_thread.submit(self._write, prepared.priced))
+
+    def _write(self, priced: Sequence[PricedEvent]) -> Written:
+        """The sinks' write of a batch (on the sink thread)."""
+        result = self.sinks.write(priced, self._stopping, self._live)
+        return Written(result, [r for r in result.rollups if streamed(r) and self.live.live(r)])
 
     @property
     def in_flight(self) -> int:
@@ -688,20 +706,30 @@ class Meter:
         if self.status is not None:
             self.status.alive(self.measure_lag() + self._in_flight)
 
-    def _finish_writing(self, rewind_too: Sequence[RawMessage]) -> int:
-        """Wait for the batch in the sinks and publish, flush and commit it; return its size. If it failed,
-        ``rewind_too`` (a batch taken meanwhile, not yet in the sinks) is rewound as well: a transient
-        failure is raised after both are rewound; after a failure about a record the batch goes the
-        careful way (``_isolating``) alone, and minus its size is returned (the caller drops its batch)."""
+    def _finish_writing(self, rewind_too: Sequence[RawMessage], then: Prepared | None = None) -> int:
+        """Wait for the batch in the sinks and publish, flush and commit it; return its size. ``then`` (the
+        batch taken meanwhile, prepared from ``rewind_too``) goes to the sinks as soon as this one is
+        through them, so its write overlaps this one's publishing. If anything fails, ``rewind_too`` is
+        rewound as well (its write, if started, is waited for first and its outcome dropped: a replay
+        counts nothing twice): a transient failure is raised after both are rewound; after a failure
+        about a record the batch goes the careful way (``_isolating``) alone, and minus its size is
+        returned (the caller drops its batch)."""
         if self._writing is None:
             return 0
         writing, self._writing = self._writing, None
         batch = writing.batch
         try:
-            result = writing.write.result()
-            self._finish(batch, result)
+            written = writing.write.result()
+            runaways = self._runaways(batch)
+            if then is not None:
+                self._submit(then)
+            self._finish(batch, written, runaways)
             self._commit(batch.raw)
         except Exception as exc:
+            if self._writing is not None:  # ``then`` is in the sinks: let that write end, then take it back
+                next_write, self._writing = self._writing.write, None
+                with contextlib.suppress(Exception):
+                    next_write.result()
             if rewind_too:
                 self._rewind(rewind_too)
             if transient_reason(exc) is not None or self.stopping:
@@ -860,8 +888,8 @@ class Meter:
     def _process(self, raw: Sequence[RawMessage]) -> None:
         """One batch (or part of one) through every stage, up to Kafka's acks for its outputs."""
         batch = self._prepare(raw, 0)
-        result = self._sink_thread.submit(self.sinks.write, batch.priced, self._stopping, self._live).result()
-        self._finish(batch, result)
+        written = self._sink_thread.submit(self._write, batch.priced).result()
+        self._finish(batch, written, self._runaways(batch))
 
     def _prepare(self, raw: Sequence[RawMessage], consumed_ms: int) -> Prepared:
         """Decode, validate, de-duplicate and price (this thread's share of a batch)."""
@@ -875,14 +903,19 @@ class Meter:
         priced = price_batch(self.book, fresh, bodies)
         return Prepared(raw, events, rejected, fresh, priced, consumed_ms, time.perf_counter() - started)
 
-    def _finish(self, batch: Prepared, result: BatchResult) -> None:
-        """After the sinks: runaway detection, the outputs (flushed), the counters."""
-        started = time.perf_counter()
-        # After the sinks, so a batch that failed there is not counted twice by the runaway rule (a failed
-        # publish or a split still can: at worst an earlier runaway alert, never a money error).
+    def _runaways(self, batch: Prepared) -> list[Alert]:
+        """Runaway detection, after the sinks took the batch, so a batch that failed there is not counted
+        twice by the runaway rule (a failed publish or a split still can: at worst an earlier runaway
+        alert, never a money error). Before the next batch goes to the sinks: storing alerts waits for
+        the sink thread."""
         none: list[Alert] = []
-        runaways = optional("runaway detection", lambda: self._runaway_alerts(batch.fresh), none)
-        self._publish(batch.priced, batch.rejected, result.rollups, runaways)
+        return optional("runaway detection", lambda: self._runaway_alerts(batch.fresh), none)
+
+    def _finish(self, batch: Prepared, written: Written, runaways: Sequence[Alert]) -> None:
+        """After the sinks: the outputs (flushed), the counters."""
+        started = time.perf_counter()
+        result = written.result
+        self._publish(batch.priced, batch.rejected, written.streamed, runaways)
         self.dedup.mark_seen(batch.fresh)
         s = self.stats
         s.consumed += len(batch.raw)
@@ -1098,7 +1131,7 @@ class Meter:
         for item in priced:
             self._produce(settings.topic_priced, item.event.tenant_id.encode(), priced_message(item))
         messages = 0
-        for tenant, zone, records in rollup_messages(rollups, self.live.live):  # Faust pays per message
+        for tenant, zone, records in rollup_messages(rollups):  # Faust pays per message
             batch = write_rollup_batch({"tenant_id": tenant, "time_zone": zone, "rollups": records})
             self._produce(settings.topic_rollups, tenant.encode(), batch)
             messages += 1
