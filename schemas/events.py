@@ -349,7 +349,7 @@ def decode_usage_body(data: bytes) -> tuple[UsageEvent, bytes | None]:
             record = codec.decode("usage_event", data)
         except codec.SchemaDecodeError as exc:
             raise InvalidEvent(str(exc)) from None
-        event = trusted_event(record)
+        event = trusted_event(record, decoded=True)
         if event is None:
             return validate_event(record), None
         return event, data[codec.HEADER_LEN :] if data[2 : codec.HEADER_LEN] == _LATEST_FINGERPRINT else None
@@ -486,24 +486,67 @@ def _tags_fit(tags: dict[Any, Any]) -> bool:
     return True
 
 
+# The usage schema's strings and counts with their limits and whether they may be null: what
+# ``_decoded_fits`` checks of a record the Avro reader made, whose value types the schema fixes already.
+_DECODED_STRINGS = tuple((name, limit, name in _NOT_NULL) for name, limit in _STRING_LIMITS.items())
+_DECODED_COUNTS = tuple((name, limit, name in _NOT_NULL) for name, limit in _INT_LIMITS.items())
+
+
+def _decoded_fits(record: dict[str, Any]) -> bool:
+    """``surely_valid`` for a record decoded with the newest usage schema (every field present, each of its
+    schema's type and the timestamp an aware datetime), without asking each value's type: about half
+    the time of the general check, which stage 1 paid for every event."""
+    for name, limit, required in _DECODED_STRINGS:
+        text = record[name]
+        if text is None:
+            if required:
+                return False
+        elif not 0 < len(text) <= limit or (not text.isprintable() and _UNPRINTABLE.search(text) is not None):
+            return False
+    for name, limit, required in _DECODED_COUNTS:
+        count = record[name]
+        if count is None:
+            if required:
+                return False
+        elif not 0 <= count <= limit:
+            return False
+    tier, processing = record["service_tier"], record["processing"]
+    if tier is not None and SERVICE_TIER.fullmatch(tier) is None:
+        return False
+    if processing is not None and processing != "batch":
+        return False
+    timestamp = record["timestamp"]
+    if timestamp - datetime.now(UTC) > MAX_FUTURE_SKEW or timestamp < MIN_TIMESTAMP:
+        return False
+    tags, details = record["tags"], record["usage_details"]
+    if (tags and not _tags_fit(tags)) or (details and not _details_fit(details, record)):
+        return False
+    write = record["cache_write_tokens"]
+    if record["cache_read_tokens"] + write > record["input_tokens"]:
+        return False
+    write_1h, reasoning = record["cache_write_1h_tokens"], record["reasoning_tokens"]
+    if write_1h is not None and write_1h > write:
+        return False
+    return reasoning is None or reasoning <= record["output_tokens"]
+
+
 _ALL_FIELDS = frozenset(UsageEvent.model_fields)
 _LATEST_FINGERPRINT = codec.latest("usage_event").fingerprint
 
 
-def trusted_event(record: dict[str, Any]) -> UsageEvent | None:
+def trusted_event(record: dict[str, Any], decoded: bool = False) -> UsageEvent | None:
     """``record`` as a UsageEvent without running the model, when that is certain to give the same event:
     every field present (a decoded Avro record), the timestamp in UTC, and ``surely_valid``; else None,
     and the caller validates. About 5 µs instead of 18 µs per event in the worker. Equal to
     ``UsageEvent.model_validate(record)`` (property-tested in ``tests/schemas/test_events.py``).
 
-    Takes ownership of ``record``: it becomes the event's field storage."""
+    ``decoded``: the record is what the Avro reader made of the newest usage schema (its value types are
+    the schema's), so the cheaper ``_decoded_fits`` decides. Takes ownership of ``record``: it becomes the
+    event's field storage."""
     timestamp = record.get("timestamp")
-    if (
-        type(timestamp) is not datetime
-        or timestamp.tzinfo is not UTC
-        or record.keys() != _ALL_FIELDS
-        or not surely_valid(record)
-    ):
+    if type(timestamp) is not datetime or timestamp.tzinfo is not UTC or record.keys() != _ALL_FIELDS:
+        return None
+    if not (_decoded_fits(record) if decoded else surely_valid(record)):
         return None
     # What pydantic's model_construct does (field values live in __dict__), without its per-field loop.
     event = UsageEvent.__new__(UsageEvent)

@@ -295,6 +295,44 @@ def test_a_trusted_event_is_exactly_what_the_model_makes_of_the_record(
     assert trusted.model_fields_set == validated.model_fields_set
 
 
+def _schema_typed(field: str) -> st.SearchStrategy[Any]:
+    """Values the Avro reader can give ``field`` (of the newest usage schema's type), valid or not."""
+    schema = codec.latest("usage_event").parsed
+    kind = next(f["type"] for f in schema["fields"] if f["name"] == field)
+    nullable = isinstance(kind, list)
+    kind = kind[1] if nullable else kind
+    if kind == "string":
+        values: st.SearchStrategy[Any] = st.one_of(
+            _TEXT, st.sampled_from(["batch", "priority", "flex", "Priority", "default", "", "x" * 33, "a b"])
+        )
+    elif kind == "long":
+        values = st.one_of(st.integers(-5, 2_000), st.integers(-(2**63), 2**63 - 1))
+    elif kind == "boolean":
+        values = st.booleans()
+    elif isinstance(kind, dict) and kind.get("logicalType") == "timestamp-micros":
+        values = st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC))
+    elif isinstance(kind, dict) and kind.get("values") == "string":
+        values = st.dictionaries(_TEXT, _TEXT, max_size=34)
+    else:
+        keys = st.one_of(st.sampled_from(sorted(USAGE_DETAIL_KEYS)), st.sampled_from(["input_tokens", "foo"]), _TEXT)
+        values = st.dictionaries(keys, st.one_of(st.integers(-5, 2_000), st.integers(0, 10**13)), max_size=34)
+    return st.one_of(st.none(), values) if nullable else values
+
+
+_DECODED = st.fixed_dictionaries({}, optional={name: _schema_typed(name) for name in UsageEvent.model_fields})
+
+
+@settings(max_examples=800, deadline=None)
+@given(_DECODED)
+def test_the_check_of_decoded_records_decides_as_the_general_one(mutations: dict[str, Any]) -> None:
+    # Stage 1's cheaper check of what the Avro reader made: same answer as ``surely_valid`` (which is
+    # property-tested against the model above) for every record of the schema's types.
+    valid = validate_event(event(timestamp=datetime(2025, 7, 1, tzinfo=UTC))).model_dump()
+    record = {**valid, **mutations}
+    assert (trusted_event(dict(record), decoded=True) is None) == (trusted_event(dict(record)) is None)
+    assert trusted_event(dict(record), decoded=True) == trusted_event(dict(record))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
