@@ -165,3 +165,34 @@ def test_fast_writer_fills_defaults_and_refuses_missing_fields() -> None:
     assert write(minimal) == codec.encode("usage_event", minimal)
     with pytest.raises(ValueError, match="'event_id' is required"):
         write({})
+
+
+@pytest.mark.parametrize("cost", ["1E+5", "-0.000000000001", "-0", "123456789012345678.123456789012", "1.500"])
+def test_fast_writer_writes_exact_decimals_of_any_form_as_fastavro_does(cost: str) -> None:
+    record = {
+        "tenant_id": "t",
+        "granularity": "day",
+        "window_start": 1_700_000_000_000_000,
+        "dimension": "tenant",
+        "dimension_value": "",
+        "calls": 1,
+        "unpriced_calls": 0,
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "cache_read_tokens": 0,
+        "cache_write_tokens": 0,
+        "cost": Decimal(cost),
+    }
+    assert codec.record_writer("rollup")(record) == codec.encode("rollup", record)
+    # A zero written with more places than the scale is still exactly zero (fastavro refuses that form).
+    zero = codec.record_writer("rollup")({**record, "cost": Decimal("0E-20")})
+    assert codec.decode("rollup", zero)["cost"] == 0
+
+
+@pytest.mark.parametrize("cost", ["0.0000000000001", "1.0000000000005", "NaN", "Infinity", "-Infinity", "sNaN"])
+def test_fast_writer_refuses_decimals_its_scale_cannot_hold_exactly(cost: str) -> None:
+    record = {"tenant_id": "t", "granularity": "day", "window_start": 0, "dimension": "tenant"}
+    record |= {"dimension_value": "", "calls": 1, "unpriced_calls": 0, "input_tokens": 1, "output_tokens": 1}
+    record |= {"cache_read_tokens": 0, "cache_write_tokens": 0, "cost": Decimal(cost)}
+    with pytest.raises(ValueError, match="decimal places"):
+        codec.record_writer("rollup")(record)
