@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from schemas.events import InvalidEvent, UsageEvent, decode_usage_body
 from schemas.records import PricedEvent
@@ -24,8 +24,7 @@ from streams.pricing import PriceBook
 MAX_RAW_BYTES = 64 * 1024  # a usage event is well under 2 KiB; anything far larger is not one
 
 
-@dataclass(frozen=True)
-class RawMessage:
+class RawMessage(NamedTuple):  # a tuple: made for every message consumed, 3x cheaper than a frozen dataclass
     topic: str
     partition: int
     offset: int
