@@ -64,7 +64,9 @@ GRANULARITIES = ("minute", "hour", "day", "week", "month")
 DIMENSIONS = ("tenant", "feature", "model", "user", "environment", "team", "api_key")  # and tag:<name>, see below
 # Rollups are advanced in two steps, so Postgres aggregates each event 5 times, not 23:
 # 1. per (tenant, UTC minute, dimension, value), the events' sums (``_MINUTE_SUMS``): in a batch most
-#    events share their minute and values, so this is far fewer rows than events;
+#    events share their minute and values, so this is far fewer rows than events. The events are summed
+#    per minute and combination of attributes first, and those (a quarter of the rows in the bench's
+#    batches) spread over the dimensions: 2 us less Postgres time per event than spreading every event;
 # 2. those minutes rolled into every granularity and upserted (``_ROLLUP_UPSERT``), in key order so that
 #    concurrent batches lock rows in one order (no deadlocks). Windows are truncated in the tenant's time
 #    zone (UTC for tenants without one); every zone's offset is whole minutes, so a UTC minute lies in
@@ -77,12 +79,22 @@ DIMENSIONS = ("tenant", "feature", "model", "user", "environment", "team", "api_
 # passes, the ones some budget names, so tags never multiply the rollups by what events carry (DESIGN.md
 # §4.5); without any, the query is as before.
 _MINUTE_SUMS = """
-SELECT {src}.tenant_id, date_trunc('minute', {src}.ts, 'UTC') AS minute, d.dimension, d.value,
-       count(*) AS calls, count(*) FILTER (WHERE {src}.price_status = 'unpriced') AS unpriced_calls,
+SELECT {src}.tenant_id, {src}.minute, d.dimension, d.value,
+       sum({src}.calls) AS calls, sum({src}.unpriced_calls) AS unpriced_calls,
        sum({src}.input_tokens) AS input_tokens, sum({src}.output_tokens) AS output_tokens,
        sum({src}.cache_read_tokens) AS cache_read_tokens, sum({src}.cache_write_tokens) AS cache_write_tokens,
-       sum({src}.input_cost) AS input_cost, sum({src}.output_cost) AS output_cost, sum({src}.total_cost) AS cost
-FROM {source}
+       sum({src}.input_cost) AS input_cost, sum({src}.output_cost) AS output_cost, sum({src}.cost) AS cost
+FROM (
+    SELECT {src}.tenant_id, date_trunc('minute', {src}.ts, 'UTC') AS minute, {src}.feature, {src}.provider,
+           {src}.model, {src}.user_id, {src}.environment, {src}.team_id, {src}.api_key_id,{tag_column}
+           count(*) AS calls, count(*) FILTER (WHERE {src}.price_status = 'unpriced') AS unpriced_calls,
+           sum({src}.input_tokens) AS input_tokens, sum({src}.output_tokens) AS output_tokens,
+           sum({src}.cache_read_tokens) AS cache_read_tokens, sum({src}.cache_write_tokens) AS cache_write_tokens,
+           sum({src}.input_cost) AS input_cost, sum({src}.output_cost) AS output_cost,
+           sum({src}.total_cost) AS cost
+    FROM {source}
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9{tag_group}
+) AS {src}
 CROSS JOIN LATERAL (VALUES
     ('tenant', ''),
     ('feature', coalesce({src}.feature, '')),
@@ -105,7 +117,13 @@ _TAG_VALUES = """
 
 def _minute_sums(src: str, source: str, tagged: bool = False) -> str:
     """Step 1 over ``source`` (aliased ``src``); ``tagged``: with the tags named by the query's parameters."""
-    return _MINUTE_SUMS.format(src=src, source=source, tags=_TAG_VALUES.format(src=src) if tagged else "")
+    return _MINUTE_SUMS.format(
+        src=src,
+        source=source,
+        tag_column=f" {src}.tags," if tagged else "",
+        tag_group=", 10" if tagged else "",
+        tags=_TAG_VALUES.format(src=src) if tagged else "",
+    )
 
 
 def _tag_parameters(tag_dimensions: Collection[tuple[str, str]]) -> dict[str, str]:
