@@ -14,13 +14,14 @@ Per batch, in this order:
 4. produce the dead letters, priced events and the absolute rollups; wait for Kafka's acks;
 5. commit the batch's offsets.
 
-Steps 3–5 of batch N overlap steps 1–2 of batch N+1 (``Meter.run_once``): N is in the sinks on a
-sink thread while N+1 is decoded and priced here; the order of each batch's steps and of the commits
-stays as above, and a failure rewinds both.
+Two batches overlap (``Meter.run_once``): N is in the sinks on a sink thread while N+1 is decoded and
+priced here, and N+1 goes to the sinks while N is published and committed here; the order of each
+batch's steps and of the commits stays as above, and a failure rewinds both.
 
-Killed anywhere before 5, the batch is replayed: Postgres skips the ids it has, Redis and
-``metering.rollups`` get the same absolute numbers again, so totals stay exact. Only the output
-topics can carry a repeat (same ``event_id``, same rollup key and values).
+Killed anywhere before 5, the batch is replayed (and the next one, if it was in the sinks already):
+Postgres skips the ids it has, Redis and ``metering.rollups`` get the same absolute numbers again, so
+totals stay exact. Only the output topics can carry a repeat (same ``event_id``, same rollup key and
+values).
 
 Failure policy (README "Failure handling"): every error is either
 - *transient* (``transient_reason``: Postgres, Redis or Kafka unreachable or busy): retried with
@@ -200,7 +201,8 @@ class Written:
 
 @dataclass(frozen=True)
 class Pipelined:
-    """The batch in the sinks (on the sink thread) while the next one is prepared."""
+    """The batch in the sinks (on the sink thread) while the next one is prepared, or the one before it
+    published."""
 
     batch: Prepared
     write: Future[Written]
@@ -667,6 +669,25 @@ class Meter:
             self._submit(prepared)
         return committed
 
+    def _take_back(self) -> None:
+        """Take back the batch that went to the sinks early, when the one before it failed: it is not
+        committed (the caller rewinds it), so no later ``drain`` may commit it over the failed one. Its
+        write is waited for, for what Postgres did: a replay finds those rows in already and inserts nothing,
+        so they are counted here (the ordering needs no wait: the sink thread takes one write at a time)."""
+        if self._writing is None:
+            return
+        dropped, self._writing = self._writing.write, None
+        try:
+            result = dropped.result().result
+        except Exception:  # not written, or only in part: the replay writes and counts it
+            return
+        self._count_written(result)
+
+    def _count_written(self, result: BatchResult) -> None:
+        """Count the rows a write inserted, for a batch that will not be finished (a replay inserts none)."""
+        self.stats.inserted += result.inserted
+        metrics.count_spend(result.new_spend.items())
+
     def _submit(self, prepared: Prepared) -> None:
         """Hand a prepared batch to the sink thread."""
         self._writing = Pipelined(prepared, self._sink_thread.submit(self._write, prepared.priced))
@@ -710,26 +731,30 @@ class Meter:
         """Wait for the batch in the sinks and publish, flush and commit it; return its size. ``then`` (the
         batch taken meanwhile, prepared from ``rewind_too``) goes to the sinks as soon as this one is
         through them, so its write overlaps this one's publishing. If anything fails, ``rewind_too`` is
-        rewound as well (its write, if started, is waited for first and its outcome dropped: a replay
-        counts nothing twice): a transient failure is raised after both are rewound; after a failure
-        about a record the batch goes the careful way (``_isolating``) alone, and minus its size is
-        returned (the caller drops its batch)."""
+        rewound as well (its write, if started, is taken back: ``_take_back``): a transient failure is
+        raised after both are rewound; after a failure about a record the batch goes the careful way
+        (``_isolating``) alone, and minus its size is returned (the caller drops its batch)."""
+        assert then is None or then.raw is rewind_too
         if self._writing is None:
             return 0
         writing, self._writing = self._writing, None
         batch = writing.batch
+        written: Written | None = None
+        counted = False
         try:
             written = writing.write.result()
             runaways = self._runaways(batch)
-            if then is not None:
+            if then is not None and not self.stopping:  # a stopping process starts no more writes early
                 self._submit(then)
             self._finish(batch, written, runaways)
+            counted = True
             self._commit(batch.raw)
-        except Exception as exc:
-            if self._writing is not None:  # ``then`` is in the sinks: let that write end, then take it back
-                next_write, self._writing = self._writing.write, None
-                with contextlib.suppress(Exception):
-                    next_write.result()
+        except BaseException as exc:
+            if written is not None and not counted:  # in Postgres: the replay will find its rows in already
+                self._count_written(written.result)
+            self._take_back()
+            if not isinstance(exc, Exception):  # an interrupt: nothing may be committed after this
+                raise
             if rewind_too:
                 self._rewind(rewind_too)
             if transient_reason(exc) is not None or self.stopping:

@@ -320,7 +320,7 @@ def test_the_next_batch_is_prepared_while_one_is_in_the_sinks_and_each_is_commit
     second = [FakeMessage(0, 1, usage("b")), FakeMessage(1, 1, usage("dup"))]  # a producer retry of "dup"
     meter, log, producer, sinks = make([first, second], book)
     second_in_sinks = threading.Event()
-    sinks.fail = lambda priced: second_in_sinks.set() if len(log) > 1 else None
+    sinks.fail = lambda priced: second_in_sinks.set() if any(p.event.event_id == "b" for p in priced) else None
     flushed_while_second_in_sinks: list[bool] = []
     flush = producer.flush
 
@@ -338,6 +338,9 @@ def test_the_next_batch_is_prepared_while_one_is_in_the_sinks_and_each_is_commit
     assert meter.drain() == 2
 
     assert flushed_while_second_in_sinks == [True]
+    first_commit = log.index("commit 0@1,1@1")
+    assert log.index("flush") < first_commit  # the first batch's outputs are acknowledged before its commit
+    assert sum(entry == "produce usage.priced" for entry in log[:first_commit]) == 2
     assert [entry for entry in log if entry.startswith(("sinks", "commit"))] == [
         "sinks 2",
         "sinks 1",  # "dup" is still in the sinks with the first batch when the second is prepared: not fresh
@@ -363,12 +366,31 @@ def test_when_publishing_a_batch_fails_the_one_already_sent_to_the_sinks_is_rewo
     assert sorted(seeks) == ["seek 0@0", "seek 0@1", "seek 2@7"]
     assert meter.in_flight == 0 and meter.drain() == 0  # nothing left in the sinks
 
+    assert meter.stats.inserted == 3  # the first's row, and the second's, which its replay finds in already
+
     producer.fail_with = None
     log.clear()
     assert meter.run_once() == 0 and meter.drain() == 3  # the replay: the second's rows are in already
     assert log[-1] == "commit 0@2,2@8" and sorted(sinks.ledger) == ["a", "b", "c"]
     priced = [value for topic, value in producer.delivered if topic == Settings().topic_priced]
     assert len(priced) == 3
+    assert meter.stats.inserted == 3
+
+
+def test_an_interrupt_while_publishing_leaves_the_batch_sent_on_early_uncommitted(book: PriceBook) -> None:
+    first = [FakeMessage(0, 0, usage("a"))]
+    second = [FakeMessage(0, 1, usage("b"))]
+    meter, log, producer, _sinks = make([first, second], book)
+
+    def interrupted(timeout: float = 0) -> int:
+        raise KeyboardInterrupt
+
+    meter.run_once()
+    producer.flush = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        meter.run_once()  # the second went to the sinks, then the first's flush was interrupted
+    assert meter.drain() == 0  # a drain on the way out commits nothing past the first batch
+    assert not any(entry.startswith("commit") for entry in log)
 
 
 def test_when_the_batch_in_the_sinks_fails_the_one_taken_meanwhile_is_rewound_too(book: PriceBook) -> None:
