@@ -7,7 +7,6 @@ command reads them from here, so one ``eval "$(tokenmeter dev env)"`` points eve
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -98,15 +97,11 @@ class Settings(BaseSettings):
     worker_batch_size: int = Field(default=10_000, ge=1, description="most raw messages per stage-1 batch")
     # Stage-1 processes per worker (each a consumer of usage.raw in the same group, so they split its
     # partitions; tenants are the message keys, so one tenant stays with one process). Stage 1 is bound
-    # by one interpreter, and a big tenant's partition by the process that has it. 0 (the default): one
-    # per partition of usage.raw, at most two per CPU (``default_meter_processes``). With fewer processes
-    # than partitions, the one that gets the busiest partition also gets another, chosen by the group's
-    # assignor: on the 2-core bench box (4 partitions, the biggest tenant 58 % of the traffic) 2 processes
-    # did 19.0-23.2k events/s depending on that pairing, 4 did 22.0-25.1k. A partition moves between them
-    # when one joins, so the hand-over is routine: committed first, then the moved tenants' scopes dropped.
-    worker_meter_processes: int = Field(
-        default=0, ge=0, le=64, description="stage-1 processes per worker (0: one per partition, at most 2 per CPU)"
-    )
+    # by one interpreter, and a big tenant's partition by the process that has it: on the 2-core bench box
+    # (4 partitions) 1 process did 11.3-11.7k events/s, 2 did 13.1k, 4 did 13.7-14.1k with quota
+    # visibility p99 at half load ~0.5 s. 2 by default: a partition moves between them when the second one
+    # joins, so the hand-over is routine: committed first, then the moved tenants' live scopes dropped.
+    worker_meter_processes: int = Field(default=2, ge=1, le=64, description="stage-1 processes per worker")
     # Compression of what stage 1 publishes (usage.priced, usage.dlq, rollups, alerts). None by default:
     # with the broker on the same box or LAN, lz4 cost the broker 36 µs of CPU per event against 22 µs
     # without (bench cpu_us_per_event, Kafka 4.4). Over a slow or metered network, lz4 or zstd save bytes.
@@ -183,8 +178,6 @@ class Settings(BaseSettings):
             self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         if self.spool_dir is None:
             self.spool_dir = self.home / "spool"
-        if self.worker_meter_processes == 0:
-            self.worker_meter_processes = default_meter_processes(self.topic_partitions)
         return self
 
     def local_kafka_port(self, node: int) -> int:
@@ -256,11 +249,3 @@ def redis_client(settings: Settings, socket_timeout: float = 5.0, **options: Any
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
-
-
-def default_meter_processes(partitions: int, cpus: int | None = None) -> int:
-    """Stage-1 processes when none are set: one per partition of usage.raw (the most that can have work),
-    at most two per CPU this process may use (more would only take turns), at most 64."""
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(partitions, 2 * cpus, 64))

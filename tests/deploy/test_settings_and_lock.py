@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from deploy.jars import kafka_version, read_lock
-from deploy.settings import Settings, default_meter_processes
+from deploy.settings import Settings
 from deploy.topics import topic_specs
 
 
@@ -81,16 +81,3 @@ def test_missing_java_is_a_clear_one_line_error(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(StackError, match="Java 17\\+ is needed") as info:
         LocalStack(Settings(home=tmp_path))._java()
     assert "\n" not in str(info.value)
-
-
-def test_stage_one_runs_a_process_per_partition_unless_told_at_most_two_per_cpu(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    assert default_meter_processes(4, cpus=2) == 4  # every partition its own process (the bench box)
-    assert default_meter_processes(12, cpus=2) == 4  # more would only take turns on the cores
-    assert default_meter_processes(1, cpus=16) == 1  # a process without a partition has no work
-    assert default_meter_processes(200, cpus=64) == 64
-    monkeypatch.delenv("TOKENMETER_WORKER_METER_PROCESSES", raising=False)
-    assert Settings(topic_partitions=2).worker_meter_processes == default_meter_processes(2)
-    monkeypatch.setenv("TOKENMETER_WORKER_METER_PROCESSES", "3")
-    assert Settings().worker_meter_processes == 3

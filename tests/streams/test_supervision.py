@@ -23,10 +23,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from deploy.isolation import TOPIC_FIELDS, WorkerProcess, env_for, free_port
-from deploy.settings import Settings, default_meter_processes
+from deploy.settings import Settings
 from deploy.stack import LocalStack
 from sinks.migrate import available_migrations, migrate, pending_migrations
-from streams.app import stage_one_names
 from streams.lag import wait_for_sinks
 
 pytestmark = pytest.mark.integration
@@ -95,10 +94,8 @@ def test_a_worker_on_a_cluster_without_topics_creates_them_and_alerts_on_budgets
     try:
         _status, body = wait_until(lambda: (r := get(own, "/readyz"))[0] == 200 and r, 90, "ready", worker)
         assert body["status"] == "ok" and body["problems"] == []
-        # A stage-1 process per partition by default (TOKENMETER_WORKER_METER_PROCESSES; each supervised on
-        # its own), at most two per CPU.
-        stage_one = stage_one_names(own.worker_meter_processes)
-        assert len(stage_one) == default_meter_processes(own.topic_partitions) >= 2
+        # Two stage-1 processes by default (TOKENMETER_WORKER_METER_PROCESSES; each supervised on its own).
+        stage_one = ["stage 1 (metering)", "stage 1 (metering) #2"]
         assert set(body["stages"]) == {*stage_one, "stage 2 (budgets and alerts)"}
         assert all(body["pids"][name] for name in stage_one)
         existing = AdminClient({"bootstrap.servers": own.kafka_bootstrap}).list_topics(timeout=10).topics
