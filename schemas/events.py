@@ -432,12 +432,7 @@ def surely_valid(data: dict[str, Any]) -> bool:
             if name != "estimated":
                 return False
         elif kind is datetime:
-            if (
-                name != "timestamp"
-                or value.utcoffset() is None
-                or value - datetime.now(UTC) > MAX_FUTURE_SKEW
-                or value < MIN_TIMESTAMP
-            ):
+            if name != "timestamp" or value.utcoffset() is None or not _timestamp_fits(value):
                 return False
         elif kind is dict:
             if name == "tags":
@@ -448,14 +443,30 @@ def surely_valid(data: dict[str, Any]) -> bool:
         else:
             return False
     get = data.get
-    write = get("cache_write_tokens") or 0
-    if (get("cache_read_tokens") or 0) + write > data["input_tokens"]:
+    return _parts_fit(
+        data["input_tokens"],
+        data["output_tokens"],
+        get("cache_read_tokens") or 0,
+        get("cache_write_tokens") or 0,
+        get("cache_write_1h_tokens"),
+        get("reasoning_tokens"),
+    )
+
+
+def _timestamp_fits(value: datetime) -> bool:
+    """An aware timestamp within what the model accepts (not far in the future, not before 2015)."""
+    return value - datetime.now(UTC) <= MAX_FUTURE_SKEW and value >= MIN_TIMESTAMP
+
+
+def _parts_fit(
+    input_tokens: int, output_tokens: int, read: int, write: int, write_1h: int | None, reasoning: int | None
+) -> bool:
+    """The counts that are parts of others do not exceed them (cache within input, and so on)."""
+    if read + write > input_tokens:
         return False
-    write_1h = get("cache_write_1h_tokens")
     if write_1h is not None and write_1h > write:
         return False
-    reasoning = get("reasoning_tokens")
-    return reasoning is None or reasoning <= data["output_tokens"]
+    return reasoning is None or reasoning <= output_tokens
 
 
 def _details_fit(details: dict[Any, Any], data: dict[str, Any]) -> bool:
@@ -515,19 +526,19 @@ def _decoded_fits(record: dict[str, Any]) -> bool:
         return False
     if processing is not None and processing != "batch":
         return False
-    timestamp = record["timestamp"]
-    if timestamp - datetime.now(UTC) > MAX_FUTURE_SKEW or timestamp < MIN_TIMESTAMP:
+    if not _timestamp_fits(record["timestamp"]):
         return False
     tags, details = record["tags"], record["usage_details"]
     if (tags and not _tags_fit(tags)) or (details and not _details_fit(details, record)):
         return False
-    write = record["cache_write_tokens"]
-    if record["cache_read_tokens"] + write > record["input_tokens"]:
-        return False
-    write_1h, reasoning = record["cache_write_1h_tokens"], record["reasoning_tokens"]
-    if write_1h is not None and write_1h > write:
-        return False
-    return reasoning is None or reasoning <= record["output_tokens"]
+    return _parts_fit(
+        record["input_tokens"],
+        record["output_tokens"],
+        record["cache_read_tokens"],
+        record["cache_write_tokens"],
+        record["cache_write_1h_tokens"],
+        record["reasoning_tokens"],
+    )
 
 
 _ALL_FIELDS = frozenset(UsageEvent.model_fields)

@@ -115,8 +115,8 @@ def test_undecodable_bytes_raise_with_reason(data: bytes, reason: str) -> None:
         codec.decode("usage_event", data)
 
 
-def test_truncated_and_padded_records_are_rejected() -> None:
-    record = {
+def rollup_record(cost: Decimal = Decimal("1.5")) -> dict[str, Any]:
+    return {
         "tenant_id": "t",
         "dimension": "tenant",
         "dimension_value": "t",
@@ -128,8 +128,12 @@ def test_truncated_and_padded_records_are_rejected() -> None:
         "output_tokens": 1,
         "cache_read_tokens": 0,
         "cache_write_tokens": 0,
-        "cost": Decimal("1.5"),
+        "cost": cost,
     }
+
+
+def test_truncated_and_padded_records_are_rejected() -> None:
+    record = rollup_record()
     data = codec.encode("rollup", record)
     with pytest.raises(codec.SchemaDecodeError, match="corrupt"):
         codec.decode("rollup", data[:-3])
@@ -169,20 +173,7 @@ def test_fast_writer_fills_defaults_and_refuses_missing_fields() -> None:
 
 @pytest.mark.parametrize("cost", ["1E+5", "-0.000000000001", "-0", "123456789012345678.123456789012", "1.500"])
 def test_fast_writer_writes_exact_decimals_of_any_form_as_fastavro_does(cost: str) -> None:
-    record = {
-        "tenant_id": "t",
-        "granularity": "day",
-        "window_start": 1_700_000_000_000_000,
-        "dimension": "tenant",
-        "dimension_value": "",
-        "calls": 1,
-        "unpriced_calls": 0,
-        "input_tokens": 1,
-        "output_tokens": 1,
-        "cache_read_tokens": 0,
-        "cache_write_tokens": 0,
-        "cost": Decimal(cost),
-    }
+    record = rollup_record(Decimal(cost))
     assert codec.record_writer("rollup")(record) == codec.encode("rollup", record)
     # A zero written with more places than the scale is still exactly zero (fastavro refuses that form).
     zero = codec.record_writer("rollup")({**record, "cost": Decimal("0E-20")})
@@ -191,8 +182,5 @@ def test_fast_writer_writes_exact_decimals_of_any_form_as_fastavro_does(cost: st
 
 @pytest.mark.parametrize("cost", ["0.0000000000001", "1.0000000000005", "NaN", "Infinity", "-Infinity", "sNaN"])
 def test_fast_writer_refuses_decimals_its_scale_cannot_hold_exactly(cost: str) -> None:
-    record = {"tenant_id": "t", "granularity": "day", "window_start": 0, "dimension": "tenant"}
-    record |= {"dimension_value": "", "calls": 1, "unpriced_calls": 0, "input_tokens": 1, "output_tokens": 1}
-    record |= {"cache_read_tokens": 0, "cache_write_tokens": 0, "cost": Decimal(cost)}
     with pytest.raises(ValueError, match="decimal places"):
-        codec.record_writer("rollup")(record)
+        codec.record_writer("rollup")(rollup_record(Decimal(cost)))
