@@ -542,29 +542,62 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
             metrics.EVENTS_OUT.labels(stage="windows", output="alerts").inc()
             log.warning("alert %s: %s", alert.kind, alert.message)
 
+    async def budgets_read() -> None:
+        """Wait until config.budgets has been read to its end once (``follow_budgets`` reads it): a window
+        judged before its budget is in would never be judged again once its scope stops spending. A read that
+        never ends shows as stage 2 making no progress, and the supervisor restarts the worker."""
+        started = told = time.monotonic()
+        while not budget_config.caught_up:
+            await asyncio.sleep(0.2)
+            if time.monotonic() - told >= 5.0:
+                told = time.monotonic()
+                log.warning(
+                    "stage 2 still waits for %s to be read to its end (%.0fs)", settings.topic_budgets, told - started
+                )
+        if told > started:
+            log.warning("stage 2 goes on: %s read in %.1fs", settings.topic_budgets, time.monotonic() - started)
+
+    async def remember(latest: dict[str, Rollup]) -> None:
+        """The day windows to the table, the anomaly rules' history. Only those rules read it: a write that keeps
+        failing (its changelog not writable yet, a broker down) is logged and counted, and budgets are still
+        judged; the next batch of a window writes its absolute value again."""
+        for attempt in range(3):
+            try:
+                for key, r in latest.items():
+                    if r.granularity in TABLE_RETENTION:
+                        rollups[key] = table_value(r)
+                return
+            except Exception as exc:
+                windows_status.failed(f"table: {type(exc).__name__}: {str(exc)[:300]}")
+                if attempt < 2:  # a table's changelog not ready right after start: try again shortly
+                    log.warning("stage 2 could not write its table (%r); trying again", exc)
+                    await asyncio.sleep(1.0)
+        log.error("stage 2 left %d windows out of its table (anomaly rules may miss them)", len(latest))
+        metrics.OPTIONAL_FAILURES.labels(stage="windows table").inc()
+
     @app.agent(rollups_topic)
     async def windows(stream: faust.StreamT[bytes]) -> None:
         async for batch in stream.take(100, within=0.1):
+            if not budget_config.caught_up:
+                await budgets_read()
             metrics.EVENTS_IN.labels(stage="windows").inc(len(batch))
             latest = read_batch(batch)
+            await remember(latest)
             for attempt in range(3):
                 try:
-                    for key, r in latest.items():
-                        if r.granularity in TABLE_RETENTION:
-                            rollups[key] = table_value(r)
                     fresh = alerts_of(latest, datetime.now(UTC))
                     if fresh:
                         await send_alerts(fresh)
                     break
                 except Exception as exc:
                     windows_status.failed(f"{type(exc).__name__}: {str(exc)[:300]}")
-                    if attempt < 2:  # a table's changelog not ready right after start: try again shortly
-                        log.warning("stage 2 batch failed (%r); trying again", exc)
+                    if attempt < 2:
+                        log.warning("stage 2 could not send this batch's alerts (%r); trying again", exc)
                         await asyncio.sleep(1.0)
                         continue
                     # Values are absolute: the next batch of the same windows re-evaluates every threshold,
                     # so skipping this one delays an alert at worst; stopping here would stop them all.
-                    log.exception("stage 2 skipped a batch of %d rollup messages", len(batch))
+                    log.exception("stage 2 skipped the alerts of %d rollup messages", len(batch))
                     metrics.OPTIONAL_FAILURES.labels(stage="windows").inc()
             windows_status.progressed(windows_status.behind)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Context, Decimal, InvalidOperation
 from typing import Any
@@ -109,6 +110,9 @@ class ConfigFollower:
         self._lock = threading.Lock()  # a confluent-kafka consumer is not for concurrent use
         self.applied = 0
         self.rejected = 0
+        # Set once every partition was read to the end the broker knew then: the configuration that existed
+        # when the process started is all applied. Until then a budget or an override may just be unread.
+        self.caught_up = False
 
     def _open(self) -> Consumer:
         if self._consumer is None:
@@ -146,6 +150,7 @@ class ConfigFollower:
             wait = timeout
             while True:
                 if wait > 0.05 and self._at_end(consumer):  # nothing more to wait for (an empty topic, say)
+                    self.caught_up = True
                     return applied
                 messages = consumer.consume(1000, wait)
                 if not messages:
@@ -182,6 +187,31 @@ class ConfigFollower:
                         continue
                     applied += 1
                     self.applied += 1
+
+    def read_to_end(self, timeout: float, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Catch up until ``caught_up`` (every partition read to its end once); False if ``timeout`` passed or
+        ``stop()`` said so first. A slow read (a broker down, its partitions' leaders moving) is logged every 10 s."""
+        started = time.monotonic()
+        told = started
+        while not self.caught_up:
+            now = time.monotonic()
+            if now - started >= timeout or stop():
+                return False
+            if now - told >= 10.0:
+                log.warning(
+                    "%s: still reading it to its end after %.0fs (%d records applied)",
+                    self.topic,
+                    now - started,
+                    self.applied,
+                )
+                told = now
+            try:
+                self.catch_up(1.0)
+            except Exception as exc:  # the consumer itself failed: try again with a new one
+                log.warning("%s: reading failed (%s); trying again", self.topic, exc)
+                self.close()
+                time.sleep(0.5)
+        return True
 
     def _at_end(self, consumer: Consumer) -> bool:
         """Whether every partition has been read up to its end as the broker knows it now (so a start-up

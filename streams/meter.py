@@ -1406,7 +1406,18 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
     signal.signal(signal.SIGUSR1, lambda *_: wanted_state.set())
     book = PriceBook()
     overrides = override_follower(settings, book)
-    optional("price overrides", lambda: overrides.catch_up(5.0), 0)  # price nothing before the overrides are in
+    # Price nothing before every override there is has been read: an event priced without its tenant's override
+    # would be billed at list price for good. A broker down can hold the read up for a while (its partitions'
+    # leaders move); a read that never ends is a stuck stage: it exits and the worker is restarted.
+    if not overrides.read_to_end(settings.worker_stall_timeout_s, stop.is_set):
+        overrides.close()
+        if stop.is_set():
+            return
+        reason = f"{settings.topic_price_overrides} not read to its end within {settings.worker_stall_timeout_s:.0f}s"
+        if status is not None:
+            status.failed(reason)
+        log.critical("%s: stage 1 exits without pricing anything (the worker restarts it)", reason)
+        raise SystemExit(3)
     meter = build_meter(settings, book, status)
     stopping.append(meter)
     budgeted: list[tuple[str, str, str]] = []

@@ -19,15 +19,18 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from deploy.isolation import WorkerProcess, env_for, free_port, isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from schemas import codec
+from schemas.records import TokenRates
 from sinks.invoices import invoice
 from streams.budgets import Budget
 from streams.lag import wait_for_sinks
+from streams.overrides import override_message
+from streams.pricing import PriceOverride
 from tests.faults.test_kills import send_budget
 from tests.faults.test_outages import Traffic, billed_exactly_once_and_mirrored, reference
 from tests.helpers import kafka_beside, read_all
@@ -103,7 +106,7 @@ def test_workers_killed_added_and_a_broker_killed_bill_exactly_once(cluster: Loc
         assert crossed == {50, 80, 100}, expected[tenants[0]]  # the stream is long enough to cross them all
         assert wait_for_sinks(own, timeout=120, topic=own.topic_rollups, group=own.worker_id)
         stored = _stored_thresholds(own, tenants[0], crossed)
-        assert Counter(stored) == Counter(crossed), stored
+        assert Counter(stored) == Counter(crossed), (stored, "\n".join(w.output() for w in workers))
         published = [codec.decode("alert", value)["alert_id"] for value in read_all(own, own.topic_alerts_budget)]
         assert max(Counter(published).values(), default=0) == 1, published
         assert workers[1].alive() and workers[2].alive(), "\n".join(w.output() for w in workers)
@@ -111,6 +114,65 @@ def test_workers_killed_added_and_a_broker_killed_bill_exactly_once(cluster: Loc
         for worker in workers:
             worker.stop()
         cluster.start_kafka(progress=lambda _m: None)  # whatever the test left down
+
+
+def test_a_worker_started_with_a_broker_down_prices_and_judges_with_all_its_config(
+    cluster: LocalStack, tmp_path: Path
+) -> None:
+    """With a broker down the config topics can take seconds to read (their partitions' leaders move). Stage 1
+    used to price after 5 s whatever overrides it had, and stage 2 judged windows with the budgets it had, so a
+    backlog read first was billed at list price and its budget's thresholds never alerted (a CI run: none of
+    three). Now both wait until the topics are read to their end."""
+    # Both config topics (one partition each) led by one node, the one killed below: the worker cannot read
+    # them until the controller fences that node (KRaft's broker session timeout, 9 s).
+    for _attempt in range(20):
+        own = isolated(cluster.settings, uuid.uuid4().hex[:10])
+        leaders = {leader_of(own, topic) for topic in (own.topic_price_overrides, own.topic_budgets)}
+        if len(leaders) == 1:
+            break
+    assert len(leaders) == 1, "no two config topics with one leader in 20 tries"
+    (doomed,) = leaders
+    tenant = f"late-config-{uuid.uuid4().hex[:6]}"
+    key, value = override_message(
+        PriceOverride(
+            tenant, "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=UTC), TokenRates(Decimal(1), Decimal(2)), "card-1"
+        )
+    )
+    producer = Producer({"bootstrap.servers": own.kafka_bootstrap})
+    producer.produce(own.topic_price_overrides, key=key, value=value)
+    for n in range(40):  # other tenants' budgets: more to read
+        other = Budget(f"other-{n}", "tenant", "", "month", Decimal(100))
+        producer.produce(own.topic_budgets, key=other.key.encode(), value=other.to_json())
+    budget = Budget(tenant, "tenant", "", "month", Decimal("0.01"))  # the first seconds cross it all
+    producer.produce(own.topic_budgets, key=budget.key.encode(), value=budget.to_json())
+    assert producer.flush(15) == 0
+    with Traffic(own, [tenant], rate=100) as traffic:  # the backlog the worker starts with (MODELS[0]: gpt-4o)
+        time.sleep(4)
+    worker = WorkerProcess(own, tmp_path)
+    cluster.stop_kafka(progress=lambda _m: None, kill=True, only=doomed)
+    try:
+        time.sleep(6)  # started as the node is about to be fenced: Faust is ready before the config topics are read
+        worker.start()
+        assert wait_for_sinks(own, timeout=180), worker.output()
+        with psycopg.connect(own.database_url) as conn:
+            sources = conn.execute(
+                "SELECT price_source, count(*) FROM tokenmeter.ledger WHERE tenant_id = %s GROUP BY 1", (tenant,)
+            ).fetchall()
+        assert sources == [("override:card-1", len({e["event_id"] for e in traffic.sent}))], sources
+        assert wait_for_sinks(own, timeout=120, topic=own.topic_rollups, group=own.worker_id), worker.output()
+        stored = _stored_thresholds(own, tenant, {50, 80, 100})
+        assert sorted(stored) == [50, 80, 100], (stored, worker.output())
+    finally:
+        worker.stop()
+        cluster.start_kafka(progress=lambda _m: None, only=doomed)
+
+
+def leader_of(settings: Settings, topic: str) -> int:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    (partition,) = admin.list_topics(topic, timeout=10).topics[topic].partitions.values()
+    return int(partition.leader)
 
 
 def _topic_layout(settings: Settings) -> dict[str, object]:

@@ -202,3 +202,30 @@ def test_the_worker_budget_follower_waits_for_redis_instead_of_crashing(stack: L
     stored = redis.Redis.from_url(own.redis_url).get(budget_key("redis-down", "tenant", ""))
     assert stored is not None and json.loads(stored)["limit"] == "5"
     up.close()
+
+
+def test_read_to_end_applies_every_record_there_was_and_says_when_it_is_done(
+    stack: LocalStack, settings: Settings, unique: str
+) -> None:
+    """What the stages wait for before pricing or judging budgets: every partition read to its end once."""
+    topic = f"test.config.end.{unique}"
+    create_topic(settings, topic, partitions=3)
+    seen: dict[str, bytes | None] = {}
+    empty = ConfigFollower(kafka_config(settings), topic, seen.__setitem__)
+    try:
+        assert not empty.caught_up
+        assert empty.read_to_end(30.0) and empty.caught_up and seen == {}  # an empty topic is read at once
+    finally:
+        empty.close()
+    produce(settings, topic, [(f"k{i}".encode(), f"v{i}".encode()) for i in range(500)])
+    follower = ConfigFollower(kafka_config(settings), topic, seen.__setitem__)
+    try:
+        assert follower.read_to_end(30.0) and follower.caught_up
+        assert seen == {f"k{i}": f"v{i}".encode() for i in range(500)}
+    finally:
+        follower.close()
+    stopped = ConfigFollower(kafka_config(settings), topic, seen.__setitem__)
+    try:
+        assert not stopped.read_to_end(30.0, stop=lambda: True) and not stopped.caught_up
+    finally:
+        stopped.close()
