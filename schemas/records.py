@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from schemas.events import UsageEvent
 
@@ -73,8 +73,9 @@ class TokenRates:
         return input_cost, self.output_mtok * event.output_tokens / MTOK
 
 
-@dataclass(frozen=True)
-class PriceResult:
+class PriceResult(NamedTuple):
+    """What pricing says about one event (a named tuple: two of these are made per event)."""
+
     status: Literal["priced", "unpriced"]
     input_cost: Decimal
     output_cost: Decimal
@@ -86,8 +87,7 @@ class PriceResult:
         return self.input_cost + self.output_cost
 
 
-@dataclass(frozen=True)
-class PricedEvent:
+class PricedEvent(NamedTuple):
     event: UsageEvent
     price: PriceResult
     usage_avro: bytes | None = None  # the event's Avro encoding as received, when it can be reused as is

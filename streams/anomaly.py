@@ -147,7 +147,8 @@ class ConversationRates:
         finding) for conversations running away in a minute of this batch."""
         touched: set[tuple[str, str, int]] = set()
         histogram = self._histogram
-        for tenant, conversation, minute in calls:
+        # Counted per conversation-minute first (in C): the state below is then touched once per key, not per call.
+        for (tenant, conversation, minute), calls_in_batch in collections.Counter(calls).items():
             if conversation is None:
                 continue
             counts = self._minutes.get(minute)
@@ -155,12 +156,12 @@ class ConversationRates:
                 counts = self._minutes[minute] = {}
             key = (tenant, conversation)
             before = counts.get(key, 0)
-            counts[key] = before + 1
+            counts[key] = before + calls_in_batch
             if before:
                 histogram[before] -= 1
             else:
                 self._size += 1
-            histogram[before + 1] += 1
+            histogram[before + calls_in_batch] += 1
             touched.add((tenant, conversation, minute))
         if not touched:
             return []

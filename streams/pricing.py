@@ -114,6 +114,7 @@ class _Resolved:
     provider: Provider
     model: ModelInfo
     own: bool  # the provider lists the model itself: genai-prices applies the price context only then
+    source: str  # the price_source of the events it prices (made once here, not per event)
 
 
 class PriceBook:
@@ -162,7 +163,8 @@ class PriceBook:
             try:
                 provider_info, model_info = self._snapshot.find_provider_model(model, None, provider, None)
                 own = any(listed is model_info for listed in provider_info.models)
-                found = _Resolved(provider_info, model_info, own)
+                source = f"genai-prices@{GENAI_PRICES_VERSION}:{provider_info.id}/{model_info.id}"
+                found = _Resolved(provider_info, model_info, own, source)
             except LookupError as exc:
                 found = f"unknown model: {exc}"
             self._models[key] = found
@@ -246,7 +248,7 @@ class PriceBook:
         if isinstance(resolved, str):
             return PriceResult("unpriced", ZERO, ZERO, "none", resolved)
         model_price = self._model_price(resolved, event)
-        source = f"genai-prices@{GENAI_PRICES_VERSION}:{resolved.provider.id}/{resolved.model.id}"
+        source = resolved.source
         rates = self._fast_rates(model_price)
         if rates is not None:
             extras = extra_usage_keys(event)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -37,7 +36,7 @@ class PoisonedBook(PriceBook):
         if event.model == "explodes":
             raise ArithmeticError("a pricing bug that only this record reaches")
         if event.model == "nul-source":
-            return replace(super().price(replace_model(event, "gpt-4o")), source="bad\x00source")
+            return super().price(replace_model(event, "gpt-4o"))._replace(source="bad\x00source")
         return super().price(event)
 
 
