@@ -52,7 +52,7 @@ from sinks.summaries import summarize_pending
 from sinks.webhooks import deliver_pending
 from streams import heap, metrics
 from streams.anomaly import Finding, Window, cost_per_call_jump, daily_spend_spike, spend_spike, user_spike
-from streams.budgets import Budget, budget_alerts, overrun_alerts, parse_config_record
+from streams.budgets import Budget, ConfigRecord, budget_alerts, overrun_alerts, parse_config_record
 from streams.config_topic import ConfigFollower
 from streams.credits import CreditFollower
 from streams.health import Health
@@ -251,6 +251,38 @@ class ReportSummarizer:
         return done
 
 
+def _apply_budget(budgets: dict[str, Budget], key: str, record: ConfigRecord) -> None:
+    if record.kind == "rate_limit":
+        return
+    if isinstance(record.item, Budget):
+        budgets[key] = record.item
+    else:
+        budgets.pop(key, None)
+
+
+def _apply_budget_if_valid(budgets: dict[str, Budget], key: str, value: bytes | None) -> None:
+    try:
+        record = parse_config_record(key, value)
+    except Exception:  # rejected (logged and counted once) by the follower that runs on: budget_follower
+        return
+    _apply_budget(budgets, key, record)
+
+
+def read_budgets(settings: Settings, budgets: dict[str, Budget]) -> bool:
+    """Fill ``budgets`` from config.budgets read to its end (Redis not involved: stage 2 needs the budgets
+    before it judges any window, and Redis being down must not hold that up); False if it could not be
+    read within the stall timeout."""
+    follower = ConfigFollower(
+        kafka_config(settings),
+        settings.topic_budgets,
+        lambda key, value: _apply_budget_if_valid(budgets, key, value),
+    )
+    try:
+        return follower.read_to_end(settings.worker_stall_timeout_s)
+    finally:
+        follower.close()
+
+
 def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFollower:
     """Keeps ``budgets`` and the Redis budget and rate-limit keys (read by QuotaClient) equal to
     config.budgets."""
@@ -258,14 +290,8 @@ def budget_follower(settings: Settings, budgets: dict[str, Budget]) -> ConfigFol
 
     def apply(key: str, value: bytes | None) -> None:
         record = parse_config_record(key, value)
-        if record.kind == "rate_limit":
-            redis_key = rate_limit_key(*record.scope)
-        else:
-            redis_key = budget_key(*record.scope)
-            if isinstance(record.item, Budget):
-                budgets[key] = record.item
-            else:
-                budgets.pop(key, None)
+        _apply_budget(budgets, key, record)
+        redis_key = rate_limit_key(*record.scope) if record.kind == "rate_limit" else budget_key(*record.scope)
         if record.item is None:
             client.delete(redis_key)
         else:
@@ -353,7 +379,10 @@ def stage_one_names(processes: int) -> list[str]:
     return ["stage 1 (metering)"] + [f"stage 1 (metering) #{n}" for n in range(2, processes + 1)]
 
 
-def make_app(settings: Settings | None = None, health: Health | None = None) -> faust.App:
+def make_app(
+    settings: Settings | None = None, health: Health | None = None, budgets: dict[str, Budget] | None = None
+) -> faust.App:
+    """The worker's Faust app. ``budgets``: as read before it starts (``read_budgets``); followed from there."""
     settings = settings or get_settings()
     health = health or Health(settings.worker_stall_timeout_s)
     meter_names = stage_one_names(settings.worker_meter_processes)
@@ -395,7 +424,7 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
     def window(key: str) -> dict[str, Any] | None:
         return rollups[key] if key in rollups else None  # noqa: SIM401 (.get would write a default)
 
-    budgets: dict[str, Budget] = {}
+    budgets = {} if budgets is None else budgets
     budget_config = budget_follower(settings, budgets)
     quota_redis = redis_client(settings, socket_timeout=2.0)
 
@@ -542,21 +571,6 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
             metrics.EVENTS_OUT.labels(stage="windows", output="alerts").inc()
             log.warning("alert %s: %s", alert.kind, alert.message)
 
-    async def budgets_read() -> None:
-        """Wait until config.budgets has been read to its end once (``follow_budgets`` reads it): a window
-        judged before its budget is in would never be judged again once its scope stops spending. A read that
-        never ends shows as stage 2 making no progress, and the supervisor restarts the worker."""
-        started = told = time.monotonic()
-        while not budget_config.caught_up:
-            await asyncio.sleep(0.2)
-            if time.monotonic() - told >= 5.0:
-                told = time.monotonic()
-                log.warning(
-                    "stage 2 still waits for %s to be read to its end (%.0fs)", settings.topic_budgets, told - started
-                )
-        if told > started:
-            log.warning("stage 2 goes on: %s read in %.1fs", settings.topic_budgets, time.monotonic() - started)
-
     async def remember(latest: dict[str, Rollup]) -> None:
         """The day windows to the table, the anomaly rules' history. Only those rules read it: a write that keeps
         failing (its changelog not writable yet, a broker down) is logged and counted, and budgets are still
@@ -578,8 +592,6 @@ def make_app(settings: Settings | None = None, health: Health | None = None) -> 
     @app.agent(rollups_topic)
     async def windows(stream: faust.StreamT[bytes]) -> None:
         async for batch in stream.take(100, within=0.1):
-            if not budget_config.caught_up:
-                await budgets_read()
             metrics.EVENTS_IN.labels(stage="windows").inc(len(batch))
             latest = read_batch(batch)
             await remember(latest)
@@ -628,7 +640,19 @@ def run_worker(settings: Settings | None = None, loglevel: str = "warning") -> N
     from streams.health import serve
 
     serve(health, settings.metrics_host, settings.metrics_port)
-    app = make_app(settings, health)
+    # Before Faust starts: a window judged before its budget is read is not judged again once its scope stops
+    # spending. A broker just down can hold the read up for a while (its partitions' leaders move); one that
+    # never ends is a stuck worker: it exits and is restarted.
+    budgets: dict[str, Budget] = {}
+    app = make_app(settings, health, budgets)  # first: /readyz lists its stages (not started) meanwhile
+    if not read_budgets(settings, budgets):
+        log.critical(
+            "%s not read to its end within %.0fs; the worker exits with status 3 (restart it)",
+            settings.topic_budgets,
+            settings.worker_stall_timeout_s,
+        )
+        logging.shutdown()
+        sys.exit(3)
     heap.settle()
     # Faust warns on every changelog burst ("producer buffer full"); it is flow control, not a fault.
     logging.getLogger("faust.transport.producer").setLevel(logging.ERROR)

@@ -138,8 +138,11 @@ class ConfigFollower:
 
         Never raises for a record: one that ``apply`` rejects (any exception but a transient one) is
         logged with its reason, counted and skipped. On a transient error (``TRANSIENT_ERRORS``) it
-        returns early, positioned at that record, so the next call retries it.
+        returns early, positioned at that record, so the next call retries it. Reads for about a second more
+        than ``timeout`` at most: a topic written to all the time must not keep the caller (a timer, stage 1's
+        loop) for ever; the next call goes on from there.
         """
+        until = time.monotonic() + max(timeout, 0.0) + 1.0
         with self._lock:
             try:
                 consumer = self._open()
@@ -187,12 +190,16 @@ class ConfigFollower:
                         continue
                     applied += 1
                     self.applied += 1
+                if time.monotonic() >= until:
+                    return applied
 
     def read_to_end(self, timeout: float, stop: Callable[[], bool] = lambda: False) -> bool:
-        """Catch up until ``caught_up`` (every partition read to its end once); False if ``timeout`` passed or
-        ``stop()`` said so first. A slow read (a broker down, its partitions' leaders moving) is logged every 10 s."""
-        started = time.monotonic()
-        told = started
+        """Catch up until every partition is read up to the end it had when this call began (later records
+        do not move the goal: a busy topic is still read to an end); then ``caught_up``. False if ``timeout``
+        passed or ``stop()`` said so first. A slow read (a broker down, its partitions' leaders moving) is
+        logged every 10 s."""
+        started = told = time.monotonic()
+        goal: dict[int, int] | None = None
         while not self.caught_up:
             now = time.monotonic()
             if now - started >= timeout or stop():
@@ -206,26 +213,49 @@ class ConfigFollower:
                 )
                 told = now
             try:
+                if goal is None:
+                    with self._lock:
+                        goal = self._ends(self._open())
                 self.catch_up(1.0)
-            except Exception as exc:  # the consumer itself failed: try again with a new one
-                log.warning("%s: reading failed (%s); trying again", self.topic, exc)
+                with self._lock:
+                    if self._consumer is not None and self._reached(self._consumer, goal):
+                        self.caught_up = True
+            except Exception as exc:  # the topic or its leaders not reachable yet: a new consumer, shortly
+                log.warning("%s: cannot read it to its end yet (%s); trying again", self.topic, exc)
                 self.close()
-                time.sleep(0.5)
+                goal = None
+                stop_wait = time.monotonic() + 0.5
+                while time.monotonic() < stop_wait and not stop():
+                    time.sleep(0.05)
+        return True
+
+    def _ends(self, consumer: Consumer) -> dict[int, int]:
+        """Each assigned partition's end offset as the broker knows it now (raises when it cannot say)."""
+        assignment = consumer.assignment()
+        if not assignment:
+            raise RuntimeError("no partitions assigned")
+        return {tp.partition: consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)[1] for tp in assignment}
+
+    def _reached(self, consumer: Consumer, ends: Mapping[int, int]) -> bool:
+        """Whether every partition has been read up to ``ends``."""
+        for position in consumer.position(consumer.assignment()):
+            if position.offset < 0:  # nothing read yet: only an empty partition is at its end
+                low, _ = consumer.get_watermark_offsets(position, timeout=2.0, cached=False)
+                offset = low
+            else:
+                offset = position.offset
+            if offset < ends.get(position.partition, 0):
+                return False
         return True
 
     def _at_end(self, consumer: Consumer) -> bool:
         """Whether every partition has been read up to its end as the broker knows it now (so a start-up
         catch-up need not wait out its timeout); unknown counts as not."""
         try:
-            for position in consumer.position(consumer.assignment()):
-                low, high = consumer.get_watermark_offsets(position, timeout=2.0, cached=False)
-                offset = position.offset if position.offset >= 0 else low  # nothing read yet: at the start
-                if offset < high:
-                    return False
+            return self._reached(consumer, self._ends(consumer))
         except Exception as exc:
             log.debug("%s: end offsets unknown: %s", self.topic, exc)
             return False
-        return True
 
     def _rewind(self, consumer: Consumer, unapplied: Sequence[Message]) -> None:
         """Seek each partition back to its first message not yet applied."""

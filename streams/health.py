@@ -122,7 +122,9 @@ class Health:
         """Why the worker must exit now, or None."""
         for name, process in list(self.processes.items()):  # copies: the HTTP threads read while the worker stops
             if process is not None and process.exitcode is not None:
-                return f"{name} process exited with code {process.exitcode}"
+                status = self.stages.get(name)
+                why = f" ({status.last_error})" if status is not None and status.last_error else ""
+                return f"{name} process exited with code {process.exitcode}{why}"
         for name, status in list(self.stages.items()):
             if status.behind > 0 and status.seconds_since_progress > self.stall_timeout_s:
                 why = f": {status.last_error}" if status.last_error else ""

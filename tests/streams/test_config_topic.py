@@ -4,6 +4,8 @@ a store that is down makes it stop at the record and retry it, never skip it."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -225,7 +227,72 @@ def test_read_to_end_applies_every_record_there_was_and_says_when_it_is_done(
     finally:
         follower.close()
     stopped = ConfigFollower(kafka_config(settings), topic, seen.__setitem__)
-    try:
+    try:  # asked to stop (SIGTERM) before it got anywhere: it says it did not finish
         assert not stopped.read_to_end(30.0, stop=lambda: True) and not stopped.caught_up
     finally:
         stopped.close()
+
+
+def test_read_to_end_finishes_on_a_topic_written_to_all_the_time(
+    stack: LocalStack, settings: Settings, unique: str
+) -> None:
+    """The goal is the end the topic had when the read began: records written meanwhile do not move it (a
+    worker must start however busy config.budgets is)."""
+    topic = f"test.config.busy.{unique}"
+    create_topic(settings, topic, partitions=2)
+    produce(settings, topic, [(f"old{i}".encode(), b"v") for i in range(200)])
+    writing = threading.Event()
+    writing.set()
+
+    def keep_writing() -> None:
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 0})
+        n = 0
+        while writing.is_set():
+            producer.produce(topic, key=f"new{n % 50}".encode(), value=b"v")
+            producer.poll(0)
+            n += 1
+            time.sleep(0.002)
+        producer.flush(10)
+
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
+    seen: dict[str, bytes | None] = {}
+    follower = ConfigFollower(kafka_config(settings), topic, seen.__setitem__)
+    try:
+        time.sleep(0.5)  # the writer is going
+        assert follower.read_to_end(30.0), "never caught up with a busy topic"
+        assert {f"old{i}" for i in range(200)} <= set(seen)
+    finally:
+        writing.clear()
+        writer.join(15)
+        follower.close()
+
+
+def test_read_to_end_gives_up_on_a_missing_topic_after_its_timeout(settings: Settings, unique: str) -> None:
+    follower = ConfigFollower(kafka_config(settings), f"test.config.missing.{unique}", lambda *_: None)
+    started = time.monotonic()
+    try:
+        assert not follower.read_to_end(3.0) and not follower.caught_up
+    finally:
+        follower.close()
+    assert 3.0 <= time.monotonic() - started < 30.0
+
+
+def test_the_budgets_stage_two_starts_with_are_read_without_redis(stack: LocalStack, settings: Settings) -> None:
+    """read_budgets (before the worker's Faust app starts): every budget, bad records skipped, Redis not asked."""
+    from streams.app import read_budgets
+
+    own = isolated(settings, f"rb{datetime.now(UTC).strftime('%H%M%S%f')}")
+    kept = [Budget(f"tenant-{n}", "tenant", "", "month", Decimal(n + 1)) for n in range(30)]
+    gone = Budget("gone", "tenant", "", "month", Decimal(1))
+    limit = RateLimit("tenant-1", "tenant", "", calls_per_minute=100)
+    produce(
+        own,
+        own.topic_budgets,
+        [(b.key.encode(), b.to_json()) for b in [*kept, gone]]
+        + [(gone.key.encode(), None), (b"budget:bad", b"{not json"), (limit.key.encode(), limit.to_json())],
+    )
+    budgets: dict[str, Budget] = {}
+    down = own.model_copy(update={"redis_url": "redis://127.0.0.1:9/0"})
+    assert read_budgets(down, budgets)
+    assert budgets == {b.key: b for b in kept}
