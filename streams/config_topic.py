@@ -113,6 +113,7 @@ class ConfigFollower:
         # Set once every partition was read to the end the broker knew then: the configuration that existed
         # when the process started is all applied. Until then a budget or an override may just be unread.
         self.caught_up = False
+        self._consumed = 0  # messages fetched, applied or not (read_to_end tells a quiet topic from a busy one)
 
     def _open(self) -> Consumer:
         if self._consumer is None:
@@ -158,6 +159,7 @@ class ConfigFollower:
                 messages = consumer.consume(1000, wait)
                 if not messages:
                     return applied
+                self._consumed += len(messages)
                 wait = 0.05
                 for index, message in enumerate(messages):
                     if message.error():
@@ -200,6 +202,8 @@ class ConfigFollower:
         logged every 10 s."""
         started = told = time.monotonic()
         goal: dict[int, int] | None = None
+        quiet = 0
+        last: tuple[int, dict[int, int]] = (-1, {})
         while not self.caught_up:
             now = time.monotonic()
             if now - started >= timeout or stop():
@@ -218,12 +222,33 @@ class ConfigFollower:
                         goal = self._ends(self._open())
                 self.catch_up(1.0)
                 with self._lock:
-                    if self._consumer is not None and self._reached(self._consumer, goal):
+                    consumer = self._consumer
+                    if consumer is None:
+                        continue
+                    if self._reached(consumer, goal):
+                        self.caught_up = True
+                        continue
+                    # Not at the goal, yet nothing more comes: records at the end of a compacted topic can be
+                    # cleaned away (an old tombstone) while the end offset stays. Three quiet rounds in a row with
+                    # every partition read from and its leader answering (_ends raises otherwise) mean that.
+                    positions = {p.partition: p.offset for p in consumer.position(consumer.assignment())}
+                    now_read = (self._consumed, positions)
+                    quiet = quiet + 1 if now_read == last and min(positions.values(), default=-1) >= 0 else 0
+                    last = now_read
+                    if quiet >= 3:
+                        ends = self._ends(consumer)
+                        log.warning(
+                            "%s: nothing after offsets %s though the partitions end at %s (records compacted away); "
+                            "taking it as read to its end",
+                            self.topic,
+                            positions,
+                            ends,
+                        )
                         self.caught_up = True
             except Exception as exc:  # the topic or its leaders not reachable yet: a new consumer, shortly
                 log.warning("%s: cannot read it to its end yet (%s); trying again", self.topic, exc)
                 self.close()
-                goal = None
+                goal, quiet = None, 0
                 stop_wait = time.monotonic() + 0.5
                 while time.monotonic() < stop_wait and not stop():
                     time.sleep(0.05)

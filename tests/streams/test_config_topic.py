@@ -268,7 +268,9 @@ def test_read_to_end_finishes_on_a_topic_written_to_all_the_time(
         follower.close()
 
 
-def test_read_to_end_gives_up_on_a_missing_topic_after_its_timeout(settings: Settings, unique: str) -> None:
+def test_read_to_end_gives_up_on_a_missing_topic_after_its_timeout(
+    stack: LocalStack, settings: Settings, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
     follower = ConfigFollower(kafka_config(settings), f"test.config.missing.{unique}", lambda *_: None)
     started = time.monotonic()
     try:
@@ -276,6 +278,8 @@ def test_read_to_end_gives_up_on_a_missing_topic_after_its_timeout(settings: Set
     finally:
         follower.close()
     assert 3.0 <= time.monotonic() - started < 30.0
+    tries = [r for r in caplog.records if "cannot read it to its end yet" in r.getMessage()]
+    assert 1 <= len(tries) <= 8, len(tries)  # a new consumer every half second or so, not a hot loop
 
 
 def test_the_budgets_stage_two_starts_with_are_read_without_redis(stack: LocalStack, settings: Settings) -> None:
@@ -296,3 +300,87 @@ def test_the_budgets_stage_two_starts_with_are_read_without_redis(stack: LocalSt
     down = own.model_copy(update={"redis_url": "redis://127.0.0.1:9/0"})
     assert read_budgets(down, budgets)
     assert budgets == {b.key: b for b in kept}
+
+
+class _FakePartitionLog:
+    """One partition of a config topic as a consumer sees it: records at some offsets, an end offset that may
+    lie beyond the last of them (the tail compacted away), a leader that may not answer, a fetcher that may
+    never deliver."""
+
+    def __init__(self, offsets: list[int], end: int, leader_answers: bool = True, delivers: bool = True) -> None:
+        self.records = {offset: (f"k{offset}".encode(), b"v") for offset in offsets}
+        self.end, self.leader_answers, self.delivers = end, leader_answers, delivers
+        self.next_offset = -1001  # OFFSET_INVALID: nothing fetched yet
+
+    # the parts of confluent_kafka.Consumer that ConfigFollower uses
+    def assignment(self) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("t", 0)]
+
+    def get_watermark_offsets(self, tp: Any, timeout: float = 0, cached: bool = False) -> tuple[int, int]:
+        if not self.leader_answers:
+            raise RuntimeError("KafkaError{code=_TIMED_OUT}")
+        return 0, self.end
+
+    def position(self, partitions: list[Any]) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("t", 0, self.next_offset)]
+
+    def consume(self, count: int, timeout: float) -> list[Any]:
+        if not self.delivers:
+            return []
+        start = max(self.next_offset, 0)
+        found = [offset for offset in sorted(self.records) if offset >= start][:count]
+        if found:
+            self.next_offset = found[-1] + 1
+        return [_FakeMessage(offset, *self.records[offset]) for offset in found]
+
+    def close(self) -> None:
+        pass
+
+
+class _FakeMessage:
+    def __init__(self, offset: int, key: bytes, value: bytes) -> None:
+        self._offset, self._key, self._value = offset, key, value
+
+    def error(self) -> None:
+        return None
+
+    def key(self) -> bytes:
+        return self._key
+
+    def value(self) -> bytes:
+        return self._value
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def _follower_on(partition_log: _FakePartitionLog, seen: dict[str, bytes | None]) -> ConfigFollower:
+    follower = ConfigFollower({}, "t", seen.__setitem__)
+    follower._consumer = partition_log  # type: ignore[assignment]
+    return follower
+
+
+def test_read_to_end_takes_a_tail_compacted_away_as_the_end() -> None:
+    """Records 0-2, end offset 5 (3 and 4 cleaned away): nothing after 2 will ever come. Waiting for offset 5
+    would stop every start of the worker for good (exit 3, restart, the same again)."""
+    seen: dict[str, bytes | None] = {}
+    follower = _follower_on(_FakePartitionLog([0, 1, 2], end=5), seen)
+    assert follower.read_to_end(30.0) and follower.caught_up
+    assert seen == {"k0": b"v", "k1": b"v", "k2": b"v"}
+
+
+def test_read_to_end_waits_for_a_partition_it_could_not_fetch_from_or_whose_leader_is_silent() -> None:
+    """Not the compacted tail: nothing fetched at all (position unknown), or the leader not answering."""
+    for partition_log in (
+        _FakePartitionLog([0, 1, 2], end=3, delivers=False),
+        _FakePartitionLog([0, 1, 2], end=3, leader_answers=False),
+    ):
+        follower = _follower_on(partition_log, {})
+        assert not follower.read_to_end(2.0) and not follower.caught_up
