@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_UP, Context, Decimal
 from importlib import resources
 from typing import Any
 
@@ -232,6 +232,17 @@ def _decimal_writer(scale: int) -> Writer:
         _write_bytes(out, data)
 
     return write
+
+
+write_string = _write_string  # for writers of one schema's fixed layout (``streams.meter.priced_message``)
+
+
+def write_rounded_decimal(out: bytearray, value: Decimal, scale: int) -> None:
+    """Append ``value`` rounded half away from zero to ``scale`` places (as ``schemas.records.money`` and
+    Postgres' numeric do) in Avro's decimal encoding of that scale: rounding and scaling in one step, where
+    ``money`` and the decimal writer took two (stage 1 writes three per event)."""
+    unscaled = int(value.scaleb(scale, _EXACT).to_integral_value(ROUND_HALF_UP))
+    _write_bytes(out, unscaled.to_bytes((unscaled.bit_length() + 8) // 8 or 1, "big", signed=True))
 
 
 def _array_writer(item_writer: Writer) -> Writer:

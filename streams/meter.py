@@ -130,12 +130,53 @@ def runaway_alerts(rates: ConversationRates, events: Sequence[UsageEvent], now: 
     return alerts
 
 
+def _price_fields_are_known() -> bool:
+    """Whether ``priced_event``'s fields after ``usage`` are the ones ``priced_message`` writes itself."""
+    fields = codec.latest("priced_event").parsed["fields"][1:]
+    decimal = {"type": "bytes", "logicalType": "decimal", "precision": 38, "scale": MONEY_SCALE}
+    return [f["name"] for f in fields] == list(PRICE_FIELDS) and [
+        fields[0]["type"].get("symbols"),
+        *(f["type"] for f in fields[1:]),
+    ] == [["priced", "unpriced"], decimal, decimal, decimal, "string", "string"]
+
+
+PRICE_FIELDS = ("price_status", "input_cost", "output_cost", "total_cost", "price_source", "currency")
+MONEY_SCALE = 12
+PRICED_HEADER = codec.MAGIC + codec.latest("priced_event").fingerprint
+WRITE_PRICE_FIELDS = _price_fields_are_known()  # else (a new schema version) the generic writer
+_STATUS_INDEX = {"priced": 0, "unpriced": 2}
+_source_tails: dict[str, bytes] = {}  # price_source → its encoding and the currency's (one per model or override)
+
+
 def priced_message(item: PricedEvent) -> bytes:
     """The ``usage.priced`` message of an event: its Avro body as received plus the price, when it came
-    in the newest usage schema (no second encoding of the event), else encoded in full."""
-    if item.usage_avro is not None:
-        return write_priced_after_usage(item.usage_avro, item.price_fields())
-    return write_priced(item.to_avro())
+    in the newest usage schema (no second encoding of the event), else encoded in full.
+
+    The price fields are written here rather than by the generic writer (~2 µs instead of ~4.5 per event, a
+    tenth of stage 1's busiest thread); byte for byte the same (property-tested in ``tests/streams``)."""
+    body = item.usage_avro
+    if body is None:
+        return write_priced(item.to_avro())
+    price = item.price
+    if not WRITE_PRICE_FIELDS:
+        return write_priced_after_usage(body, item.price_fields())
+    out = bytearray(PRICED_HEADER)
+    out += body
+    out.append(_STATUS_INDEX[price.status])  # the enum's index, zigzag-encoded (a status not in it: KeyError)
+    write_money = codec.write_rounded_decimal
+    write_money(out, price.input_cost, MONEY_SCALE)
+    write_money(out, price.output_cost, MONEY_SCALE)
+    write_money(out, price.input_cost + price.output_cost, MONEY_SCALE)
+    tail = _source_tails.get(price.source)
+    if tail is None:
+        if len(_source_tails) > 10_000:  # override ids come and go: keep it bounded
+            _source_tails.clear()
+        encoded = bytearray()
+        codec.write_string(encoded, price.source)
+        codec.write_string(encoded, "USD")  # the currency (priced events are in USD)
+        tail = _source_tails[price.source] = bytes(encoded)
+    out += tail
+    return bytes(out)
 
 
 def streamed(r: Rollup) -> bool:
@@ -1423,7 +1464,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
     budgeted: list[tuple[str, str, str]] = []
     named = scope_follower(settings, meter.live.named, budgeted)
     optional("budget names", lambda: named.catch_up(1.0), 0)  # only bounds state: no need to wait long
-    heap.settle()  # what start-up built stays: out of the cycle collector's way
+    heap.settle(heap.STAGE_ONE_YOUNG_COLLECTION_EVERY)  # what start-up built stays: out of the collector's way
     followed = time.monotonic()
 
     def refresh_budgeted() -> bool:

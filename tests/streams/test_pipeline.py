@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from schemas import codec
 from schemas.events import validate_event
-from schemas.records import Rollup, money
+from schemas.records import PricedEvent, PriceResult, Rollup, money
+from streams import meter
 from streams.app import expired, table_key, unpriced_model_alerts
 from streams.meter import priced_message
 from streams.pipeline import Deduplicator, RawMessage, RecentIds, dead_letter_record, decode_batch, price_batch
@@ -104,6 +105,35 @@ def test_a_priced_message_reuses_the_received_avro_body_and_is_byte_for_byte_the
         full = codec.record_writer("priced_event")(item.to_avro())
         assert priced_message(item) == full
         assert codec.decode("priced_event", full)["usage"]["event_id"] == item.event.event_id
+
+
+_COSTS = st.one_of(
+    st.decimals(min_value=0, max_value=Decimal("1e9"), places=14, allow_nan=False),
+    st.integers(min_value=0, max_value=10**20).map(lambda n: Decimal(n).scaleb(-13)),  # halves at the 13th place
+    st.just(Decimal("0.0000000000005")),
+    st.just(Decimal(0)),
+)
+
+
+@given(
+    input_cost=_COSTS,
+    output_cost=_COSTS,
+    status=st.sampled_from(["priced", "unpriced"]),
+    source=st.text(max_size=300),
+)
+def test_the_price_fields_written_by_hand_are_byte_for_byte_the_generic_writers(
+    input_cost: Decimal, output_cost: Decimal, status: str, source: str
+) -> None:
+    assert meter.WRITE_PRICE_FIELDS  # a new priced_event version: update priced_message (else it writes slowly)
+    event = validate_event(usage(event_id="hand"))
+    item = PricedEvent(
+        event,
+        PriceResult(status, input_cost, output_cost, source),  # type: ignore[arg-type]
+        event.to_avro()[codec.HEADER_LEN :],  # the body as received
+    )
+    generic = codec.record_writer_after_first("priced_event")(item.usage_avro or b"", item.price_fields())
+    assert priced_message(item) == generic
+    assert priced_message(item) == priced_message(item)  # the cached source tail too
 
 
 def rollup(
