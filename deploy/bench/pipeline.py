@@ -44,7 +44,14 @@ from confluent_kafka.admin import AdminClient
 
 from deploy.bench.cpu import CpuMeter, Stack
 from deploy.bench.workload import EncodedCalls, usage_events
-from deploy.isolation import WorkerProcess, committed_total, isolated, scratch_stores, wait_for_commits
+from deploy.isolation import (
+    WorkerProcess,
+    committed_total,
+    drop_isolated,
+    isolated,
+    scratch_stores,
+    wait_for_commits,
+)
 from deploy.settings import Settings, kafka_config
 from producers.producer import UsageProducer
 from producers.quota import QuotaClient
@@ -336,7 +343,11 @@ def run_pipeline_bench(
     settings: Settings, events: int, work_dir: Path, say: Callable[[str], None] = lambda _m: None
 ) -> PipelineFigures:
     with scratch_stores(settings) as scratch:
-        return _run_pipeline_bench(isolated(scratch, f"bench{uuid.uuid4().hex[:6]}"), events, work_dir, say)
+        own = isolated(scratch, f"bench{uuid.uuid4().hex[:6]}")
+        try:
+            return _run_pipeline_bench(own, events, work_dir, say)
+        finally:
+            drop_isolated(own)
 
 
 def _run_pipeline_bench(own: Settings, events: int, work_dir: Path, say: Callable[[str], None]) -> PipelineFigures:

@@ -7,11 +7,12 @@ import sys
 import time
 
 import psycopg
+import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from deploy.isolation import isolated
+from deploy.isolation import drop_isolated, isolated
 from deploy.settings import Settings
 from deploy.stack import LocalStack
 from deploy.topics import ensure_topics
@@ -56,6 +57,24 @@ def test_created_topics_are_usable_when_ensure_returns(stack: LocalStack, settin
     assert topic.error is None
     assert len(topic.partitions) == own.topic_partitions
     assert all(p.leader >= 0 for p in topic.partitions.values())
+
+
+def test_an_isolated_pipeline_is_dropped_with_its_topics_and_nothing_else(
+    stack: LocalStack, settings: Settings, unique: str
+) -> None:
+    own = isolated(settings, f"drop{unique}")
+    admin = AdminClient({"bootstrap.servers": own.kafka_bootstrap})
+    ensure_topics(own)  # Faust's changelog is made by the worker's start-up check: here, by hand
+    made = [t for t in admin.list_topics(timeout=10).topics if t.startswith((f"tdrop{unique}.", f"wdrop{unique}-"))]
+    assert own.topic_raw in made and f"wdrop{unique}-rollups-changelog" in made
+    assert drop_isolated(own) == len(made)
+    deadline = time.monotonic() + 15
+    while (left := [t for t in made if t in admin.list_topics(timeout=10).topics]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == []
+    assert settings.topic_raw in admin.list_topics(timeout=10).topics  # the stack's own topics stay
+    with pytest.raises(ValueError, match="not an isolated pipeline"):
+        drop_isolated(settings)
 
 
 def test_postgres_migrations_recorded_and_usable(stack: LocalStack, settings: Settings, unique: str) -> None:
