@@ -639,12 +639,14 @@ def run_worker(settings: Settings | None = None, loglevel: str = "warning") -> N
     health = Health(settings.worker_stall_timeout_s, topics_ok=True)
     from streams.health import serve
 
+    budgets: dict[str, Budget] = {}
+    # The app first: the endpoints never show a worker without its stages (they are listed, not started, while
+    # the budgets are read below).
+    app = make_app(settings, health, budgets)
     serve(health, settings.metrics_host, settings.metrics_port)
     # Before Faust starts: a window judged before its budget is read is not judged again once its scope stops
     # spending. A broker just down can hold the read up for a while (its partitions' leaders move); one that
     # never ends is a stuck worker: it exits and is restarted.
-    budgets: dict[str, Budget] = {}
-    app = make_app(settings, health, budgets)  # first: /readyz lists its stages (not started) meanwhile
     if not read_budgets(settings, budgets):
         log.critical(
             "%s not read to its end within %.0fs; the worker exits with status 3 (restart it)",

@@ -196,8 +196,9 @@ def test_a_dead_stage_makes_the_worker_exit_non_zero(stack: LocalStack, settings
     worker = WorkerProcess(own, tmp_path)
     worker.start()
     try:
-        _status, body = wait_until(lambda: (r := get(own, "/healthz"))[0] == 200 and r, 90, "healthz", worker)
-        stage_one = body["pids"]["stage 1 (metering)"]
+        # Answered as soon as the worker serves: stage 1 is listed from then on, with a pid once started.
+        started = lambda: (r := get(own, "/healthz"))[0] == 200 and r[1]["pids"]["stage 1 (metering)"]  # noqa: E731
+        stage_one = wait_until(started, 90, "stage 1 started", worker)
         subprocess.run(["kill", "-9", str(stage_one)], check=True)
         assert exit_code(worker, 30) == 3, worker.output()
         assert "stage 1 (metering) process exited with code -9" in worker.output()
