@@ -237,12 +237,20 @@ def _decimal_writer(scale: int) -> Writer:
 write_string = _write_string  # for writers of one schema's fixed layout (``streams.meter.priced_message``)
 
 
+_ROUNDING_38 = Context(prec=38, Emax=MAX_EMAX, Emin=MIN_EMIN)  # Avro decimal(38, s) and Postgres numeric(38, 12)
+
+
 def write_rounded_decimal(out: bytearray, value: Decimal, scale: int) -> None:
     """Append ``value`` rounded half away from zero to ``scale`` places (as ``schemas.records.money`` and
-    Postgres' numeric do) in Avro's decimal encoding of that scale: rounding and scaling in one step, where
-    ``money`` and the decimal writer took two (stage 1 writes three per event)."""
-    unscaled = int(value.scaleb(scale, _EXACT).to_integral_value(ROUND_HALF_UP))
+    Postgres' numeric do) in Avro's decimal encoding of that scale, precision 38: one rounding, then an
+    exact scaling, where ``money`` and the decimal writer took two steps (stage 1 writes three per event).
+    More than 38 digits after rounding raises (``decimal.InvalidOperation``), as the ledger would refuse it."""
+    rounded = value.quantize(_STEPS[scale], ROUND_HALF_UP, _ROUNDING_38)
+    unscaled = int(rounded.scaleb(scale, _EXACT))
     _write_bytes(out, unscaled.to_bytes((unscaled.bit_length() + 8) // 8 or 1, "big", signed=True))
+
+
+_STEPS = {scale: Decimal(1).scaleb(-scale) for scale in range(39)}
 
 
 def _array_writer(item_writer: Writer) -> Writer:

@@ -25,6 +25,11 @@ YOUNG_COLLECTION_EVERY = 7_000  # net container allocations between two young co
 STAGE_ONE_YOUNG_COLLECTION_EVERY = 500_000
 
 
+def stage_one_young_collection_every(batch_size: int) -> int:
+    """Stage 1's threshold for its batch size: bigger batches hold more, and must not bring the cost back."""
+    return max(STAGE_ONE_YOUNG_COLLECTION_EVERY, 50 * batch_size)
+
+
 def settle(young_collection_every: int = YOUNG_COLLECTION_EVERY) -> None:
     """Call once a process has built its long-lived objects (price book, followers, clients)."""
     gc.collect()

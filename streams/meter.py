@@ -134,10 +134,13 @@ def _price_fields_are_known() -> bool:
     """Whether ``priced_event``'s fields after ``usage`` are the ones ``priced_message`` writes itself."""
     fields = codec.latest("priced_event").parsed["fields"][1:]
     decimal = {"type": "bytes", "logicalType": "decimal", "precision": 38, "scale": MONEY_SCALE}
-    return [f["name"] for f in fields] == list(PRICE_FIELDS) and [
-        fields[0]["type"].get("symbols"),
-        *(f["type"] for f in fields[1:]),
-    ] == [["priced", "unpriced"], decimal, decimal, decimal, "string", "string"]
+    status = fields[0]["type"] if fields else None
+    return (
+        [f["name"] for f in fields] == list(PRICE_FIELDS)
+        and isinstance(status, dict)
+        and [status.get("type"), status.get("symbols")] == ["enum", ["priced", "unpriced"]]
+        and [f["type"] for f in fields[1:]] == [decimal, decimal, decimal, "string", "string"]
+    )
 
 
 PRICE_FIELDS = ("price_status", "input_cost", "output_cost", "total_cost", "price_source", "currency")
@@ -1464,7 +1467,7 @@ def run_stage_one(settings: Settings, status: StageStatus | None = None, parent_
     budgeted: list[tuple[str, str, str]] = []
     named = scope_follower(settings, meter.live.named, budgeted)
     optional("budget names", lambda: named.catch_up(1.0), 0)  # only bounds state: no need to wait long
-    heap.settle(heap.STAGE_ONE_YOUNG_COLLECTION_EVERY)  # what start-up built stays: out of the collector's way
+    heap.settle(heap.stage_one_young_collection_every(settings.worker_batch_size))  # start-up's objects: frozen
     followed = time.monotonic()
 
     def refresh_budgeted() -> bool:

@@ -79,4 +79,5 @@ def test_stage_one_threshold_is_above_what_two_full_batches_hold() -> None:
     finally:
         gc.enable()
     assert kept and 3 <= per_event < 20, per_event
-    assert 2 * Settings().worker_batch_size * per_event * 2 < heap.STAGE_ONE_YOUNG_COLLECTION_EVERY
+    for batch_size in (Settings().worker_batch_size, 1_000, 100_000):
+        assert 2 * batch_size * per_event * 2 < heap.stage_one_young_collection_every(batch_size)

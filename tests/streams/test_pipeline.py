@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import decimal
 import json
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,7 +16,7 @@ from schemas import codec
 from schemas.events import validate_event
 from schemas.records import PricedEvent, PriceResult, Rollup, money
 from streams import meter
-from streams.app import expired, table_key, unpriced_model_alerts
+from streams.app import UnwrittenWindows, expired, table_key, table_value, unpriced_model_alerts
 from streams.meter import priced_message
 from streams.pipeline import Deduplicator, RawMessage, RecentIds, dead_letter_record, decode_batch, price_batch
 from streams.pricing import PriceBook
@@ -108,7 +111,7 @@ def test_a_priced_message_reuses_the_received_avro_body_and_is_byte_for_byte_the
 
 
 _COSTS = st.one_of(
-    st.decimals(min_value=0, max_value=Decimal("1e9"), places=14, allow_nan=False),
+    st.decimals(min_value=Decimal("-1e9"), max_value=Decimal("1e14"), places=14, allow_nan=False),
     st.integers(min_value=0, max_value=10**20).map(lambda n: Decimal(n).scaleb(-13)),  # halves at the 13th place
     st.just(Decimal("0.0000000000005")),
     st.just(Decimal(0)),
@@ -134,6 +137,13 @@ def test_the_price_fields_written_by_hand_are_byte_for_byte_the_generic_writers(
     generic = codec.record_writer_after_first("priced_event")(item.usage_avro or b"", item.price_fields())
     assert priced_message(item) == generic
     assert priced_message(item) == priced_message(item)  # the cached source tail too
+
+
+def test_price_fields_past_38_digits_are_refused_like_the_ledger_refuses_them() -> None:
+    out = bytearray()
+    codec.write_rounded_decimal(out, Decimal("9" * 26 + ".999999999999"), 12)  # 38 digits: the ledger's widest
+    with pytest.raises(decimal.InvalidOperation):
+        codec.write_rounded_decimal(out, Decimal("1e26"), 12)
 
 
 def rollup(
@@ -205,3 +215,20 @@ def test_recent_ids_hold_the_last_ids_added_up_to_their_capacity(capacity: int, 
     kept = set(order[-capacity:])
     assert len(recent) == len(kept)
     assert all(id_ in recent for id_ in kept) and not any(id_ in recent for id_ in set(order) - kept)
+
+
+def test_unwritten_day_windows_keep_the_newest_value_until_taken() -> None:
+    day = datetime(2025, 7, 1, tzinfo=UTC)
+    unwritten = UnwrittenWindows()
+    first, newer = rollup("day", day, "user", "u1"), dataclasses.replace(rollup("day", day, "user", "u1"), calls=9)
+    hour = rollup("hour", day, "user", "u1")
+    other = rollup("day", day, "user", "u2")
+    unwritten.note({table_key(first): first, table_key(hour): hour, table_key(other): other})
+    unwritten.note({table_key(newer): newer})  # a later batch: absolute values, the newest wins
+    assert len(unwritten) == 2  # only day windows go to the table
+    assert unwritten.value(table_key(first)) == table_value(newer)
+    assert unwritten.value(table_key(hour)) is None
+    taken = unwritten.take(lambda key: key != table_key(other))  # say u2's partition is not being written
+    assert taken == {table_key(newer): newer}
+    assert unwritten.value(table_key(newer)) is None  # written: the table answers from now on
+    assert unwritten.take(lambda _key: True) == {table_key(other): other} and len(unwritten) == 0
