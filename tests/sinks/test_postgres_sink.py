@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import genai_prices
 import psycopg
+import psycopg.rows
 import pytest
 from rich.console import Console
 
@@ -16,8 +17,8 @@ from deploy.bench.workload import UNPRICED, Model, usage_events
 from deploy.report_render import print_report, render_html
 from deploy.settings import Settings
 from deploy.stack import LocalStack
-from schemas.events import validate_event
-from schemas.records import PricedEvent
+from schemas.events import UsageEvent, validate_event
+from schemas.records import PricedEvent, money
 from sinks.invoices import invoice
 from sinks.postgres import write_batch
 from streams.pricing import PriceBook, usage_of
@@ -226,3 +227,74 @@ def test_ledger_keeps_tier_batch_1h_writes_and_usage_details_for_reports(conn: p
     assert "Batch or not" in buffer.getvalue()
     page = render_html(report)
     assert 'id="by_service_tier"' in page and 'id="by_processing"' in page
+
+
+def test_every_event_field_lands_in_its_own_ledger_column(conn: psycopg.Connection, unique: str) -> None:
+    """The ledger row holds each field of the event in the column of that name (``_row`` takes them from the
+    event's storage by position: a column list out of step would shift values silently)."""
+    tenant = f"columns-{unique}"
+    full = validate_event(
+        {
+            "event_id": f"{tenant}-full",
+            "timestamp": datetime(2026, 11, 3, 9, 30, 15, 123456, tzinfo=UTC),
+            "tenant_id": tenant,
+            "provider": "openai",
+            "model": "gpt-5",
+            "user_id": "u-1",
+            "feature": "search",
+            "environment": "staging",
+            "trace_id": "trace-1",
+            "session_id": "session-1",
+            "team_id": "team-1",
+            "request_id": "request-1",
+            "api_key_id": "key-1",
+            "input_tokens": 9_000,
+            "output_tokens": 800,
+            "cache_read_tokens": 1_000,
+            "cache_write_tokens": 700,
+            "cache_write_1h_tokens": 300,
+            "reasoning_tokens": 200,
+            "latency_ms": 1234,
+            "status": "error",
+            "estimated": True,
+            "service_tier": "priority",
+            "tags": {"team": "search", "tier": "gold"},
+            "usage_details": {"web_searches": 3},
+        }
+    )
+    bare = validate_event(
+        {
+            "event_id": f"{tenant}-bare",
+            "timestamp": datetime(2026, 11, 3, 9, 31, tzinfo=UTC),
+            "tenant_id": tenant,
+            "provider": "acme-ai",
+            "model": "mystery-1",
+            "input_tokens": 5,
+            "output_tokens": 1,
+            "processing": "batch",
+        }
+    )
+    book = PriceBook()
+    items = [PricedEvent(e, book.price(e)) for e in (full, bare)]
+    write_batch(conn, items)
+    conn.commit()
+    for item in items:
+        e, p = item.event, item.price
+        with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            row = cur.execute("SELECT * FROM tokenmeter.ledger WHERE event_id = %s", (e.event_id,)).fetchone()
+        assert row is not None
+        expected = {
+            **{name: getattr(e, name) for name in UsageEvent.model_fields if name not in ("timestamp", "tags")},
+            "ts": e.timestamp,
+            "tags": e.tags,
+            "usage_details": e.usage_details or None,
+            "price_status": p.status,
+            "input_cost": money(p.input_cost),
+            "output_cost": money(p.output_cost),
+            "total_cost": money(p.total_cost),
+            "price_source": p.source,
+        }
+        ledger_columns = {name: value for name, value in row.items() if name in expected}
+        skipped = set(expected) - set(ledger_columns)  # fields the ledger does not keep (audio, image tokens)
+        assert skipped <= {"input_audio_tokens", "output_audio_tokens", "input_image_tokens"}, skipped
+        assert ledger_columns == {name: expected[name] for name in ledger_columns}
