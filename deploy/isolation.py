@@ -92,6 +92,7 @@ _SHARED_FIELDS = (
     "redis_cluster",
     "metrics_port",
     "worker_stall_timeout_s",
+    "worker_table_write_interval_s",
     "worker_create_topics",
     "live_values_per_tenant",
     "quota_stale_after_s",

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # process that dies, makes the worker exit non-zero (for systemd/Kubernetes to restart it); /readyz
     # reports a stall after half of it.
     worker_stall_timeout_s: float = Field(default=120.0, ge=2.0)
+    # How often stage 2 writes the newest value of each day window to its table, the anomaly rules' history
+    # (streams/app.py: TABLE_WRITE_INTERVAL note). Longer: fewer changelog messages; a worker killed outright
+    # loses at most this long of that history (handover and stop write it first).
+    worker_table_write_interval_s: float = Field(default=5.0, gt=0.0, le=300.0)
     # How often the worker folds newly written ledger batches into the report summaries (sinks/summaries.py).
     # Reports are exact whatever it is (they read the batches not yet folded in from the ledger); a longer
     # interval folds more calls per run, which costs far less per call (30 s: ~3x less than 2 s at 15k/s).

@@ -68,15 +68,15 @@ log = logging.getLogger("tokenmeter.worker")
 # arrive with each batch, so no other window needs keeping. Keys of other granularities (from older
 # versions) count as expired.
 TABLE_RETENTION = {"day": timedelta(days=8)}
-# How often the day windows' newest values go to the table (its changelog). Every batch used to write each day
-# window it touched: ~2,000 table writes per 10,000 events in the bench (a user's day window per batch), ~4 of
-# stage 2's 8 µs of CPU per event and ~2 of the broker's 6. The rules read the newest values meanwhile
-# (``UnwrittenWindows``). They are also written when partitions are handed over, when the worker stops and
-# before the supervisor makes it exit; a worker killed outright (SIGKILL, out of memory) loses at most this
-# long of day-window updates, which the window's next batch writes again (values are absolute). A window
-# with no later batch (its day over, its scope quiet) keeps the older value: the anomaly rules' baseline,
-# which bills nothing, is then short by those seconds of that scope and day.
-TABLE_WRITE_INTERVAL_S = 5.0
+# TABLE_WRITE_INTERVAL (``worker_table_write_interval_s``, 5 s): how often the day windows' newest values go to
+# the table (its changelog). Every batch used to write each day window it touched: ~2,000 table writes per
+# 10,000 events in the bench (a user's day window per batch), ~4 of stage 2's 8 µs of CPU per event and ~2 of
+# the broker's 6. The rules read the newest values meanwhile (``UnwrittenWindows``). They are also written when
+# partitions are handed over, when the worker stops and before the supervisor makes it exit; a worker killed
+# outright (SIGKILL, out of memory) loses at most that long of day-window updates, which the window's next
+# batch writes again (values are absolute). A window with no later batch (its day over, its scope quiet) keeps
+# the older value: the anomaly rules' baseline, which bills nothing, is then short by those seconds of that
+# scope and day.
 # Alert ids this process has stored lately, so a threshold that stays crossed batch after batch is not
 # sent to Postgres each time; Postgres is what keeps each alert once, so forgetting one costs a lookup.
 RECENT_ALERTS = 100_000
@@ -117,7 +117,7 @@ class TenantTable(faust.Table):
 
 class UnwrittenWindows:
     """The newest value of each day window not written to the table yet; the table is written from here every
-    ``TABLE_WRITE_INTERVAL_S`` (``take``), and lookups see these values first (``value``)."""
+    ``worker_table_write_interval_s`` (``take``), and lookups see these values first (``value``)."""
 
     def __init__(self) -> None:
         self._windows: dict[str, Rollup] = {}
@@ -634,7 +634,7 @@ def make_app(
     def held(key: str, partitions: Collection[int]) -> bool:
         return rollups.partition_for_key(key) in partitions
 
-    @app.timer(interval=TABLE_WRITE_INTERVAL_S)
+    @app.timer(interval=settings.worker_table_write_interval_s)
     async def write_windows() -> None:
         # Not while partitions move or the table recovers: the agent is paused then, and a write could land
         # under a value the recovery replays, or over one another worker wrote meanwhile.

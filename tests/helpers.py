@@ -25,6 +25,13 @@ def create_topic(settings: Settings, name: str, partitions: int = 2) -> None:
 
 def read_all(settings: Settings, topic: str, expect: int | None = None, timeout: float = 30.0) -> list[bytes]:
     """Every committed message of a topic from the beginning (stops at `expect` or when caught up)."""
+    return [value for _key, value in read_keyed(settings, topic, expect, timeout)]
+
+
+def read_keyed(
+    settings: Settings, topic: str, expect: int | None = None, timeout: float = 30.0
+) -> list[tuple[bytes | None, bytes]]:
+    """``read_all`` with each message's key."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -40,7 +47,7 @@ def read_all(settings: Settings, topic: str, expect: int | None = None, timeout:
             p.partition: with_broker_retries(partial(consumer.get_watermark_offsets, p, timeout=10))[1] for p in parts
         }
         consumer.assign(parts)
-        values: list[bytes] = []
+        values: list[tuple[bytes | None, bytes]] = []
         deadline = time.monotonic() + timeout
         positions = dict.fromkeys(ends, 0)
         while time.monotonic() < deadline:
@@ -54,7 +61,7 @@ def read_all(settings: Settings, topic: str, expect: int | None = None, timeout:
             if msg.error():
                 raise KafkaException(msg.error())
             positions[msg.partition()] = msg.offset() + 1
-            values.append(msg.value())
+            values.append((msg.key(), msg.value()))
         return values
     finally:
         consumer.close()
