@@ -171,7 +171,13 @@ def leader_of(settings: Settings, topic: str) -> int:
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    (partition,) = admin.list_topics(topic, timeout=10).topics[topic].partitions.values()
+    deadline = time.monotonic() + 30
+    while True:  # the broker this client asks may not know a topic created a moment ago yet (a CI run: no partitions)
+        partitions = list(admin.list_topics(topic, timeout=10).topics[topic].partitions.values())
+        if (len(partitions) == 1 and partitions[0].leader >= 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    (partition,) = partitions
     return int(partition.leader)
 
 
